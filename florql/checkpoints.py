@@ -1,0 +1,170 @@
+"""Adaptive two-phase checkpoints: snapshot into reused CPU buffers, persist in the background.
+
+Three separate parts, as in torch.distributed.checkpoint:
+- `AdaptivePolicy` decides *when*: only while the total stall stays within the budget ε of
+  training time, and never while the previous persist is still in flight.
+- `Stager` decides *how to snapshot*: state_dict tensors are copied into CPU buffers that are
+  allocated once and reused (pinned, with an asynchronous copy on a side stream, for CUDA tensors).
+- `Persister` decides *where*: one background thread writes through `storage.checkpoints`.
+"""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from storage.checkpoints import CheckpointRecord, write_checkpoint
+from storage.runfiles import RunFiles
+
+ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate before the first checkpoint is measured
+
+
+@dataclass
+class AdaptivePolicy:
+    """Checkpoint whenever doing so keeps total stall ≤ budget × training time."""
+
+    budget: float = 0.05
+    train_s: float = 0.0
+    stall_s: float = 0.0
+    last_stall_s: float | None = None
+    taken: int = 0
+    considered: int = 0
+    skipped_in_flight: int = 0
+    gaps: list[int] = field(default_factory=list)
+    _since_last: int = 0
+
+    def observe(self, seconds: float) -> None:
+        """Training time between two checkpoint opportunities (stall excluded)."""
+        self.train_s += seconds
+
+    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool) -> bool:
+        self.considered += 1
+        self._since_last += 1
+        if persist_in_flight:
+            self.skipped_in_flight += 1
+            return False
+        stall = self.last_stall_s if self.last_stall_s is not None else estimated_stall_s
+        return self.stall_s + stall <= self.budget * self.train_s
+
+    def record(self, stall_s: float) -> None:
+        self.stall_s += stall_s
+        self.last_stall_s = stall_s
+        self.taken += 1
+        self.gaps.append(self._since_last)
+        self._since_last = 0
+
+    @property
+    def period(self) -> float:
+        """Mean number of opportunities between checkpoints so far."""
+        return sum(self.gaps) / len(self.gaps) if self.gaps else float("inf")
+
+    @property
+    def overhead(self) -> float:
+        return self.stall_s / self.train_s if self.train_s else 0.0
+
+
+class Stager:
+    """Copies state_dicts into CPU buffers allocated on first use and reused after."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._stream: Any = None
+        self.pending_event: Any = None  # set when a CUDA copy is in flight
+
+    def nbytes(self, objects: dict[str, Any]) -> int:
+        total = 0
+        for obj in objects.values():
+            for t in _tensors(obj.state_dict()):
+                total += t.numel() * t.element_size()
+        return total
+
+    def stage(self, objects: dict[str, Any]) -> dict[str, Any]:
+        cuda_used = False
+        staged: dict[str, Any] = {}
+        for name, obj in objects.items():
+            staged[name] = self._copy(f"{name}", obj.state_dict())
+        for t in self._buffers.values():
+            cuda_used = cuda_used or t.is_pinned()
+        if self._stream is not None and cuda_used:
+            # The persister waits on this; training kernels wait on the GPU, not on the CPU.
+            self.pending_event = torch.cuda.Event()
+            self.pending_event.record(self._stream)
+            torch.cuda.current_stream().wait_event(self.pending_event)
+        return staged
+
+    def _copy(self, path: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self._copy_tensor(path, value)
+        if isinstance(value, dict):
+            return type(value)((k, self._copy(f"{path}.{k}", v)) for k, v in value.items())
+        if isinstance(value, (list, tuple)):
+            items = [self._copy(f"{path}.{i}", v) for i, v in enumerate(value)]
+            return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
+        return copy.deepcopy(value)
+
+    def _copy_tensor(self, path: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        buf = self._buffers.get(path)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            self._buffers[path] = buf
+        if t.is_cuda:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=t.device)
+            self._stream.wait_stream(torch.cuda.current_stream(t.device))
+            with torch.cuda.stream(self._stream):
+                buf.copy_(t, non_blocking=True)
+        else:
+            buf.copy_(t)
+        return buf
+
+
+def _tensors(value: Any):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+class Persister:
+    """One background thread; at most one checkpoint in flight."""
+
+    def __init__(self, files: RunFiles, run_id: int, on_done: Callable[[CheckpointRecord], None]) -> None:
+        self.files, self.run_id, self.on_done = files, run_id, on_done
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def in_flight(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, outer_index: int, kind: str, coords: dict[str, int], payload: dict[str, Any],
+               stall_s: float, event: Any) -> None:
+        self.wait()
+        self._thread = threading.Thread(
+            target=self._persist, args=(outer_index, kind, coords, payload, stall_s, event),
+            name="florql-checkpoint-persist", daemon=True,
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _persist(self, outer_index, kind, coords, payload, stall_s, event) -> None:
+        try:
+            if event is not None:
+                event.synchronize()
+            record = write_checkpoint(self.files, self.run_id, outer_index, kind, coords, payload, stall_s)
+            self.on_done(record)
+        except BaseException as exc:  # a failed checkpoint must not kill training
+            self.error = exc

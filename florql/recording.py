@@ -1,0 +1,344 @@
+"""Recording a run: manifest, code version, background segments and adaptive checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from florql import args as florql_args
+from florql.checkpoints import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager
+from florql.names import check_name
+from florql.rng import capture_rng
+from florql.scope import baseline_of, capture_scope
+from florql.session import LoopFrame, Session, now
+from storage import layout
+from storage.checkpoints import CheckpointRecord
+from storage.code_versions import save_code_version
+from storage.layout import locate_store
+from storage.segment_writer import SegmentWriter
+
+MAX_READ_FILE_BYTES = 1 << 20  # files the script reads (configs) join its code version up to this size
+HEARTBEAT_S = 2.0
+
+
+def allocate_run_id(files) -> int:
+    """The next free run id; mkdir-like exclusive creation makes concurrent starts safe."""
+    taken = [int(d) for d in files.list_dirs("runs") if d.isdigit()]
+    candidate = max(taken, default=0) + 1
+    while not files.create(layout.claim_path(candidate), f"{os.getpid()}@{socket.gethostname()}".encode()):
+        candidate += 1
+    return candidate
+
+
+def _project_root(script: str | None) -> str:
+    start = os.path.dirname(script) if script else os.getcwd()
+    folder = start
+    while True:
+        if os.path.exists(os.path.join(folder, ".git")):
+            return folder
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return start
+        folder = parent
+
+
+def _git_commit(root: str) -> str | None:
+    if not os.path.exists(os.path.join(root, ".git")):
+        return None
+    try:
+        out = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment() -> dict[str, Any]:
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": "cpu",
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["cuda_devices"] = torch.cuda.device_count()
+    return env
+
+
+class RecordSession(Session):
+    def __init__(self) -> None:
+        super().__init__()
+        self.location = locate_store()
+        self.files = self.location.run_files()
+        self.run_id = allocate_run_id(self.files)
+        self.script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] and os.path.isfile(sys.argv[0]) else None
+        self.root = _project_root(self.script)
+        self._read_files: set[str] = set()
+        self._manifest_lock = threading.Lock()
+        self._manifest_dirty = True
+        self._last_manifest = 0.0
+        self.policy: AdaptivePolicy | None = None
+        self.stager = Stager()
+        self.persister = Persister(self.files, self.run_id, self._checkpoint_done)
+        self.scope_warned: set[str] = set()
+        self.manifest: dict[str, Any] = {
+            "run_id": self.run_id,
+            "script": self.script,
+            "script_rel": os.path.relpath(self.script, self.root) if self.script else None,
+            "cwd_rel": os.path.relpath(os.getcwd(), self.root),
+            "project_root": self.root,
+            "argv": sys.argv[1:],
+            "args": {},
+            "code_version": None,
+            "git_commit": _git_commit(self.root),
+            "env": environment(),
+            "started_at": time.time(),
+            "ended_at": None,
+            "heartbeat_at": time.time(),
+            "status": "running",
+            "error": None,
+            "outer_loop": None,
+            "outer_planned": None,
+            "outer_completed": 0,
+            "outer_broke_early": False,
+            "iteration_s": [],
+            "inner_s": [],
+            "checkpoint_budget": None,
+            "checkpoints": {"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},
+        }
+        self._capture_code_version()
+        self._write_manifest()
+        self.writer = SegmentWriter(
+            self.files,
+            lambda seq: layout.segment_path(self.run_id, layout.MAIN_WRITER, seq),
+            {"run_id": str(self.run_id), "writer": layout.MAIN_WRITER, "source": "logged"},
+            on_flush=self._heartbeat,
+        )
+        sys.addaudithook(self._audit)
+
+    # ---- manifest ---------------------------------------------------------------------------
+    def update(self, **fields: Any) -> None:
+        with self._manifest_lock:
+            self.manifest.update(fields)
+            self._manifest_dirty = True
+
+    def _write_manifest(self) -> None:
+        with self._manifest_lock:
+            self.manifest["heartbeat_at"] = time.time()
+            body = json.dumps(self.manifest, default=str, indent=1).encode()
+            self._manifest_dirty = False
+        self.files.put(layout.manifest_path(self.run_id), body)
+        self._last_manifest = time.monotonic()
+
+    def _heartbeat(self) -> None:
+        if self._manifest_dirty or time.monotonic() - self._last_manifest > HEARTBEAT_S:
+            self._write_manifest()
+
+    # ---- code version -----------------------------------------------------------------------
+    def _audit(self, event: str, payload: tuple) -> None:
+        # Files the script reads (config files) become part of its code version.
+        if event != "open" or not payload or not isinstance(payload[0], str):
+            return
+        mode = payload[1] if len(payload) > 1 else "r"
+        if isinstance(mode, str) and ("w" in mode or "a" in mode or "x" in mode or "+" in mode):
+            return
+        if isinstance(payload[0], str) and not payload[0].endswith((".py", ".pyc")):
+            self._read_files.add(payload[0])
+
+    def _project_files(self) -> dict[str, bytes]:
+        candidates: set[str] = set()
+        if self.script:
+            candidates.add(self.script)
+        for module in list(sys.modules.values()):
+            path = getattr(module, "__file__", None)
+            if path and path.endswith(".py"):
+                candidates.add(os.path.abspath(path))
+        candidates.update(os.path.abspath(p) for p in list(self._read_files))
+        sources: dict[str, bytes] = {}
+        for path in candidates:
+            rel = self._relative_source(path)
+            if rel is None:
+                continue
+            try:
+                if os.path.getsize(path) > MAX_READ_FILE_BYTES:
+                    continue
+                with open(path, "rb") as f:
+                    sources[rel] = f.read()
+            except OSError:
+                continue
+        return sources
+
+    def _relative_source(self, path: str) -> str | None:
+        if not path.startswith(self.root + os.sep) or not os.path.isfile(path):
+            return None
+        rel = os.path.relpath(path, self.root).replace(os.sep, "/")
+        parts = rel.split("/")
+        excluded = {"site-packages", "dist-packages", ".git", ".venv", "venv", "__pycache__"}
+        if excluded & set(parts) or path.startswith(self.location.home + os.sep):
+            return None
+        return rel
+
+    def _capture_code_version(self) -> None:
+        version = save_code_version(self.files, self._project_files())
+        self.update(code_version=version)
+
+    # ---- args -------------------------------------------------------------------------------
+    def arg(self, name: str, default: Any) -> Any:
+        check_name("arg", name)
+        if name in self.args:
+            return self.args[name]
+        value = default
+        if name in florql_args.OVERRIDES:
+            value = florql_args.coerce(name, florql_args.OVERRIDES[name], default)
+        elif not isinstance(default, (bool, int, float, str, type(None))):
+            florql_args.coerce(name, "", default)  # raises the type error
+        self.args[name] = value
+        self.update(args=dict(self.args))
+        return value
+
+    # ---- loops ------------------------------------------------------------------------------
+    def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
+        planned = len(iterable) if hasattr(iterable, "__len__") else None
+        self.update(outer_loop=lf.name, outer_planned=planned)
+        self._capture_code_version()  # project modules are imported by now
+        self.outer.frame = frame
+        self.outer.baseline = baseline_of(frame)
+        index = -1
+        completed = False
+        try:
+            for index, item in enumerate(iterable):
+                self.outer.index = index
+                self.outer.inner_point_done = False
+                self.outer.stall_s = 0.0
+                self.outer.inner_s = 0.0
+                self.outer.observed_s = 0.0
+                self.enter_iteration(lf, index)
+                self.outer.started = now()
+                yield item
+                self._end_outer_iteration(index)
+            completed = True
+        finally:
+            if not completed and index >= 0 and self.manifest["outer_completed"] == index:
+                # `break` inside iteration `index`: it ran, so it counts.
+                self._end_outer_iteration(index)
+            self.update(outer_broke_early=not completed)
+            self.outer.frame = None
+
+    def _end_outer_iteration(self, index: int) -> None:
+        elapsed = now() - self.outer.started - self.outer.stall_s
+        if not self.outer.inner_point_done:
+            self.maybe_checkpoint(index, "iter_end", elapsed)
+        else:
+            self.policy_observe(elapsed - self.outer.observed_s)
+        with self._manifest_lock:
+            self.manifest["iteration_s"].append(round(elapsed, 6))
+            self.manifest["inner_s"].append(round(self.outer.inner_s, 6))
+            self.manifest["outer_completed"] = index + 1
+            self._manifest_dirty = True
+
+    def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any]) -> Iterator[Any]:
+        point = self.is_checkpoint_point(lf)
+        started = now()
+        finished = False
+        try:
+            for index, item in enumerate(iterable):
+                self.enter_iteration(lf, index)
+                yield item
+            finished = True
+        finally:
+            # A `break` out of the inner loop ends it too (the generator is closed).
+            if point and (finished or sys.exc_info()[0] in (None, GeneratorExit)):
+                self.outer.inner_point_done = True
+                self.outer.inner_s = now() - started
+                self.outer.observed_s = now() - self.outer.started - self.outer.stall_s
+                self.maybe_checkpoint(self.outer.index, "inner_end", self.outer.observed_s)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+    def register(self, objects: dict[str, Any], budget: float | None) -> None:
+        super().register(objects, budget)
+        self.policy = AdaptivePolicy(budget=self.budget)
+        self.update(checkpoint_budget=self.budget, checkpoint_objects=sorted(objects))
+
+    def unregister(self) -> None:
+        self.persister.wait()
+        self._report_policy()
+        super().unregister()
+
+    def policy_observe(self, seconds: float) -> None:
+        if self.policy is not None:
+            self.policy.observe(max(seconds, 0.0))
+
+    def maybe_checkpoint(self, outer_index: int, kind: str, train_s: float) -> None:
+        """Take a checkpoint at this point if the overhead budget allows it."""
+        if not self.checkpointing_active or self.policy is None:
+            return
+        self.policy_observe(train_s)
+        estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if self.policy.taken == 0 else 0.0
+        if not self.policy.should_checkpoint(estimate, self.persister.in_flight):
+            self._report_policy()
+            return
+        started = now()
+        payload = {
+            "objects": self.stager.stage(self.objects),
+            "rng": capture_rng(),
+            "modes": self.module_modes(),
+            "scope": capture_scope(self.outer.frame, {id(o) for o in self.objects.values()}, self.scope_warned,
+                                   self.outer.baseline) if self.outer.frame else None,
+            "position": {"outer_index": outer_index, "kind": kind},
+            "args": dict(self.args),
+        }
+        stall = now() - started
+        self.policy.record(stall)
+        self.outer.stall_s += stall
+        coords = {f.name: f.index for f in self.stack[:1]}
+        self.persister.submit(outer_index, kind, coords, payload, stall, self.stager.pending_event)
+        self.writer.flush_soon()
+        self._report_policy()
+
+    def _checkpoint_done(self, record: CheckpointRecord) -> None:
+        self.update(last_checkpoint=record.name)
+
+    def _report_policy(self) -> None:
+        p = self.policy
+        if p is None:
+            return
+        self.update(checkpoints={
+            "taken": p.taken, "considered": p.considered, "stall_s": round(p.stall_s, 6),
+            "train_s": round(p.train_s, 6), "overhead": round(p.overhead, 6),
+            "skipped_in_flight": p.skipped_in_flight, "period": p.period if p.gaps else None,
+        })
+
+    # ---- end of run -------------------------------------------------------------------------
+    def fail(self, exc_type: type, exc: BaseException, tb: Any) -> None:
+        text = "".join(traceback.format_exception_only(exc_type, exc)).strip()
+        self.update(status="failed", error=text)
+
+    def finish(self) -> None:
+        self.persister.wait()
+        if self.persister.error is not None:
+            print(f"florql: a checkpoint of run {self.run_id} failed: {self.persister.error!r}", file=sys.stderr)
+        self._report_policy()
+        self.writer.close()
+        self._capture_code_version()
+        fields: dict[str, Any] = {"ended_at": time.time()}
+        if self.manifest["status"] == "running":
+            fields["status"] = "finished"
+        self.update(**fields)
+        self._write_manifest()
+
+    def describe(self) -> str:
+        return f"run {self.run_id}"
+
+

@@ -1,0 +1,173 @@
+"""Plain state kept in the scope that runs the outer loop: capture at a checkpoint, restore at replay.
+
+Scripts keep training state outside any registered object: a float learning rate, `best_val_loss`,
+a `global_step`, explicit RNG generators. The variables of the frame running the outer
+`florql.loop` (module globals for a script, locals for a function) are captured when they hold
+plain data: None, bool, int, float, complex, str, bytes, tuples/lists/dicts/sets of plain data,
+tensors and NumPy arrays. `random.Random`, `numpy.random.Generator` and `torch.Generator` objects are
+restored in place (other objects may hold them). Everything else (modules, functions, classes,
+datasets, loaders, models) is not captured: a model, optimizer, scheduler or GradScaler that is not
+registered with `florql.checkpointing` gets a warning because replay would start from a wrong state.
+"""
+from __future__ import annotations
+
+import copy
+import ctypes
+import random
+import sys
+import types
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+_PLAIN_ATOMS = (type(None), bool, int, float, complex, str, bytes)
+_MAX_ITEMS = 100_000
+_STATEFUL_TYPES: tuple[type, ...] = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+
+
+class ScopeWarning(UserWarning):
+    pass
+
+
+def _is_plain(value: Any, budget: list[int]) -> bool:
+    budget[0] -= 1
+    if budget[0] < 0:
+        return False
+    if isinstance(value, _PLAIN_ATOMS) or isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+        return True
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_is_plain(v, budget) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(k, budget) and _is_plain(v, budget) for k, v in value.items())
+    return False
+
+
+def _copy_plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return type(value)(_copy_plain(v) for v in value) if not _is_namedtuple(value) else type(value)(*(_copy_plain(v) for v in value))
+    if isinstance(value, dict):
+        return {k: _copy_plain(v) for k, v in value.items()}
+    return copy.copy(value) if isinstance(value, np.ndarray) else value
+
+
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(value, "_fields")
+
+
+def _generator_state(value: Any) -> tuple[str, Any] | None:
+    if isinstance(value, random.Random):
+        return ("random", value.getstate())
+    if isinstance(value, np.random.Generator):
+        return ("numpy", copy.deepcopy(value.bit_generator.state))
+    if isinstance(value, np.random.RandomState):
+        return ("numpy_legacy", value.get_state())
+    if isinstance(value, torch.Generator):
+        return ("torch", value.get_state())
+    return None
+
+
+def _should_skip(name: str, value: Any) -> bool:
+    return name.startswith("__") or isinstance(
+        value, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type, types.MethodType)
+    )
+
+
+def scope_of(frame: types.FrameType) -> dict[str, Any]:
+    """The variables of the frame: its globals at module level, its locals in a function."""
+    return frame.f_globals if frame.f_code.co_name == "<module>" else frame.f_locals
+
+
+def baseline_of(frame: types.FrameType) -> dict[str, tuple[int, int]]:
+    """Identity (and tensor version) of each variable when the outer loop starts."""
+    return {name: (id(v), _version(v)) for name, v in list(scope_of(frame).items())}
+
+
+def _version(value: Any) -> int:
+    return value._version if isinstance(value, torch.Tensor) else 0
+
+
+def _unchanged(name: str, value: Any, baseline: dict[str, tuple[int, int]]) -> bool:
+    # Replay re-runs the code before the loop, so a variable still bound to the same immutable
+    # object (or to a tensor never modified in place) needs no copy: the large data tensors.
+    seen = baseline.get(name)
+    if seen is None or seen[0] != id(value):
+        return False
+    return isinstance(value, _PLAIN_ATOMS) or (isinstance(value, torch.Tensor) and value._version == seen[1])
+
+
+def capture_scope(
+    frame: types.FrameType, registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
+    """Copies of the plain variables and generator states of `frame`'s scope that may have changed."""
+    captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}}
+    for name, value in list(scope_of(frame).items()):
+        if id(value) in registered or _should_skip(name, value) or _unchanged(name, value, baseline):
+            continue
+        gen = _generator_state(value)
+        if gen is not None:
+            captured["generators"][name] = gen
+        elif _is_plain(value, [_MAX_ITEMS]):
+            captured["plain"][name] = _copy_plain(value)
+            if isinstance(value, torch.Tensor):
+                captured["original_devices"][name] = str(value.device)
+        elif isinstance(value, _STATEFUL_TYPES) or _is_grad_scaler(value):
+            if name not in warned:
+                warned.add(name)
+                warnings.warn(
+                    f"florql: '{name}' ({type(value).__name__}) holds training state but is not registered with "
+                    f"florql.checkpointing(...); replays from checkpoints will not restore it and may diverge. "
+                    f"Pass it as florql.checkpointing({name}={name}, ...).",
+                    ScopeWarning,
+                    stacklevel=4,
+                )
+    return captured
+
+
+def _is_grad_scaler(value: Any) -> bool:
+    return type(value).__name__ == "GradScaler" and hasattr(value, "state_dict")
+
+
+def restore_scope(frame: types.FrameType, captured: dict[str, Any]) -> None:
+    """Put the captured values back into `frame`'s scope (generators are restored in place)."""
+    scope = scope_of(frame)
+    updates: dict[str, Any] = {}
+    for name, value in captured["plain"].items():
+        device = captured["original_devices"].get(name)
+        if isinstance(value, torch.Tensor) and device and device != "cpu":
+            value = value.to(device)
+        updates[name] = _copy_plain(value) if not isinstance(value, torch.Tensor) else value
+    for name, (kind, state) in captured["generators"].items():
+        target = scope.get(name)
+        if target is None:
+            continue
+        _set_generator_state(target, kind, state)
+    if frame.f_code.co_name == "<module>":
+        frame.f_globals.update(updates)
+    else:
+        _write_locals(frame, updates)
+
+
+def _set_generator_state(target: Any, kind: str, state: Any) -> None:
+    if kind == "random":
+        target.setstate(state)
+    elif kind == "numpy":
+        target.bit_generator.state = state
+    elif kind == "numpy_legacy":
+        target.set_state(state)
+    else:
+        target.set_state(state)
+
+
+def _write_locals(frame: types.FrameType, updates: dict[str, Any]) -> None:
+    if sys.version_info >= (3, 13):
+        for name, value in updates.items():
+            frame.f_locals[name] = value  # PEP 667: a write-through proxy
+        return
+    local_map = frame.f_locals
+    local_map.update(updates)
+    # Before 3.13 the dict is a snapshot: copy it back into the frame's fast locals.
+    ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))

@@ -1,0 +1,75 @@
+"""A PostgreSQL-wire server over a florql store, for BI tools and psql.
+
+    florql serve --host 127.0.0.1 --port 5433 [--password-file F] [--tls-cert C --tls-key K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from typing import Callable, Sequence
+
+from .backend import Backend, DuckDBBackend
+from .server import BackgroundServer, Server, ServerConfigError, read_password_file, tls_context
+
+__all__ = [
+    "Backend", "BackgroundServer", "DuckDBBackend", "Server", "ServerConfigError",
+    "add_serve_arguments", "florql_backend_factory", "main_args", "run_serve", "serve",
+]
+
+
+def florql_backend_factory(store_path: str | None, replay_budget: float | None) -> Callable[[], Backend]:
+    """One florql connection per client session, so that `SET replay` stays per session."""
+    import florql
+
+    return lambda: florql.connect(store_path, replay_budget=replay_budget)
+
+
+def build_server(store_path: str | None = None, host: str = "127.0.0.1", port: int = 5433,
+                 password_file: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 replay_budget: float | None = 60.0) -> Server:
+    if (tls_cert is None) != (tls_key is None):
+        raise ServerConfigError("--tls-cert and --tls-key go together")
+    password = read_password_file(password_file) if password_file else None
+    context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
+    return Server(florql_backend_factory(store_path, replay_budget), host=host, port=port,
+                  password=password, ssl_context=context)
+
+
+def serve(store_path: str | None = None, host: str = "127.0.0.1", port: int = 5433, password_file: str | None = None,
+          tls_cert: str | None = None, tls_key: str | None = None, replay_budget: float | None = 60.0) -> None:
+    """Serve the store until interrupted."""
+    server = build_server(store_path, host, port, password_file, tls_cert, tls_key, replay_budget)
+    try:
+        asyncio.run(server.serve_forever())
+    except KeyboardInterrupt:
+        pass
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=os.environ.get("FLORQL_HOME"), help="store directory (default .florql/ or $FLORQL_HOME)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5433, help="port to listen on (default 5433)")
+    parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
+    parser.add_argument("--tls-cert", help="PEM certificate for TLS (sslmode=require)")
+    parser.add_argument("--tls-key", help="PEM private key for TLS")
+    parser.add_argument("--replay-budget", type=float, default=60.0,
+                        help="seconds of replay a query may trigger (default 60)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        serve(args.store, args.host, args.port, args.password_file, args.tls_cert, args.tls_key, args.replay_budget)
+    except (ServerConfigError, OSError) as e:
+        logging.getLogger("florql.server").error("%s", e)
+        return 2
+    return 0
+
+
+def main_args(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="florql serve", description=__doc__.splitlines()[0])
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

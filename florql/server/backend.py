@@ -1,0 +1,154 @@
+"""What the server needs from a query engine, and two engines that provide it.
+
+`Backend` is the slice of `florql.connect()`'s interface the server uses; any object
+with these members works (florql's `Database`, or `DuckDBBackend` over a plain
+DuckDB connection, which tests and benchmarks use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Protocol, Sequence
+
+import duckdb
+import pyarrow as pa
+import sqlglot
+
+
+class Result(Protocol):
+    schema: pa.Schema
+    warnings: list[str]
+
+    def batches(self, batch_size: int = ...) -> Iterator[pa.RecordBatch]: ...
+
+    def close(self) -> None: ...
+
+
+class ColumnLike(Protocol):
+    name: str
+    type: pa.DataType
+    nullable: bool
+    comment: str
+
+
+class TableLike(Protocol):
+    name: str
+    kind: str  # 'table' | 'view'
+    columns: Sequence[ColumnLike]
+
+
+class Backend(Protocol):
+    settings: dict[str, Any]
+
+    def sql(self, query: str, params: Sequence[Any] | None = None, *, dialect: str = ...) -> Result: ...
+
+    def tables(self) -> Sequence[TableLike]: ...
+
+
+@dataclass
+class ColumnInfo:
+    name: str
+    type: pa.DataType
+    nullable: bool = True
+    comment: str = ""
+
+
+@dataclass
+class TableInfo:
+    name: str
+    kind: str
+    columns: list[ColumnInfo] = field(default_factory=list)
+
+
+class EngineError(Exception):
+    """An error from DuckDB, carrying the SQLSTATE a PostgreSQL client expects."""
+
+    def __init__(self, message: str, sqlstate: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+_DUCKDB_SQLSTATES = [
+    (duckdb.ParserException, "42601"),
+    (duckdb.CatalogException, "42P01"),
+    (duckdb.BinderException, "42703"),
+    (duckdb.ConversionException, "22P02"),
+    (duckdb.OutOfRangeException, "22003"),
+    (duckdb.InvalidInputException, "22023"),
+    (duckdb.PermissionException, "42501"),
+    (duckdb.InterruptException, "57014"),
+    (duckdb.NotImplementedException, "0A000"),
+]
+
+
+def engine_error(e: duckdb.Error) -> EngineError:
+    code = next((state for cls, state in _DUCKDB_SQLSTATES if isinstance(e, cls)), "XX000")
+    if code == "42P01" and "does not exist" in str(e) and "Function" in str(e):
+        code = "42883"
+    return EngineError(str(e), code)
+
+
+class ArrowResult:
+    """A DuckDB result as a stream of record batches (never materialised whole)."""
+
+    def __init__(self, reader: pa.RecordBatchReader, cursor: duckdb.DuckDBPyConnection | None = None) -> None:
+        self.reader = reader
+        self.cursor = cursor
+        self.schema = reader.schema
+        self.warnings: list[str] = []
+
+    def batches(self, batch_size: int = 10_000) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self.reader
+        except duckdb.Error as e:
+            raise engine_error(e) from e
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.cursor is not None:
+            self.cursor.close()
+            self.cursor = None
+
+
+def run_duckdb(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None = None, batch_size: int = 10_000) -> ArrowResult:
+    """Execute on a fresh cursor so that concurrent sessions never share one."""
+    cursor = con.cursor()
+    try:
+        relation = cursor.sql(query, params=list(params) if params else None)
+        if relation is None:
+            raise EngineError("statement returned no result", "0A000")
+        reader = relation.to_arrow_reader(batch_size)
+    except duckdb.Error as e:
+        cursor.close()
+        raise engine_error(e) from e
+    return ArrowResult(reader, cursor)
+
+
+class DuckDBBackend:
+    """A `Backend` over a plain DuckDB database: user queries are PostgreSQL SQL transpiled by sqlglot."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection) -> None:
+        self.con = con
+        self.settings: dict[str, Any] = {}
+
+    def sql(self, query: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> ArrowResult:
+        if dialect != "duckdb":
+            try:
+                query = ";".join(e.sql("duckdb") for e in sqlglot.parse(query, read=dialect) if e)
+            except sqlglot.errors.ParseError as e:
+                raise EngineError(str(e), "42601") from e
+        return run_duckdb(self.con, query, params)
+
+    def tables(self) -> list[TableInfo]:
+        with self.con.cursor() as cursor:
+            rows = cursor.execute(
+                "SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = 'main' ORDER BY 1"
+            ).fetchall()
+            return [self._table(cursor, name, kind) for name, kind in rows]
+
+    @staticmethod
+    def _table(cursor: duckdb.DuckDBPyConnection, name: str, kind: str) -> TableInfo:
+        schema = cursor.sql(f'SELECT * FROM "{name}" LIMIT 0').to_arrow_table().schema
+        columns = [ColumnInfo(f.name, f.type, f.nullable) for f in schema]
+        return TableInfo(name, "view" if kind == "VIEW" else "table", columns)

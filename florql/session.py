@@ -1,0 +1,185 @@
+"""The per-process training session shared by recording and replay.
+
+A session owns the loop stack (the coordinates every record carries), the registered
+checkpoint objects and the segment writer. `RecordSession` writes a new run;
+`replay.session.ReplaySession` re-executes part of an old one.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+
+from florql.errors import UsageError
+from florql.names import check_name
+from storage.segment_writer import SOFT_LIMIT, Deferred, SegmentWriter
+
+
+@dataclass
+class LoopFrame:
+    name: str
+    depth: int
+    index: int = -1
+
+
+@dataclass
+class OuterState:
+    """Book-keeping for the current outer-loop iteration."""
+
+    index: int = -1
+    started: float = 0.0
+    inner_point_done: bool = False
+    stall_s: float = 0.0
+    inner_s: float = 0.0
+    observed_s: float = 0.0  # training time already reported to the checkpoint policy
+    frame: types.FrameType | None = None
+    baseline: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+class Session:
+    writer: SegmentWriter
+
+    def __init__(self) -> None:
+        self.stack: list[LoopFrame] = []
+        self.position: tuple = ("",)
+        self.objects: dict[str, Any] = {}
+        self.checkpointing_active = False
+        self.budget = 0.05
+        self.outer = OuterState()
+        self._names: set[str] = set()
+        self.args: dict[str, Any] = {}
+
+    # ---- logging (the hot path) -------------------------------------------------------------
+    def log(self, name: str, value: Any) -> None:
+        t = type(value)
+        if t is not float and t is not int and t is not bool and t is not str:
+            value = self._convert(name, value)
+        if name not in self._names:
+            self._admit_name(name)
+        buf = self.writer.buffer
+        buf.append((name, value, self.position))
+        if len(buf) >= SOFT_LIMIT:
+            self.writer.pressure()
+
+    def _admit_name(self, name: str) -> None:
+        check_name("log", name)
+        if any(f.name == name for f in self.stack):
+            raise UsageError(f"florql.log({name!r}): '{name}' is the name of an enclosing florql.loop; pick another name")
+        self._names.add(name)
+
+    def _convert(self, name: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.dim() > 1:
+                raise UsageError(
+                    f"florql.log({name!r}, …): got a tensor of shape {tuple(value.shape)}; log a 0-d tensor "
+                    "(e.g. loss, or t.mean()) or a Python number"
+                )
+            value = value.detach().reshape(())
+            if value.is_cuda:
+                # No synchronisation here: the writer thread waits for the event and reads the value.
+                copy = value.clone()
+                event = torch.cuda.Event()
+                event.record()
+                self.writer.has_deferred = True
+                return Deferred(copy, event)
+            return value.item()
+        if isinstance(value, np.generic) and isinstance(value.item(), (float, int, bool, str)):
+            return value.item()
+        if isinstance(value, (float, int, bool, str)):  # subclasses (e.g. IntEnum): store the plain value
+            for base in (bool, int, float, str):
+                if isinstance(value, base):
+                    return base(value)
+        raise UsageError(
+            f"florql.log({name!r}, …): cannot log a value of type {type(value).__name__}; "
+            "log a float, int, bool, str, NumPy scalar or a 0-d tensor"
+        )
+
+    # ---- loops ------------------------------------------------------------------------------
+    def loop(self, name: str, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
+        check_name("loop", name)
+        if any(f.name == name for f in self.stack):
+            raise UsageError(
+                f"florql.loop({name!r}): a loop named '{name}' is already running around this one; "
+                "nested loops need different names"
+            )
+        if name in self._names:
+            raise UsageError(f"florql.loop({name!r}): '{name}' is already used as a log name; pick another loop name")
+        return self._loop(LoopFrame(name, len(self.stack)), iterable, frame)
+
+    def _loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
+        self.stack.append(lf)
+        try:
+            if lf.depth == 0:
+                yield from self.outer_loop(lf, iterable, frame)
+            else:
+                yield from self.inner_loop(lf, iterable)
+        finally:
+            self.stack.pop()
+            self._reposition()
+
+    def _reposition(self) -> None:
+        self.position = ("/".join(f.name for f in self.stack), *(f.index for f in self.stack))
+
+    def enter_iteration(self, lf: LoopFrame, index: int) -> None:
+        lf.index = index
+        self._reposition()
+
+    def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any]) -> Iterator[Any]:
+        raise NotImplementedError
+
+    def is_checkpoint_point(self, lf: LoopFrame) -> bool:
+        """The end of the first depth-1 loop of an outer iteration is where checkpoints are taken."""
+        return lf.depth == 1 and not self.outer.inner_point_done and self.stack and self.stack[0].index >= 0
+
+    # ---- args and checkpointing ---------------------------------------------------------------
+    def arg(self, name: str, default: Any) -> Any:
+        raise NotImplementedError
+
+    def register(self, objects: dict[str, Any], budget: float | None) -> None:
+        if self.checkpointing_active:
+            raise UsageError("florql.checkpointing(...) is already active; use a single checkpointing block")
+        if not objects:
+            raise UsageError("florql.checkpointing(...) needs the objects to checkpoint, e.g. checkpointing(model=net, optimizer=opt)")
+        for key, obj in objects.items():
+            if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
+                raise UsageError(
+                    f"florql.checkpointing({key}=…): a {type(obj).__name__} has no state_dict()/load_state_dict(); "
+                    "register models, optimizers, schedulers, GradScalers or objects that implement both"
+                )
+        if budget is not None and not 0 < budget < 1:
+            raise UsageError(f"florql.checkpointing(budget={budget!r}): the overhead budget is a fraction in (0, 1), e.g. 0.05 for 5 %")
+        self.objects = dict(objects)
+        self.budget = 0.05 if budget is None else budget
+        self.checkpointing_active = True
+
+    def unregister(self) -> None:
+        self.checkpointing_active = False
+
+    def module_modes(self) -> dict[str, list[bool]]:
+        return {k: [m.training for m in o.modules()] for k, o in self.objects.items() if isinstance(o, torch.nn.Module)}
+
+    def restore_module_modes(self, modes: dict[str, list[bool]]) -> None:
+        for key, flags in modes.items():
+            obj = self.objects.get(key)
+            if isinstance(obj, torch.nn.Module):
+                for module, flag in zip(obj.modules(), flags):
+                    module.training = flag
+
+    def finish(self) -> None:
+        """Called at interpreter exit."""
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def caller_frame(depth: int = 2) -> types.FrameType:
+    return sys._getframe(depth)

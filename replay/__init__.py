@@ -1,0 +1,1 @@
+"""Re-execution of recorded runs: planning jobs, executors, workers and code-version propagation."""

@@ -1,0 +1,941 @@
+"""Static analysis of training scripts and hindsight statement propagation.
+
+`analyze` finds the florql log sites and loops of a script, with the loop
+nesting resolved through calls to helper functions. `propagate` copies new
+`florql.log` statements from the current script into an old recorded version
+so that replaying the recorded code yields the new values.
+
+Everything here is pure: source text in, data or source text out.
+"""
+from __future__ import annotations
+
+import ast
+import builtins
+import copy
+import difflib
+import operator
+import re
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DynamicSite",
+    "LogSite",
+    "LoopSite",
+    "ModuleAnalysis",
+    "PropagationError",
+    "analyze",
+    "propagate",
+]
+
+_BUILTINS = frozenset(dir(builtins))
+_BODY_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+_DEFS = (ast.FunctionDef, ast.AsyncFunctionDef)
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)
+_DYNAMIC = "<dynamic>"
+
+
+class PropagationError(ValueError):
+    """A log statement cannot be placed safely into the recorded code."""
+
+
+@dataclass(frozen=True)
+class LogSite:
+    name: str
+    lineno: int
+    function: str | None
+    loop_path: tuple[str, ...]
+    loop_paths: tuple[tuple[str, ...], ...]
+    reads: frozenset[str]
+
+
+@dataclass(frozen=True)
+class LoopSite:
+    name: str
+    lineno: int
+    function: str | None
+    loop_path: tuple[str, ...]
+    loop_paths: tuple[tuple[str, ...], ...]
+    assigned: frozenset[str]
+    same_function_as_parent: bool
+
+
+@dataclass(frozen=True)
+class DynamicSite:
+    """A florql.log/loop call whose name is not a string literal."""
+
+    kind: str  # "log" or "loop"
+    lineno: int
+    function: str | None
+
+
+@dataclass(frozen=True)
+class ModuleAnalysis:
+    filename: str
+    log_sites: tuple[LogSite, ...]
+    loops: tuple[LoopSite, ...]
+    dynamic_sites: tuple[DynamicSite, ...]
+
+    def loggable_names(self) -> dict[str, LogSite]:
+        """Each logged name with its first site in source order."""
+        out: dict[str, LogSite] = {}
+        for site in self.log_sites:
+            out.setdefault(site.name, site)
+        return out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class _Aliases:
+    """How a module spells florql: `import florql as fl`, `from florql import log as L`..."""
+
+    modules: frozenset[str]
+    logs: frozenset[str]
+    loops: frozenset[str]
+
+    def call_kind(self, node: ast.AST) -> str | None:
+        if not isinstance(node, ast.Call):
+            return None
+        func = node.func
+        if (
+            isinstance(func, ast.Attribute)
+            and func.attr in ("log", "loop")
+            and isinstance(func.value, ast.Name)
+            and func.value.id in self.modules
+        ):
+            return func.attr
+        if isinstance(func, ast.Name):
+            if func.id in self.logs:
+                return "log"
+            if func.id in self.loops:
+                return "loop"
+        return None
+
+    def names(self) -> frozenset[str]:
+        return self.modules | self.logs | self.loops
+
+
+def _aliases(tree: ast.AST) -> _Aliases:
+    modules: set[str] = set()
+    funcs: dict[str, set[str]] = {"log": set(), "loop": set()}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "florql":
+                    modules.add(alias.asname or "florql")
+                elif alias.name.startswith("florql.") and alias.asname is None:
+                    modules.add("florql")
+        elif isinstance(node, ast.ImportFrom) and node.module == "florql" and not node.level:
+            for alias in node.names:
+                if alias.name in funcs:
+                    funcs[alias.name].add(alias.asname or alias.name)
+    return _Aliases(frozenset(modules), frozenset(funcs["log"]), frozenset(funcs["loop"]))
+
+
+def _name_arg(call: ast.Call) -> ast.expr | None:
+    if call.args:
+        return call.args[0]
+    return next((k.value for k in call.keywords if k.arg == "name"), None)
+
+
+def _literal_name(call: ast.Call) -> str | None:
+    arg = _name_arg(call)
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    return None
+
+
+def _value_args(call: ast.Call) -> list[ast.expr]:
+    name_arg = _name_arg(call)
+    values = [a for a in call.args if a is not name_arg]
+    return values + [k.value for k in call.keywords if k.value is not name_arg]
+
+
+def _all_args(args: ast.arguments) -> list[ast.arg]:
+    extra = [a for a in (args.vararg, args.kwarg) if a is not None]
+    return args.posonlyargs + args.args + args.kwonlyargs + extra
+
+
+def _store_names(target: ast.AST) -> set[str]:
+    return {n.id for n in ast.walk(target) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+def _reads(node: ast.AST, local: frozenset[str] = frozenset()) -> set[str]:
+    """Free variable names loaded by an expression (comprehension and lambda locals excluded)."""
+    if isinstance(node, ast.Name):
+        return {node.id} if isinstance(node.ctx, ast.Load) and node.id not in local else set()
+    if isinstance(node, ast.Lambda):
+        outer = set().union(*(_reads(d, local) for d in node.args.defaults + node.args.kw_defaults if d))
+        params = {a.arg for a in _all_args(node.args)}
+        return outer | _reads(node.body, local | params)
+    if isinstance(node, _COMPREHENSIONS):
+        out: set[str] = set()
+        inner = set(local)
+        for i, gen in enumerate(node.generators):
+            # the first iterable is evaluated in the enclosing scope
+            out |= _reads(gen.iter, local if i == 0 else frozenset(inner))
+            inner |= _store_names(gen.target)
+            for cond in gen.ifs:
+                out |= _reads(cond, frozenset(inner))
+        results = [node.key, node.value] if isinstance(node, ast.DictComp) else [node.elt]
+        for expr in results:
+            out |= _reads(expr, frozenset(inner))
+        return out
+    return set().union(*(_reads(child, local) for child in ast.iter_child_nodes(node)))
+
+
+def _block_reads(stmts: Iterable[ast.stmt], local: frozenset[str] = frozenset()) -> set[str]:
+    """Names a statement sequence reads before assigning them itself."""
+    out: set[str] = set()
+    for stmt in stmts:
+        if isinstance(stmt, ast.If):
+            out |= _reads(stmt.test, local)
+            out |= _block_reads(stmt.body, local) | _block_reads(stmt.orelse, local)
+        elif isinstance(stmt, (ast.With, ast.AsyncWith)):
+            for item in stmt.items:
+                out |= _reads(item.context_expr, local)
+            out |= _block_reads(stmt.body, local | _assigned(stmt.items, roots=False))
+        else:
+            out |= _reads(stmt, local)
+        local = local | _assigned([stmt], roots=False)
+    return out
+
+
+def _iter_scope(nodes: Iterable[ast.AST]) -> Iterator[ast.AST]:
+    """Walk nodes without entering nested function, class, lambda or comprehension scopes."""
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        yield node
+        if isinstance(node, _SCOPES):
+            # only the decorators run in the enclosing scope (defaults too, but they bind nothing)
+            stack.extend(getattr(node, "decorator_list", []))
+            continue
+        if isinstance(node, _COMPREHENSIONS):
+            stack.append(node.generators[0].iter)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _assigned(nodes: Iterable[ast.AST], roots: bool) -> frozenset[str]:
+    """Names bound by `nodes` in their own scope.
+
+    With `roots`, also the base name of stored attributes and subscripts
+    (`stats["loss"] = ...` changes `stats`), which matters for dependencies.
+    """
+    out: set[str] = set()
+    for node in _iter_scope(nodes):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, (*_DEFS, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            out.update((a.asname or a.name).split(".")[0] for a in node.names if a.name != "*")
+        elif isinstance(node, (ast.ExceptHandler, ast.MatchAs, ast.MatchStar)) and node.name:
+            out.add(node.name)
+        elif isinstance(node, ast.MatchMapping) and node.rest:
+            out.add(node.rest)
+        elif roots and isinstance(node, (ast.Attribute, ast.Subscript)) and isinstance(node.ctx, ast.Store):
+            base = node.value
+            while isinstance(base, (ast.Attribute, ast.Subscript)):
+                base = base.value
+            if isinstance(base, ast.Name):
+                out.add(base.id)
+    return frozenset(out)
+
+
+def _scope_bound(scope: ast.AST) -> frozenset[str]:
+    """Names bound in a module or function scope, parameters included."""
+    params = {a.arg for a in _all_args(scope.args)} if isinstance(scope, _DEFS) else set()
+    return _assigned(scope.body, roots=False) | params
+
+
+def _loop_call(iterable: ast.expr, aliases: _Aliases) -> ast.Call | None:
+    return next((n for n in ast.walk(iterable) if aliases.call_kind(n) == "loop"), None)
+
+
+# ---------------------------------------------------------------- analyze
+
+
+@dataclass
+class _Raw:
+    """A site before its loop paths are resolved through calls."""
+
+    kind: str
+    name: str
+    lineno: int
+    function: str | None
+    lex: tuple[str, ...]
+    reads: frozenset[str] = frozenset()
+    assigned: frozenset[str] = frozenset()
+
+
+@dataclass
+class _CallSite:
+    caller: str | None
+    lex: tuple[str, ...]
+    method_class: str | None
+    key: tuple[str, str]  # ("name", f) for f(...), ("self", m) for self.m(...)
+
+
+@dataclass
+class _Collector(ast.NodeVisitor):
+    aliases: _Aliases
+    sites: list[_Raw] = field(default_factory=list)
+    dynamic: list[DynamicSite] = field(default_factory=list)
+    calls: list[_CallSite] = field(default_factory=list)
+    functions: dict[str, str | None] = field(default_factory=dict)  # qualname -> owning class
+    classes: set[str] = field(default_factory=set)
+    func: str | None = None
+    method_class: str | None = None
+    prefix: str = ""
+    lex: tuple[str, ...] = ()
+
+    def _enter(self, body: list[ast.stmt], **state: object) -> None:
+        saved = {k: getattr(self, k) for k in state}
+        for k, v in state.items():
+            setattr(self, k, v)
+        for stmt in body:
+            self.visit(stmt)
+        for k, v in saved.items():
+            setattr(self, k, v)
+
+    def visit_FunctionDef(self, node: ast.FunctionDef | ast.AsyncFunctionDef) -> None:
+        for expr in node.decorator_list + node.args.defaults + node.args.kw_defaults:
+            if expr is not None:
+                self.visit(expr)
+        qual = self.prefix + node.name
+        in_class = self.prefix.endswith(".") and self.prefix[:-1] in self.classes
+        owner = self.prefix[:-1] if in_class else None
+        self.functions[qual] = owner
+        self._enter(node.body, func=qual, method_class=owner or self.method_class,
+                    prefix=qual + ".<locals>.", lex=())
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node: ast.ClassDef) -> None:
+        for expr in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+            self.visit(expr)
+        qual = self.prefix + node.name
+        self.classes.add(qual)
+        self._enter(node.body, prefix=qual + ".")
+
+    def visit_For(self, node: ast.For | ast.AsyncFor) -> None:
+        call = _loop_call(node.iter, self.aliases)
+        if call is None:
+            self.generic_visit(node)
+            return
+        self.visit(node.iter)
+        self.visit(node.target)
+        name = _literal_name(call)
+        if name is None:
+            self.dynamic.append(DynamicSite("loop", node.lineno, self.func))
+            name = _DYNAMIC
+        assigned = _assigned([node.target, *node.body], roots=True)
+        self.sites.append(_Raw("loop", name, node.lineno, self.func, self.lex + (name,), assigned=assigned))
+        self._enter(node.body, lex=self.lex + (name,))
+        for stmt in node.orelse:
+            self.visit(stmt)
+
+    visit_AsyncFor = visit_For
+
+    def visit_Call(self, node: ast.Call) -> None:
+        kind = self.aliases.call_kind(node)
+        if kind == "log":
+            self._log(node)
+        elif kind is None and (key := _call_key(node)):
+            self.calls.append(_CallSite(self.func, self.lex, self.method_class, key))
+        self.generic_visit(node)
+
+    def _log(self, node: ast.Call) -> None:
+        name = _literal_name(node)
+        if name is None:
+            self.dynamic.append(DynamicSite("log", node.lineno, self.func))
+            return
+        reads = set().union(*(_reads(a) for a in _value_args(node)))
+        self.sites.append(_Raw("log", name, node.lineno, self.func, self.lex, reads=frozenset(reads)))
+
+
+class _CallGraph:
+    """Loop contexts in which each function can run, following calls by simple name or self.name."""
+
+    def __init__(self, col: _Collector) -> None:
+        self.functions = col.functions
+        self.classes = col.classes
+        self.callers: dict[str, list[_CallSite]] = {}
+        for call in col.calls:
+            for callee in self._resolve(call):
+                self.callers.setdefault(callee, []).append(call)
+        self.memo: dict[str, frozenset[tuple[str, ...]]] = {}
+
+    def _resolve(self, call: _CallSite) -> list[str]:
+        kind, ident = call.key
+        if kind == "self":
+            own = f"{call.method_class}.{ident}"
+            if own in self.functions:
+                return [own]
+            # probably inherited: any method of that name in the module
+            return [q for q, cls in self.functions.items() if cls and q == f"{cls}.{ident}"]
+        for qual in (f"{call.caller}.<locals>.{ident}" if call.caller else None, ident, f"{ident}.__init__"):
+            if qual in self.functions:
+                return [qual]
+        return []
+
+    def contexts(self, func: str | None) -> frozenset[tuple[str, ...]]:
+        if func is None:
+            return frozenset({()})
+        return self._contexts(func, set())[0]
+
+    def _contexts(self, func: str, active: set[str]) -> tuple[frozenset[tuple[str, ...]], bool]:
+        """Returns the contexts and whether a recursive cycle was cut (then it is not memoised)."""
+        if func in self.memo:
+            return self.memo[func], False
+        sites = self.callers.get(func, [])
+        out: set[tuple[str, ...]] = set()
+        cut = False
+        active.add(func)
+        for site in sites:
+            if site.caller is None:
+                out.add(site.lex)
+            elif site.caller in active:
+                cut = True
+            else:
+                outer, outer_cut = self._contexts(site.caller, active)
+                cut |= outer_cut
+                out.update(p + site.lex for p in outer)
+        active.discard(func)
+        result = frozenset(out) if out else frozenset({()})  # never called here: an entry point
+        if not cut:
+            self.memo[func] = result
+        return result, cut
+
+
+def _call_key(node: ast.Call) -> tuple[str, str] | None:
+    """Calls that can be resolved statically: f(...) and self.f(...)/cls.f(...)."""
+    func = node.func
+    if isinstance(func, ast.Name):
+        return ("name", func.id)
+    if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("self", "cls"):
+        return ("self", func.attr)
+    return None
+
+
+def _ordered(paths: Iterable[tuple[str, ...]]) -> tuple[tuple[str, ...], ...]:
+    return tuple(sorted(set(paths), key=lambda p: (len(p), p)))
+
+
+def analyze(source: str, filename: str = "<script>") -> ModuleAnalysis:
+    """Find the florql log sites and loops of a script, loop paths resolved through calls."""
+    tree = ast.parse(source, filename)
+    col = _Collector(_aliases(tree))
+    col.visit(tree)
+    graph = _CallGraph(col)
+    # builtins are not variables, unless the script rebinds them
+    scopes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (*_DEFS, ast.ClassDef))]
+    hidden = _BUILTINS - frozenset().union(*(_scope_bound(s) for s in scopes))
+    logs, loops = [], []
+    for raw in col.sites:
+        paths = _ordered(p + raw.lex for p in graph.contexts(raw.function))
+        deepest = max(paths, key=len)
+        if raw.kind == "log":
+            logs.append(LogSite(raw.name, raw.lineno, raw.function, deepest, paths, raw.reads - hidden))
+        else:
+            nested = len(raw.lex) > 1
+            loops.append(LoopSite(raw.name, raw.lineno, raw.function, deepest, paths, raw.assigned, nested))
+    by_line = operator.attrgetter("lineno")
+    return ModuleAnalysis(
+        filename,
+        tuple(sorted(logs, key=by_line)),
+        tuple(sorted(loops, key=by_line)),
+        tuple(sorted(col.dynamic, key=by_line)),
+    )
+
+
+# ---------------------------------------------------------------- propagate
+
+
+class _Refusal(Exception):
+    """Internal: why one statement cannot be placed; wrapped into PropagationError."""
+
+
+class _Normalizer(ast.NodeTransformer):
+    """Canonical form of a statement for alignment.
+
+    Strict form keeps names and constants; loose form replaces variable names
+    and constants by placeholders (called function names and log names stay,
+    they identify a statement well). Original names are kept in `_orig` so
+    that two aligned statements can be zipped into a renaming map.
+    """
+
+    def __init__(self, aliases: _Aliases, loose: bool) -> None:
+        self.aliases = aliases
+        self.loose = loose
+
+    def visit_Call(self, node: ast.Call) -> ast.AST:
+        kind = self.aliases.call_kind(node)
+        if kind:
+            name_arg = _name_arg(node)
+            node.func = ast.Name(id=f"<florql.{kind}>", ctx=ast.Load())
+            node.args = [a if a is name_arg else self.visit(a) for a in node.args]
+            node.keywords = [k if k.value is name_arg else self.visit(k) for k in node.keywords]
+            return node
+        if self.loose and isinstance(node.func, ast.Name):
+            node.args = [self.visit(a) for a in node.args]
+            node.keywords = [self.visit(k) for k in node.keywords]
+            return node
+        return self.generic_visit(node)
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        node._orig = node.id  # type: ignore[attr-defined]
+        if self.loose:
+            node.id = "_"
+        return node
+
+    def visit_arg(self, node: ast.arg) -> ast.AST:
+        self.generic_visit(node)
+        node._orig = node.arg  # type: ignore[attr-defined]
+        if self.loose:
+            node.arg = "_"
+        return node
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        return ast.Constant(value=type(node.value).__name__) if self.loose else node
+
+
+def _header(node: ast.AST) -> ast.AST:
+    """The node without its nested statement lists: compound statements align by header."""
+    head = copy.copy(node)
+    for name, _ in _blocks(node):
+        setattr(head, name, [])
+    return copy.deepcopy(head)
+
+
+def _blocks(node: ast.AST) -> list[tuple[str, list]]:
+    """The statement-list fields of a node (`body` of a lambda or IfExp is an expression)."""
+    return [(name, block) for name in _BODY_FIELDS if isinstance(block := getattr(node, name, None), list)]
+
+
+class _Source:
+    def __init__(self, text: str, filename: str, role: str) -> None:
+        try:
+            self.tree = ast.parse(text, filename)
+        except SyntaxError as exc:
+            raise PropagationError(f"the {role} source does not parse: {exc}") from exc
+        self.text = text
+        self.lines = text.split("\n")
+        self.aliases = _aliases(self.tree)
+        self.parents: dict[int, tuple[ast.AST, str, int]] = {}
+        for node in ast.walk(self.tree):
+            for name, block in _blocks(node):
+                for i, child in enumerate(block):
+                    self.parents[id(child)] = (node, name, i)
+        self._norm: dict[tuple[int, bool], ast.AST] = {}
+        self._dump: dict[tuple[int, bool], str] = {}
+
+    def normal(self, node: ast.AST, loose: bool) -> ast.AST:
+        key = (id(node), loose)
+        if key not in self._norm:
+            self._norm[key] = _Normalizer(self.aliases, loose).visit(_header(node))
+            self._dump[key] = ast.dump(self._norm[key])
+        return self._norm[key]
+
+    def fingerprint(self, node: ast.AST, loose: bool) -> str:
+        self.normal(node, loose)
+        return self._dump[(id(node), loose)]
+
+    def chain(self, node: ast.AST) -> list[tuple[ast.AST, str, int]]:
+        """(parent, field, index) steps from the module down to `node`."""
+        steps = []
+        while id(node) in self.parents:
+            steps.append(self.parents[id(node)])
+            node = steps[-1][0]
+        return steps[::-1]
+
+    def indent_of(self, stmt: ast.AST) -> str | None:
+        """The indentation of a statement, None when it shares its line with code before it."""
+        prefix = self.lines[stmt.lineno - 1].encode()[: stmt.col_offset].decode()
+        return prefix if not prefix.strip() else None
+
+
+def _anchor_key(node: ast.AST, aliases: _Aliases) -> tuple[str, str] | None:
+    if isinstance(node, (*_DEFS, ast.ClassDef)):
+        return ("class" if isinstance(node, ast.ClassDef) else "def", node.name)
+    if isinstance(node, (ast.For, ast.AsyncFor)):
+        call = _loop_call(node.iter, aliases)
+        if call is not None:
+            return ("loop", _literal_name(call) or _DYNAMIC)
+    return None
+
+
+def _describe(node: ast.AST, aliases: _Aliases) -> str:
+    key = _anchor_key(node, aliases)
+    if key is None:
+        return f"'{type(node).__name__.lower()}' block (line {node.lineno})"
+    if key[0] == "loop":
+        return f'florql.loop("{key[1]}") (line {node.lineno})'
+    return f"{'class' if key[0] == 'class' else 'function'} '{key[1]}' (line {node.lineno})"
+
+
+@dataclass
+class _Insertion:
+    at: int  # index into the recorded lines to insert before
+    lines: list[str]
+    order: int  # line in the current source: keeps its order among statements at one place
+
+
+_Edit = tuple[int, int, str]  # byte columns start, end and the replacement
+
+
+class _Planner:
+    """Places one current-source log statement into the recorded source."""
+
+    def __init__(self, cur: _Source, rec: _Source) -> None:
+        self.cur = cur
+        self.rec = rec
+        self._aligned: dict[tuple[int, int], dict[int, int]] = {}
+
+    # -- alignment
+
+    def align(self, cur_list: list, rec_list: list, skip: frozenset[int] = frozenset()) -> dict[int, int]:
+        """Map indices of cur_list to rec_list: exact fingerprints first, then loose ones in the gaps."""
+        key = (id(cur_list), id(rec_list))
+        if not skip and key in self._aligned:
+            return self._aligned[key]
+        keep = [i for i in range(len(cur_list)) if i not in skip]
+        out: dict[int, int] = {}
+        self._match(keep, cur_list, list(range(len(rec_list))), rec_list, False, out)
+        if not skip:
+            self._aligned[key] = out
+        return out
+
+    def _match(
+        self, ci: list[int], cur_list: list, ri: list[int], rec_list: list, loose: bool, out: dict[int, int]
+    ) -> None:
+        a = [self.cur.fingerprint(cur_list[i], loose) for i in ci]
+        b = [self.rec.fingerprint(rec_list[j], loose) for j in ri]
+        matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag == "equal":
+                out.update(zip(ci[i1:i2], ri[j1:j2]))
+            elif tag == "replace" and not loose:
+                self._match(ci[i1:i2], cur_list, ri[j1:j2], rec_list, True, out)
+
+    def _zip_names(self, a: ast.AST, b: ast.AST, pairs: dict[str, set[str]]) -> None:
+        if self.cur.fingerprint(a, True) != self.rec.fingerprint(b, True):
+            return
+        for x, y in zip(ast.walk(self.cur.normal(a, True)), ast.walk(self.rec.normal(b, True))):
+            if hasattr(x, "_orig") and hasattr(y, "_orig"):
+                pairs.setdefault(x._orig, set()).add(y._orig)
+
+    def collect_pairs(self, cur_list: list, rec_list: list, pairs: dict[str, set[str]], nested: bool) -> None:
+        """Name correspondences from aligned statements, recursing into aligned blocks."""
+        for i, j in self.align(cur_list, rec_list).items():
+            a, b = cur_list[i], rec_list[j]
+            self._zip_names(a, b, pairs)
+            if nested and not isinstance(a, (*_DEFS, ast.ClassDef)):
+                self._collect_fields(a, b, pairs)
+
+    def _collect_fields(self, a: ast.AST, b: ast.AST, pairs: dict[str, set[str]]) -> None:
+        for name, x in _blocks(a):
+            y = getattr(b, name, None)
+            if x and y:
+                self.collect_pairs(x, y, pairs, nested=True)
+
+    # -- locating the target block
+
+    def _match_child(self, cur_list: list, index: int, rec_list: list) -> ast.AST | None:
+        node = cur_list[index]
+        key = _anchor_key(node, self.cur.aliases)
+        if key is not None:
+            hits = [r for r in rec_list if _anchor_key(r, self.rec.aliases) == key]
+            return hits[0] if len(hits) == 1 else None
+        j = self.align(cur_list, rec_list).get(index)
+        return None if j is None else rec_list[j]
+
+    def _find_anchor(self, node: ast.AST, rec_scope: ast.AST) -> ast.AST | None:
+        """The unique statement with the same anchor key anywhere in rec_scope's own code."""
+        key = _anchor_key(node, self.cur.aliases)
+        hits = []
+        stack = [c for _, block in _blocks(rec_scope) for c in block]
+        while stack:
+            child = stack.pop()
+            if _anchor_key(child, self.rec.aliases) == key:
+                hits.append(child)
+            if not isinstance(child, (*_DEFS, ast.ClassDef)):
+                stack.extend(c for _, block in _blocks(child) for c in block)
+        return hits[0] if len(hits) == 1 else None
+
+    def locate(self, chain: list[tuple[ast.AST, str, int]]) -> tuple[ast.AST, list[tuple[ast.AST, ast.AST]]]:
+        """The recorded node whose statement list corresponds to the unit's block, plus matched ancestors."""
+        rec_node: ast.AST = self.rec.tree
+        matched = []
+        k = 0
+        while k < len(chain) - 1:
+            parent, name, index = chain[k]
+            cur_list = getattr(parent, name)
+            hit = self._match_child(cur_list, index, getattr(rec_node, name, None) or [])
+            if hit is None:
+                hit, k = self._jump(chain, k, rec_node)
+            matched.append((getattr(chain[k][0], chain[k][1])[chain[k][2]], hit))
+            rec_node = hit
+            k += 1
+        return rec_node, matched
+
+    def _jump(self, chain: list, k: int, rec_node: ast.AST) -> tuple[ast.AST, int]:
+        """Skip unmatched wrappers (a new `with`, a moved block) down to the next strong anchor."""
+        missing = getattr(chain[k][0], chain[k][1])[chain[k][2]]
+        for j in range(k, len(chain) - 1):
+            node = getattr(chain[j][0], chain[j][1])[chain[j][2]]
+            if _anchor_key(node, self.cur.aliases) is not None:
+                hit = self._find_anchor(node, rec_node)
+                if hit is None:
+                    missing = node
+                    break
+                return hit, j
+        raise _Refusal(
+            f"its enclosing {_describe(missing, self.cur.aliases)} has no unique counterpart in the recorded code"
+        )
+
+    # -- the statement itself
+
+    def plan(self, stmt: ast.stmt) -> _Insertion:
+        top = self._wrapper(stmt)
+        chain = self.cur.chain(top)
+        rec_parent, matched = self.locate(chain)
+        parent, name, index = chain[-1]
+        cur_list = getattr(parent, name)
+        rec_list = getattr(rec_parent, name, None)
+        if not rec_list:
+            raise _Refusal(f"the recorded code has no block matching the one at line {top.lineno}")
+        scopes = [self.rec.tree] + [r for c, r in matched if isinstance(r, _DEFS)]
+        bound = frozenset().union(*(_scope_bound(s) for s in scopes))
+        pairs = self._pairs(matched)
+        start = self._setup_start(cur_list, index, pairs, bound)
+        unit = cur_list[start : index + 1]
+        renames = self._renames(unit, pairs, bound)
+        at, indent = self._position(cur_list, rec_list, start, index)
+        return _Insertion(at, self._text(unit, renames, indent), unit[0].lineno)
+
+    def _wrapper(self, stmt: ast.stmt) -> ast.stmt:
+        """Grow the unit to an enclosing `if`/`with` that exists only for this log statement."""
+        top = stmt
+        while id(top) in self.cur.parents:
+            parent, name, _ = self.cur.parents[id(top)]
+            if not (isinstance(parent, (ast.If, ast.With, ast.AsyncWith)) and name == "body"):
+                break
+            if getattr(parent, "orelse", None) or parent.body[-1] is not top or _is_elif(parent, self.cur):
+                break
+            if not all(_is_simple_assign(s) for s in parent.body[:-1]):
+                break
+            top = parent
+        return top
+
+    def _pairs(self, matched: list[tuple[ast.AST, ast.AST]]) -> dict[str, set[str]]:
+        pairs: dict[str, set[str]] = {}
+        self.collect_pairs(self.cur.tree.body, self.rec.tree.body, pairs, nested=False)
+        for cur_node, rec_node in matched:
+            self._zip_names(cur_node, rec_node, pairs)
+            if isinstance(cur_node, _DEFS):
+                cur_params, rec_params = _all_args(cur_node.args), _all_args(rec_node.args)
+                if len(cur_params) == len(rec_params):
+                    for x, y in zip(cur_params, rec_params):
+                        pairs.setdefault(x.arg, set()).add(y.arg)
+            self._collect_fields(cur_node, rec_node, pairs)
+        return pairs
+
+    def _setup_start(self, cur_list: list, index: int, pairs: dict[str, set[str]], bound: frozenset[str]) -> int:
+        """Include new assignments right above the unit that only compute what it reads."""
+        start = index
+        reads = _block_reads(cur_list[start : index + 1])
+        while start > 0:
+            prev = cur_list[start - 1]
+            targets = _assigned([prev], roots=False)
+            if not _is_simple_assign(prev) or not targets & reads:
+                break
+            if any(t in bound or t in pairs for t in targets):
+                break
+            start -= 1
+            reads = _block_reads(cur_list[start : index + 1])
+        return start
+
+    def _renames(self, unit: list[ast.stmt], pairs: dict[str, set[str]], bound: frozenset[str]) -> dict[str, str]:
+        clobbered = sorted(_assigned(unit, roots=False) & bound)
+        if clobbered:
+            raise _Refusal(f"it assigns '{clobbered[0]}', which the recorded code already uses")
+        renames = {}
+        for name in sorted(_block_reads(unit) - self.cur.aliases.names()):
+            target = self._map_name(name, pairs.get(name, set()), bound)
+            if target != name:
+                renames[name] = target
+        return renames
+
+    @staticmethod
+    def _map_name(name: str, candidates: set[str], bound: frozenset[str]) -> str:
+        known = sorted(c for c in candidates if c in bound)
+        if name in known or (not known and (name in bound or name in _BUILTINS)):
+            return name
+        if len(known) == 1:
+            return known[0]
+        if known:
+            raise _Refusal(f"the variable '{name}' it reads matches several recorded variables: {', '.join(known)}")
+        raise _Refusal(f"the variable '{name}' it reads does not exist in the recorded code")
+
+    def _position(self, cur_list: list, rec_list: list, start: int, end: int) -> tuple[int, str]:
+        """Index into the recorded lines, and indentation, for the unit cur_list[start:end+1]."""
+        aligned = self.align(cur_list, rec_list, skip=frozenset(range(start, end + 1)))
+        before = [aligned[i] for i in range(start) if i in aligned]
+        after = [aligned[i] for i in range(end + 1, len(cur_list)) if i in aligned]
+        if before:
+            ref = rec_list[before[-1]]
+            at = ref.end_lineno
+        elif after or start == 0:
+            ref = rec_list[after[0] if after else 0]
+            at = min([ref.lineno] + [d.lineno for d in getattr(ref, "decorator_list", [])]) - 1
+        elif end == len(cur_list) - 1:
+            ref = rec_list[-1]
+            at = ref.end_lineno
+        else:
+            raise _Refusal("no statement around it matches the recorded code")
+        indent = self.rec.indent_of(ref)
+        if indent is None:
+            raise _Refusal(f"the recorded block at line {ref.lineno} shares a line with other code")
+        return at, indent
+
+    def _text(self, unit: list[ast.stmt], renames: dict[str, str], indent: str) -> list[str]:
+        spelling = self._log_spelling()
+        first, last = unit[0], unit[-1]
+        lines = self.cur.lines[first.lineno - 1 : last.end_lineno]
+        head = lines[0].encode()[: first.col_offset].decode()
+        tail = lines[-1].encode()[last.end_col_offset :].decode().strip()
+        multiline_str = any(
+            isinstance(n, ast.Constant) and isinstance(n.value, (str, bytes)) and n.lineno != n.end_lineno
+            for s in unit
+            for n in ast.walk(s)
+        )
+        if head.strip() or (tail and not tail.startswith("#")) or multiline_str:
+            return self._unparsed(unit, renames, spelling, indent)
+        edits = self._edits(unit, renames, spelling)
+        out = []
+        for offset, line in enumerate(lines):
+            raw = line.encode()
+            for col, end, text in sorted(edits.get(first.lineno + offset, []), reverse=True):
+                raw = raw[:col] + text.encode() + raw[end:]
+            text = raw.decode().rstrip("\r")
+            body = text[len(head) :] if text.startswith(head) else text.lstrip()
+            out.append(indent + body if body.strip() else "")
+        return out
+
+    def _edits(self, unit: list[ast.stmt], renames: dict[str, str], spelling: str) -> dict[int, list[_Edit]]:
+        """Text replacements by line: renamed variables and the recorded spelling of florql.log."""
+        edits: dict[int, list[_Edit]] = {}
+        for node in (n for s in unit for n in ast.walk(s)):
+            if self.cur.aliases.call_kind(node) == "log":
+                func = node.func
+                edits.setdefault(func.lineno, []).append((func.col_offset, func.end_col_offset, spelling))
+            elif isinstance(node, ast.Name) and node.id in renames:
+                edits.setdefault(node.lineno, []).append((node.col_offset, node.end_col_offset, renames[node.id]))
+        return edits
+
+    def _unparsed(self, unit: list[ast.stmt], renames: dict[str, str], spelling: str, indent: str) -> list[str]:
+        aliases = self.cur.aliases
+
+        class Rewrite(ast.NodeTransformer):
+            def visit_Call(self, node: ast.Call) -> ast.AST:
+                self.generic_visit(node)
+                if aliases.call_kind(node) == "log":
+                    node.func = ast.parse(spelling, mode="eval").body
+                return node
+
+            def visit_Name(self, node: ast.Name) -> ast.AST:
+                node.id = renames.get(node.id, node.id)
+                return node
+
+        text = "\n".join(ast.unparse(Rewrite().visit(copy.deepcopy(s))) for s in unit)
+        return [indent + line if line.strip() else "" for line in text.split("\n")]
+
+    def _log_spelling(self) -> str:
+        aliases = self.rec.aliases
+        if aliases.modules:
+            module = "florql" if "florql" in aliases.modules else min(aliases.modules)
+            return f"{module}.log"
+        if aliases.logs:
+            return min(aliases.logs)
+        raise _Refusal("the recorded code does not import florql.log")
+
+
+def _is_elif(node: ast.stmt, src: _Source) -> bool:
+    return isinstance(node, ast.If) and src.indent_of(node) is None
+
+
+def _is_simple_assign(stmt: ast.stmt) -> bool:
+    if isinstance(stmt, ast.Assign):
+        return all(isinstance(t, ast.Name) for t in stmt.targets)
+    return isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None
+
+
+def _log_statements(src: _Source, name: str) -> list[tuple[ast.Call, ast.stmt | None]]:
+    exprs = {id(s.value): s for s in ast.walk(src.tree) if isinstance(s, ast.Expr)}
+    calls = [
+        n for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log" and _literal_name(n) == name
+    ]
+    return [(c, exprs.get(id(c))) for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
+
+
+def _logged_names(src: _Source) -> set[str]:
+    return {
+        _literal_name(n) for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log"
+    } - {None}
+
+
+def propagate(recorded: str, current: str, names: Collection[str], filename: str = "<script>") -> str:
+    """Insert the current source's log statements for `names` into the recorded source.
+
+    Names the recorded source already logs are skipped. The recorded text is
+    kept verbatim apart from the inserted lines. Raises PropagationError when
+    a statement cannot be placed safely.
+    """
+    rec = _Source(recorded, filename, "recorded")
+    cur = _Source(current, filename, "current")
+    planner = _Planner(cur, rec)
+    already = _logged_names(rec)
+    insertions: list[_Insertion] = []
+    for name in dict.fromkeys(names):
+        if name in already:
+            continue
+        sites = _log_statements(cur, name)
+        if not sites:
+            raise PropagationError(
+                f'cannot place florql.log("{name}"): the current source ({filename}) does not log it'
+            )
+        for call, stmt in sites:
+            where = f'cannot place florql.log("{name}") ({filename} line {call.lineno})'
+            if stmt is None:
+                raise PropagationError(f"{where}: the call is not a statement of its own")
+            try:
+                insertions.append(planner.plan(stmt))
+            except _Refusal as why:
+                raise PropagationError(f"{where}: {why}") from None
+    return _apply(rec, insertions, filename)
+
+
+def _apply(rec: _Source, insertions: list[_Insertion], filename: str) -> str:
+    if not insertions:
+        return rec.text
+    lines = re.findall(r"[^\n]*\n|[^\n]+\Z", rec.text)
+    eol = "\r\n" if "\r\n" in rec.text else "\n"
+    for ins in sorted(insertions, key=lambda i: (i.at, i.order), reverse=True):
+        new = [line + eol for line in ins.lines]
+        if ins.at == len(lines) and not lines[-1].endswith("\n"):
+            # keep a missing final newline missing
+            lines[-1] += eol
+            new[-1] = new[-1][: -len(eol)]
+        lines[ins.at : ins.at] = new
+    result = "".join(lines)
+    try:
+        ast.parse(result, filename)
+    except SyntaxError as exc:  # a bug here must not reach a replay run
+        raise PropagationError(f"propagated source does not parse ({exc}); please report this") from exc
+    return result

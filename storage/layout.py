@@ -1,0 +1,93 @@
+"""Where things live inside a store, in one place.
+
+A store is a folder (`.florql/` in the working directory, or `$FLORQL_HOME`) holding the DuckDB
+file; the run files live in `runs/`, `code/` under the same folder unless `$FLORQL_RUNS` points
+them elsewhere (a shared filesystem or an object store).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from storage.runfiles import RunFiles, open_run_files
+
+DB_FILENAME = "florql.duckdb"
+MAIN_WRITER = "main"
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    home: str
+    runs_url: str
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.home, DB_FILENAME)
+
+    def run_files(self) -> RunFiles:
+        return open_run_files(self.runs_url)
+
+
+def locate_store(path: str | os.PathLike | None = None) -> StoreLocation:
+    """The store at `path`, else $FLORQL_HOME, else ./.florql."""
+    home = os.fspath(path) if path is not None else os.environ.get("FLORQL_HOME") or ".florql"
+    home = os.path.abspath(home)
+    runs = os.environ.get("FLORQL_RUNS") or home
+    return StoreLocation(home=home, runs_url=runs)
+
+
+# Paths inside RunFiles. Run ids are small integers.
+def run_dir(run_id: int) -> str:
+    return f"runs/{run_id}"
+
+
+def manifest_path(run_id: int) -> str:
+    return f"runs/{run_id}/run.json"
+
+
+def claim_path(run_id: int) -> str:
+    return f"runs/{run_id}/claim"
+
+
+def segment_path(run_id: int, writer: str, seq: int) -> str:
+    return f"runs/{run_id}/segments/{writer}/{seq:08d}.arrow"
+
+
+def segments_dir(run_id: int) -> str:
+    return f"runs/{run_id}/segments"
+
+
+def checkpoint_data_path(run_id: int, name: str) -> str:
+    return f"runs/{run_id}/checkpoints/{name}.ckpt"
+
+
+def checkpoint_meta_path(run_id: int, name: str) -> str:
+    return f"runs/{run_id}/checkpoints/{name}.json"
+
+
+def checkpoints_dir(run_id: int) -> str:
+    return f"runs/{run_id}/checkpoints"
+
+
+def replay_dir(run_id: int, job_id: str) -> str:
+    return f"runs/{run_id}/replays/{job_id}"
+
+
+def replay_segment_path(run_id: int, job_id: str, seq: int) -> str:
+    return f"runs/{run_id}/replays/{job_id}/segments/{seq:08d}.arrow"
+
+
+def replay_commit_path(run_id: int, job_id: str) -> str:
+    return f"runs/{run_id}/replays/{job_id}/COMMITTED.json"
+
+
+def replays_dir(run_id: int) -> str:
+    return f"runs/{run_id}/replays"
+
+
+def code_blob_path(digest: str) -> str:
+    return f"code/blobs/{digest[:2]}/{digest}"
+
+
+def code_version_path(version: str) -> str:
+    return f"code/versions/{version}.json"

@@ -1,0 +1,153 @@
+"""The one interface through which every run file is read and written.
+
+Trainers, replay workers and the query side all go through a `RunFiles`, so run files can live
+on a local disk, a shared filesystem or an object store without the callers knowing.
+Every write is atomic: a reader sees a whole file or no file, never a partial one.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from abc import ABC, abstractmethod
+from typing import BinaryIO, Iterator
+
+TMP_PREFIX = ".tmp-"
+
+
+class RunFiles(ABC):
+    """Atomic, path-addressed storage for run files. Paths are '/'-separated and relative."""
+
+    url: str
+
+    @abstractmethod
+    def put(self, path: str, data: bytes) -> None:
+        """Write `data` at `path` atomically, replacing any previous file."""
+
+    @abstractmethod
+    def create(self, path: str, data: bytes) -> bool:
+        """Write `data` at `path` only if nothing is there; True when this call created it."""
+
+    @abstractmethod
+    def writer(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A file to stream into; it becomes visible at `path` on a clean exit, never otherwise."""
+
+    @abstractmethod
+    def get(self, path: str) -> bytes:
+        """The file's bytes; FileNotFoundError when absent."""
+
+    @abstractmethod
+    def exists(self, path: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str) -> list[str]:
+        """Relative paths of the files below the folder `prefix`, sorted, in-flight writes excluded."""
+
+    @abstractmethod
+    def list_dirs(self, prefix: str) -> list[str]:
+        """Names of the immediate sub-folders of `prefix`, sorted."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None: ...
+
+    def local_path(self, path: str) -> str | None:
+        """A local filesystem path for `path` when there is one (lets readers mmap)."""
+        return None
+
+
+class LocalRunFiles(RunFiles):
+    """Run files in a local (or mounted shared) directory: temp file, fsync, rename."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+        self.url = self.root
+        os.makedirs(self.root, exist_ok=True)
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, *path.split("/"))
+
+    def put(self, path: str, data: bytes) -> None:
+        with self.writer(path) as f:
+            f.write(data)
+
+    def create(self, path: str, data: bytes) -> bool:
+        target = self._abs(path)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+
+    @contextlib.contextmanager
+    def writer(self, path: str) -> Iterator[BinaryIO]:
+        target = self._abs(path)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        f = open(tmp, "wb")
+        try:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            os.replace(tmp, target)
+            _fsync_dir(folder)
+        except BaseException:
+            f.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def get(self, path: str) -> bytes:
+        with open(self._abs(path), "rb") as f:
+            return f.read()
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self._abs(path))
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._abs(prefix)
+        out: list[str] = []
+        for folder, dirs, files in os.walk(base):
+            dirs.sort()
+            rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            out.extend(f"{rel}/{name}" for name in files if not name.startswith(TMP_PREFIX))
+        return sorted(out)
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        try:
+            with os.scandir(self._abs(prefix)) as entries:
+                return sorted(e.name for e in entries if e.is_dir())
+        except FileNotFoundError:
+            return []
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._abs(path))
+
+    def local_path(self, path: str) -> str | None:
+        return self._abs(path)
+
+
+def _fsync_dir(folder: str) -> None:
+    # The rename is durable only once the directory entry is on disk.
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def open_run_files(location: str | os.PathLike) -> RunFiles:
+    """The RunFiles for a location: a local path now; URLs are routed to other backends."""
+    location = os.fspath(location)
+    if "://" in location and not location.startswith("file://"):
+        from storage.remote import FsspecRunFiles  # optional dependency
+
+        return FsspecRunFiles(location)
+    return LocalRunFiles(location.removeprefix("file://"))

@@ -1,0 +1,114 @@
+"""The background thread that turns buffered log records into segment files.
+
+The training thread only appends tuples to `buffer`; this thread swaps the list out at least
+every `interval` seconds (or sooner under pressure), converts it to Arrow and writes one segment.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable
+
+from storage import segments
+from storage.runfiles import RunFiles
+
+SOFT_LIMIT = 200_000  # records: wake the writer early
+HARD_LIMIT = 2_000_000  # records: the training thread waits (memory stays bounded)
+
+
+class Deferred:
+    """A value that is resolved off the training thread (a CUDA tensor: `.item()` synchronises)."""
+
+    __slots__ = ("tensor", "event")
+
+    def __init__(self, tensor: Any, event: Any) -> None:
+        self.tensor, self.event = tensor, event
+
+    def resolve(self) -> Any:
+        if self.event is not None:
+            self.event.synchronize()
+        value = self.tensor.item()
+        return value
+
+
+class SegmentWriter:
+    def __init__(
+        self,
+        files: RunFiles,
+        path_for: Callable[[int], str],
+        metadata: dict[str, str],
+        interval: float = 1.0,
+        on_flush: Callable[[], None] | None = None,
+    ) -> None:
+        self.files, self.path_for, self.metadata = files, path_for, metadata
+        self.interval, self.on_flush = interval, on_flush
+        self.buffer: list[tuple] = []
+        self.has_deferred = False
+        self.records_written = 0
+        self.segments_written = 0
+        self._segment_seq = 0
+        self._wake = threading.Event()
+        self._drained = threading.Condition()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()  # one flush at a time (thread or an explicit flush())
+        self._thread = threading.Thread(target=self._run, name="florql-segment-writer", daemon=True)
+        self._thread.start()
+
+    def pressure(self) -> None:
+        """Called by the hot path when the buffer is large: wake the writer, wait when too large."""
+        self._wake.set()
+        if len(self.buffer) >= HARD_LIMIT:
+            with self._drained:
+                self._drained.wait_for(lambda: len(self.buffer) < HARD_LIMIT or self._stop, timeout=30)
+
+    def flush_soon(self) -> None:
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Write everything buffered so far, on the calling thread."""
+        self._flush_once()
+
+    def close(self) -> None:
+        self._stop = True
+        self._wake.set()
+        self._thread.join()
+        self._flush_once()
+        if self._error is not None:
+            raise RuntimeError("florql could not write log segments") from self._error
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            try:
+                self._flush_once()
+                if self.on_flush is not None:
+                    self.on_flush()
+            except BaseException as exc:  # keep training alive; report at close
+                self._error = exc
+                time.sleep(self.interval)
+
+    def _flush_once(self) -> None:
+        with self._lock:
+            records, self.buffer = self.buffer, []  # atomic under the GIL
+            with self._drained:
+                self._drained.notify_all()
+            if not records:
+                return
+            if self.has_deferred:
+                self.has_deferred = False
+                records = [_resolved(r) for r in records]
+            batch = segments.records_to_batch(self.records_written, records)
+            self.records_written += len(records)
+            path = self.path_for(self._segment_seq)
+            self._segment_seq += 1
+            segments.write_segment(self.files, path, batch, self.metadata)
+            self.segments_written += 1
+
+
+def _resolved(record: tuple) -> tuple:
+    name, value, position = record
+    if type(value) is Deferred:
+        value = value.resolve()
+    return (name, value, position)

@@ -1,0 +1,136 @@
+"""Authentication, TLS, the loopback rule, and read-only enforcement."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+
+import psycopg
+import pytest
+
+from florql.server import BackgroundServer, Server, ServerConfigError, build_server
+from florql.server.server import check_listen_policy
+
+
+def test_scram_password(password_server):
+    with psycopg.connect(password_server.dsn()) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_wrong_password(password_server):
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(password_server.dsn(password="wrong"))
+    with psycopg.connect(password_server.dsn()) as c:  # the server is still fine
+        assert c.execute("SELECT 2").fetchone() == (2,)
+
+
+def test_password_required_for_password_server(password_server):
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(f"host=127.0.0.1 port={password_server.port} user=florql dbname=florql password=")
+
+
+def test_no_password_on_non_loopback_bind_is_refused(store):
+    with pytest.raises(ServerConfigError, match="without a password"):
+        Server(store.factory, host="0.0.0.0", port=0)
+    check_listen_policy("127.0.0.1", None)
+    check_listen_policy("localhost", None)
+    check_listen_policy("0.0.0.0", "pw")
+
+
+def test_cli_refuses_non_loopback_without_password(tmp_path):
+    from florql.server import main_args
+
+    assert main_args(["--host", "0.0.0.0", "--port", "0", "--store", str(tmp_path)]) == 2
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    folder = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (folder / "pw").write_text("tls-pw\n")
+    return folder
+
+
+def test_tls_sslmode_require(store, certificate, monkeypatch):
+    import florql.server as server_module
+
+    monkeypatch.setattr(server_module, "florql_backend_factory", lambda path, budget: store.factory)
+    server = build_server(str(certificate), port=0, password_file=str(certificate / "pw"),
+                          tls_cert=str(certificate / "cert.pem"), tls_key=str(certificate / "key.pem"))
+    with BackgroundServer(server) as running:
+        dsn = f"host=127.0.0.1 port={running.port} user=florql dbname=florql password=tls-pw"
+        with psycopg.connect(dsn + " sslmode=require") as c:
+            assert c.pgconn.ssl_in_use
+            assert c.execute(f"SELECT count(*) FROM {store.run_table}").fetchone() == (store.rows,)
+        with psycopg.connect(dsn + " sslmode=disable") as c:  # plain connections stay possible
+            assert not c.pgconn.ssl_in_use
+
+
+def test_no_tls_answers_n(server):
+    with psycopg.connect(server.dsn(sslmode="prefer")) as c:
+        assert not c.pgconn.ssl_in_use
+    with pytest.raises(psycopg.OperationalError):
+        psycopg.connect(server.dsn(sslmode="require"))
+
+
+@pytest.mark.parametrize("statement", [
+    "INSERT INTO runs VALUES (2, 'x')",
+    "UPDATE runs SET script = 'x'",
+    "DELETE FROM runs",
+    "CREATE TABLE t (a int)",
+    "DROP TABLE runs",
+    "COPY runs TO '/tmp/out.csv'",
+    "ATTACH '/tmp/x.db' AS x",
+    "INSTALL httpfs",
+    "WITH x AS (SELECT 1) DELETE FROM runs",
+    "SELECT * INTO new_table FROM runs",
+])
+def test_write_statements_are_refused(server, statement):
+    with psycopg.connect(server.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.Error) as err:
+            c.execute(statement)
+        assert err.value.sqlstate == "25006"
+        assert c.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+
+
+@pytest.mark.parametrize("statement", [
+    "SELECT * FROM read_csv('/etc/passwd')",
+    "SELECT * FROM read_text('/etc/passwd')",
+    "SELECT pg_read_file('/etc/passwd')",
+    "SELECT * FROM '/etc/passwd'",
+    "SELECT * FROM read_blob('/etc/passwd')",
+    "SELECT * FROM parquet_metadata('/tmp/x.parquet')",
+    "SELECT * FROM runs, read_parquet('/tmp/x.parquet')",
+])
+def test_file_access_is_refused(server, statement):
+    with psycopg.connect(server.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.Error) as err:
+            c.execute(statement)
+        assert err.value.sqlstate == "42501"
+
+
+def test_file_access_is_refused_in_catalog_queries(server):
+    with psycopg.connect(server.dsn(), autocommit=True) as c:
+        with pytest.raises(psycopg.Error) as err:
+            c.execute("SELECT relname FROM pg_class, read_csv('/etc/passwd')")
+        assert err.value.sqlstate == "42501"
+
+
+def test_replay_budget_over_the_wire(server, store):
+    """A hindsight query within budget answers; one over budget is refused with SQLSTATE 53400."""
+    if not store.real:
+        pytest.skip("needs florql.connect with hindsight queries (the lead fills in the over-budget query)")
+    pytest.skip("TODO(lead): a hindsight query needing more than --replay-budget; expect sqlstate 53400")
