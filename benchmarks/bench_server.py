@@ -36,7 +36,7 @@ def main() -> None:
 
     con = duckdb.connect()
     con.execute(f"CREATE TABLE run_1 AS SELECT i // 100 AS epoch, i % 100 AS step, 1.0 / (1 + i) AS loss, "
-                f"0.5 + (i % 7) * 0.01 AS val_acc FROM range({args.rows}) t(i)")
+                f"0.5 + (i % 7) * 0.01::DOUBLE AS val_acc FROM range({args.rows}) t(i)")
     query = "SELECT * FROM run_1"
 
     def duckdb_fetchall() -> int:
@@ -60,7 +60,7 @@ def main() -> None:
                 return len(c.execute(query, binary=True).fetchall())
 
         base_s, n = best_of(args.repeat, duckdb_fetchall)
-        print(f"rows: {n:,}  (epoch int8, step int8, loss float8, val_acc numeric)")
+        print(f"rows: {n:,}  (epoch int8, step int8, loss float8, val_acc float8)")
         print(f"DuckDB Python API fetchall:          {n / base_s:12,.0f} rows/s  ({base_s:.2f} s)")
         for label, fn in [("psycopg fetchall (text)", psycopg_fetchall),
                           ("psycopg fetchall (binary)", psycopg_binary),

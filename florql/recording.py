@@ -248,8 +248,8 @@ class RecordSession(Session):
             self.manifest["outer_completed"] = index + 1
             self._manifest_dirty = True
 
-    def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any]) -> Iterator[Any]:
-        point = self.is_checkpoint_point(lf)
+    def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
+        point = self.is_checkpoint_point(lf, frame)
         started = now()
         finished = False
         try:

@@ -117,7 +117,7 @@ class Session:
             if lf.depth == 0:
                 yield from self.outer_loop(lf, iterable, frame)
             else:
-                yield from self.inner_loop(lf, iterable)
+                yield from self.inner_loop(lf, iterable, frame)
         finally:
             self.stack.pop()
             self._reposition()
@@ -132,12 +132,19 @@ class Session:
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
         raise NotImplementedError
 
-    def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any]) -> Iterator[Any]:
+    def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
         raise NotImplementedError
 
-    def is_checkpoint_point(self, lf: LoopFrame) -> bool:
-        """The end of the first depth-1 loop of an outer iteration is where checkpoints are taken."""
-        return lf.depth == 1 and not self.outer.inner_point_done and self.stack and self.stack[0].index >= 0
+    def is_checkpoint_point(self, lf: LoopFrame, frame: types.FrameType) -> bool:
+        """Is the end of this loop an 'inner_end' checkpoint point?
+
+        Only the first depth-1 loop of an outer iteration, and only when it runs in the same frame as
+        the outer loop: then every variable it leaves behind is in the captured scope, so restoring
+        the checkpoint in place of the loop is exact. An inner loop inside a helper function leaves
+        locals we cannot capture; such runs checkpoint at the end of the outer iteration instead.
+        """
+        return (lf.depth == 1 and not self.outer.inner_point_done and bool(self.stack)
+                and self.stack[0].index >= 0 and frame is self.outer.frame)
 
     # ---- args and checkpointing ---------------------------------------------------------------
     def arg(self, name: str, default: Any) -> Any:

@@ -275,7 +275,7 @@ def build_connection(data: CatalogData) -> duckdb.DuckDBPyConnection:
         for name, spec in relations.items():
             _create_table(con, f"{schema}.{name}", layout(spec), data.rows[name])
     names = pa.table({"oid": [t.oid for t in TYPES.values()], "sql_name": [t.sql_name for t in TYPES.values()]})
-    con.execute("CREATE TABLE florql_type_names AS SELECT * FROM names")
+    _insert(con, "CREATE TABLE florql_type_names AS", names)
     for macro in filter(str.strip, MACROS.split(";\n")):
         con.execute(f"CREATE MACRO {macro.strip().rstrip(';')}")
     # The catalog connection reads nothing but itself.
@@ -291,8 +291,14 @@ def _create_table(con: duckdb.DuckDBPyConnection, name: str, columns: list[tuple
         return
     defaults = {col: CODES[code][2] for col, code in columns}
     data = {col: [row.get(col, defaults[col]) for row in rows] for col, _ in columns}
-    rows_arrow = pa.table({col: pa.array(values, _arrow_type(code)) for (col, code), values in zip(columns, data.values())})
-    con.execute(f"INSERT INTO {name} SELECT * FROM rows_arrow")
+    table = pa.table({col: pa.array(values, _arrow_type(code)) for (col, code), values in zip(columns, data.values())})
+    _insert(con, f"INSERT INTO {name}", table)
+
+
+def _insert(con: duckdb.DuckDBPyConnection, prefix: str, table: pa.Table) -> None:
+    con.register("florql_rows", table)
+    con.execute(f"{prefix} SELECT * FROM florql_rows")
+    con.unregister("florql_rows")
 
 
 def _arrow_type(code: str) -> pa.DataType:

@@ -20,7 +20,7 @@ from sqlglot import exp
 from sqlglot.tokens import TokenType
 
 from .backend import Backend, Result
-from .catalog import SERVER_VERSION, Catalog, SessionInfo, is_catalog_query, with_output_names
+from .catalog import SERVER_VERSION, Catalog, SessionInfo, is_catalog_query
 
 SERVER_VERSION_TEXT = f"{SERVER_VERSION} (florql)"
 

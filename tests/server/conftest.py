@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -30,11 +31,13 @@ TRAINING_SCRIPT = textwrap.dedent(
 
 
 def florql_api_ready() -> bool:
+    """The query API (florql.api) and the training API are both there."""
     try:
         import florql
     except ImportError:
         return False
-    return all(hasattr(florql, name) for name in ("connect", "log", "loop"))
+    return importlib.util.find_spec("florql.api") is not None and all(
+        hasattr(florql, name) for name in ("connect", "log", "loop"))
 
 
 @dataclass

@@ -41,7 +41,7 @@ def test_list_databases(server):
 
 
 def test_error_then_query_on_same_connection(server, store):
-    script = f"SELECT * FROM no_such_table;\nSELECT 40 + 2 AS answer;\n\\dt\n"
+    script = "SELECT * FROM no_such_table;\nSELECT 40 + 2 AS answer;\n\\dt\n"
     out = psql(server, "-A", "-t", stdin=script)
     assert "ERROR" in out.stderr and "no_such_table" in out.stderr
     assert "42" in out.stdout.split() and "runs" in out.stdout

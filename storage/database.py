@@ -1,0 +1,396 @@
+"""The DuckDB store: schema, idempotent ingest of run files, and the one-writer discipline.
+
+DuckDB lets one process open a file read-write and then no other process at all, so nobody holds
+the file for long: every user of the store (CLI, notebook, BI server) opens it for one operation —
+ingest new run files, answer one query — and closes it. A process that finds it busy retries with
+backoff. Training and replay processes never open it: they write run files, which are the durable
+truth; `rebuild` recreates the database from them alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import socket
+import time
+from typing import Any, Iterator
+
+import duckdb
+import pyarrow as pa
+
+from florql.errors import StoreBusy
+from storage import layout, segments
+from storage.checkpoints import CheckpointRecord
+from storage.code_versions import code_version_manifest
+from storage.runfiles import RunFiles
+from storage.views import NameInfo, grain_for, q, wide_select
+
+HEARTBEAT_TIMEOUT_S = 30.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS _runs (
+    run_id INTEGER PRIMARY KEY, script VARCHAR, script_rel VARCHAR, cwd_rel VARCHAR, status VARCHAR,
+    started_at TIMESTAMP, ended_at TIMESTAMP, duration_s DOUBLE, code_version VARCHAR,
+    git_commit VARCHAR, argv VARCHAR[], error VARCHAR, outer_loop VARCHAR, outer_planned INTEGER,
+    outer_completed INTEGER, broke_early BOOLEAN, host VARCHAR, pid INTEGER, device VARCHAR,
+    python VARCHAR, torch VARCHAR, cuda VARCHAR, checkpoints_taken INTEGER,
+    checkpoint_overhead DOUBLE, checkpoint_budget DOUBLE, heartbeat_at DOUBLE, manifest VARCHAR,
+    sealed BOOLEAN DEFAULT FALSE
+);
+CREATE TABLE IF NOT EXISTS run_args (
+    run_id INTEGER, name VARCHAR, value_type VARCHAR, value_float DOUBLE, value_int BIGINT,
+    value_bool BOOLEAN, value_str VARCHAR, PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS iterations (
+    run_id INTEGER, outer_index INTEGER, seconds DOUBLE, inner_seconds DOUBLE, PRIMARY KEY (run_id, outer_index)
+);
+CREATE TABLE IF NOT EXISTS logs (
+    run_id INTEGER NOT NULL, name VARCHAR NOT NULL, loop_path VARCHAR NOT NULL,
+    value_type VARCHAR, value_float DOUBLE, value_int BIGINT, value_bool BOOLEAN, value_str VARCHAR,
+    source VARCHAR NOT NULL, job_id VARCHAR, seq BIGINT, segment VARCHAR
+);
+CREATE TABLE IF NOT EXISTS segments_ingested (
+    path VARCHAR PRIMARY KEY, run_id INTEGER, rows BIGINT, ingested_at TIMESTAMP DEFAULT current_timestamp
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id INTEGER, name VARCHAR, outer_index INTEGER, kind VARCHAR, coords VARCHAR, bytes BIGINT,
+    sha256 VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP, PRIMARY KEY (run_id, name)
+);
+CREATE TABLE IF NOT EXISTS code_versions (
+    code_version VARCHAR, path VARCHAR, sha256 VARCHAR, PRIMARY KEY (code_version, path)
+);
+CREATE TABLE IF NOT EXISTS replay_jobs (
+    job_id VARCHAR PRIMARY KEY, run_id INTEGER, names VARCHAR[], start_index INTEGER, stop_index INTEGER,
+    log_from INTEGER, executed INTEGER[], restored INTEGER[], checkpoint VARCHAR, seconds DOUBLE,
+    rows BIGINT, committed_at TIMESTAMP
+);
+CREATE TABLE IF NOT EXISTS replay_coverage (
+    run_id INTEGER, name VARCHAR, outer_index INTEGER, job_id VARCHAR, PRIMARY KEY (run_id, name, outer_index)
+);
+CREATE TABLE IF NOT EXISTS replay_audit (
+    run_id INTEGER, job_id VARCHAR, name VARCHAR, loop_path VARCHAR, coords VARCHAR,
+    logged VARCHAR, replayed VARCHAR, abs_diff DOUBLE, mismatches BIGINT, detected_at TIMESTAMP
+);
+"""
+
+LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
+
+
+@contextlib.contextmanager
+def open_store(db_path: str, wait_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the DuckDB file for one operation, retrying while another process holds it."""
+    os.makedirs(os.path.dirname(db_path), exist_ok=True)
+    deadline = time.monotonic() + wait_s
+    delay = 0.01
+    while True:
+        try:
+            conn = duckdb.connect(db_path)
+            break
+        except duckdb.Error as exc:
+            if not any(m in str(exc) for m in LOCK_MARKERS):
+                raise
+            if time.monotonic() >= deadline:
+                raise StoreBusy(
+                    f"the store {db_path} stayed busy for {wait_s:.0f} s (another florql process held it: {exc}); "
+                    "try again, or stop the process holding it"
+                ) from exc
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.5)
+    try:
+        conn.execute(SCHEMA)
+        yield conn
+    finally:
+        conn.close()
+
+
+# ---- ingest -----------------------------------------------------------------------------------
+def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> None:
+    """Bring the tables up to date with the run files. Idempotent: each file lands exactly once."""
+    known = {row[0]: row[1] for row in conn.execute("SELECT run_id, sealed FROM _runs").fetchall()}
+    changed = False
+    for run_dir in files.list_dirs("runs"):
+        if not run_dir.isdigit():
+            continue
+        run_id = int(run_dir)
+        if known.get(run_id):
+            changed |= ingest_replays(conn, files, run_id)
+            continue
+        changed |= ingest_run(conn, files, run_id)
+    if changed:
+        refresh_views(conn)
+
+
+def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> bool:
+    try:
+        manifest = json.loads(files.get(layout.manifest_path(run_id)))
+    except FileNotFoundError:
+        return False  # claimed a moment ago; the manifest follows
+    status = _effective_status(manifest)
+    conn.execute("BEGIN")
+    try:
+        new_rows = _ingest_segments(conn, files, run_id)
+        _upsert_run(conn, run_id, manifest, status)
+        _ingest_checkpoints(conn, files, run_id)
+        _ingest_code_version(conn, files, manifest.get("code_version"))
+        done = status != "running"
+        if done:
+            conn.execute("UPDATE _runs SET sealed = TRUE WHERE run_id = ?", [run_id])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    ingest_replays(conn, files, run_id)
+    return True or new_rows
+
+
+def _effective_status(manifest: dict[str, Any]) -> str:
+    """A run still marked running whose process is gone was killed."""
+    if manifest["status"] != "running":
+        return manifest["status"]
+    env = manifest.get("env", {})
+    if env.get("hostname") == socket.gethostname():
+        try:
+            os.kill(int(env["pid"]), 0)
+        except ProcessLookupError:
+            return "killed"
+        except (PermissionError, KeyError, ValueError):
+            pass
+        else:
+            if _zombie(int(env["pid"])):
+                return "killed"
+            return "running"
+    if time.time() - float(manifest.get("heartbeat_at") or 0) > HEARTBEAT_TIMEOUT_S:
+        return "killed"
+    return "running"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: dict[str, Any], status: str) -> None:
+    env = m.get("env", {})
+    ckpt = m.get("checkpoints") or {}
+    ended = m.get("ended_at")
+    conn.execute("DELETE FROM _runs WHERE run_id = ?", [run_id])
+    conn.execute(
+        "INSERT INTO _runs VALUES (?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, to_timestamp(?)::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+        " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, FALSE)",
+        [
+            run_id, m.get("script"), m.get("script_rel"), m.get("cwd_rel"), status, m.get("started_at"), ended,
+            (ended - m["started_at"]) if ended else None, m.get("code_version"), m.get("git_commit"),
+            m.get("argv"), m.get("error"), m.get("outer_loop"), m.get("outer_planned"), m.get("outer_completed"),
+            m.get("outer_broke_early"), env.get("hostname"), env.get("pid"), env.get("device"), env.get("python"),
+            env.get("torch"), env.get("cuda"), ckpt.get("taken"), ckpt.get("overhead"), m.get("checkpoint_budget"),
+            m.get("heartbeat_at"), json.dumps(m),
+        ],
+    )
+    conn.execute("DELETE FROM run_args WHERE run_id = ?", [run_id])
+    for name, value in (m.get("args") or {}).items():
+        vtype = segments.VALUE_TYPES.get(type(value), "str")
+        row: list[Any] = [None, None, None, None]
+        row[["float", "int", "bool", "str"].index(vtype)] = value if vtype != "str" else (None if value is None else str(value))
+        conn.execute("INSERT INTO run_args VALUES (?, ?, ?, ?, ?, ?, ?)", [run_id, name, vtype, *row])
+    conn.execute("DELETE FROM iterations WHERE run_id = ?", [run_id])
+    times = m.get("iteration_s") or []
+    inner = m.get("inner_s") or []
+    if times:
+        table = pa.table({
+            "run_id": pa.array([run_id] * len(times), pa.int32()),
+            "outer_index": pa.array(range(len(times)), pa.int32()),
+            "seconds": pa.array(times, pa.float64()),
+            "inner_seconds": pa.array(inner + [0.0] * (len(times) - len(inner)), pa.float64()),
+        })
+        conn.register("_iterations_in", table)
+        conn.execute("INSERT INTO iterations SELECT * FROM _iterations_in")
+        conn.unregister("_iterations_in")
+
+
+def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
+    prefix = f"{layout.segments_dir(run_id)}/{layout.MAIN_WRITER}"
+    done = {r[0] for r in conn.execute("SELECT path FROM segments_ingested WHERE run_id = ?", [run_id]).fetchall()}
+    rows = 0
+    for path in files.list(prefix):
+        if path in done or not path.endswith(".arrow"):
+            continue
+        table = segments.read_segment(files, path)
+        insert_records(conn, run_id, table, source="logged", job_id=None, segment=path)
+        conn.execute("INSERT INTO segments_ingested (path, run_id, rows) VALUES (?, ?, ?)", [path, run_id, table.num_rows])
+        rows += table.num_rows
+    return rows
+
+
+def ensure_loop_columns(conn: duckdb.DuckDBPyConnection, loop_names: set[str]) -> None:
+    existing = {r[0] for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = 'logs' AND table_schema = 'main'"
+    ).fetchall()}
+    for name in sorted(loop_names - existing):
+        conn.execute(f"ALTER TABLE logs ADD COLUMN {q(name)} BIGINT")
+
+
+def insert_records(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table, source: str,
+                   job_id: str | None, segment: str, coverage_filter: bool = False) -> None:
+    """Insert segment rows into `logs`, spreading `coords` into one column per loop name."""
+    if table.num_rows == 0:
+        return
+    paths = [p for p in table.column("loop_path").unique().to_pylist()]
+    ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
+    conn.register("_segment_in", table)
+    try:
+        for path in paths:
+            loops = [n for n in path.split("/") if n]
+            cols = "".join(f", {q(n)}" for n in loops)
+            vals = "".join(f", coords[{i + 1}]" for i in range(len(loops)))
+            outer = "coords[1]" if loops else "NULL"
+            keep = (
+                f" AND NOT EXISTS (SELECT 1 FROM replay_coverage c WHERE c.run_id = {run_id} "
+                f"AND c.name = s.name AND c.outer_index = {outer})"
+                if coverage_filter else ""
+            )
+            conn.execute(
+                f"INSERT INTO logs (run_id, name, loop_path{cols}, value_type, value_float, value_int, value_bool,"
+                f" value_str, source, job_id, seq, segment) SELECT {run_id}, name, loop_path{vals}, value_type,"
+                f" value_float, value_int, value_bool, value_str, ?, ?, seq, ? FROM _segment_in s"
+                f" WHERE loop_path = ?{keep}",
+                [source, job_id, segment, path],
+            )
+    finally:
+        conn.unregister("_segment_in")
+
+
+def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> None:
+    have = {r[0] for r in conn.execute("SELECT name FROM checkpoints WHERE run_id = ?", [run_id]).fetchall()}
+    for path in files.list(layout.checkpoints_dir(run_id)):
+        if not path.endswith(".json"):
+            continue
+        rec = CheckpointRecord.from_json(files.get(path))
+        if rec.name in have:
+            continue
+        conn.execute(
+            "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
+            [run_id, rec.name, rec.outer_index, rec.kind, json.dumps(rec.coords), rec.bytes, rec.sha256,
+             rec.stall_s, rec.persist_s, rec.created_at],
+        )
+
+
+def _ingest_code_version(conn: duckdb.DuckDBPyConnection, files: RunFiles, version: str | None) -> None:
+    if not version or conn.execute("SELECT 1 FROM code_versions WHERE code_version = ? LIMIT 1", [version]).fetchone():
+        return
+    for rel, digest in code_version_manifest(files, version).items():
+        conn.execute("INSERT INTO code_versions VALUES (?, ?, ?)", [version, rel, digest])
+
+
+def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> bool:
+    """Committed replay jobs land whole; uncommitted ones stay invisible."""
+    have = {r[0] for r in conn.execute("SELECT job_id FROM replay_jobs WHERE run_id = ?", [run_id]).fetchall()}
+    audited = {r[0] for r in conn.execute("SELECT DISTINCT job_id FROM replay_audit WHERE run_id = ?", [run_id]).fetchall()}
+    landed = False
+    for job_id in files.list_dirs(layout.replays_dir(run_id)):
+        if job_id in have:
+            continue
+        base = layout.replay_dir(run_id, job_id)
+        if job_id not in audited and files.exists(f"{base}/DIVERGED.json"):
+            _ingest_divergence(conn, run_id, job_id, json.loads(files.get(f"{base}/DIVERGED.json")))
+        if not files.exists(layout.replay_commit_path(run_id, job_id)):
+            continue
+        summary = json.loads(files.get(layout.replay_commit_path(run_id, job_id)))
+        conn.execute("BEGIN")
+        try:
+            rows = 0
+            for path in files.list(f"{base}/segments"):
+                table = segments.read_segment(files, path)
+                insert_records(conn, run_id, table, "replayed", job_id, path, coverage_filter=True)
+                rows += table.num_rows
+            for name in summary["names"]:
+                conn.execute(
+                    "INSERT OR IGNORE INTO replay_coverage SELECT ?, ?, i, ? FROM range(?, ?) t(i)",
+                    [run_id, name, job_id, summary["log_from"], summary["stop"]],
+                )
+            conn.execute(
+                "INSERT INTO replay_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
+                [job_id, run_id, summary["names"], summary["start"], summary["stop"], summary["log_from"],
+                 summary["executed"], summary["restored"], summary.get("checkpoint"), summary["seconds"], rows,
+                 summary["committed_at"]],
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        landed = True
+    return landed
+
+
+def _ingest_divergence(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, d: dict[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO replay_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
+        [run_id, job_id, d["name"], d["loop_path"], json.dumps(d["coords"]), repr(d["logged"]), repr(d["replayed"]),
+         d.get("abs_diff"), d.get("mismatches", 1), d["detected_at"]],
+    )
+
+
+# ---- views ------------------------------------------------------------------------------------
+def run_names(conn: duckdb.DuckDBPyConnection, run_id: int) -> list[NameInfo]:
+    rows = conn.execute(
+        "SELECT name, loop_path, list(DISTINCT value_type) FROM logs WHERE run_id = ? GROUP BY name, loop_path"
+        " ORDER BY min(seq), name", [run_id]
+    ).fetchall()
+    chosen: dict[str, NameInfo] = {}
+    for name, path, types in rows:
+        info = NameInfo(name, tuple(p for p in path.split("/") if p), frozenset(types))
+        if name not in chosen or len(info.loop_path) > len(chosen[name].loop_path):
+            chosen[name] = info
+    return list(chosen.values())
+
+
+def full_view_sql(names: list[NameInfo], run_id: int, with_run_id: bool = False) -> str:
+    """The run's wide view at its finest grain, keeping the names whose loops nest with it."""
+    deepest = max((n.loop_path for n in names), key=len, default=())
+    nested = [n for n in names if deepest[: len(n.loop_path)] == n.loop_path]
+    return wide_select(run_id, grain_for(nested, []), nested, with_run_id)
+
+
+def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
+    """(Re)create `runs` (args as columns), `run_<id>` and `metrics` for direct DuckDB users."""
+    args = [r[0] for r in conn.execute("SELECT DISTINCT name FROM run_args ORDER BY name").fetchall()]
+    fixed = {r[0] for r in conn.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = '_runs'").fetchall()}
+    pivots = "".join(
+        f", (SELECT coalesce(a.value_float, a.value_int::DOUBLE, a.value_bool::INTEGER::DOUBLE)"
+        f" FROM run_args a WHERE a.run_id = r.run_id AND a.name = '{a}') AS {q(a if a not in fixed else 'arg_' + a)}"
+        if _numeric_arg(conn, a) else
+        f", (SELECT a.value_str FROM run_args a WHERE a.run_id = r.run_id AND a.name = '{a}')"
+        f" AS {q(a if a not in fixed else 'arg_' + a)}"
+        for a in args
+    )
+    conn.execute(f"CREATE OR REPLACE VIEW runs AS SELECT r.* EXCLUDE (manifest, sealed){pivots} FROM _runs r")
+    parts = []
+    for (run_id,) in conn.execute("SELECT run_id FROM _runs ORDER BY run_id").fetchall():
+        names = run_names(conn, run_id)
+        conn.execute(f"CREATE OR REPLACE VIEW run_{run_id} AS {full_view_sql(names, run_id)}")
+        parts.append(f"SELECT * FROM ({full_view_sql(names, run_id, with_run_id=True)})")
+    conn.execute("CREATE OR REPLACE VIEW metrics AS " + (" UNION ALL BY NAME ".join(parts) or "SELECT NULL::INTEGER AS run_id WHERE FALSE"))
+
+
+def _numeric_arg(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
+    types = {r[0] for r in conn.execute("SELECT DISTINCT value_type FROM run_args WHERE name = ?", [name]).fetchall()}
+    return bool(types) and types <= {"float", "int", "bool"}
+
+
+def rebuild(db_path: str, files: RunFiles) -> None:
+    """Recreate the database from the run files alone (the old file is replaced atomically)."""
+    tmp = db_path + ".rebuild"
+    for leftover in (tmp, tmp + ".wal"):
+        if os.path.exists(leftover):
+            os.unlink(leftover)
+    with open_store(tmp) as conn:
+        sync(conn, files)
+    with open_store(db_path):  # wait for other users to let go of the old file
+        pass
+    os.replace(tmp, db_path)
+    if os.path.exists(db_path + ".wal"):
+        os.unlink(db_path + ".wal")

@@ -1,0 +1,90 @@
+"""SQL for the wide per-run views: loop coordinates plus one column per log name.
+
+A view is built at a *grain* (a loop path such as ("epoch", "step")): one row per coordinate of
+that loop; a name logged in an enclosing loop is repeated on every row of its iteration, as a join
+on the shared coordinates would give. When a name was logged more than once at one coordinate,
+the value logged last wins (the long-form `logs` table keeps them all).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NameInfo:
+    name: str
+    loop_path: tuple[str, ...]
+    value_types: frozenset[str]  # empty when never logged (a loggable name not replayed yet)
+
+
+def q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def lit(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def value_expr(types: frozenset[str]) -> str:
+    if not types or types == {"float"}:
+        return "value_float"
+    if len(types) == 1:
+        return {"int": "value_int", "bool": "value_bool", "str": "value_str"}[next(iter(types))]
+    if "str" in types:
+        return "coalesce(value_str, value_float::VARCHAR, value_int::VARCHAR, value_bool::VARCHAR)"
+    return "coalesce(value_float, value_int::DOUBLE, value_bool::INTEGER::DOUBLE)"
+
+
+def sql_type(types: frozenset[str]) -> str:
+    return {"float": "DOUBLE", "int": "BIGINT", "bool": "BOOLEAN", "str": "VARCHAR"}.get(
+        next(iter(types)) if len(types) == 1 else "", "VARCHAR" if "str" in types else "DOUBLE"
+    )
+
+
+def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with_run_id: bool = False) -> str:
+    """A SELECT with columns [run_id,] *grain, *names at `grain` for one run."""
+    path = "/".join(grain)
+    coords = ", ".join(q(c) for c in grain)
+    where_path = f"(loop_path = {lit(path)} OR starts_with(loop_path, {lit(path + '/')}))" if grain else "TRUE"
+    base = (
+        f"SELECT DISTINCT {coords} FROM logs WHERE run_id = {run_id} AND {where_path}"
+        if grain else f"SELECT 1 AS _one"
+    )
+    select = [f"{run_id} AS run_id"] if with_run_id else []
+    select += [f"b.{q(c)}" for c in grain]
+    joins = []
+    for i, info in enumerate(names):
+        alias = f"t{i}"
+        keys = info.loop_path
+        key_cols = ", ".join(q(c) for c in keys)
+        group = f" GROUP BY {key_cols}" if keys else ""
+        sub = (
+            f"SELECT {key_cols + ', ' if keys else ''}arg_max({value_expr(info.value_types)}, seq) AS v "
+            f"FROM logs WHERE run_id = {run_id} AND name = {lit(info.name)} "
+            f"AND loop_path = {lit('/'.join(keys))}{group}"
+        )
+        on = " AND ".join(f"b.{q(c)} = {alias}.{q(c)}" for c in keys) or "TRUE"
+        joins.append(f"LEFT JOIN ({sub}) {alias} ON {on}")
+        select.append(f"{alias}.v::{sql_type(info.value_types)} AS {q(info.name)}")
+    if not select:
+        select = ["NULL AS _empty"]
+    return f"SELECT {', '.join(select)} FROM ({base}) b " + " ".join(joins)
+
+
+def grain_for(names: list[NameInfo], coords: list[tuple[str, ...]]) -> tuple[str, ...]:
+    """The finest loop path among the referenced names and coordinates; they must nest.
+
+    Raises ValueError naming the two columns whose loops are not nested.
+    """
+    paths = [(n.name, n.loop_path) for n in names] + [(p[-1], p) for p in coords if p]
+    grain: tuple[str, ...] = ()
+    holder = ""
+    for name, path in paths:
+        if path[: len(grain)] == grain:
+            grain, holder = (path, name) if len(path) >= len(grain) else (grain, holder)
+        elif grain[: len(path)] != path:
+            raise ValueError(
+                f"'{holder}' is logged in loop {'/'.join(grain)} and '{name}' in loop {'/'.join(path)}, "
+                "which are not nested; query them separately and join on the shared coordinates"
+            )
+    return grain
