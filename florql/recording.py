@@ -70,6 +70,7 @@ def environment() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
         "device": "cpu",
+        "torch_threads": torch.get_num_threads(),  # replay uses the same count: reductions depend on it
     }
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name(0)

@@ -114,7 +114,7 @@ def capture_scope(
             captured["plain"][name] = _copy_plain(value)
             if isinstance(value, torch.Tensor):
                 captured["original_devices"][name] = str(value.device)
-        elif isinstance(value, _STATEFUL_TYPES) or _is_grad_scaler(value):
+        elif _holds_state(value):
             if name not in warned:
                 warned.add(name)
                 warnings.warn(
@@ -125,6 +125,13 @@ def capture_scope(
                     stacklevel=4,
                 )
     return captured
+
+
+def _holds_state(value: Any) -> bool:
+    # A module without parameters or buffers (a loss, an activation) has nothing to restore.
+    if isinstance(value, torch.nn.Module):
+        return next(value.parameters(), None) is not None or next(value.buffers(), None) is not None
+    return isinstance(value, _STATEFUL_TYPES) or _is_grad_scaler(value)
 
 
 def _is_grad_scaler(value: Any) -> bool:

@@ -306,10 +306,10 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
                 table = segments.read_segment(files, path)
                 insert_records(conn, run_id, table, "replayed", job_id, path, coverage_filter=True)
                 rows += table.num_rows
-            for name in summary["names"]:
+            for name, indices in summary["coverage"].items():
                 conn.execute(
-                    "INSERT OR IGNORE INTO replay_coverage SELECT ?, ?, i, ? FROM range(?, ?) t(i)",
-                    [run_id, name, job_id, summary["log_from"], summary["stop"]],
+                    "INSERT OR IGNORE INTO replay_coverage SELECT ?, ?, unnest(?::INTEGER[]), ?",
+                    [run_id, name, indices, job_id],
                 )
             conn.execute(
                 "INSERT INTO replay_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",

@@ -1,0 +1,346 @@
+"""The Python query API: `florql.connect()` → `Connection.sql()` → `Result`."""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import duckdb
+import pyarrow as pa
+from sqlglot import exp
+
+from florql import query
+from florql.catalog import BASE_TABLES, load_run, run_ids
+from florql.dialect import ensure_read_only, florql_setting, parse
+from florql.errors import FlorqlError, ReplayBudgetExceeded, ReplayFailed, UsageError
+from replay.executor import Executor, make_executor
+from replay.jobs import JobResult, JobSpec
+from replay.planner import Plan, plan
+from storage.database import open_store, sync
+from storage.layout import StoreLocation, locate_store
+
+
+class ReplayWarning(UserWarning):
+    pass
+
+
+@dataclass
+class ColumnInfo:
+    name: str
+    type: pa.DataType
+    nullable: bool = True
+    comment: str = ""
+
+
+@dataclass
+class TableInfo:
+    name: str
+    kind: str  # 'table' | 'view'
+    columns: list[ColumnInfo] = field(default_factory=list)
+
+
+def parse_duration(text: str | float | int | None) -> float | None:
+    """'10 min', '90 s', '1.5h', '30' (seconds) → seconds; None/'none'/'unlimited' → no budget."""
+    if text is None or isinstance(text, (int, float)):
+        return None if text is None else float(text)
+    t = text.strip().lower()
+    if t in ("", "none", "unlimited", "inf"):
+        return None
+    m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*(ms|s|sec|secs|seconds?|m|min|mins|minutes?|h|hours?)?", t)
+    if not m:
+        raise UsageError(f"cannot read the duration {text!r}; write e.g. '90 s', '10 min' or '1 h'")
+    unit = m.group(2) or "s"
+    factor = 0.001 if unit == "ms" else 60 if unit.startswith("m") else 3600 if unit.startswith("h") else 1
+    return float(m.group(1)) * factor
+
+
+class Result:
+    """A query's answer: Arrow, pandas, polars or rows. `plan` and `warnings` tell what replay did."""
+
+    def __init__(self, conn: "Connection", sql: str | None, params: Sequence[Any] | None,
+                 plan: Plan | None = None, warnings_: list[str] | None = None,
+                 table: pa.Table | None = None) -> None:
+        self._conn, self._sql, self._params = conn, sql, list(params) if params else None
+        self.plan = plan
+        self.warnings = warnings_ or []
+        self._table = table
+        self.final_sql = sql
+
+    @property
+    def schema(self) -> pa.Schema:
+        if self._table is not None:
+            return self._table.schema
+        with self._conn._open() as db:
+            return self._conn._execute(db, f"SELECT * FROM ({self._sql}) LIMIT 0", self._params).to_arrow_table().schema
+
+    def arrow(self) -> pa.Table:
+        if self._table is None:
+            with self._conn._open() as db:
+                self._table = self._conn._execute(db, self._sql, self._params).to_arrow_table()
+        return self._table
+
+    def batches(self, batch_size: int = 10_000) -> Iterator[pa.RecordBatch]:
+        """Stream the result; the store is held only while the stream is being read."""
+        if self._table is not None:
+            yield from self._table.to_batches(batch_size)
+            return
+        with self._conn._open() as db:
+            reader = self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
+            yield from reader
+
+    def df(self):
+        return self.arrow().to_pandas()
+
+    def pl(self):
+        try:
+            import polars
+        except ImportError:
+            raise UsageError("Result.pl() needs polars: pip install polars") from None
+        return polars.from_arrow(self.arrow())
+
+    def fetchall(self) -> list[tuple]:
+        table = self.arrow()
+        columns = [c.to_pylist() for c in table.columns]
+        return list(zip(*columns)) if columns else []
+
+    def close(self) -> None:
+        self._table = None
+
+    def __repr__(self) -> str:
+        return self.arrow().to_pandas().to_string(max_rows=40)
+
+
+class Connection:
+    """One user's view of a store. Holds no database lock between calls."""
+
+    def __init__(self, location: StoreLocation, replay: str = "auto", replay_budget: Any = None,
+                 workers: int | None = None, executor: str | Executor | None = None,
+                 progress: bool | None = None, **executor_options: Any) -> None:
+        self.location = location
+        self.files = location.run_files()
+        self.settings: dict[str, Any] = {"replay": "auto", "replay_budget": None, "workers": workers}
+        self.set("replay", replay)
+        self.settings["replay_budget"] = parse_duration(replay_budget)
+        self._executor_arg = executor
+        self._executor_options = executor_options
+        self._executor: Executor | None = None
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.last_jobs: list[tuple[JobSpec, JobResult]] = []
+
+    # ---- settings -----------------------------------------------------------------------------
+    def set(self, name: str, value: Any) -> None:
+        name = name.lower()
+        if name == "replay":
+            value = str(value).lower()
+            if value not in ("auto", "never"):
+                raise UsageError(f"SET replay = {value!r}: use 'auto' (replay what is missing) or 'never'")
+        elif name == "replay_budget":
+            value = parse_duration(value)
+        elif name == "workers":
+            value = int(value) if value not in (None, "", "auto") else None
+            self._executor = None
+        else:
+            raise UsageError(f"unknown florql setting {name!r}; settings: replay, replay_budget, workers")
+        self.settings[name] = value
+
+    @property
+    def executor(self) -> Executor:
+        if self._executor is None:
+            if isinstance(self._executor_arg, Executor):
+                self._executor = self._executor_arg
+            else:
+                self._executor = make_executor(self._executor_arg, self.settings["workers"], **self._executor_options)
+        return self._executor
+
+    # ---- plumbing -----------------------------------------------------------------------------
+    def _open(self):
+        return open_store(self.location.db_path)
+
+    @staticmethod
+    def _execute(db: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None):
+        db.execute("SET enable_external_access = false")
+        db.execute("SET lock_configuration = true")
+        return db.sql(sql, params=list(params)) if params else db.sql(sql)
+
+    def sync(self) -> None:
+        """Ingest new run files into the DuckDB tables."""
+        with self._open() as db:
+            sync(db, self.files)
+
+    # ---- queries ------------------------------------------------------------------------------
+    def sql(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> Result:
+        statements = parse(sql, read=dialect)
+        result: Result | None = None
+        for statement in statements:
+            result = self._one(statement, params)
+        assert result is not None
+        return result
+
+    def _one(self, statement: exp.Expression, params: Sequence[Any] | None) -> Result:
+        setting = florql_setting(statement)
+        if setting:
+            self.set(*setting)
+            return Result(self, None, None, table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]}))
+        ensure_read_only(statement)
+        notes: list[str] = []
+        with self._open() as db:
+            sync(db, self.files)
+            bound = query.bind(statement.copy(), db)
+            replay_plan, specs = self._plan(bound, db)
+        if replay_plan.jobs and self.settings["replay"] == "never":
+            notes.append(
+                "replay = 'never': values that were never logged are NULL; a replay would run:\n" + replay_plan.describe()
+            )
+        elif replay_plan.jobs:
+            budget = self.settings["replay_budget"]
+            if budget is not None and replay_plan.est_s > budget:
+                raise ReplayBudgetExceeded(
+                    f"this query needs ~{replay_plan.est_s:.1f} s of replay, over the budget of {budget:.0f} s:\n"
+                    f"{replay_plan.describe()}\nRaise the budget (SET replay_budget = '10 min') or run it from the CLI: "
+                    f"florql query \"{statement.sql(dialect='duckdb')}\""
+                )
+            self._run_jobs(specs, bound)
+            with self._open() as db:
+                sync(db, self.files)
+                bound = query.bind(statement.copy(), db)
+        for note in notes:
+            warnings.warn(note, ReplayWarning, stacklevel=3)
+        final = query.rewrite(bound).sql(dialect="duckdb")
+        result = Result(self, final, params, plan=replay_plan if replay_plan.jobs else None, warnings_=notes)
+        try:
+            result.arrow()
+        except duckdb.Error as err:
+            better = query.unknown_column_error(str(err), bound)
+            if better is not None:
+                raise better from None
+            raise FlorqlError(f"{type(err).__name__}: {err}") from None
+        return result
+
+    def _plan(self, bound: query.Bound, db: duckdb.DuckDBPyConnection) -> tuple[Plan, list[JobSpec]]:
+        wanted = query.hindsight_names(bound)
+        patched: dict[int, dict[str, str]] = {}
+        sites: dict[int, dict[str, tuple]] = {}
+        for run_id, names in wanted.items():
+            patched[run_id], sites[run_id] = query.patch_sources(bound.runs[run_id], names, self.files)
+        cells = query.missing_cells(bound, db, sites)
+        workers = self.settings["workers"] or self.executor.workers
+        replay_plan = plan(cells, workers)
+        if not replay_plan.jobs or self.settings["replay"] == "never":
+            return replay_plan, []
+        return replay_plan, query.job_specs(replay_plan, bound, patched, self.files, db)
+
+    def _run_jobs(self, specs: list[JobSpec], bound: query.Bound) -> None:
+        done = [0]
+        started = time.monotonic()
+
+        def progress(spec: JobSpec, result: JobResult) -> None:
+            done[0] += 1
+            if self.progress:
+                width = 30
+                filled = int(width * done[0] / len(specs))
+                print(f"\rflorql replay [{'#' * filled}{'.' * (width - filled)}] {done[0]}/{len(specs)} jobs "
+                      f"{time.monotonic() - started:5.1f}s", end="" if done[0] < len(specs) else "\n",
+                      file=sys.stderr, flush=True)
+
+        results = self.executor.run(specs, progress)
+        self.last_jobs = list(zip(specs, results))
+        retry = [s for s, r in self.last_jobs if r.ok and r.missing_names and s.mode == "skip"]
+        failures = [(s, r) for s, r in self.last_jobs if not r.ok]
+        if retry:
+            self._rerun_executing(retry)
+        if failures:
+            self.sync()
+            raise ReplayFailed(_failure_message(failures))
+
+    def _rerun_executing(self, specs: list[JobSpec]) -> None:
+        """A skipped inner loop did not produce the value after all: run those iterations in full."""
+        again = []
+        for spec in specs:
+            spec.job_id = spec.job_id + "-x"
+            spec.restore_inner = {k: v for k, v in spec.restore_inner.items() if k == spec.start}
+            spec.mode = "re-execute"
+            spec.log_from = spec.start + (1 if spec.restore_inner else 0)
+            again.append(spec)
+        results = self.executor.run(again)
+        failures = [(s, r) for s, r in zip(again, results) if not r.ok]
+        if failures:
+            raise ReplayFailed(_failure_message(failures))
+
+    def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:
+        """The replay plan a query would run, without running it."""
+        statement = parse(sql, read=dialect)[-1]
+        ensure_read_only(statement)
+        with self._open() as db:
+            sync(db, self.files)
+            bound = query.bind(statement.copy(), db)
+            wanted = query.hindsight_names(bound)
+            sites = {r: query.patch_sources(bound.runs[r], n, self.files)[1] for r, n in wanted.items()}
+            cells = query.missing_cells(bound, db, sites)
+        replay_plan = plan(cells, self.settings["workers"] or self.executor.workers)
+        return replay_plan.describe()
+
+    # ---- catalog ------------------------------------------------------------------------------
+    def tables(self) -> list[TableInfo]:
+        """Every table a user can query, with loggable-but-unlogged names as columns of run_<id>."""
+        out: list[TableInfo] = []
+        with self._open() as db:
+            sync(db, self.files)
+            for name in BASE_TABLES:
+                rel = db.execute(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
+                kind = "view" if name in ("runs", "metrics") else "table"
+                out.append(TableInfo(name, kind, [ColumnInfo(f.name, f.type) for f in rel.schema]))
+            for run_id in run_ids(db):
+                info = load_run(db, run_id)
+                cols = [ColumnInfo(n, pa.int64(), comment="loop coordinate") for n in info.loop_paths]
+                for n in info.logged.values():
+                    dtype = {"BIGINT": pa.int64(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}.get(
+                        _sql_type(n.value_types), pa.float64())
+                    cols.append(ColumnInfo(n.name, dtype, comment="logged"))
+                for n in info.loggable:
+                    if n not in info.logged and n not in info.loop_paths:
+                        cols.append(ColumnInfo(n, pa.float64(), comment="loggable: replayed on demand"))
+                out.append(TableInfo(f"run_{run_id}", "view", cols))
+        return out
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None
+
+    def __enter__(self) -> "Connection":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _sql_type(types: frozenset[str]) -> str:
+    from storage.views import sql_type
+
+    return sql_type(types)
+
+
+def _failure_message(failures: list[tuple[JobSpec, JobResult]]) -> str:
+    lines = []
+    for spec, result in failures:
+        if result.divergence:
+            d = result.divergence
+            largest = d.get("largest") or d
+            lines.append(
+                f"run {spec.run_id}: replay diverged from the original run at {d['loop_path']} {d['coords']}: "
+                f"{d['name']} was {d['logged']!r}, replay gave {d['replayed']!r} (|diff| {d.get('abs_diff')}); "
+                f"{d.get('mismatches', 1)} value(s) differ in that iteration, largest |diff| {largest.get('abs_diff')} "
+                f"for {largest.get('name')}. Stopped: hindsight values from this run would not be exact "
+                "(see the replay_audit table)."
+            )
+        else:
+            lines.append(f"run {spec.run_id}, iterations {spec.log_from}..{spec.stop - 1}: replay failed:\n{result.error}")
+    return "\n".join(lines)
+
+
+def connect(path: str | os.PathLike | None = None, **options: Any) -> Connection:
+    return Connection(locate_store(path), **options)

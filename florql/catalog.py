@@ -1,0 +1,104 @@
+"""What the query side knows about runs: coordinates, logged and loggable names, checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import duckdb
+
+from replay.planner import Checkpoint, RunFacts
+from replay.source import LogSite, ModuleAnalysis, analyze
+from storage.views import NameInfo
+
+BASE_TABLES = (
+    "runs", "logs", "checkpoints", "iterations", "run_args", "code_versions",
+    "replay_jobs", "replay_coverage", "replay_audit", "metrics",
+)
+
+
+@dataclass
+class RunInfo:
+    run_id: int
+    manifest: dict
+    logged: dict[str, NameInfo]
+    loggable: dict[str, tuple[str, LogSite]] = field(default_factory=dict)  # name → (file, site), current code
+    loop_paths: dict[str, tuple[str, ...]] = field(default_factory=dict)  # loop name → its path
+    code_files: dict[str, str] = field(default_factory=dict)  # rel path → sha256 (recorded)
+
+    @property
+    def outer_loop(self) -> str | None:
+        return self.manifest.get("outer_loop")
+
+    def columns(self) -> list[str]:
+        names = list(self.loop_paths) + list(self.logged)
+        names += [n for n in self.loggable if n not in self.logged and n not in self.loop_paths]
+        return names
+
+    def name_info(self, name: str) -> NameInfo:
+        if name in self.logged:
+            return self.logged[name]
+        site = self.loggable[name][1]
+        return NameInfo(name, site.loop_path, frozenset())
+
+
+def run_ids(conn: duckdb.DuckDBPyConnection) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT run_id FROM _runs ORDER BY run_id").fetchall()]
+
+
+def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
+    from storage.database import run_names
+
+    manifest = json.loads(conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchone()[0])
+    logged = {n.name: n for n in run_names(conn, run_id)}
+    info = RunInfo(run_id, manifest, logged)
+    for n in logged.values():
+        for depth in range(1, len(n.loop_path) + 1):
+            info.loop_paths.setdefault(n.loop_path[depth - 1], n.loop_path[:depth])
+    info.code_files = dict(conn.execute(
+        "SELECT path, sha256 FROM code_versions WHERE code_version = ?", [manifest.get("code_version")]
+    ).fetchall())
+    root = manifest.get("project_root") or ""
+    for rel in info.code_files:
+        if not rel.endswith(".py"):
+            continue
+        analysis = _analyze_file(os.path.join(root, rel))
+        if analysis is None:
+            continue
+        for site in analysis.log_sites:
+            info.loggable.setdefault(site.name, (rel, site))
+        for loop in analysis.loops:
+            info.loop_paths.setdefault(loop.name, loop.loop_path)
+    return info
+
+
+def _analyze_file(path: str) -> ModuleAnalysis | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return _analyze_cached(path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=256)
+def _analyze_cached(path: str, mtime_ns: int, size: int) -> ModuleAnalysis | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return analyze(f.read(), os.path.basename(path))
+    except (OSError, SyntaxError, UnicodeDecodeError):
+        return None
+
+
+def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo) -> RunFacts:
+    rows = conn.execute(
+        "SELECT outer_index, kind, name, bytes FROM checkpoints WHERE run_id = ? ORDER BY outer_index", [info.run_id]
+    ).fetchall()
+    m = info.manifest
+    return RunFacts(
+        run_id=info.run_id,
+        completed=int(m.get("outer_completed") or 0),
+        iteration_s=list(m.get("iteration_s") or []),
+        inner_s=list(m.get("inner_s") or []),
+        checkpoints=[Checkpoint(i, k, n, b) for i, k, n, b in rows],
+    )

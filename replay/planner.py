@@ -1,0 +1,218 @@
+"""The replay planner: from missing cells to the smallest set of replay jobs.
+
+Cells are (run, name, outer iteration). An outer-level name whose iteration has an 'inner_end'
+checkpoint is produced by *skipping*: the iteration's first inner loop is replaced by restoring
+that checkpoint. Every other cell is produced by *re-executing* from the nearest earlier
+checkpoint (or from the start), logging only from the first needed iteration and stopping after
+the last. Ranges split across workers at checkpoint boundaries. Costs come from the recorded
+per-iteration timings.
+"""
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+PROCESS_START_S = 2.0  # a fresh interpreter importing torch and the script
+RESTORE_BYTES_PER_S = 5.0e8
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    outer_index: int
+    kind: str  # 'inner_end' | 'iter_end'
+    name: str
+    bytes: int
+
+
+@dataclass
+class RunFacts:
+    run_id: int
+    completed: int  # outer iterations the run executed (early stopping included)
+    iteration_s: list[float]
+    inner_s: list[float]
+    checkpoints: list[Checkpoint]
+
+    def cost(self, index: int) -> float:
+        return self.iteration_s[index] if index < len(self.iteration_s) else (max(self.iteration_s, default=1.0))
+
+    def tail_cost(self, index: int) -> float:
+        inner = self.inner_s[index] if index < len(self.inner_s) else 0.0
+        return max(self.cost(index) - inner, 0.0)
+
+    def inner_end(self, index: int) -> Checkpoint | None:
+        return next((c for c in self.checkpoints if c.outer_index == index and c.kind == "inner_end"), None)
+
+    def resume_point(self, first: int) -> Checkpoint | None:
+        """The latest checkpoint from which iteration `first` can be re-executed."""
+        usable = [c for c in self.checkpoints if c.outer_index < first]
+        return max(usable, key=lambda c: (c.outer_index, c.kind == "iter_end"), default=None)
+
+
+@dataclass(frozen=True)
+class Need:
+    name: str
+    indices: frozenset[int]  # missing outer iterations
+    skippable: bool  # an outer-level statement: the first inner loop may be skipped
+
+
+@dataclass
+class PlannedJob:
+    run_id: int
+    names: list[str]
+    start: int
+    stop: int
+    log_from: int
+    mode: str  # 'skip' | 're-execute'
+    restore_inner: dict[int, str] = field(default_factory=dict)
+    restore_before: tuple[int, str] | None = None
+    checkpoint: str | None = None
+    est_s: float = 0.0
+    inner_names: list[str] = field(default_factory=list)  # produced only where the inner loop executes
+
+    @property
+    def range_text(self) -> str:
+        return f"{self.log_from}..{self.stop - 1}"
+
+
+@dataclass
+class Plan:
+    jobs: list[PlannedJob]
+    workers: int
+    retrain_s: float  # retraining every involved run from scratch
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def serial_s(self) -> float:
+        return sum(j.est_s for j in self.jobs)
+
+    @property
+    def est_s(self) -> float:
+        """Makespan with `workers` slots, longest job first."""
+        slots = [0.0] * max(1, self.workers)
+        for cost in sorted((j.est_s for j in self.jobs), reverse=True):
+            heapq.heapreplace(slots, slots[0] + cost)
+        return max(slots)
+
+    def describe(self, outer_loop: str = "epoch") -> str:
+        if not self.jobs:
+            return "no replay needed: every requested value is stored"
+        lines = [f"{'job':>3}  {'run':>4}  {'range':>10}  {'checkpoint':<20} {'mode':<11} {'est':>8}  names"]
+        for i, j in enumerate(self.jobs, 1):
+            lines.append(
+                f"{i:>3}  {j.run_id:>4}  {j.range_text:>10}  {(j.checkpoint or 'start of run'):<20} "
+                f"{j.mode:<11} {j.est_s:>7.1f}s  {', '.join(j.names)}"
+            )
+        speedup = self.retrain_s / self.est_s if self.est_s else float("inf")
+        lines.append(
+            f"total: {len(self.jobs)} job(s), ~{self.est_s:.1f} s on {self.workers} worker(s) "
+            f"({self.serial_s:.1f} s of work) vs ~{self.retrain_s:.1f} s retraining from scratch ({speedup:.1f}x)"
+        )
+        lines.extend(self.notes)
+        return "\n".join(lines)
+
+
+def plan(runs: list[tuple[RunFacts, list[Need]]], workers: int) -> Plan:
+    jobs: list[PlannedJob] = []
+    retrain = 0.0
+    for facts, needs in runs:
+        needs = [n for n in needs if n.indices]
+        if not needs:
+            continue
+        jobs.extend(plan_run(facts, needs, workers))
+        retrain += PROCESS_START_S + sum(facts.cost(i) for i in range(facts.completed))
+    return Plan(jobs=jobs, workers=workers, retrain_s=retrain)
+
+
+def plan_run(facts: RunFacts, needs: list[Need], workers: int) -> list[PlannedJob]:
+    """Jobs for one run: clusters of needed iterations, each one job, split for parallelism.
+
+    Inside a job every iteration that has an 'inner_end' checkpoint and needs no inner-loop value
+    is restored instead of executed (its first inner loop is skipped); the rest execute.
+    """
+    names = sorted(n.name for n in needs)
+    inner = {i for n in needs if not n.skippable for i in n.indices}
+    wanted = sorted({i for n in needs for i in n.indices})
+    jobs = [_job(facts, names, inner, a, b) for a, b in _clusters(facts, inner, wanted)]
+    jobs = _split(facts, names, inner, jobs, workers)
+    for job in jobs:
+        job.inner_names = sorted(n.name for n in needs if not n.skippable)
+    return jobs
+
+
+def _start_for(facts: RunFacts, inner: set[int], first: int) -> tuple[int, dict[int, str], tuple[int, str] | None, str | None]:
+    """Where a job whose first needed iteration is `first` starts: (start, restores, restore_before, checkpoint)."""
+    own = facts.inner_end(first)
+    if own is not None and first not in inner:
+        return first, {first: own.name}, None, own.name
+    ckpt = facts.resume_point(first)
+    if ckpt is None:
+        return 0, {}, None, None
+    if ckpt.kind == "inner_end":
+        return ckpt.outer_index, {ckpt.outer_index: ckpt.name}, None, ckpt.name
+    return ckpt.outer_index + 1, {}, (ckpt.outer_index + 1, ckpt.name), ckpt.name
+
+
+def _job(facts: RunFacts, names: list[str], inner: set[int], first: int, last: int) -> PlannedJob:
+    start, restores, before, ckpt = _start_for(facts, inner, first)
+    for i in range(start + 1, last + 1):
+        c = facts.inner_end(i)
+        if c is not None and i not in inner:
+            restores[i] = c.name
+    mode = "skip" if all(i in restores for i in range(first, last + 1)) else "re-execute"
+    job = PlannedJob(facts.run_id, names, start=start, stop=last + 1, log_from=first, mode=mode,
+                     restore_inner=restores, restore_before=before, checkpoint=ckpt)
+    job.est_s = _cost(facts, job)
+    return job
+
+
+def _cost(facts: RunFacts, job: PlannedJob) -> float:
+    cost = PROCESS_START_S
+    for i in range(job.start, job.stop):
+        if i in job.restore_inner:
+            cost += facts.tail_cost(i) + (facts.inner_end(i).bytes / RESTORE_BYTES_PER_S)  # type: ignore[union-attr]
+        else:
+            cost += facts.cost(i)
+    return cost
+
+
+def _clusters(facts: RunFacts, inner: set[int], wanted: list[int]) -> list[tuple[int, int]]:
+    """Group needed iterations; a gap becomes a new job only when restarting is cheaper than crossing it."""
+    out: list[tuple[int, int]] = []
+    for i in wanted:
+        if out:
+            a, b = out[-1]
+            start = _start_for(facts, inner, i)[0]
+            crossing = sum(facts.cost(k) if facts.inner_end(k) is None or k in inner else facts.tail_cost(k)
+                           for k in range(b + 1, i))
+            restart = PROCESS_START_S + sum(facts.cost(k) for k in range(start, i))
+            if start <= b or crossing <= restart:
+                out[-1] = (a, i)
+                continue
+        out.append((i, i))
+    return out
+
+
+def _split(facts: RunFacts, names: list[str], inner: set[int], jobs: list[PlannedJob], workers: int) -> list[PlannedJob]:
+    """Cut the longest job in two while that shortens the makespan and workers are free."""
+    jobs = list(jobs)
+    while len(jobs) < workers:
+        jobs.sort(key=lambda j: j.est_s, reverse=True)
+        longest = jobs[0]
+        halves = _halve(facts, names, inner, longest)
+        if halves is None or max(h.est_s for h in halves) >= longest.est_s:
+            break
+        jobs[0:1] = halves
+    return sorted(jobs, key=lambda j: (j.run_id, j.log_from))
+
+
+def _halve(facts: RunFacts, names: list[str], inner: set[int], job: PlannedJob) -> list[PlannedJob] | None:
+    best: tuple[float, list[PlannedJob]] | None = None
+    for m in range(job.log_from + 1, job.stop):
+        start = _start_for(facts, inner, m)[0]
+        if start < job.log_from:
+            continue  # the second half would replay what the first already does
+        pair = [_job(facts, names, inner, job.log_from, m - 1), _job(facts, names, inner, m, job.stop - 1)]
+        worst = max(p.est_s for p in pair)
+        if best is None or worst < best[0]:
+            best = (worst, pair)
+    return best[1] if best else None

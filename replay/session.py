@@ -1,0 +1,204 @@
+"""The florql session inside a replay worker: the recorded script runs, florql steers it.
+
+The outer loop passes over iterations before the job's range and ends the script after it;
+the first inner loop of an iteration is replaced by restoring its 'inner_end' checkpoint where the
+plan says so; only the requested names are logged, and values the run logged originally are
+compared with what it logged then (a difference stops the replay: it would not be exact).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import types
+from typing import Any, Iterable, Iterator
+
+import pyarrow as pa
+
+from florql.rng import restore_rng
+from florql.scope import restore_scope
+from florql.session import LoopFrame, Session
+from replay.jobs import JobSpec
+from storage import layout, segments
+from storage.checkpoints import CheckpointRecord, read_checkpoint
+from storage.runfiles import open_run_files
+from storage.segment_writer import SegmentWriter
+
+
+class ReplayFinished(BaseException):
+    """Raised out of the outer loop once the job's last iteration ran (BaseException: scripts'
+    `except Exception` blocks must not swallow it)."""
+
+
+class ReplayDiverged(BaseException):
+    """A re-logged value differs from the one the original run logged."""
+
+    def __init__(self, detail: dict[str, Any]) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+class ReplaySession(Session):
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.files = open_run_files(spec.runs_url)
+        self.run_id = spec.run_id
+        self.names = set(spec.names)
+        self.audit_names = set(spec.audit_names)
+        self.expected = self._load_expected()
+        self.executed: list[int] = []
+        self.restored: list[int] = []
+        self.logged_names: set[str] = set()
+        self.mismatches: list[dict[str, Any]] = []
+        self.started = time.time()
+        self.committed = False
+        self.writer = SegmentWriter(
+            self.files,
+            lambda seq: layout.replay_segment_path(spec.run_id, spec.job_id, seq),
+            {"run_id": str(spec.run_id), "writer": spec.job_id, "source": "replayed"},
+        )
+
+    @classmethod
+    def from_env(cls) -> "ReplaySession":
+        with open(os.environ["FLORQL_REPLAY_JOB"]) as f:
+            return cls(JobSpec.from_json(f.read()))
+
+    # ---- args and logging -----------------------------------------------------------------------
+    def arg(self, name: str, default: Any) -> Any:
+        value = self.spec.args.get(name, default)
+        self.args[name] = value
+        return value
+
+    def log(self, name: str, value: Any) -> None:
+        if self.outer.index < self.spec.log_from:
+            return
+        if name in self.names:
+            self.logged_names.add(name)
+            super().log(name, value)
+        elif name in self.audit_names:
+            self._audit(name, value)
+
+    def _audit(self, name: str, value: Any) -> None:
+        t = type(value)
+        if t is not float and t is not int and t is not bool and t is not str:
+            value = self._convert(name, value)
+            if hasattr(value, "resolve"):
+                value = value.resolve()
+        key = (name, self.position)
+        queue = self.expected.get(key)
+        if not queue:
+            return
+        original = queue.pop(0)
+        if _same(original, value):
+            return
+        diff = abs(value - original) if isinstance(value, (int, float)) and isinstance(original, (int, float)) else None
+        self.mismatches.append({
+            "name": name, "loop_path": self.position[0], "coords": list(self.position[1:]),
+            "logged": original, "replayed": value, "abs_diff": diff,
+        })
+
+    def _load_expected(self) -> dict[tuple, list[Any]]:
+        if not self.spec.expected_path:
+            return {}
+        table = segments.read_segment(self.files, self.spec.expected_path)
+        expected: dict[tuple, list[Any]] = {}
+        for row in table.to_pylist():
+            value = row["value_" + row["value_type"]]
+            position = (row["loop_path"], *row["coords"])
+            expected.setdefault((row["name"], position), []).append(value)
+        return expected
+
+    # ---- loops ------------------------------------------------------------------------------
+    def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
+        spec = self.spec
+        self.outer.frame = frame
+        for index, item in enumerate(iterable):
+            if index < spec.start:
+                continue
+            if index >= spec.stop:
+                break
+            self.outer.index = index
+            self.outer.inner_point_done = False
+            if spec.restore_before and spec.restore_before[0] == index:
+                self._restore(spec.restore_before[1])
+            self.enter_iteration(lf, index)
+            try:
+                yield item
+            except GeneratorExit:
+                # The script left the loop with `break` (early stopping) in its last iteration.
+                if index == spec.stop - 1:
+                    self._end_iteration(index)
+                    self.commit()
+                raise
+            self._end_iteration(index)
+        self.commit()
+        raise ReplayFinished()
+
+    def _end_iteration(self, index: int) -> None:
+        if index not in self.restored:
+            self.executed.append(index)
+        if self.mismatches:
+            worst = max(self.mismatches, key=lambda m: m["abs_diff"] if m["abs_diff"] is not None else math.inf)
+            detail = dict(self.mismatches[0], mismatches=len(self.mismatches), largest=worst,
+                          detected_at=time.time(), job_id=self.spec.job_id, run_id=self.run_id)
+            self.files.put(f"{layout.replay_dir(self.run_id, self.spec.job_id)}/DIVERGED.json",
+                           json.dumps(detail, default=repr).encode())
+            raise ReplayDiverged(detail)
+
+    def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
+        point = self.is_checkpoint_point(lf, frame)
+        if point and self.outer.index in self.spec.restore_inner:
+            self.outer.inner_point_done = True
+            self._restore(self.spec.restore_inner[self.outer.index])
+            self.restored.append(self.outer.index)
+            return
+        for index, item in enumerate(iterable):
+            self.enter_iteration(lf, index)
+            yield item
+        if point:
+            self.outer.inner_point_done = True
+
+    def _restore(self, name: str) -> None:
+        record = CheckpointRecord.from_json(self.files.get(layout.checkpoint_meta_path(self.run_id, name)))
+        payload = read_checkpoint(self.files, record)
+        for key, obj in self.objects.items():
+            obj.load_state_dict(payload["objects"][key])
+        restore_rng(payload["rng"])
+        self.restore_module_modes(payload.get("modes", {}))
+        if payload.get("scope") and self.outer.frame is not None:
+            restore_scope(self.outer.frame, payload["scope"])
+
+    # ---- the end ----------------------------------------------------------------------------
+    def _coverage(self) -> dict[str, list[int]]:
+        """Per name, the iterations this job produced it for (inner names skip restored iterations)."""
+        span = range(self.spec.log_from, min(self.spec.stop, max([*self.executed, *self.restored], default=-1) + 1))
+        inner = set(self.spec.inner_names)
+        return {n: [i for i in span if n not in inner or i not in self.restored] for n in sorted(self.names)}
+
+    def commit(self) -> None:
+        """Make the job's rows visible, all together."""
+        if self.committed:
+            return
+        self.writer.close()
+        summary = {
+            "job_id": self.spec.job_id, "run_id": self.run_id, "names": sorted(self.names),
+            "start": self.spec.start, "stop": self.spec.stop, "log_from": self.spec.log_from,
+            "executed": self.executed, "restored": self.restored,
+            "checkpoint": (self.spec.restore_before or [None, None])[1] or next(iter(self.spec.restore_inner.values()), None),
+            "seconds": time.time() - self.started, "committed_at": time.time(),
+            "logged_names": sorted(self.logged_names), "records": self.writer.records_written,
+            "coverage": self._coverage(),
+        }
+        self.files.put(layout.replay_commit_path(self.run_id, self.spec.job_id), json.dumps(summary).encode())
+        self.committed = True
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == b
+                                              and not isinstance(a, bool) and not isinstance(b, bool))
+
+

@@ -1,0 +1,74 @@
+"""A replay worker process: `python -m replay.worker SPEC.json`.
+
+It lays the run's recorded code version (with the hindsight statements propagated into it) in a
+sandbox folder, so the script's own side effects never touch the user's files, and runs the
+script there as `__main__` under a `ReplaySession`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import runpy
+import sys
+import tempfile
+import traceback
+
+from replay.jobs import JobResult, JobSpec
+
+EXIT_DIVERGED = 3
+
+
+def run(spec_path: str) -> JobResult:
+    with open(spec_path) as f:
+        spec = JobSpec.from_json(f.read())
+    import torch
+
+    torch.set_num_threads(max(1, spec.threads))
+    os.environ["FLORQL_REPLAY_JOB"] = spec_path
+    import florql
+    from replay.session import ReplayDiverged, ReplayFinished
+    from storage.code_versions import load_code_version, materialize
+    from storage.runfiles import open_run_files
+
+    files = open_run_files(spec.runs_url)
+    sources = load_code_version(files, spec.code_version)
+    sources.update({rel: text.encode() for rel, text in spec.patched.items()})
+    with tempfile.TemporaryDirectory(prefix=f"florql-replay-{spec.run_id}-") as sandbox:
+        materialize(sources, sandbox)
+        script = os.path.join(sandbox, spec.script_rel)
+        workdir = os.path.normpath(os.path.join(sandbox, spec.cwd_rel))
+        os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)
+        sys.argv = [script, *spec.argv]
+        sys.path.insert(0, os.path.dirname(script))
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except ReplayFinished:
+            pass
+        except ReplayDiverged as exc:
+            return JobResult(spec.job_id, ok=False, divergence=exc.detail, error="diverged")
+        except BaseException as exc:  # the script failed: report it with the job
+            session = florql._session
+            if not getattr(session, "committed", False):
+                return JobResult(spec.job_id, ok=False, error="".join(traceback.format_exception(exc))[-4000:])
+        session = florql._session
+        if session is None or not getattr(session, "committed", False):
+            return JobResult(spec.job_id, ok=False, error="the script ended without reaching the job's iterations "
+                             f"[{spec.start}, {spec.stop}) of its outer florql.loop")
+        summary = json.loads(files.get(f"runs/{spec.run_id}/replays/{spec.job_id}/COMMITTED.json"))
+        missing = sorted(set(spec.names) - set(summary["logged_names"]))
+        return JobResult(spec.job_id, ok=True, summary=summary, missing_names=missing)
+
+
+def main() -> None:
+    spec_path = sys.argv[1]
+    result = run(spec_path)
+    with open(spec_path + ".result.json", "w") as f:
+        json.dump(result.__dict__, f, default=repr)
+    sys.stdout.flush()
+    # Skip interpreter teardown of the user's script (atexit hooks, open loaders).
+    os._exit(0 if result.ok else (EXIT_DIVERGED if result.divergence else 1))
+
+
+if __name__ == "__main__":
+    main()
