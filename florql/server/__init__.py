@@ -49,7 +49,8 @@ def serve(store_path: str | None = None, host: str = "127.0.0.1", port: int = 54
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--store", default=os.environ.get("FLORQL_HOME"), help="store directory (default .florql/ or $FLORQL_HOME)")
+    # SUPPRESS: `florql --store X serve` must keep the global option's value.
+    parser.add_argument("--store", default=argparse.SUPPRESS, help="store directory (default .florql/ or $FLORQL_HOME)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=5433, help="port to listen on (default 5433)")
     parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
@@ -62,7 +63,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        serve(args.store, args.host, args.port, args.password_file, args.tls_cert, args.tls_key, args.replay_budget)
+        serve(getattr(args, "store", None), args.host, args.port, args.password_file, args.tls_cert, args.tls_key, args.replay_budget)
     except (ServerConfigError, OSError) as e:
         logging.getLogger("florql.server").error("%s", e)
         return 2

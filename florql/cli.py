@@ -1,0 +1,220 @@
+"""The `florql` command: runs, show, query, explain, serve, check, rebuild, demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from florql.errors import FlorqlError
+
+
+def _connect(args: argparse.Namespace):
+    import florql
+
+    options = {}
+    if getattr(args, "executor", None):
+        options["executor"] = args.executor
+    if getattr(args, "ray_address", None):
+        options["ray_address"] = args.ray_address
+    if getattr(args, "workers", None):
+        options["workers"] = args.workers
+    return florql.connect(args.store, **options)
+
+
+def _table(table, max_rows: int = 60) -> str:
+    """A readable fixed-width table of an Arrow table."""
+    rows = table.slice(0, max_rows).to_pylist()
+    names = table.column_names
+    cells = [[_fmt(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    line = "  ".join(n.ljust(w) for n, w in zip(names, widths))
+    out = [line, "  ".join("-" * w for w in widths)]
+    out += ["  ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    if table.num_rows > max_rows:
+        out.append(f"… {table.num_rows - max_rows} more rows ({table.num_rows} in all)")
+    else:
+        out.append(f"({table.num_rows} row{'s' if table.num_rows != 1 else ''})")
+    return "\n".join(out)
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _numeric(text: str) -> bool:
+    return text.replace(".", "", 1).replace("-", "", 1).replace("e", "", 1).isdigit()
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    res = db.sql(
+        "SELECT run_id, status, script_rel AS script, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started,"
+        " round(duration_s, 1) AS seconds, outer_completed AS iterations, checkpoints_taken AS checkpoints,"
+        " round(100 * checkpoint_overhead, 2) AS ckpt_overhead_pct FROM runs ORDER BY run_id"
+    )
+    print(_table(res.arrow(), 1000))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    rows = db.sql("SELECT * FROM runs WHERE run_id = ?", [args.run]).arrow().to_pylist()
+    if not rows:
+        print(f"florql: there is no run {args.run}; see `florql runs`", file=sys.stderr)
+        return 1
+    for key, value in rows[0].items():
+        print(f"{key:>20}: {_fmt(value)}")
+    info = next(t for t in db.tables() if t.name == f"run_{args.run}")
+    print(f"\n{'columns of run_' + str(args.run):>20}:")
+    for col in info.columns:
+        print(f"{col.name:>20}  {col.comment}")
+    ckpts = db.sql("SELECT name, bytes, round(stall_s * 1000, 2) AS stall_ms, round(persist_s * 1000, 1) AS persist_ms"
+                   " FROM checkpoints WHERE run_id = ? ORDER BY outer_index", [args.run]).arrow()
+    print(f"\ncheckpoints:\n{_table(ckpts, 50)}")
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    db = _connect(args)
+    result = db.sql(args.sql)
+    table = result.arrow()
+    fmt = args.format
+    if args.output:
+        _write(table, fmt if fmt != "table" else _format_of(args.output), args.output)
+        print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
+    elif fmt == "table":
+        print(_table(table, args.max_rows))
+    else:
+        _write(table, fmt, None)
+    if result.plan is not None:
+        print("\nreplayed:\n" + result.plan.describe(), file=sys.stderr)
+    for note in result.warnings:
+        print(f"warning: {note}", file=sys.stderr)
+    return 0
+
+
+def _format_of(path: str) -> str:
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in ("csv", "json", "parquet"):
+        raise FlorqlError(f"cannot tell the format of {path!r}; pass --format csv|json|parquet")
+    return ext
+
+
+def _write(table, fmt: str, path: str | None) -> None:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    if fmt == "parquet":
+        if path is None:
+            raise FlorqlError("--format parquet needs -o FILE")
+        pq.write_table(table, path)
+    elif fmt == "csv":
+        if path:
+            pacsv.write_csv(table, path)
+        else:
+            sink = __import__("io").BytesIO()
+            pacsv.write_csv(table, sink)
+            sys.stdout.write(sink.getvalue().decode())
+    elif fmt == "json":
+        text = "\n".join(json.dumps(r, default=str) for r in table.to_pylist()) + "\n"
+        if path:
+            with open(path, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    print(_connect(args).explain(args.sql))
+    return 0
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from storage.database import rebuild
+    from storage.layout import locate_store
+
+    loc = locate_store(args.store)
+    rebuild(loc.db_path, loc.run_files())
+    print(f"rebuilt {loc.db_path} from the run files in {loc.runs_url}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from florql.check import check_script
+
+    findings = check_script(args.script)
+    for f in findings:
+        print(f"{args.script}:{f.lineno}: {f.message}")
+    if not findings:
+        print(f"{args.script}: no patterns found that replay cannot restore")
+    return 1 if findings else 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from florql.demo import run_demo
+
+    return run_demo(args.dir)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from florql.server import run_serve
+
+    return run_serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="florql", description="Hindsight logging for PyTorch training.")
+    parser.add_argument("--store", default=None, help="store folder (default: $FLORQL_HOME or ./.florql)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("runs", help="list the recorded runs").set_defaults(func=cmd_runs)
+    p = sub.add_parser("show", help="one run: manifest, columns, checkpoints")
+    p.add_argument("run", type=int)
+    p.set_defaults(func=cmd_show)
+    for name, func, text in (("query", cmd_query, "answer a FlorQL query (replays what is missing)"),
+                             ("explain", cmd_explain, "show the replay plan of a query")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("sql")
+        p.add_argument("--workers", type=int, default=None, help="replay workers (default: GPUs, else CPU cores)")
+        p.add_argument("--executor", choices=["local", "ray"], default=None)
+        p.add_argument("--ray-address", default=None)
+        p.set_defaults(func=func)
+        if name == "query":
+            p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+            p.add_argument("-o", "--output", default=None, help="write the result to a file")
+            p.add_argument("--max-rows", type=int, default=60)
+    sub.add_parser("rebuild", help="recreate the DuckDB file from the run files").set_defaults(func=cmd_rebuild)
+    p = sub.add_parser("check", help="report patterns in a training script that replay cannot restore")
+    p.add_argument("script")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("demo", help="record the example run, then ask a hindsight query")
+    p.add_argument("--dir", default="florql-demo", help="where the demo project goes (default ./florql-demo)")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("serve", help="serve the store to BI tools over the PostgreSQL protocol")
+    from florql.server import add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except FlorqlError as err:
+        print(f"florql: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

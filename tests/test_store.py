@@ -1,0 +1,153 @@
+"""The DuckDB store: ingest is idempotent (also across processes), rebuild reproduces it, the demo lands."""
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+from storage import layout
+from storage.code_versions import load_code_version
+from storage.database import open_store, rebuild, sync
+
+from conftest import EXAMPLES
+
+SMALL_RUN = """
+import time, torch, florql
+net = torch.nn.Linear(4, 2)
+with florql.checkpointing(budget=0.5, model=net):
+    for epoch in florql.loop("epoch", range(florql.arg("epochs", 4))):
+        for step in florql.loop("step", range(20)):
+            florql.log("loss", epoch + step / 100)
+        time.sleep(0.05)
+        florql.log("acc", 0.5 + epoch / 10)
+"""
+
+# Every table a sync writes, with the columns that do not depend on when it ran.
+TABLES = {
+    "_runs": "*",
+    "run_args": "*",
+    "iterations": "*",
+    "logs": "*",
+    "checkpoints": "*",
+    "code_versions": "*",
+    "segments_ingested": "path, run_id, rows",
+}
+
+
+def snapshot(conn) -> dict[str, list[tuple]]:
+    return {t: sorted(conn.execute(f"SELECT {cols} FROM {t}").fetchall(), key=repr) for t, cols in TABLES.items()}
+
+
+def segment_files(store) -> list[str]:
+    return [p for r in store.run_ids() for p in store.files.list(layout.segments_dir(r))]
+
+
+@pytest.fixture
+def two_runs(store):
+    store.run(SMALL_RUN)
+    store.run(SMALL_RUN, "--florql-args", "epochs=2")
+    return store
+
+
+def test_sync_twice_changes_nothing(two_runs):
+    store = two_runs
+    with open_store(store.location.db_path) as conn:
+        sync(conn, store.files)
+        first = snapshot(conn)
+        sync(conn, store.files)
+        assert snapshot(conn) == first
+    assert len(first["logs"]) == 4 * 21 + 2 * 21
+    assert len(first["segments_ingested"]) == len(segment_files(store)) > 2
+
+
+def test_two_processes_syncing_at_once_ingest_each_segment_once(two_runs):
+    store = two_runs
+    script = store.write_script("""
+        import sys, time
+        from storage.database import open_store, sync
+        from storage.layout import locate_store
+        time.sleep(max(0.0, float(sys.argv[1]) - time.time()))  # start together
+        location = locate_store()
+        with open_store(location.db_path) as conn:
+            sync(conn, location.run_files())
+    """, name="ingest.py")
+    start = f"{time.time() + 2.5}"
+    procs = [store.popen(script, start) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    assert store.sql("SELECT count(*), count(DISTINCT path) FROM segments_ingested") == [(len(segment_files(store)),) * 2]
+    assert store.sql("SELECT run_id, count(*) FROM logs GROUP BY run_id ORDER BY run_id") == [(1, 84), (2, 42)]
+    assert store.sql("SELECT count(*) FROM (SELECT DISTINCT run_id, seq FROM logs)") == [(126,)]
+
+
+def test_a_running_run_is_ingested_as_it_goes_and_sealed_when_it_ends(store):
+    gate = store.workdir / "go"
+    script = store.write_script(f"""
+        import os, time, florql
+        for epoch in florql.loop("epoch", range(2)):
+            florql.log("x", float(epoch))
+            while epoch == 0 and not os.path.exists({str(gate)!r}):
+                time.sleep(0.01)
+    """)
+    proc = store.popen(script)
+    try:
+        deadline = time.monotonic() + 30
+        while not store.files.list(layout.segments_dir(1)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.sql("SELECT status FROM runs") == [("running",)]
+        assert store.sql("SELECT epoch, value_float FROM logs") == [(0, 0.0)]
+        gate.touch()
+        proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert store.sql("SELECT status, outer_completed FROM runs") == [("finished", 2)]
+    assert store.sql("SELECT epoch, value_float FROM logs ORDER BY epoch") == [(0, 0.0), (1, 1.0)]
+    assert store.sql("SELECT sealed FROM _runs") == [(True,)]
+
+
+def test_rebuild_gives_the_same_tables_and_views(two_runs):
+    store = two_runs
+    db = store.location.db_path
+    with open_store(db) as conn:
+        sync(conn, store.files)
+        before = snapshot(conn)
+        view = conn.execute("SELECT * FROM run_1 ORDER BY epoch, step").fetchall()
+        runs = conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall()
+    rebuild(db, store.files)
+    with open_store(db) as conn:
+        assert snapshot(conn) == before
+        assert conn.execute("SELECT * FROM run_1 ORDER BY epoch, step").fetchall() == view
+        assert conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall() == runs
+    assert len(before["checkpoints"]) >= 2 and len(before["code_versions"]) >= 1
+
+
+def test_rebuild_ignores_a_deleted_database(two_runs):
+    store = two_runs
+    store.sql("SELECT 1")
+    with open_store(store.location.db_path) as conn:
+        before = snapshot(conn)
+    (store.home / layout.DB_FILENAME).unlink()
+    rebuild(store.location.db_path, store.files)
+    with open_store(store.location.db_path) as conn:
+        assert snapshot(conn) == before
+
+
+def test_demo_records_a_complete_run_with_its_code_version(store):
+    run = store.run(EXAMPLES / "train.py", "--florql-args", "epochs=2", timeout=120)
+    assert "Warning" not in run.proc.stderr, run.proc.stderr
+    rid = run.run_id
+    steps = store.sql(f"SELECT count(*), count(DISTINCT epoch), max(step) + 1 FROM run_{rid}")[0]
+    assert steps == (2 * 50, 2, 50)  # 3200 training samples in batches of 64
+    accs = store.sql(f"SELECT DISTINCT epoch, val_acc FROM run_{rid} ORDER BY epoch")
+    assert [e for e, _ in accs] == [0, 1] and all(0.3 < a <= 1.0 for _, a in accs)
+    assert store.sql(f"SELECT count(*) FROM run_{rid} WHERE loss IS NULL OR loss <= 0") == [(0,)]
+    row = store.sql("SELECT status, lr, epochs, batch_size, seed, checkpoints_taken, script_rel FROM runs")
+    assert row == [("finished", 0.1, 2.0, 64.0, 0.0, 2, "examples/train.py")]
+    version = store.sql("SELECT code_version FROM runs")[0][0]
+    sources = load_code_version(store.files, version)
+    assert sources["examples/train.py"] == (EXAMPLES / "train.py").read_bytes()
+    assert "florql/session.py" in sources
+    paths = {p for (p,) in store.sql("SELECT path FROM code_versions WHERE code_version = ?", [version])}
+    assert paths == set(sources)
