@@ -1,7 +1,7 @@
 """The DuckDB store: ingest is idempotent (also across processes), rebuild reproduces it, the demo lands."""
 from __future__ import annotations
 
-import sys
+import shutil
 import time
 
 import pytest
@@ -10,7 +10,7 @@ from storage import layout
 from storage.code_versions import load_code_version
 from storage.database import open_store, rebuild, sync
 
-from conftest import EXAMPLES
+from conftest import EXAMPLES, Store
 
 SMALL_RUN = """
 import time, torch, florql
@@ -43,10 +43,21 @@ def segment_files(store) -> list[str]:
     return [p for r in store.run_ids() for p in store.files.list(layout.segments_dir(r))]
 
 
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory) -> Store:
+    """Run files of two finished runs, recorded once for the module."""
+    base = tmp_path_factory.mktemp("recorded")
+    (base / "work").mkdir()
+    origin = Store(base / "store", base / "work")
+    origin.run(SMALL_RUN)
+    origin.run(SMALL_RUN, "--florql-args", "epochs=2")
+    return origin
+
+
 @pytest.fixture
-def two_runs(store):
-    store.run(SMALL_RUN)
-    store.run(SMALL_RUN, "--florql-args", "epochs=2")
+def two_runs(recorded, store):
+    """A fresh store (no database yet) holding a copy of the recorded run files."""
+    shutil.copytree(recorded.home, store.home)
     return store
 
 

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One command on a fresh machine: install florql with its test dependencies and run the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Real clients for the PostgreSQL-wire tests: psql and the JDBC driver (Java from Debian).
+need=()
+command -v psql >/dev/null || need+=(postgresql-client)
+[ -e /usr/share/java/postgresql.jar ] || need+=(libpostgresql-jdbc-java)
+command -v javac >/dev/null || need+=(default-jdk-headless)
+if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+bash scripts/install.sh "test,ray,s3"
+exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider "$@"
