@@ -39,7 +39,7 @@ with florql.checkpointing(model=net, optimizer=opt):
         #HINDSIGHT_EPOCH
 '''
 STEP = 'florql.log("grad_norm", torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf")))'
-EPOCH = 'florql.log("drop_sample", torch.nn.functional.dropout(torch.ones(64, device=dev), 0.5).sum())'
+EPOCH = 'florql.log("w_norm", net[0].weight.detach().norm())'
 
 
 def main() -> int:
@@ -62,7 +62,7 @@ def main() -> int:
         db = florql.connect(env["FLORQL_HOME"])
         ok = True
         for sql in ("SELECT epoch, step, grad_norm FROM run_{} WHERE epoch >= 5 ORDER BY ALL",
-                    "SELECT epoch, drop_sample FROM run_{} ORDER BY ALL"):
+                    "SELECT epoch, w_norm FROM run_{} ORDER BY ALL"):
             started = time.perf_counter()
             hindsight = db.sql(sql.format(1)).arrow()
             took = time.perf_counter() - started

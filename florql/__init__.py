@@ -23,6 +23,7 @@ import sys
 import threading
 from typing import Any, Iterable, Iterator
 
+from florql import reads as _reads  # noqa: F401  (installs the audit hook for config files)
 from florql.errors import FlorqlError, UsageError
 from florql.session import Session
 

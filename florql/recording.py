@@ -17,6 +17,7 @@ import torch
 from florql import args as florql_args
 from florql.checkpoints import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager
 from florql.names import check_name
+from florql.reads import READ_FILES
 from florql.rng import capture_rng
 from florql.scope import baseline_of, capture_scope
 from florql.session import LoopFrame, Session, now
@@ -28,6 +29,10 @@ from storage.segment_writer import SegmentWriter
 
 MAX_READ_FILE_BYTES = 1 << 20  # files the script reads (configs) join its code version up to this size
 HEARTBEAT_S = 2.0
+_OWN_PACKAGES = tuple(
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+    for m in (sys.modules["florql"], __import__("storage"), __import__("replay"))
+)
 
 
 def allocate_run_id(files) -> int:
@@ -86,7 +91,6 @@ class RecordSession(Session):
         self.run_id = allocate_run_id(self.files)
         self.script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] and os.path.isfile(sys.argv[0]) else None
         self.root = _project_root(self.script)
-        self._read_files: set[str] = set()
         self._manifest_lock = threading.Lock()
         self._manifest_dirty = True
         self._last_manifest = 0.0
@@ -94,6 +98,7 @@ class RecordSession(Session):
         self.stager = Stager()
         self.persister = Persister(self.files, self.run_id, self._checkpoint_done)
         self.scope_warned: set[str] = set()
+        self._code_thread: threading.Thread | None = None
         self.manifest: dict[str, Any] = {
             "run_id": self.run_id,
             "script": self.script,
@@ -119,7 +124,7 @@ class RecordSession(Session):
             "checkpoint_budget": None,
             "checkpoints": {"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},
         }
-        self._capture_code_version()
+        self._capture_code_version(wait=True)  # the manifest names its code version from the start
         self._write_manifest()
         self.writer = SegmentWriter(
             self.files,
@@ -127,7 +132,6 @@ class RecordSession(Session):
             {"run_id": str(self.run_id), "writer": layout.MAIN_WRITER, "source": "logged"},
             on_flush=self._heartbeat,
         )
-        sys.addaudithook(self._audit)
 
     # ---- manifest ---------------------------------------------------------------------------
     def update(self, **fields: Any) -> None:
@@ -148,16 +152,6 @@ class RecordSession(Session):
             self._write_manifest()
 
     # ---- code version -----------------------------------------------------------------------
-    def _audit(self, event: str, payload: tuple) -> None:
-        # Files the script reads (config files) become part of its code version.
-        if event != "open" or not payload or not isinstance(payload[0], str):
-            return
-        mode = payload[1] if len(payload) > 1 else "r"
-        if isinstance(mode, str) and ("w" in mode or "a" in mode or "x" in mode or "+" in mode):
-            return
-        if isinstance(payload[0], str) and not payload[0].endswith((".py", ".pyc")):
-            self._read_files.add(payload[0])
-
     def _project_files(self) -> dict[str, bytes]:
         candidates: set[str] = set()
         if self.script:
@@ -166,7 +160,7 @@ class RecordSession(Session):
             path = getattr(module, "__file__", None)
             if path and path.endswith(".py"):
                 candidates.add(os.path.abspath(path))
-        candidates.update(os.path.abspath(p) for p in list(self._read_files))
+        candidates.update(list(READ_FILES))
         sources: dict[str, bytes] = {}
         for path in candidates:
             rel = self._relative_source(path)
@@ -189,11 +183,22 @@ class RecordSession(Session):
         excluded = {"site-packages", "dist-packages", ".git", ".venv", "venv", "__pycache__"}
         if excluded & set(parts) or path.startswith(self.location.home + os.sep):
             return None
+        if any(path.startswith(own) for own in _OWN_PACKAGES):  # florql itself is not the user's code
+            return None
         return rel
 
-    def _capture_code_version(self) -> None:
-        version = save_code_version(self.files, self._project_files())
-        self.update(code_version=version)
+    def _capture_code_version(self, wait: bool = False) -> None:
+        """Read the sources now; store them (fsync'd blobs) off the training thread."""
+        sources = self._project_files()
+        if self._code_thread is not None:
+            self._code_thread.join()
+        self._code_thread = threading.Thread(
+            target=lambda: self.update(code_version=save_code_version(self.files, sources)),
+            name="florql-code-version", daemon=True,
+        )
+        self._code_thread.start()
+        if wait:
+            self._code_thread.join()
 
     # ---- args -------------------------------------------------------------------------------
     def arg(self, name: str, default: Any) -> Any:
@@ -332,7 +337,7 @@ class RecordSession(Session):
             print(f"florql: a checkpoint of run {self.run_id} failed: {self.persister.error!r}", file=sys.stderr)
         self._report_policy()
         self.writer.close()
-        self._capture_code_version()
+        self._capture_code_version(wait=True)
         fields: dict[str, Any] = {"ended_at": time.time()}
         if self.manifest["status"] == "running":
             fields["status"] = "finished"

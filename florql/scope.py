@@ -5,8 +5,9 @@ a `global_step`, explicit RNG generators. The variables of the frame running the
 `florql.loop` (module globals for a script, locals for a function) are captured when they hold
 plain data: None, bool, int, float, complex, str, bytes, tuples/lists/dicts/sets of plain data,
 tensors and NumPy arrays. `random.Random`, `numpy.random.Generator` and `torch.Generator` objects are
-restored in place (other objects may hold them). Everything else (modules, functions, classes,
-datasets, loaders, models) is not captured: a model, optimizer, scheduler or GradScaler that is not
+restored in place (other objects may hold them), and so are those a DataLoader of the scope shuffles
+with (its `generator`, its sampler's, generator attributes of a custom sampler). Everything else
+(modules, functions, classes, datasets, loaders, models) is not captured: a model, optimizer, scheduler or GradScaler that is not
 registered with `florql.checkpointing` gets a warning because replay would start from a wrong state.
 """
 from __future__ import annotations
@@ -103,17 +104,33 @@ def capture_scope(
     frame: types.FrameType, registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
 ) -> dict[str, Any]:
     """Copies of the plain variables and generator states of `frame`'s scope that may have changed."""
-    captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}}
+    captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}, "objects": {}}
     for name, value in list(scope_of(frame).items()):
         if id(value) in registered or _should_skip(name, value) or _unchanged(name, value, baseline):
             continue
         gen = _generator_state(value)
         if gen is not None:
             captured["generators"][name] = gen
+        elif isinstance(value, torch.utils.data.DataLoader):
+            # Not captured itself (replay re-creates it), but the generators it shuffles with are
+            # restored in place: `DataLoader(..., generator=torch.Generator().manual_seed(0))`.
+            for path, held in _loader_generators(name, value):
+                captured["generators"][path] = _generator_state(held)
+            if value.num_workers > 0 and getattr(value, "persistent_workers", False) and name not in warned:
+                warned.add(name)
+                warnings.warn(
+                    f"florql: the DataLoader '{name}' has persistent_workers=True; its worker processes keep RNG "
+                    "state a checkpoint cannot capture, so replays from checkpoints may diverge. "
+                    "Use persistent_workers=False.",
+                    ScopeWarning,
+                    stacklevel=4,
+                )
         elif _is_plain(value, [_MAX_ITEMS]):
             captured["plain"][name] = _copy_plain(value)
             if isinstance(value, torch.Tensor):
                 captured["original_devices"][name] = str(value.device)
+        elif _is_plain_object(value):
+            captured["objects"][name] = _copy_plain(dict(vars(value)))
         elif _holds_state(value):
             if name not in warned:
                 warned.add(name)
@@ -125,6 +142,37 @@ def capture_scope(
                     stacklevel=4,
                 )
     return captured
+
+
+def _is_plain_object(value: Any) -> bool:
+    """An instance of the script's own class holding only plain data (an early-stopping tracker)."""
+    module = type(value).__module__.split(".")[0]
+    if module in _LIBRARY_MODULES or not hasattr(value, "__dict__") or isinstance(value, type):
+        return False
+    return bool(vars(value)) and _is_plain(dict(vars(value)), [_MAX_ITEMS])
+
+
+_LIBRARY_MODULES = frozenset({"builtins", "torch", "numpy", "florql", "storage", "replay", "pandas", "pyarrow"})
+
+
+def _loader_generators(name: str, loader: Any) -> list[tuple[str, Any]]:
+    """Generators a DataLoader draws from: its own, its sampler's, a custom sampler's attributes."""
+    found: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+
+    def add(path: str, obj: Any) -> None:
+        if id(obj) not in seen and _generator_state(obj) is not None:
+            seen.add(id(obj))
+            found.append((path, obj))
+
+    add(f"{name}.generator", getattr(loader, "generator", None))
+    for attr in ("sampler", "batch_sampler"):
+        sampler = getattr(loader, attr, None)
+        for prefix, obj in ((f"{name}.{attr}", sampler), (f"{name}.{attr}.sampler", getattr(sampler, "sampler", None))):
+            for key, held in list(getattr(obj, "__dict__", {}).items()):
+                if key.isidentifier():
+                    add(f"{prefix}.{key}", held)
+    return found
 
 
 def _holds_state(value: Any) -> bool:
@@ -148,10 +196,18 @@ def restore_scope(frame: types.FrameType, captured: dict[str, Any]) -> None:
             value = value.to(device)
         updates[name] = _copy_plain(value) if not isinstance(value, torch.Tensor) else value
     for name, (kind, state) in captured["generators"].items():
-        target = scope.get(name)
-        if target is None:
+        # A dotted name is a generator held by an object of the scope (a DataLoader's, its sampler's).
+        first, *attrs = name.split(".")
+        target = scope.get(first)
+        for attr in attrs:
+            target = getattr(target, attr, None)
+        if target is None or _generator_state(target) is None:
             continue
         _set_generator_state(target, kind, state)
+    for name, attrs in captured.get("objects", {}).items():
+        target = scope.get(name)
+        if target is not None and hasattr(target, "__dict__"):
+            target.__dict__.update(_copy_plain(attrs))  # in place: other objects may hold it
     if frame.f_code.co_name == "<module>":
         frame.f_globals.update(updates)
     else:

@@ -81,12 +81,14 @@ class Session:
                 )
             value = value.detach().reshape(())
             if value.is_cuda:
-                # No synchronisation here: the writer thread waits for the event and reads the value.
-                copy = value.clone()
+                # No synchronisation here: an asynchronous copy into pinned host memory is queued
+                # behind the work that computes the value; the writer thread waits on the event
+                # (releasing the GIL) and reads the host copy.
+                host = value.to("cpu", non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
                 self.writer.has_deferred = True
-                return Deferred(copy, event)
+                return Deferred(host, event)
             return value.item()
         if isinstance(value, np.generic) and isinstance(value.item(), (float, int, bool, str)):
             return value.item()

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import socket
+import threading
 import time
 from typing import Any, Iterator
 
@@ -81,6 +82,7 @@ LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 def open_store(db_path: str, wait_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
     """Open the DuckDB file for one operation, retrying while another process holds it."""
     os.makedirs(os.path.dirname(db_path), exist_ok=True)
+    _create_if_missing(db_path)
     deadline = time.monotonic() + wait_s
     delay = 0.01
     while True:
@@ -102,6 +104,27 @@ def open_store(db_path: str, wait_s: float = 60.0) -> Iterator[duckdb.DuckDBPyCo
         yield conn
     finally:
         conn.close()
+
+
+def _create_if_missing(db_path: str) -> None:
+    """Create the file whole, then link it into place.
+
+    A process opening the file while another creates it in place sees a half-written header
+    ("not a valid DuckDB database file"); a hard link appears complete or not at all.
+    """
+    if os.path.exists(db_path):
+        return
+    tmp = f"{db_path}.new-{os.getpid()}-{threading.get_ident()}"
+    try:
+        conn = duckdb.connect(tmp)
+        conn.execute(SCHEMA)
+        conn.close()
+        with contextlib.suppress(FileExistsError):
+            os.link(tmp, db_path)
+    finally:
+        for leftover in (tmp, tmp + ".wal"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
 
 # ---- ingest -----------------------------------------------------------------------------------

@@ -1,0 +1,142 @@
+"""The Ray executor, on one local Ray cluster shared by the whole test session (2 CPUs, no GPU)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+import florql
+from replay.executor import make_executor
+from replay.jobs import JobResult, JobSpec
+
+ray = pytest.importorskip("ray", reason="the Ray executor tests need Ray: pip install 'florql[ray]'")
+
+from replay.ray_executor import RayExecutor  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[None]:
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(florql.UsageError, match=r"pip install 'florql\[ray\]'"):
+        make_executor("ray")
+
+
+def test_gpu_job_on_gpu_less_cluster_fails_fast(ray_cluster: None) -> None:
+    executor = make_executor("ray", workers=1, gpus=1)
+    spec = JobSpec(job_id="1-gpu", run_id=1, runs_url="/nonexistent", code_version="v", script_rel="t.py",
+                   cwd_rel=".", argv=[], args={}, names=["x"], audit_names=[], start=0, stop=1, log_from=0)
+    seen: list[JobResult] = []
+    started = time.monotonic()
+    [result] = executor.run([spec], on_done=lambda s, r: seen.append(r))
+    assert time.monotonic() - started < 10
+    assert not result.ok and "1 GPU(s)" in result.error and "0 GPU" in result.error
+    assert seen == [result]
+    executor.close()
+    assert ray.is_initialized()  # the session's cluster is not florql's to shut down
+
+
+# ---- end to end: hindsight queries through Ray equal the local pool's ----------------------------
+TRAIN = """
+    import os
+    import signal
+
+    import torch
+    import florql
+
+    KILL_MARKER = {marker!r}
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with florql.checkpointing(model=net, optimizer=opt):
+        for epoch in florql.loop("epoch", range(3)):
+            for step in florql.loop("step", range(4)):
+                opt.zero_grad()
+                loss = ((net(x[step * 8:(step + 1) * 8]) - y[step * 8:(step + 1) * 8]) ** 2).mean()
+                loss.backward()
+                opt.step()
+                florql.log("loss", loss.item())
+            if KILL_MARKER and os.environ.get("FLORQL_REPLAY_JOB") and not os.path.exists(KILL_MARKER):
+                # The first replay attempt puts a segment per epoch on storage, then dies in epoch 1.
+                florql._session.writer.flush()
+                if epoch == 1:
+                    open(KILL_MARKER, "w").close()
+                    os.kill(os.getpid(), signal.SIGKILL)
+"""
+LOGGED = '            florql.log("loss", loss.item())\n'  # as indented in the dedented script
+GRAD_NORM = '            florql.log("grad_norm", net.weight.grad.norm().item())\n'
+QUERY = "SELECT epoch, step, grad_norm FROM run_1 ORDER BY epoch, step"
+ROWS = "SELECT count(*) FROM logs WHERE name = 'grad_norm'"
+
+
+def ask(work: Path, executor, kill_marker: str = "") -> tuple[list[tuple], int]:
+    """Record TRAIN into a fresh store, add a hindsight statement, ask for it through `executor`."""
+    work.mkdir()
+    home = work / "store"
+    env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_RUNS", "FLORQL_ARGS")}
+    env["FLORQL_HOME"] = str(home)
+    source = textwrap.dedent(TRAIN).lstrip("\n").format(marker=kill_marker)
+    assert LOGGED in source
+    script = work / "train.py"
+    script.write_text(source)
+    subprocess.run([sys.executable, str(script)], cwd=work, env=env, check=True, capture_output=True, timeout=120)
+    script.write_text(source.replace(LOGGED, LOGGED + GRAD_NORM))
+    old = os.getcwd()
+    os.chdir(work)
+    try:
+        with florql.connect(home, executor=executor, workers=1, progress=False) as db:
+            return db.sql(QUERY).fetchall(), db.sql(ROWS).fetchall()[0][0]
+    finally:
+        os.chdir(old)
+
+
+def test_hindsight_query_through_ray_equals_local(tmp_path: Path, ray_cluster: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLORQL_RUNS", raising=False)
+    local, _ = ask(tmp_path / "local", "local")
+    through_ray, _ = ask(tmp_path / "ray", "ray")
+    assert len(local) == 12 and all(row[2] is not None for row in local)
+    assert through_ray == local
+
+
+def test_killed_job_is_retried_and_rows_land_once(tmp_path: Path, ray_cluster: None,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("FLORQL_RUNS", raising=False)
+    marker = tmp_path / "killed-once"
+    executor = RayExecutor(workers=1, max_retries=1)
+    through_ray, rows = ask(tmp_path / "ray", executor, kill_marker=str(marker))
+    assert marker.exists()  # the first attempt did die
+    # The marker now exists, so this reference replay runs straight through.
+    local, _ = ask(tmp_path / "local", "local", kill_marker=str(marker))
+    assert through_ray == local and rows == 12
+
+
+def test_retries_are_bounded(tmp_path: Path, ray_cluster: None) -> None:
+    # A job whose process is killed on every attempt runs 1 + max_retries times, then fails with why.
+    from storage.code_versions import save_code_version
+    from storage.runfiles import LocalRunFiles
+
+    attempts = tmp_path / "attempts"
+    script = f"import os, signal\nwith open({str(attempts)!r}, 'a') as f:\n    f.write('x')\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    files = LocalRunFiles(tmp_path / "runs")
+    version = save_code_version(files, {"t.py": script.encode()})
+    spec = JobSpec(job_id="1-doomed", run_id=1, runs_url=files.url, code_version=version, script_rel="t.py",
+                   cwd_rel=".", argv=[], args={}, names=["x"], audit_names=[], start=0, stop=1, log_from=0)
+    [result] = RayExecutor(workers=1, max_retries=1).run([spec])
+    assert not result.ok and "killed by signal 9" in result.error and "after 1 retries" in result.error
+    assert attempts.read_text() == "xx"
