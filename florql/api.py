@@ -186,6 +186,8 @@ class Connection:
             self.set(*setting)
             return Result(self, None, None, table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]}))
         ensure_read_only(statement)
+        statement = query.bind_parameters(statement, params)
+        params = None
         notes: list[str] = []
         with self._open() as db:
             sync(db, self.files)

@@ -22,7 +22,8 @@ BASE_TABLES = (
 class RunInfo:
     run_id: int
     manifest: dict
-    logged: dict[str, NameInfo]
+    logged: dict[str, NameInfo]  # every stored name: logged by the run or replayed since
+    original: set[str] = field(default_factory=set)  # names the run itself logged
     loggable: dict[str, tuple[str, LogSite]] = field(default_factory=dict)  # name → (file, site), current code
     loop_paths: dict[str, tuple[str, ...]] = field(default_factory=dict)  # loop name → its path
     code_files: dict[str, str] = field(default_factory=dict)  # rel path → sha256 (recorded)
@@ -52,7 +53,9 @@ def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
 
     manifest = json.loads(conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchone()[0])
     logged = {n.name: n for n in run_names(conn, run_id)}
-    info = RunInfo(run_id, manifest, logged)
+    original = {r[0] for r in conn.execute(
+        "SELECT DISTINCT name FROM logs WHERE run_id = ? AND source = 'logged'", [run_id]).fetchall()}
+    info = RunInfo(run_id, manifest, logged, original)
     for n in logged.values():
         for depth in range(1, len(n.loop_path) + 1):
             info.loop_paths.setdefault(n.loop_path[depth - 1], n.loop_path[:depth])

@@ -23,6 +23,8 @@ _FILE_FUNCTIONS = re.compile(
 _FILE_EXPRESSIONS: tuple[type[exp.Expression], ...] = tuple(
     getattr(exp, n) for n in ("ReadCSV", "ReadParquet", "ReadJSON") if hasattr(exp, n)
 )
+_UNPARSED_FORBIDDEN = frozenset({"EXPORT", "IMPORT", "LOAD", "INSTALL", "ATTACH", "DETACH", "COPY", "PRAGMA",
+                                 "CHECKPOINT", "VACUUM", "CALL", "FORCE"})
 _READING_ROOTS = (exp.Select, exp.SetOperation, exp.Subquery, exp.Values)
 
 
@@ -32,6 +34,9 @@ class Florql(DuckDB):
 
 def parse(sql: str, read: str = "duckdb") -> list[exp.Expression]:
     dialect = Florql if read in ("duckdb", "florql") else read
+    keyword = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+    if keyword in _UNPARSED_FORBIDDEN:
+        raise ForbiddenStatement(f"{keyword} statements are not allowed: florql queries are read-only")
     try:
         statements = [s for s in sqlglot.parse(sql, read=dialect) if s is not None]
     except ParseError as err:

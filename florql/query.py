@@ -12,6 +12,7 @@ import difflib
 import re
 import uuid
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import duckdb
 import pyarrow as pa
@@ -107,6 +108,25 @@ def _bind_columns(statement: exp.Expression, ref: TableRef, runs: dict[int, RunI
             ref.outer_indices[run_id] = indices
 
 
+def bind_parameters(statement: exp.Expression, params: Sequence[Any] | None) -> exp.Expression:
+    """Inline `?` / `$n` parameters as literals, so the planner can read predicates that use them."""
+    if not params:
+        return statement
+    values = list(params)
+    position = iter(range(len(values)))
+
+    def substitute(node: exp.Expression) -> exp.Expression:
+        if isinstance(node, (exp.Placeholder, exp.Parameter)):
+            text = node.name
+            index = int(text) - 1 if text.isdigit() else next(position)
+            if not 0 <= index < len(values):
+                raise FlorqlError(f"the query uses parameter {index + 1}, but {len(values)} value(s) were given")
+            return exp.convert(values[index])
+        return node
+
+    return statement.transform(substitute)
+
+
 def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> tuple[set[int], bool]:
     """A superset of the values of `column` in `universe` that satisfy `cond`, and whether it is exact."""
     everything = (set(universe), False)
@@ -170,7 +190,8 @@ def hindsight_names(bound: Bound) -> dict[int, set[str]]:
     for ref in bound.refs:
         for run_id in ref.run_ids:
             info = bound.runs[run_id]
-            names = {n for n in ref.referenced if n in info.loggable and n not in info.logged and n not in info.loop_paths}
+            # Replayed names stay candidates: `missing_cells` subtracts the iterations already covered.
+            names = {n for n in ref.referenced if n in info.loggable and n not in info.original and n not in info.loop_paths}
             if names:
                 out.setdefault(run_id, set()).update(names)
     return out
@@ -239,7 +260,7 @@ def job_specs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]], file
         info = bound.runs[job.run_id]
         m = info.manifest
         job_id = f"{job.run_id}-{uuid.uuid4().hex[:12]}"
-        audit = sorted(info.logged)
+        audit = sorted(info.original)
         specs.append(JobSpec(
             job_id=job_id, run_id=job.run_id, runs_url=files.url, code_version=m["code_version"],
             script_rel=m["script_rel"], cwd_rel=m.get("cwd_rel") or ".", argv=list(m.get("argv") or []),

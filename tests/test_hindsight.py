@@ -170,9 +170,6 @@ def test_inner_level_statement_reexecutes_only_the_selected_epochs(store: Path):
     assert len(jobs(db, RUN)) == count
 
 
-@pytest.mark.xfail(strict=True, reason="once some epochs of a hindsight name were replayed, the name counts as "
-                   "logged (storage/database.py run_names reads every source) and florql/query.py hindsight_names "
-                   "skips it: a wider query returns NULL for the epochs still missing instead of replaying them")
 def test_wider_query_replays_the_epochs_still_missing(store: Path):
     db = connect(store)
     same(db, "SELECT epoch, step, grad_norm FROM run_{run} WHERE epoch > 3 ORDER BY ALL")
@@ -199,9 +196,6 @@ def test_params_select_the_replayed_range(store: Path):
     assert result.fetchall() == list(zip(*[c.to_pylist() for c in truth.columns]))
 
 
-@pytest.mark.xfail(strict=True, reason="a parameter placeholder (`epoch > ?`) is not analysed by the planner: "
-                   "the whole run is replayed instead of epochs > 3 (florql/query.py _number ignores exp.Placeholder; "
-                   "bind parameters into the statement before planning)")
 def test_params_replay_only_the_selected_epochs(store: Path):
     db = connect(store)
     db.sql("SELECT epoch, step, grad_norm FROM run_1 WHERE epoch > ? ORDER BY ALL", [3])

@@ -181,8 +181,6 @@ def test_export_database_is_refused(db):
     assert not (db.workdir / "dump").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="sqlglot cannot parse EXPORT DATABASE, so florql reports a syntax error "
-                   "(QuerySyntaxError) for a valid DuckDB statement instead of saying it is not allowed")
 def test_export_database_is_refused_as_forbidden(db):
     with pytest.raises(ForbiddenStatement):
         db.sql("EXPORT DATABASE 'dump'")
