@@ -292,7 +292,7 @@ class Connection:
         with self._open() as db:
             sync(db, self.files)
             for name in BASE_TABLES:
-                rel = db.execute(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
+                rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
                 kind = "view" if name in ("runs", "metrics") else "table"
                 out.append(TableInfo(name, kind, [ColumnInfo(f.name, f.type) for f in rel.schema]))
             for run_id in run_ids(db):
@@ -301,7 +301,7 @@ class Connection:
                 for n in info.logged.values():
                     dtype = {"BIGINT": pa.int64(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}.get(
                         _sql_type(n.value_types), pa.float64())
-                    cols.append(ColumnInfo(n.name, dtype, comment="logged"))
+                    cols.append(ColumnInfo(n.name, dtype, comment="logged" if n.name in info.original else "replayed"))
                 for n in info.loggable:
                     if n not in info.logged and n not in info.loop_paths:
                         cols.append(ColumnInfo(n, pa.float64(), comment="loggable: replayed on demand"))

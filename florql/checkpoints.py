@@ -25,21 +25,40 @@ ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate before the first checkpoint i
 
 @dataclass
 class AdaptivePolicy:
-    """Checkpoint whenever doing so keeps total stall ≤ budget × training time."""
+    """Checkpoint whenever doing so keeps the total cost ≤ budget × training time.
+
+    The cost of a checkpoint is its snapshot stall plus its *interference*: the background
+    persist competes with training for cores, memory bandwidth and the GIL, which shows up as
+    iterations that overlap a persist taking longer than those that do not.
+    """
 
     budget: float = 0.05
     train_s: float = 0.0
     stall_s: float = 0.0
-    last_stall_s: float | None = None
+    interference_s: float = 0.0
+    last_cost_s: float | None = None
     taken: int = 0
     considered: int = 0
     skipped_in_flight: int = 0
     gaps: list[int] = field(default_factory=list)
     _since_last: int = 0
+    _quiet: list[float] = field(default_factory=list)  # recent iteration times with no persist running
 
     def observe(self, seconds: float) -> None:
         """Training time between two checkpoint opportunities (stall excluded)."""
         self.train_s += seconds
+
+    def iteration(self, seconds: float, overlapped: bool) -> None:
+        """A whole outer iteration's time, and whether a persist ran during it."""
+        if not overlapped:
+            self._quiet = (self._quiet + [seconds])[-9:]
+            return
+        if self._quiet:
+            # Signed, so timing noise averages out instead of piling up as phantom cost.
+            extra = seconds - sorted(self._quiet)[len(self._quiet) // 2]
+            self.interference_s = max(0.0, self.interference_s + extra)
+            if self.last_cost_s is not None:
+                self.last_cost_s = max(0.0, self.last_cost_s + extra)
 
     def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool) -> bool:
         self.considered += 1
@@ -47,12 +66,12 @@ class AdaptivePolicy:
         if persist_in_flight:
             self.skipped_in_flight += 1
             return False
-        stall = self.last_stall_s if self.last_stall_s is not None else estimated_stall_s
-        return self.stall_s + stall <= self.budget * self.train_s
+        cost = self.last_cost_s if self.last_cost_s is not None else estimated_stall_s
+        return self.stall_s + self.interference_s + cost <= self.budget * self.train_s
 
     def record(self, stall_s: float) -> None:
         self.stall_s += stall_s
-        self.last_stall_s = stall_s
+        self.last_cost_s = stall_s
         self.taken += 1
         self.gaps.append(self._since_last)
         self._since_last = 0
@@ -64,7 +83,7 @@ class AdaptivePolicy:
 
     @property
     def overhead(self) -> float:
-        return self.stall_s / self.train_s if self.train_s else 0.0
+        return (self.stall_s + self.interference_s) / self.train_s if self.train_s else 0.0
 
 
 class Stager:

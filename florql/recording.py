@@ -230,6 +230,7 @@ class RecordSession(Session):
                 self.outer.stall_s = 0.0
                 self.outer.inner_s = 0.0
                 self.outer.observed_s = 0.0
+                self.outer.overlapped = self.persister.in_flight
                 self.enter_iteration(lf, index)
                 self.outer.started = now()
                 yield item
@@ -244,6 +245,8 @@ class RecordSession(Session):
 
     def _end_outer_iteration(self, index: int) -> None:
         elapsed = now() - self.outer.started - self.outer.stall_s
+        if self.policy is not None:
+            self.policy.iteration(elapsed, self.outer.overlapped or self.persister.in_flight)
         if not self.outer.inner_point_done:
             self.maybe_checkpoint(index, "iter_end", elapsed)
         else:
@@ -310,6 +313,7 @@ class RecordSession(Session):
         self.outer.stall_s += stall
         coords = {f.name: f.index for f in self.stack[:1]}
         self.persister.submit(outer_index, kind, coords, payload, stall, self.stager.pending_event)
+        self.outer.overlapped = True
         self.writer.flush_soon()
         self._report_policy()
 
@@ -324,12 +328,17 @@ class RecordSession(Session):
             "taken": p.taken, "considered": p.considered, "stall_s": round(p.stall_s, 6),
             "train_s": round(p.train_s, 6), "overhead": round(p.overhead, 6),
             "skipped_in_flight": p.skipped_in_flight, "period": p.period if p.gaps else None,
+            "interference_s": round(p.interference_s, 6),
         })
 
     # ---- end of run -------------------------------------------------------------------------
     def fail(self, exc_type: type, exc: BaseException, tb: Any) -> None:
         text = "".join(traceback.format_exception_only(exc_type, exc)).strip()
-        self.update(status="failed", error=text)
+        fields: dict[str, Any] = {"status": "failed", "error": text}
+        if self.manifest["outer_broke_early"] and self.manifest["outer_completed"]:
+            # The exception left the outer loop mid-iteration: that iteration did not complete.
+            fields["outer_completed"] = self.manifest["outer_completed"] - 1
+        self.update(**fields)
 
     def finish(self) -> None:
         self.persister.wait()

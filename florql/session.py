@@ -37,6 +37,7 @@ class OuterState:
     stall_s: float = 0.0
     inner_s: float = 0.0
     observed_s: float = 0.0  # training time already reported to the checkpoint policy
+    overlapped: bool = False  # a checkpoint persist ran during this iteration
     frame: types.FrameType | None = None
     baseline: dict[str, tuple[int, int]] = field(default_factory=dict)
 

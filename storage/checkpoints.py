@@ -1,16 +1,17 @@
-"""Checkpoint files: a torch-serialised payload plus a JSON record written after it.
+"""Checkpoint files: a payload (pickled skeleton + raw tensor bytes) plus a JSON record written after it.
 
 The record is written only once the payload is durable, so a checkpoint is visible exactly when
 it is complete; the record carries the payload's SHA-256, checked on every read.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
-import io
 import json
+import pickle
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -47,44 +48,113 @@ def checkpoint_name(outer_index: int, kind: str) -> str:
     return f"{outer_index:08d}-{kind}"
 
 
-class _HashingWriter(io.RawIOBase):
-    """Hashes and counts bytes on their way to the real file."""
+@dataclass(frozen=True)
+class _TensorRef:
+    """Where a tensor of the payload sits in the file's data section."""
 
-    def __init__(self, target: BinaryIO) -> None:
-        self.target = target
-        self.digest = hashlib.sha256()
-        self.size = 0
+    index: int
+    dtype: str
+    shape: tuple[int, ...]
+    requires_grad: bool = False
 
-    def writable(self) -> bool:
-        return True
 
-    def write(self, b: Any) -> int:
-        view = memoryview(b)
-        self.digest.update(view)
-        self.target.write(view)
-        self.size += view.nbytes
-        return view.nbytes
+MAGIC = b"FLORQLCKPT1\n"
+
+
+def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
+    """The payload with tensors replaced by references (pickled small; bytes written raw)."""
+    if isinstance(value, torch.Tensor):
+        tensors.append(value)
+        return _TensorRef(len(tensors) - 1, str(value.dtype).removeprefix("torch."), tuple(value.shape),
+                          value.requires_grad)
+    if isinstance(value, dict):
+        return type(value)((k, _strip(v, tensors)) for k, v in value.items()) if type(value) is dict else \
+            _rebuild_mapping(value, {k: _strip(v, tensors) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_strip(v, tensors) for v in value]
+    if isinstance(value, tuple):
+        items = [_strip(v, tensors) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    return value
+
+
+def _rebuild_mapping(original: Any, items: dict) -> Any:
+    out = copy.copy(original)
+    out.clear()
+    out.update(items)
+    return out
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    flat = t.detach().contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
 
 def write_checkpoint(
     files: RunFiles, run_id: int, outer_index: int, kind: str, coords: dict[str, int],
     payload: dict[str, Any], stall_s: float,
 ) -> CheckpointRecord:
-    """Persist `payload` (CPU tensors and plain data); returns the record made visible last."""
+    """Persist `payload` (CPU tensors and plain data); returns the record made visible last.
+
+    Tensor bytes are written straight from their buffers: hashing and writing large buffers
+    release the GIL, so the training thread keeps running while a checkpoint is persisted.
+    """
     started = time.perf_counter()
     name = checkpoint_name(outer_index, kind)
-    with files.writer(layout.checkpoint_data_path(run_id, name)) as raw:
-        hashing = _HashingWriter(raw)
-        buffered = io.BufferedWriter(hashing, buffer_size=8 << 20)
-        torch.save(payload, buffered)
-        buffered.flush()
+    tensors: list[torch.Tensor] = []
+    header = pickle.dumps(_strip(payload, tensors), protocol=pickle.HIGHEST_PROTOCOL)
+    digest = hashlib.sha256()
+    size = 0
+    with files.writer(layout.checkpoint_data_path(run_id, name)) as f:
+        for chunk in (MAGIC, len(header).to_bytes(8, "little"), header, *(_raw(t) for t in tensors)):
+            digest.update(chunk)
+            f.write(chunk)
+            size += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
     record = CheckpointRecord(
         run_id=run_id, name=name, outer_index=outer_index, kind=kind, coords=coords,
-        bytes=hashing.size, sha256=hashing.digest.hexdigest(), stall_s=stall_s,
+        bytes=size, sha256=digest.hexdigest(), stall_s=stall_s,
         persist_s=time.perf_counter() - started, created_at=time.time(),
     )
     files.put(layout.checkpoint_meta_path(run_id, name), record.to_json())
     return record
+
+
+def _load(data: bytes) -> dict[str, Any]:
+    if not data.startswith(MAGIC):
+        raise CorruptCheckpoint("not a florql checkpoint file")
+    at = len(MAGIC)
+    header_len = int.from_bytes(data[at:at + 8], "little")
+    at += 8
+    skeleton = pickle.loads(data[at:at + header_len])
+    at += header_len
+    buffer = bytearray(data[at:])
+    state = {"offset": 0}  # tensors are laid out in the order _strip met them
+
+    def build(value: Any) -> Any:
+        if isinstance(value, _TensorRef):
+            dtype = getattr(torch, value.dtype)
+            numel = 1
+            for d in value.shape:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if nbytes:
+                t = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=state["offset"])
+                t = t.view(dtype).reshape(value.shape)
+            else:
+                t = torch.empty(value.shape, dtype=dtype)
+            state["offset"] += nbytes
+            return t.requires_grad_(value.requires_grad) if value.requires_grad else t
+        if isinstance(value, dict):
+            return _rebuild_mapping(value, {k: build(v) for k, v in value.items()}) if type(value) is not dict \
+                else {k: build(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [build(v) for v in value]
+        if isinstance(value, tuple):
+            items = [build(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+        return value
+
+    return build(skeleton)
 
 
 def list_checkpoints(files: RunFiles, run_id: int) -> list[CheckpointRecord]:
@@ -103,4 +173,4 @@ def read_checkpoint(files: RunFiles, record: CheckpointRecord) -> dict[str, Any]
             f"checkpoint {record.name} of run {record.run_id} is corrupt (checksum mismatch); "
             "delete it and the planner will replay from an earlier one"
         )
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+    return _load(data)

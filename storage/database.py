@@ -152,7 +152,7 @@ def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) ->
     status = _effective_status(manifest)
     conn.execute("BEGIN")
     try:
-        new_rows = _ingest_segments(conn, files, run_id)
+        _ingest_segments(conn, files, run_id)
         _upsert_run(conn, run_id, manifest, status)
         _ingest_checkpoints(conn, files, run_id)
         _ingest_code_version(conn, files, manifest.get("code_version"))
@@ -164,7 +164,7 @@ def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) ->
         conn.execute("ROLLBACK")
         raise
     ingest_replays(conn, files, run_id)
-    return True or new_rows
+    return True  # the manifest may have changed even without new rows: refresh the views
 
 
 def _effective_status(manifest: dict[str, Any]) -> str:

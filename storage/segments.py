@@ -34,36 +34,56 @@ def records_to_batch(first_seq: int, records: Sequence[tuple[str, Any, tuple]]) 
     """Columns from `(name, value, position)` records; `position` is `(loop_path, *coords)`.
 
     Values are already plain Python float/int/bool/str (the hot path converted or rejected the rest).
+    Records of one loop iteration share their position tuple, so coordinates are built once per
+    run of records and gathered with `take`.
     """
     n = len(records)
-    names: list[str] = [None] * n  # type: ignore[list-item]
-    paths: list[str] = [None] * n  # type: ignore[list-item]
-    coords: list[tuple] = [None] * n  # type: ignore[list-item]
-    vtypes: list[str] = [None] * n  # type: ignore[list-item]
-    floats: list[Any] = [None] * n
-    ints: list[Any] = [None] * n
-    bools: list[Any] = [None] * n
-    strs: list[Any] = [None] * n
-    columns = {"float": floats, "int": ints, "bool": bools, "str": strs}
-    for i, (name, value, position) in enumerate(records):
-        names[i] = name
-        paths[i] = position[0]
-        coords[i] = position[1:]
-        vtype = VALUE_TYPES[type(value)]
-        vtypes[i] = vtype
-        columns[vtype][i] = value
+    names = [r[0] for r in records]
+    values = [r[1] for r in records]
+    positions: list[tuple] = []
+    index = [0] * n
+    previous: tuple | None = None
+    for i, r in enumerate(records):
+        if r[2] is not previous:  # consecutive records of one iteration share the tuple
+            previous = r[2]
+            positions.append(previous)
+        index[i] = len(positions) - 1
+    take = pa.array(index, pa.int32())
+    paths = pa.array([p[0] for p in positions], pa.string()).take(take)
+    offsets = [0] * (len(positions) + 1)
+    flat: list[int] = []
+    for k, p in enumerate(positions):
+        flat.extend(p[1:])
+        offsets[k + 1] = len(flat)
+    coords = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int64())).take(take)
+    vtypes, typed = _typed_columns(values)
     arrays = [
         pa.array(range(first_seq, first_seq + n), pa.int64()),
         pa.array(names, pa.string()),
-        pa.array(paths, pa.string()),
-        pa.array(coords, pa.list_(pa.int64())),
-        pa.array(vtypes, pa.string()),
-        pa.array(floats, pa.float64()),
-        pa.array(ints, pa.int64()),
-        pa.array(bools, pa.bool_()),
-        pa.array(strs, pa.string()),
+        paths,
+        coords,
+        vtypes,
+        *typed,
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+
+
+def _typed_columns(values: list[Any]) -> tuple[pa.Array, list[pa.Array]]:
+    n = len(values)
+    kinds = {type(v) for v in values}
+    if kinds == {float}:  # the common case: one vectorised conversion
+        nulls = [pa.nulls(n, t) for t in (pa.int64(), pa.bool_(), pa.string())]
+        return pa.array(["float"] * n, pa.string()), [pa.array(values, pa.float64()), *nulls]
+    columns: dict[str, list[Any]] = {k: [None] * n for k in ("float", "int", "bool", "str")}
+    vtypes: list[str] = [""] * n
+    for i, value in enumerate(values):
+        vtype = VALUE_TYPES[type(value)]
+        vtypes[i] = vtype
+        columns[vtype][i] = value
+    return pa.array(vtypes, pa.string()), [
+        pa.array(columns["float"], pa.float64()), pa.array(columns["int"], pa.int64()),
+        pa.array(columns["bool"], pa.bool_()), pa.array(columns["str"], pa.string()),
+    ]
 
 
 def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes:

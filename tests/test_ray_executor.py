@@ -1,4 +1,8 @@
-"""The Ray executor, on one local Ray cluster shared by the whole test session (2 CPUs, no GPU)."""
+"""The Ray executor, on one local Ray cluster (2 CPUs, no GPU) shared by this module's tests.
+
+Module-scoped so the idle cluster does not compete for CI's 2 cores with later modules; move the
+fixture to conftest.py (session scope) once other modules replay through Ray too.
+"""
 from __future__ import annotations
 
 import os
@@ -20,7 +24,7 @@ ray = pytest.importorskip("ray", reason="the Ray executor tests need Ray: pip in
 from replay.ray_executor import RayExecutor  # noqa: E402
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     try:
