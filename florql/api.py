@@ -162,8 +162,10 @@ class Connection:
 
     @staticmethod
     def _execute(db: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None):
-        db.execute("SET enable_external_access = false")
-        db.execute("SET lock_configuration = true")
+        # Threads of one process share the database instance: lock it once, for every connection.
+        if not db.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
+            db.execute("SET enable_external_access = false")
+            db.execute("SET lock_configuration = true")
         return db.sql(sql, params=list(params)) if params else db.sql(sql)
 
     def sync(self) -> None:
@@ -214,7 +216,7 @@ class Connection:
         final = query.rewrite(bound).sql(dialect="duckdb")
         result = Result(self, final, params, plan=replay_plan if replay_plan.jobs else None, warnings_=notes)
         try:
-            result.arrow()
+            result.schema  # binds the final query (errors surface here) without fetching rows
         except duckdb.Error as err:
             better = query.unknown_column_error(str(err), bound)
             if better is not None:
@@ -293,8 +295,8 @@ class Connection:
             sync(db, self.files)
             for name in BASE_TABLES:
                 rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
-                kind = "view" if name in ("runs", "metrics") else "table"
-                out.append(TableInfo(name, kind, [ColumnInfo(f.name, f.type) for f in rel.schema]))
+                # Everything is presented as a read-only table: BI tools list tables first (psql's \dt).
+                out.append(TableInfo(name, "table", [ColumnInfo(f.name, f.type) for f in rel.schema]))
             for run_id in run_ids(db):
                 info = load_run(db, run_id)
                 cols = [ColumnInfo(n, pa.int64(), comment="loop coordinate") for n in info.loop_paths]
@@ -305,7 +307,7 @@ class Connection:
                 for n in info.loggable:
                     if n not in info.logged and n not in info.loop_paths:
                         cols.append(ColumnInfo(n, pa.float64(), comment="loggable: replayed on demand"))
-                out.append(TableInfo(f"run_{run_id}", "view", cols))
+                out.append(TableInfo(f"run_{run_id}", "table", cols))
         return out
 
     def close(self) -> None:

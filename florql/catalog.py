@@ -51,7 +51,7 @@ def run_ids(conn: duckdb.DuckDBPyConnection) -> list[int]:
 def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
     from storage.database import run_names
 
-    manifest = json.loads(conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchone()[0])
+    manifest = json.loads(conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchall()[0][0])
     logged = {n.name: n for n in run_names(conn, run_id)}
     original = {r[0] for r in conn.execute(
         "SELECT DISTINCT name FROM logs WHERE run_id = ? AND source = 'logged'", [run_id]).fetchall()}

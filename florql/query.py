@@ -90,8 +90,11 @@ def _bind_columns(statement: exp.Expression, ref: TableRef, runs: dict[int, RunI
             ref.referenced.add(col.name)
     select = ref.node.find_ancestor(exp.Select)
     if select is not None:
-        ref.star = any(isinstance(e, exp.Star) or (isinstance(e, exp.Column) and isinstance(e.this, exp.Star)
-                                                   and e.table in ("", ref.alias)) for e in select.expressions)
+        # `*` and `count(*)` mean the table's own rows: the run's finest grain.
+        ref.star = any(
+            not isinstance(star.parent, exp.Column) or star.parent.table in ("", ref.alias)
+            for star in select.find_all(exp.Star)
+        )
     where = select.args.get("where") if select is not None else None
     selected_runs = _analyse(where.this, "run_id", ref.alias, range(0, max(ref.run_ids, default=0) + 1))[0] \
         if (where is not None and ref.is_metrics) else None
@@ -318,7 +321,9 @@ def _run_select(info: RunInfo, ref: TableRef, with_run_id: bool) -> str:
     infos = [info.name_info(n) for n in names]
     coords = [info.loop_paths[n] for n in ref.referenced if n in info.loop_paths]
     if ref.star or not (infos or coords):
-        deepest = max((i.loop_path for i in infos), key=len, default=())
+        # `*`, or no column at all (count(*)): the run's finest grain.
+        pool = infos if infos else [info.name_info(n) for n in info.logged]
+        deepest = max((i.loop_path for i in pool), key=len, default=())
         coords.append(deepest)
         infos = [i for i in infos if deepest[: len(i.loop_path)] == i.loop_path]
     try:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import subprocess
 import sys
 import tempfile
@@ -122,7 +121,6 @@ def _run_job(spec_json: str) -> dict[str, Any]:
         summary = json.loads(files.get(committed))
         missing = sorted(set(spec.names) - set(summary["logged_names"]))
         return JobResult(spec.job_id, ok=True, summary=summary, missing_names=missing).__dict__
-    _discard_attempt(files, spec)
     env = dict(os.environ)
     env.pop("FLORQL_REPLAY_JOB", None)
     env["OMP_NUM_THREADS"] = str(spec.threads)
@@ -141,17 +139,6 @@ def _run_job(spec_json: str) -> dict[str, Any]:
         except FileNotFoundError:
             tail = (proc.stderr or proc.stdout or "")[-4000:]
             return JobResult(spec.job_id, ok=False, error=f"worker exited with {proc.returncode}: {tail}").__dict__
-
-
-def _discard_attempt(files: Any, spec: JobSpec) -> None:
-    """A retry reuses the job id, so segments a killed attempt left must go before it starts: the
-    new attempt may write fewer of them, and the ingest takes every segment of a committed job.
-    (Only segments: the job's folder also holds its inputs, such as the values to audit against.)"""
-    from storage import layout
-
-    segments = posixpath.dirname(layout.replay_segment_path(spec.run_id, spec.job_id, 0))
-    for path in files.list(segments):
-        files.delete(path)
 
 
 def _forwarded_env() -> dict[str, str]:

@@ -12,6 +12,7 @@ import math
 import os
 import time
 import types
+import uuid
 from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
@@ -54,9 +55,10 @@ class ReplaySession(Session):
         self.mismatches: list[dict[str, Any]] = []
         self.started = time.time()
         self.committed = False
+        attempt = uuid.uuid4().hex[:8]
         self.writer = SegmentWriter(
             self.files,
-            lambda seq: layout.replay_segment_path(spec.run_id, spec.job_id, seq),
+            lambda seq: layout.replay_segment_path(spec.run_id, spec.job_id, seq, attempt),
             {"run_id": str(spec.run_id), "writer": spec.job_id, "source": "replayed"},
         )
 
@@ -190,8 +192,10 @@ class ReplaySession(Session):
             "seconds": time.time() - self.started, "committed_at": time.time(),
             "logged_names": sorted(self.logged_names), "records": self.writer.records_written,
             "coverage": self._coverage(),
+            "segments": self.writer.paths,  # exactly this attempt's files land
         }
-        self.files.put(layout.replay_commit_path(self.run_id, self.spec.job_id), json.dumps(summary).encode())
+        # create(), not put(): should two attempts of one job both finish, the first commit wins.
+        self.files.create(layout.replay_commit_path(self.run_id, self.spec.job_id), json.dumps(summary).encode())
         self.committed = True
 
 

@@ -302,7 +302,7 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
 
 
 def _ingest_code_version(conn: duckdb.DuckDBPyConnection, files: RunFiles, version: str | None) -> None:
-    if not version or conn.execute("SELECT 1 FROM code_versions WHERE code_version = ? LIMIT 1", [version]).fetchone():
+    if not version or conn.execute("SELECT 1 FROM code_versions WHERE code_version = ? LIMIT 1", [version]).fetchall():
         return
     for rel, digest in code_version_manifest(files, version).items():
         conn.execute("INSERT INTO code_versions VALUES (?, ?, ?)", [version, rel, digest])
@@ -325,7 +325,7 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
         conn.execute("BEGIN")
         try:
             rows = 0
-            for path in files.list(f"{base}/segments"):
+            for path in summary["segments"]:
                 table = segments.read_segment(files, path)
                 insert_records(conn, run_id, table, "replayed", job_id, path, coverage_filter=True)
                 rows += table.num_rows

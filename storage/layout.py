@@ -73,8 +73,9 @@ def replay_dir(run_id: int, job_id: str) -> str:
     return f"runs/{run_id}/replays/{job_id}"
 
 
-def replay_segment_path(run_id: int, job_id: str, seq: int) -> str:
-    return f"runs/{run_id}/replays/{job_id}/segments/{seq:08d}.arrow"
+def replay_segment_path(run_id: int, job_id: str, seq: int, attempt: str = "a") -> str:
+    # Each attempt of a job writes its own files: a retried job never mixes with a dead attempt's.
+    return f"runs/{run_id}/replays/{job_id}/segments/{attempt}-{seq:08d}.arrow"
 
 
 def replay_commit_path(run_id: int, job_id: str) -> str:

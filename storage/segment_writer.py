@@ -46,6 +46,7 @@ class SegmentWriter:
         self.has_deferred = False
         self.records_written = 0
         self.segments_written = 0
+        self.paths: list[str] = []
         self._segment_seq = 0
         self._wake = threading.Event()
         self._drained = threading.Condition()
@@ -107,6 +108,7 @@ class SegmentWriter:
             path = self.path_for(self._segment_seq)
             self._segment_seq += 1
             segments.write_segment(self.files, path, batch, self.metadata)
+            self.paths.append(path)
             self.segments_written += 1
 
 

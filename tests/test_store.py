@@ -10,7 +10,7 @@ from storage import layout
 from storage.code_versions import load_code_version
 from storage.database import open_store, rebuild, sync
 
-from conftest import EXAMPLES, Store
+from store_support import EXAMPLES, Store
 
 SMALL_RUN = """
 import time, torch, florql

@@ -128,8 +128,40 @@ def test_file_access_is_refused_in_catalog_queries(server):
         assert err.value.sqlstate == "42501"
 
 
-def test_replay_budget_over_the_wire(server, store):
+def _dsn(port: int) -> str:
+    return f"host=127.0.0.1 port={port} dbname=florql user=florql connect_timeout=10"
+
+
+def test_replay_budget_over_the_wire(tmp_path):
     """A hindsight query within budget answers; one over budget is refused with SQLSTATE 53400."""
-    if not store.real:
-        pytest.skip("needs florql.connect with hindsight queries (the lead fills in the over-budget query)")
-    pytest.skip("TODO(lead): a hindsight query needing more than --replay-budget; expect sqlstate 53400")
+    import os
+    import subprocess
+    import sys
+
+    import florql
+
+    script = tmp_path / "train.py"
+    body = (
+        "import florql\n"
+        "for epoch in florql.loop('epoch', range(3)):\n"
+        "    for step in florql.loop('step', range(2)):\n"
+        "        florql.log('loss', float(epoch + step))\n"
+        "{hindsight}"
+    )
+    script.write_text(body.format(hindsight=""))
+    env = {**os.environ, "FLORQL_HOME": str(tmp_path / "store")}
+    subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=env, check=True, timeout=120)
+    script.write_text(body.format(hindsight="        florql.log('double', 2.0 * (epoch + step))\n"))
+    home = str(tmp_path / "store")
+    query = "SELECT epoch, step, double FROM run_1 ORDER BY epoch, step"
+    with BackgroundServer(Server(lambda: florql.connect(home, replay_budget=0.001), port=0)) as tight:
+        with psycopg.connect(_dsn(tight.port), autocommit=True) as c:
+            with pytest.raises(psycopg.Error) as err:
+                c.execute(query)
+            assert err.value.sqlstate == "53400"
+            assert "budget" in str(err.value) and "florql query" in str(err.value)
+            assert c.execute("SELECT count(*) FROM run_1").fetchone() == (6,)  # the session stays usable
+    with BackgroundServer(Server(lambda: florql.connect(home, replay_budget=120), port=0)) as roomy:
+        with psycopg.connect(_dsn(roomy.port), autocommit=True) as c:
+            rows = c.execute(query).fetchall()
+    assert rows == [(e, s, 2.0 * (e + s)) for e in range(3) for s in range(2)]
