@@ -24,7 +24,7 @@ import tempfile
 import time
 
 SIZES = {  # device: (features, hidden, samples, batch, epochs)
-    "cpu": (64, 256, 8192, 128, 4),
+    "cpu": (64, 256, 8192, 128, 12),
     "cuda": (512, 2048, 131072, 512, 4),
 }
 

@@ -17,7 +17,7 @@ from florql import query
 from florql.catalog import BASE_TABLES, load_run, run_ids
 from florql.dialect import ensure_read_only, florql_setting, parse
 from florql.errors import FlorqlError, ReplayBudgetExceeded, ReplayFailed, UsageError
-from replay.executor import Executor, make_executor
+from replay.executor import Executor, LocalExecutor, make_executor
 from replay.jobs import JobResult, JobSpec
 from replay.planner import Plan, plan
 from storage.database import open_store, sync
@@ -231,11 +231,21 @@ class Connection:
         for run_id, names in wanted.items():
             patched[run_id], sites[run_id] = query.patch_sources(bound.runs[run_id], names, self.files)
         cells = query.missing_cells(bound, db, sites)
-        workers = self.settings["workers"] or self.executor.workers
-        replay_plan = plan(cells, workers)
+        replay_plan = plan(cells, self._workers(bound, wanted))
         if not replay_plan.jobs or self.settings["replay"] == "never":
             return replay_plan, []
         return replay_plan, query.job_specs(replay_plan, bound, patched, self.files, db)
+
+    def _workers(self, bound: query.Bound, wanted: dict[int, set[str]]) -> int:
+        """Workers the plan may count on. Replays use the run's recorded thread count (for
+        bit-identical float reductions), so by default a CPU machine fits cores // threads of them."""
+        if self.settings["workers"]:
+            return self.settings["workers"]
+        executor = self.executor
+        if not isinstance(executor, LocalExecutor) or executor.gpus:
+            return executor.workers
+        threads = max((int(bound.runs[r].manifest.get("env", {}).get("torch_threads") or 1) for r in wanted), default=1)
+        return max(1, min(executor.workers, (os.cpu_count() or 1) // threads))
 
     def _run_jobs(self, specs: list[JobSpec], bound: query.Bound) -> None:
         done = [0]
@@ -284,7 +294,7 @@ class Connection:
             wanted = query.hindsight_names(bound)
             sites = {r: query.patch_sources(bound.runs[r], n, self.files)[1] for r, n in wanted.items()}
             cells = query.missing_cells(bound, db, sites)
-        replay_plan = plan(cells, self.settings["workers"] or self.executor.workers)
+        replay_plan = plan(cells, self._workers(bound, wanted))
         return replay_plan.describe()
 
     # ---- catalog ------------------------------------------------------------------------------
