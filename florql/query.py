@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import duckdb
-import pyarrow as pa
+import sqlglot
 from sqlglot import exp
 
 from florql.catalog import BASE_TABLES, RunInfo, load_run, run_facts, run_ids
@@ -26,7 +26,7 @@ from replay.source import PropagationError, analyze, propagate
 from storage import layout, segments
 from storage.code_versions import load_code_version
 from storage.runfiles import RunFiles
-from storage.views import NameInfo, grain_for, q, wide_select
+from storage.views import grain_for, q, wide_select
 
 _RUN_TABLE = re.compile(r"^run_(\d+)$", re.IGNORECASE)
 
@@ -187,14 +187,17 @@ def _number(node: exp.Expression | None) -> float | None:
 
 
 # ---- what is missing --------------------------------------------------------------------------
+def _hindsight(info: RunInfo, referenced: set[str]) -> set[str]:
+    # Replayed names stay candidates: `missing_cells` subtracts the iterations already covered.
+    return {n for n in referenced if n in info.loggable and n not in info.original and n not in info.loop_paths}
+
+
 def hindsight_names(bound: Bound) -> dict[int, set[str]]:
     """Per run, the referenced names that the current code can log but the run did not."""
     out: dict[int, set[str]] = {}
     for ref in bound.refs:
         for run_id in ref.run_ids:
-            info = bound.runs[run_id]
-            # Replayed names stay candidates: `missing_cells` subtracts the iterations already covered.
-            names = {n for n in ref.referenced if n in info.loggable and n not in info.original and n not in info.loop_paths}
+            names = _hindsight(bound.runs[run_id], ref.referenced)
             if names:
                 out.setdefault(run_id, set()).update(names)
     return out
@@ -206,8 +209,7 @@ def missing_cells(bound: Bound, conn: duckdb.DuckDBPyConnection, patched_sites: 
     wanted: dict[int, dict[str, set[int]]] = {}
     for ref in bound.refs:
         for run_id in ref.run_ids:
-            names = hindsight_names(Bound(bound.statement, [TableRef(ref.node, ref.alias, [run_id], False,
-                                                                       ref.referenced)], bound.runs)).get(run_id, set())
+            names = _hindsight(bound.runs[run_id], ref.referenced)
             completed = int(bound.runs[run_id].manifest.get("outer_completed") or 0)
             selected = ref.outer_indices.get(run_id)
             indices = set(range(completed)) if selected is None else {i for i in selected if i < completed}
@@ -299,8 +301,6 @@ def _write_expected(conn: duckdb.DuckDBPyConnection, files: RunFiles, info: RunI
 # ---- rewrite ------------------------------------------------------------------------------------
 def rewrite(bound: Bound) -> exp.Expression:
     """Replace each wide table reference with a subquery at the grain of the columns it uses."""
-    import sqlglot
-
     for ref in bound.refs:
         parts = []
         for run_id in ref.run_ids:

@@ -15,7 +15,6 @@ import types
 import uuid
 from typing import Any, Iterable, Iterator
 
-import pyarrow as pa
 
 from florql.rng import restore_rng
 from florql.scope import restore_scope

@@ -48,7 +48,7 @@ def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with
     where_path = f"(loop_path = {lit(path)} OR starts_with(loop_path, {lit(path + '/')}))" if grain else "TRUE"
     base = (
         f"SELECT DISTINCT {coords} FROM logs WHERE run_id = {run_id} AND {where_path}"
-        if grain else f"SELECT 1 AS _one"
+        if grain else "SELECT 1 AS _one"
     )
     select = [f"{run_id} AS run_id"] if with_run_id else []
     select += [f"b.{q(c)}" for c in grain]

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 from typing import Callable, Sequence
 
 from .backend import Backend, DuckDBBackend

@@ -7,12 +7,13 @@ DuckDB connection, which tests and benchmarks use).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, Sequence
 
 import duckdb
 import pyarrow as pa
 import sqlglot
+
+from florql.api import ColumnInfo, TableInfo  # the query API's catalog records
 
 
 class Result(Protocol):
@@ -43,21 +44,6 @@ class Backend(Protocol):
     def sql(self, query: str, params: Sequence[Any] | None = None, *, dialect: str = ...) -> Result: ...
 
     def tables(self) -> Sequence[TableLike]: ...
-
-
-@dataclass
-class ColumnInfo:
-    name: str
-    type: pa.DataType
-    nullable: bool = True
-    comment: str = ""
-
-
-@dataclass
-class TableInfo:
-    name: str
-    kind: str
-    columns: list[ColumnInfo] = field(default_factory=list)
 
 
 class EngineError(Exception):
