@@ -16,7 +16,7 @@ from sqlglot import exp
 from florql import query
 from florql.catalog import BASE_TABLES, load_run, run_ids
 from florql.dialect import ensure_read_only, florql_setting, parse
-from florql.errors import FlorqlError, ReplayBudgetExceeded, ReplayFailed, UsageError
+from florql.errors import FlorqlError, MissingHindsight, ReplayBudgetExceeded, ReplayFailed, UsageError
 from replay.executor import Executor, LocalExecutor, make_executor
 from replay.jobs import JobResult, JobSpec
 from replay.planner import Plan, plan
@@ -26,6 +26,19 @@ from storage.layout import StoreLocation, locate_store
 
 class ReplayWarning(UserWarning):
     pass
+
+
+@dataclass
+class Planned:
+    """One pass of the query path up to the replay plan."""
+
+    bound: query.Bound
+    sites: dict[int, dict[str, query.Site]]  # per run, each hindsight name's site and version
+    plan: Plan
+    specs: list[JobSpec]
+
+    def versions(self) -> dict[int, dict[str, str]]:
+        return {r: {n: s.version for n, s in names.items()} for r, names in self.sites.items()}
 
 
 @dataclass
@@ -189,65 +202,85 @@ class Connection:
             return Result(self, None, None, table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]}))
         ensure_read_only(statement)
         statement = query.bind_parameters(statement, params)
-        params = None
         notes: list[str] = []
         with self._open() as db:
             sync(db, self.files)
-            bound = query.bind(statement.copy(), db)
-            replay_plan, specs = self._plan(bound, db)
-        if replay_plan.jobs and self.settings["replay"] == "never":
-            notes.append(
-                "replay = 'never': values that were never logged are NULL; a replay would run:\n" + replay_plan.describe()
-            )
-        elif replay_plan.jobs:
-            budget = self.settings["replay_budget"]
-            if budget is not None and replay_plan.est_s > budget:
-                raise ReplayBudgetExceeded(
-                    f"this query needs ~{replay_plan.est_s:.1f} s of replay, over the budget of {budget:.0f} s:\n"
-                    f"{replay_plan.describe()}\nRaise the budget (SET replay_budget = '10 min') or run it from the CLI: "
-                    f"florql query \"{statement.sql(dialect='duckdb')}\""
-                )
-            self._run_jobs(specs, bound)
+            planned = self._plan(query.bind(statement.copy(), db), db)
+        ran: Plan | None = None
+        if planned.plan.jobs and self.settings["replay"] == "never":
+            notes.append("replay = 'never': values that were never logged are NULL; a replay would run:\n"
+                         + planned.plan.describe())
+        elif planned.plan.jobs:
+            self._check_budget(planned.plan, statement)
+            self._run_jobs(planned.specs)
+            ran = planned.plan
             with self._open() as db:
                 sync(db, self.files)
-                bound = query.bind(statement.copy(), db)
+                # Cells a skip job did not produce (a statement reading state no checkpoint holds):
+                # re-execute exactly those.
+                again = self._plan(query.bind(statement.copy(), db), db, reexecute=True)
+            if again.plan.jobs:
+                self._run_jobs(again.specs)
+                ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes)
+        with self._open() as db:
+            if ran is not None:
+                sync(db, self.files)
+                planned = self._plan(query.bind(statement.copy(), db), db)
+            gaps = query.describe_missing(planned.bound, db, planned.sites)
+        if gaps and self.settings["replay"] != "never":
+            raise MissingHindsight("hindsight values the answer needs are still missing after replay:\n" + gaps)
+        if gaps:
+            notes.append("these hindsight values are NULL in the answer (not replayed):\n" + gaps)
         for note in notes:
             warnings.warn(note, ReplayWarning, stacklevel=3)
-        final = query.rewrite(bound).sql(dialect="duckdb")
-        result = Result(self, final, params, plan=replay_plan if replay_plan.jobs else None, warnings_=notes)
+        final = query.rewrite(planned.bound, planned.versions()).sql(dialect="duckdb")
+        result = Result(self, final, None, plan=ran, warnings_=notes)
         try:
             result.schema  # binds the final query (errors surface here) without fetching rows
         except duckdb.Error as err:
-            better = query.unknown_column_error(str(err), bound)
+            better = query.unknown_column_error(str(err), planned.bound)
             if better is not None:
                 raise better from None
             raise FlorqlError(f"{type(err).__name__}: {err}") from None
         return result
 
-    def _plan(self, bound: query.Bound, db: duckdb.DuckDBPyConnection) -> tuple[Plan, list[JobSpec]]:
-        wanted = query.hindsight_names(bound)
+    def _check_budget(self, replay_plan: Plan, statement: exp.Expression) -> None:
+        budget = self.settings["replay_budget"]
+        if budget is not None and replay_plan.est_s > budget:
+            raise ReplayBudgetExceeded(
+                f"this query needs ~{replay_plan.est_s:.1f} s of replay, over the budget of {budget:.0f} s:\n"
+                f"{replay_plan.describe()}\nRaise the budget (SET replay_budget = '10 min') or run it from the CLI: "
+                f"florql query \"{statement.sql(dialect='duckdb')}\""
+            )
+
+    def _plan(self, bound: query.Bound, db: duckdb.DuckDBPyConnection, reexecute: bool = False) -> "Planned":
+        """Missing cells → replay plan → runnable jobs (none under replay = 'never')."""
         patched: dict[int, dict[str, str]] = {}
-        sites: dict[int, dict[str, tuple]] = {}
+        sites: dict[int, dict[str, query.Site]] = {}
+        wanted = query.hindsight_names(bound)
         for run_id, names in wanted.items():
             patched[run_id], sites[run_id] = query.patch_sources(bound.runs[run_id], names, self.files)
-        cells = query.missing_cells(bound, db, sites)
+        cells = query.missing_cells(bound, db, sites, reexecute=reexecute)
         replay_plan = plan(cells, self._workers(bound, wanted))
-        if not replay_plan.jobs or self.settings["replay"] == "never":
-            return replay_plan, []
-        return replay_plan, query.job_specs(replay_plan, bound, patched, self.files, db)
+        specs: list[JobSpec] = []
+        if replay_plan.jobs and self.settings["replay"] != "never":
+            specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)
+        return Planned(bound, sites, replay_plan, specs)
 
     def _workers(self, bound: query.Bound, wanted: dict[int, set[str]]) -> int:
         """Workers the plan may count on. Replays use the run's recorded thread count (for
         bit-identical float reductions), so by default a CPU machine fits cores // threads of them."""
         if self.settings["workers"]:
             return self.settings["workers"]
+        if not wanted:
+            return 1  # nothing to replay: no executor is built
         executor = self.executor
         if not isinstance(executor, LocalExecutor) or executor.gpus:
             return executor.workers
         threads = max((int(bound.runs[r].manifest.get("env", {}).get("torch_threads") or 1) for r in wanted), default=1)
         return max(1, min(executor.workers, (os.cpu_count() or 1) // threads))
 
-    def _run_jobs(self, specs: list[JobSpec], bound: query.Bound) -> None:
+    def _run_jobs(self, specs: list[JobSpec]) -> None:
         done = [0]
         started = time.monotonic()
 
@@ -262,40 +295,20 @@ class Connection:
 
         results = self.executor.run(specs, progress)
         self.last_jobs = list(zip(specs, results))
-        retry = [s for s, r in self.last_jobs if r.ok and r.missing_names and s.mode == "skip"]
         failures = [(s, r) for s, r in self.last_jobs if not r.ok]
-        if retry:
-            self._rerun_executing(retry)
         if failures:
             self.sync()
-            raise ReplayFailed(_failure_message(failures))
-
-    def _rerun_executing(self, specs: list[JobSpec]) -> None:
-        """A skipped inner loop did not produce the value after all: run those iterations in full."""
-        again = []
-        for spec in specs:
-            spec.job_id = spec.job_id + "-x"
-            spec.restore_inner = {k: v for k, v in spec.restore_inner.items() if k == spec.start}
-            spec.mode = "re-execute"
-            spec.log_from = spec.start + (1 if spec.restore_inner else 0)
-            again.append(spec)
-        results = self.executor.run(again)
-        failures = [(s, r) for s, r in zip(again, results) if not r.ok]
-        if failures:
             raise ReplayFailed(_failure_message(failures))
 
     def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:
         """The replay plan a query would run, without running it."""
         statement = parse(sql, read=dialect)[-1]
         ensure_read_only(statement)
+        statement = query.bind_parameters(statement, params)
         with self._open() as db:
             sync(db, self.files)
-            bound = query.bind(statement.copy(), db)
-            wanted = query.hindsight_names(bound)
-            sites = {r: query.patch_sources(bound.runs[r], n, self.files)[1] for r, n in wanted.items()}
-            cells = query.missing_cells(bound, db, sites)
-        replay_plan = plan(cells, self._workers(bound, wanted))
-        return replay_plan.describe()
+            planned = self._plan(query.bind(statement.copy(), db), db)
+        return planned.plan.describe()
 
     # ---- catalog ------------------------------------------------------------------------------
     def tables(self) -> list[TableInfo]:

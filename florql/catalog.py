@@ -33,9 +33,20 @@ class RunInfo:
         return self.manifest.get("outer_loop")
 
     def columns(self) -> list[str]:
-        names = list(self.loop_paths) + list(self.logged)
-        names += [n for n in self.loggable if n not in self.logged and n not in self.loop_paths]
-        return names
+        """Loop coordinates (outer first), then every logged or loggable name: those in the current
+        code in code order, the rest in the order the run first logged them."""
+        loops = sorted(self.loop_paths, key=lambda n: len(self.loop_paths[n]))
+        names = [n for n in dict.fromkeys([*self.loggable, *self.logged]) if n not in self.loop_paths]
+        script = self.manifest.get("script_rel")
+        order = {n: i for i, n in enumerate(self.logged)}
+
+        def place(name: str) -> tuple:
+            if name in self.loggable:
+                rel, site = self.loggable[name]
+                return (0, rel != script, rel, site.lineno, 0)
+            return (1, False, "", 0, order[name])
+
+        return loops + sorted(names, key=place)
 
     def name_info(self, name: str) -> NameInfo:
         if name in self.logged:

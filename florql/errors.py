@@ -46,3 +46,9 @@ class StoreBusy(FlorqlError):
     """Another process held the DuckDB file for longer than we were willing to wait."""
 
     sqlstate = "55006"
+
+
+class MissingHindsight(FlorqlError):
+    """A hindsight value the answer needs is still missing after replay: never answered as NULL."""
+
+    sqlstate = "55000"

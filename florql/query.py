@@ -9,36 +9,45 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import re
 import uuid
 from dataclasses import dataclass, field
+from fractions import Fraction
+from functools import lru_cache
 from typing import Any, Sequence
 
 import duckdb
 import sqlglot
 from sqlglot import exp
+from sqlglot.errors import OptimizeError
+from sqlglot.optimizer.qualify import qualify
+from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from florql.catalog import BASE_TABLES, RunInfo, load_run, run_facts, run_ids
 from florql.errors import FlorqlError, ReplayFailed, UnknownColumn, UnknownTable
 from replay.jobs import JobSpec
 from replay.planner import Need, Plan, PlannedJob, RunFacts
-from replay.source import PropagationError, analyze, propagate
+from replay.source import LogSite, PropagationError, analyze, propagate, statement_inputs
 from storage import layout, segments
 from storage.code_versions import load_code_version
 from storage.runfiles import RunFiles
 from storage.views import grain_for, q, wide_select
 
 _RUN_TABLE = re.compile(r"^run_(\d+)$", re.IGNORECASE)
+_REF = "florql_ref"  # meta key tagging each table node of the user's statement
 
 
 @dataclass
 class TableRef:
-    node: exp.Table
+    """One reference to a run table (`run_<id>` or `metrics`) in one SQL scope."""
+
+    ref_id: int
     alias: str
     run_ids: list[int]  # one for run_<id>, the selected runs for metrics
     is_metrics: bool
-    referenced: set[str] = field(default_factory=set)
-    star: bool = False
+    columns: set[str] = field(default_factory=set)  # the table's columns this scope reads
+    finest: bool = False  # count(*) or no column at all: the run's own rows, at its finest grain
     outer_indices: dict[int, set[int] | None] = field(default_factory=dict)  # per run; None = all
 
 
@@ -51,64 +60,128 @@ class Bound:
 
 # ---- bind -------------------------------------------------------------------------------------
 def bind(statement: exp.Expression, conn: duckdb.DuckDBPyConnection) -> Bound:
+    """Resolve the statement's run tables as SQL scopes do, and what each reference reads.
+
+    The statement is qualified on a copy (stars expanded to every column, loggable ones
+    included; CTEs shadowing tables; aliases and derived tables resolved), so each reference
+    gets the columns of its own scope and the loop ranges of its own WHERE. Where the analysis
+    is unsure, a reference reads everything: the replay plan may be wider, never narrower.
+    """
     existing = run_ids(conn)
-    ctes = {c.alias_or_name.lower() for c in statement.find_all(exp.CTE)}
+    shadowed = {c.alias_or_name.lower() for c in statement.find_all(exp.CTE)}
+    tables = [t for t in statement.find_all(exp.Table) if isinstance(t.this, exp.Identifier)]
+    for ref_id, table in enumerate(tables):
+        table.meta[_REF] = ref_id
     runs: dict[int, RunInfo] = {}
-    refs: list[TableRef] = []
-    for table in list(statement.find_all(exp.Table)):
-        if not isinstance(table.this, exp.Identifier):
-            continue  # a table function such as range(10)
-        name = table.name.lower()
-        if table.db and table.db.lower() not in ("main", "public"):
-            raise UnknownTable(f"unknown schema {table.db!r}: florql's tables are in the default schema")
-        match = _RUN_TABLE.match(name)
-        if match:
-            run_id = int(match.group(1))
-            if run_id not in existing:
-                listed = ", ".join(f"run_{r}" for r in existing) or "none yet (record one with florql.loop/log)"
-                raise UnknownTable(f"there is no run {run_id} (table {name}); runs in this store: {listed}")
-            ids = [run_id]
-        elif name == "metrics":
-            ids = existing
-        elif name in BASE_TABLES or name in ctes:
-            continue
-        else:
-            tables = ", ".join([*BASE_TABLES, *(f"run_{r}" for r in existing)])
-            raise UnknownTable(f"unknown table {table.name!r}; florql's tables are: {tables}")
-        for run_id in ids:
+    for table in tables:
+        for run_id in _table_runs(table, existing, shadowed):
             runs.setdefault(run_id, load_run(conn, run_id))
-        refs.append(TableRef(table, table.alias_or_name, ids, name == "metrics"))
-    for ref in refs:
-        _bind_columns(statement, ref, runs)
+    schema = _schema(conn, runs, tables, existing)
+    qualified = statement.copy()
+    try:
+        qualify(qualified, schema=schema, dialect="duckdb", validate_qualify_columns=True)
+    except OptimizeError as err:
+        if "could not be resolved" in str(err):
+            raise _unknown_column(str(err), list(runs.values())) from None
+        return Bound(statement, _widened(tables, existing, shadowed, runs), runs)
+    refs = []
+    for scope in traverse_scope(qualified):
+        refs.extend(_scope_refs(scope, tables, existing, runs))
     return Bound(statement, refs, runs)
 
 
-def _bind_columns(statement: exp.Expression, ref: TableRef, runs: dict[int, RunInfo]) -> None:
-    known = {c for r in ref.run_ids for c in runs[r].columns()}
-    for col in statement.find_all(exp.Column):
-        if col.table in ("", ref.alias) and col.name in known:
-            ref.referenced.add(col.name)
-    select = ref.node.find_ancestor(exp.Select)
-    if select is not None:
-        # `*` and `count(*)` mean the table's own rows: the run's finest grain.
-        ref.star = any(
-            not isinstance(star.parent, exp.Column) or star.parent.table in ("", ref.alias)
-            for star in select.find_all(exp.Star)
-        )
+def _table_runs(table: exp.Table, existing: list[int], shadowed: set[str]) -> list[int]:
+    """The runs a table name may stand for (before scopes: a CTE of that name may shadow it)."""
+    name = table.name.lower()
+    if table.db and table.db.lower() not in ("main", "public"):
+        raise UnknownTable(f"unknown schema {table.db!r}: florql's tables are in the default schema")
+    match = _RUN_TABLE.match(name)
+    if match and int(match.group(1)) in existing:
+        return [int(match.group(1))]
+    if name == "metrics":
+        return existing
+    if name in shadowed or name in BASE_TABLES:
+        return []
+    if match:
+        listed = ", ".join(f"run_{r}" for r in existing) or "none yet (record one with florql.loop/log)"
+        raise UnknownTable(f"there is no run {match.group(1)} (table {name}); runs in this store: {listed}")
+    names = ", ".join([*BASE_TABLES, *(f"run_{r}" for r in existing)])
+    raise UnknownTable(f"unknown table {table.name!r}; florql's tables are: {names}")
+
+
+def _schema(conn: duckdb.DuckDBPyConnection, runs: dict[int, RunInfo], tables: list[exp.Table],
+            existing: list[int]) -> dict[str, dict[str, str]]:
+    """Column names of every table the statement names, run tables with their loggable names."""
+    schema: dict[str, dict[str, str]] = {}
+    for name in {t.name.lower() for t in tables}:
+        if name in BASE_TABLES and name != "metrics":
+            rows = conn.execute(
+                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
+                "AND table_schema = 'main' ORDER BY ordinal_position", [name]).fetchall()
+            schema[name] = {c: t for c, t in rows}
+    for run_id, info in runs.items():
+        schema[f"run_{run_id}"] = dict.fromkeys(info.columns(), "DOUBLE")
+    if "metrics" in {t.name.lower() for t in tables}:
+        merged: dict[str, str] = {"run_id": "INTEGER"}
+        for run_id in existing:
+            merged.update(schema[f"run_{run_id}"])
+        schema["metrics"] = merged
+    return schema
+
+
+def _scope_refs(scope: Scope, tables: list[exp.Table], existing: list[int], runs: dict[int, RunInfo]
+                ) -> list[TableRef]:
+    refs = []
+    select = scope.expression if isinstance(scope.expression, exp.Select) else None
     where = select.args.get("where") if select is not None else None
-    selected_runs = _analyse(where.this, "run_id", ref.alias, range(0, max(ref.run_ids, default=0) + 1))[0] \
-        if (where is not None and ref.is_metrics) else None
-    if selected_runs is not None:
-        ref.run_ids = [r for r in ref.run_ids if r in selected_runs]
+    counts_rows = any(True for _ in scope.find_all(exp.Star))  # count(*): stars are expanded elsewhere
+    for alias, source in scope.sources.items():
+        if not isinstance(source, exp.Table) or _REF not in source.meta:
+            continue
+        original = tables[source.meta[_REF]]
+        name = original.name.lower()
+        if name != "metrics" and not _RUN_TABLE.match(name):
+            continue
+        ids = existing if name == "metrics" else [int(_RUN_TABLE.match(name).group(1))]  # type: ignore[union-attr]
+        ref = TableRef(source.meta[_REF], original.alias_or_name, list(ids), name == "metrics")
+        used = {c.name.lower() for c in scope.columns if c.table == alias}
+        ref.columns = {n for r in ids for n in runs[r].columns() if n.lower() in used}
+        if name == "metrics" and "run_id" in used:
+            ref.columns.add("run_id")
+        ref.finest = counts_rows or not (ref.columns - {"run_id"})
+        _bind_ranges(ref, where.this if where is not None else None, alias, runs)
+        refs.append(ref)
+    return refs
+
+
+def _bind_ranges(ref: TableRef, where: exp.Expression | None, alias: str, runs: dict[int, RunInfo]) -> None:
+    """The runs (for metrics) and outer iterations the reference's own WHERE can select."""
+    if where is not None and ref.is_metrics:
+        selected, _ = _analyse(where, "run_id", alias, range(max(ref.run_ids, default=0) + 1))
+        ref.run_ids = [r for r in ref.run_ids if r in selected]
     for run_id in ref.run_ids:
         info = runs[run_id]
         completed = int(info.manifest.get("outer_completed") or 0)
-        outer = info.outer_loop
-        if where is None or not outer:
+        if where is None or not info.outer_loop:
             ref.outer_indices[run_id] = None
         else:
-            indices, _ = _analyse(where.this, outer, ref.alias, range(completed))
-            ref.outer_indices[run_id] = indices
+            ref.outer_indices[run_id] = _analyse(where, info.outer_loop, alias, range(completed))[0]
+
+
+def _widened(tables: list[exp.Table], existing: list[int], shadowed: set[str], runs: dict[int, RunInfo]
+             ) -> list[TableRef]:
+    """References read as everything: every column, every iteration, the finest grain."""
+    refs = []
+    for ref_id, table in enumerate(tables):
+        name = table.name.lower()
+        ids = _table_runs(table, existing, shadowed) if (name == "metrics" or _RUN_TABLE.match(name)) else []
+        if not ids and name != "metrics":
+            continue
+        ref = TableRef(ref_id, table.alias_or_name, list(ids), name == "metrics", finest=True)
+        ref.columns = {n for r in ids for n in runs[r].columns()}
+        ref.outer_indices = dict.fromkeys(ids)
+        refs.append(ref)
+    return refs
 
 
 def bind_parameters(statement: exp.Expression, params: Sequence[Any] | None) -> exp.Expression:
@@ -131,16 +204,16 @@ def bind_parameters(statement: exp.Expression, params: Sequence[Any] | None) -> 
 
 
 def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> tuple[set[int], bool]:
-    """A superset of the values of `column` in `universe` that satisfy `cond`, and whether it is exact."""
+    """A superset of the values of `column` in `universe` that satisfy `cond`, and whether it is exact.
+
+    Literals compare exactly (as fractions, like DuckDB's decimals), never rounded through floats.
+    """
     everything = (set(universe), False)
     if isinstance(cond, exp.Paren):
         return _analyse(cond.this, column, alias, universe)
-    if isinstance(cond, exp.And):
+    if isinstance(cond, (exp.And, exp.Or)):
         (a, ea), (b, eb) = _analyse(cond.left, column, alias, universe), _analyse(cond.right, column, alias, universe)
-        return a & b, ea and eb
-    if isinstance(cond, exp.Or):
-        (a, ea), (b, eb) = _analyse(cond.left, column, alias, universe), _analyse(cond.right, column, alias, universe)
-        return a | b, ea and eb
+        return (a & b if isinstance(cond, exp.And) else a | b), ea and eb
     if isinstance(cond, exp.Not):
         inner, exact = _analyse(cond.this, column, alias, universe)
         return (set(universe) - inner, True) if exact else everything
@@ -148,10 +221,15 @@ def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> 
         lo, hi = _number(cond.args.get("low")), _number(cond.args.get("high"))
         if lo is None or hi is None:
             return everything
+        if cond.args.get("symmetric"):
+            lo, hi = min(lo, hi), max(lo, hi)
+        elif cond.args.get("symmetric") is not None and cond.args.get("symmetric") is not False:
+            return everything
         return {i for i in universe if lo <= i <= hi}, True
-    if isinstance(cond, exp.In) and _is_col(cond.this, column, alias) and not cond.args.get("query"):
+    if isinstance(cond, exp.In) and _is_col(cond.this, column, alias) and not cond.args.get("query") \
+            and not cond.args.get("unnest") and not cond.args.get("field"):
         values = [_number(v) for v in cond.expressions]
-        if any(v is None for v in values):
+        if not values or any(v is None for v in values):
             return everything
         return {i for i in universe if i in values}, True
     comparisons = {exp.EQ: "=", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<=", exp.NEQ: "!="}
@@ -171,95 +249,151 @@ def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> 
 
 
 def _is_col(node: exp.Expression | None, column: str, alias: str) -> bool:
-    return isinstance(node, exp.Column) and node.name == column and node.table in ("", alias)
+    return isinstance(node, exp.Column) and node.name.lower() == column.lower() and node.table in ("", alias)
 
 
-def _number(node: exp.Expression | None) -> float | None:
+def _number(node: exp.Expression | None) -> Fraction | None:
     if isinstance(node, exp.Neg):
         inner = _number(node.this)
         return -inner if inner is not None else None
+    if isinstance(node, exp.Paren):
+        return _number(node.this)
     if isinstance(node, exp.Literal) and not node.is_string:
         try:
-            return float(node.this)
-        except ValueError:
+            return Fraction(node.this)
+        except (ValueError, ZeroDivisionError):
             return None
     return None
 
 
 # ---- what is missing --------------------------------------------------------------------------
-def _hindsight(info: RunInfo, referenced: set[str]) -> set[str]:
-    # Replayed names stay candidates: `missing_cells` subtracts the iterations already covered.
-    return {n for n in referenced if n in info.loggable and n not in info.original and n not in info.loop_paths}
-
-
 def hindsight_names(bound: Bound) -> dict[int, set[str]]:
-    """Per run, the referenced names that the current code can log but the run did not."""
+    """Per run, the names the statement reads that the current code can log but the run did not."""
     out: dict[int, set[str]] = {}
     for ref in bound.refs:
         for run_id in ref.run_ids:
-            names = _hindsight(bound.runs[run_id], ref.referenced)
+            info = bound.runs[run_id]
+            names = {n for n in ref.columns if n in info.loggable and n not in info.original
+                     and n not in info.loop_paths}
             if names:
                 out.setdefault(run_id, set()).update(names)
     return out
 
 
-def missing_cells(bound: Bound, conn: duckdb.DuckDBPyConnection, patched_sites: dict[int, dict[str, tuple]]
-                  ) -> list[tuple[RunFacts, list[Need]]]:
-    """(run facts, needs) for every run with hindsight names still missing in the selected range."""
+def wanted_cells(bound: Bound) -> dict[int, dict[str, set[int]]]:
+    """Per run and hindsight name, the outer iterations the statement may read."""
     wanted: dict[int, dict[str, set[int]]] = {}
+    hindsight = hindsight_names(bound)
     for ref in bound.refs:
         for run_id in ref.run_ids:
-            names = _hindsight(bound.runs[run_id], ref.referenced)
             completed = int(bound.runs[run_id].manifest.get("outer_completed") or 0)
             selected = ref.outer_indices.get(run_id)
             indices = set(range(completed)) if selected is None else {i for i in selected if i < completed}
-            for name in names:
+            for name in ref.columns & hindsight.get(run_id, set()):
                 wanted.setdefault(run_id, {}).setdefault(name, set()).update(indices)
+    return wanted
+
+
+def covered(conn: duckdb.DuckDBPyConnection, run_id: int, name: str, version: str) -> set[int]:
+    """Outer iterations for which a replay of this version of the statement produced its cells."""
+    return {r[0] for r in conn.execute(
+        "SELECT outer_index FROM replay_coverage WHERE run_id = ? AND name = ? AND version = ?",
+        [run_id, name, version]).fetchall()}
+
+
+def missing_cells(bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, "Site"]],
+                  reexecute: bool = False) -> list[tuple[RunFacts, list[Need]]]:
+    """(run facts, needs) for every run with hindsight cells still missing in the selected range.
+
+    `reexecute` plans every need by re-execution (no skipped inner loops): for cells a skip job
+    did not produce.
+    """
     result = []
-    for run_id, names in sorted(wanted.items()):
+    for run_id, names in sorted(wanted_cells(bound).items()):
         info = bound.runs[run_id]
-        facts = run_facts(conn, info)
+        uncaptured = set(info.manifest.get("uncaptured") or ())
         needs = []
         for name, indices in sorted(names.items()):
-            covered = {r[0] for r in conn.execute(
-                "SELECT outer_index FROM replay_coverage WHERE run_id = ? AND name = ?", [run_id, name]).fetchall()}
-            path, reason = patched_sites[run_id][name]
-            if not path:
-                raise FlorqlError(f"run {run_id}: florql.log({name!r}) is not inside a florql.loop; {reason}")
-            needs.append(Need(name, frozenset(indices - covered), skippable=len(path) == 1))
-        result.append((facts, needs))
+            site = sites[run_id][name]
+            if not site.loop_path:
+                raise FlorqlError(f"run {run_id}: florql.log({name!r}) is not inside a florql.loop; "
+                                  "statements outside loops cannot be replayed")
+            missing = indices - covered(conn, run_id, name, site.version)
+            # Restoring a checkpoint stands in for the inner loop only if it holds all the statement reads.
+            skippable = len(site.loop_path) == 1 and not reexecute and not site.inputs & uncaptured
+            needs.append(Need(name, frozenset(missing), skippable=skippable))
+        result.append((run_facts(conn, info), needs))
     return result
 
 
+def describe_missing(bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, Site]]) -> str:
+    """A line per run and name whose wanted cells no replay has produced; empty when none."""
+    lines = []
+    for run_id, names in sorted(wanted_cells(bound).items()):
+        outer = bound.runs[run_id].outer_loop or "outer iteration"
+        for name, indices in sorted(names.items()):
+            gap = sorted(indices - covered(conn, run_id, name, sites[run_id][name].version))
+            if gap:
+                shown = ", ".join(map(str, gap[:20])) + (f", … ({len(gap)} in all)" if len(gap) > 20 else "")
+                lines.append(f"  run {run_id}: {name} at {outer} {shown}")
+    return "\n".join(lines)
+
+
 # ---- code for replay ------------------------------------------------------------------------------
-def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict[str, str], dict[str, tuple]]:
-    """The run's files with the hindsight statements propagated in, and each name's loop path there."""
+@dataclass(frozen=True)
+class Site:
+    """Where a hindsight statement runs in the replayed code, and which version of it that is."""
+
+    loop_path: tuple[str, ...]
+    version: str  # changes when the statement, its place, or the recorded code changes
+    inputs: frozenset[str] = frozenset()  # variables its value may depend on (see statement_inputs)
+
+
+def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict[str, str], dict[str, Site]]:
+    """The run's files with the hindsight statements propagated in, and each name's site there."""
     recorded = load_code_version(files, info.manifest["code_version"])
     by_file: dict[str, set[str]] = {}
     for name in names:
         by_file.setdefault(info.loggable[name][0], set()).add(name)
     patched: dict[str, str] = {}
-    sites: dict[str, tuple] = {}
+    sites: dict[str, Site] = {}
     root = info.manifest.get("project_root") or ""
     for rel, file_names in by_file.items():
         old = recorded[rel].decode()
         with open(f"{root}/{rel}", encoding="utf-8") as f:
             current = f.read()
-        try:
-            new = propagate(old, current, file_names, filename=rel)
-        except PropagationError as err:
-            raise ReplayFailed(f"run {info.run_id}: {err}; this run cannot answer it by replay") from None
+        new = _propagated(info.run_id, old, current, frozenset(file_names), rel)
         if new != old:
             patched[rel] = new
-        analysis = analyze(new, rel).loggable_names()
+        analysis = _analysis(new, rel)
         for name in file_names:
             site = analysis.get(name)
-            sites[name] = (site.loop_path if site else (), "statements outside loops cannot be replayed")
+            alone = _propagated(info.run_id, old, current, frozenset([name]), rel)
+            digest = hashlib.sha256(f"{info.manifest['code_version']}\0{rel}\0{alone}".encode()).hexdigest()[:16]
+            sites[name] = Site(site.loop_path if site else (), digest, _inputs(new, name))
     return patched, sites
 
 
-def job_specs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]], files: RunFiles,
-              conn: duckdb.DuckDBPyConnection) -> list[JobSpec]:
+@lru_cache(maxsize=512)
+def _propagated(run_id: int, old: str, current: str, names: frozenset[str], rel: str) -> str:
+    try:
+        return propagate(old, current, set(names), filename=rel)
+    except PropagationError as err:
+        raise ReplayFailed(f"run {run_id}: {err}; this run cannot answer it by replay") from None
+
+
+@lru_cache(maxsize=256)
+def _inputs(source: str, name: str) -> frozenset[str]:
+    return statement_inputs(source, name)
+
+
+@lru_cache(maxsize=256)
+def _analysis(source: str, rel: str) -> dict[str, LogSite]:
+    return analyze(source, rel).loggable_names()
+
+
+def job_specs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]], sites: dict[int, dict[str, Site]],
+              files: RunFiles, conn: duckdb.DuckDBPyConnection) -> list[JobSpec]:
     specs = []
     for job in plan.jobs:
         info = bound.runs[job.run_id]
@@ -272,7 +406,7 @@ def job_specs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]], file
             args=dict(m.get("args") or {}), names=job.names, audit_names=audit, start=job.start, stop=job.stop,
             log_from=job.log_from, restore_inner=dict(job.restore_inner), restore_before=job.restore_before,
             patched=patched.get(job.run_id, {}), threads=int(m.get("env", {}).get("torch_threads") or 0), mode=job.mode, est_s=job.est_s,
-            inner_names=job.inner_names,
+            versions={n: sites[job.run_id][n].version for n in job.names},
             expected_path=_write_expected(conn, files, info, job, job_id),
         ))
     return specs
@@ -299,38 +433,41 @@ def _write_expected(conn: duckdb.DuckDBPyConnection, files: RunFiles, info: RunI
 
 
 # ---- rewrite ------------------------------------------------------------------------------------
-def rewrite(bound: Bound) -> exp.Expression:
-    """Replace each wide table reference with a subquery at the grain of the columns it uses."""
+def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> exp.Expression:
+    """Replace each run table reference with a subquery at the grain of the columns its scope reads.
+
+    `versions` names, per run, the current version of each hindsight statement: replayed values
+    of other versions stay in `logs` but are invisible here.
+    """
+    statement = bound.statement
+    by_id = {t.meta.get(_REF): t for t in statement.find_all(exp.Table) if _REF in t.meta}
     for ref in bound.refs:
-        parts = []
-        for run_id in ref.run_ids:
-            info = bound.runs[run_id]
-            parts.append(_run_select(info, ref, with_run_id=ref.is_metrics))
+        parts = [_run_select(bound.runs[r], ref, versions.get(r, {}), with_run_id=ref.is_metrics)
+                 for r in ref.run_ids]
         if not parts:
             parts = ["SELECT NULL::INTEGER AS run_id WHERE FALSE"]
         sql = " UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in parts)
-        sub = sqlglot.parse_one(sql, read="duckdb").subquery(ref.alias)
-        ref.node.replace(sub)
-    return bound.statement
+        by_id[ref.ref_id].replace(sqlglot.parse_one(sql, read="duckdb").subquery(ref.alias))
+    return statement
 
 
-def _run_select(info: RunInfo, ref: TableRef, with_run_id: bool) -> str:
-    names = [n for n in ref.referenced if n not in info.loop_paths and (n in info.logged or n in info.loggable)]
-    if ref.star:
-        names = list(dict.fromkeys([*info.logged, *names]))
+def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run_id: bool) -> str:
+    names = [n for n in info.columns() if n in ref.columns and n not in info.loop_paths]
     infos = [info.name_info(n) for n in names]
-    coords = [info.loop_paths[n] for n in ref.referenced if n in info.loop_paths]
-    if ref.star or not (infos or coords):
-        # `*`, or no column at all (count(*)): the run's finest grain.
-        pool = infos if infos else [info.name_info(n) for n in info.logged]
-        deepest = max((i.loop_path for i in pool), key=len, default=())
-        coords.append(deepest)
-        infos = [i for i in infos if deepest[: len(i.loop_path)] == i.loop_path]
+    coords = [info.loop_paths[n] for n in ref.columns if n in info.loop_paths]
+    if ref.finest:
+        pool = infos or [info.name_info(n) for n in info.columns() if n not in info.loop_paths]
+        coords.append(max((i.loop_path for i in pool), key=len, default=()))
     try:
         grain = grain_for(infos, coords)
     except ValueError as err:
         raise FlorqlError(f"run_{info.run_id}: {err}") from None
-    return wide_select(info.run_id, grain, infos, with_run_id)
+    return wide_select(info.run_id, grain, infos, with_run_id, versions)
+
+
+def _unknown_column(message: str, runs: list[RunInfo]) -> FlorqlError:
+    match = re.search(r"Column '([^']+)' could not be resolved", message)
+    return _column_error(match.group(1) if match else message, runs)
 
 
 def unknown_column_error(message: str, bound: Bound) -> FlorqlError | None:
@@ -339,15 +476,16 @@ def unknown_column_error(message: str, bound: Bound) -> FlorqlError | None:
         r'column "?([A-Za-z_][\w]*)"? (?:not found|does not exist)', message)
     if not match or not bound.refs:
         return None
-    missing = match.group(1)
-    logged = sorted({n for r in bound.refs for i in r.run_ids for n in bound.runs[i].logged})
-    loggable = sorted({n for r in bound.refs for i in r.run_ids for n in bound.runs[i].loggable} - set(logged))
-    coords = sorted({n for r in bound.refs for i in r.run_ids for n in bound.runs[i].loop_paths})
+    return _column_error(match.group(1), list(bound.runs.values()))
+
+
+def _column_error(missing: str, runs: list[RunInfo]) -> FlorqlError:
+    logged = sorted({n for info in runs for n in info.logged})
+    loggable = sorted({n for info in runs for n in info.loggable} - set(logged))
+    coords = sorted({n for info in runs for n in info.loop_paths})
     nearest = difflib.get_close_matches(missing, logged + loggable + coords, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(nearest)}?" if nearest else ""
     return UnknownColumn(
         f"unknown column {missing!r}.{hint} Loop coordinates: {', '.join(coords) or '-'}; logged: "
         f"{', '.join(logged) or '-'}; loggable (add florql.log to the script to add more): {', '.join(loggable) or '-'}"
     )
-
-

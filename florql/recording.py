@@ -309,6 +309,9 @@ class RecordSession(Session):
             "args": dict(self.args),
         }
         stall = now() - started
+        uncaptured = set((payload["scope"] or {}).get("uncaptured", ())) - set(self.manifest.get("uncaptured", ()))
+        if uncaptured:  # statements reading these are answered by re-execution, never by skipping
+            self.update(uncaptured=sorted(uncaptured | set(self.manifest.get("uncaptured", ()))))
         self.policy.record(stall)
         self.outer.stall_s += stall
         coords = {f.name: f.index for f in self.stack[:1]}

@@ -12,6 +12,7 @@ registered with `florql.checkpointing` gets a warning because replay would start
 """
 from __future__ import annotations
 
+import collections
 import copy
 import ctypes
 import random
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-_PLAIN_ATOMS = (type(None), bool, int, float, complex, str, bytes)
+_PLAIN_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.device, torch.dtype)
 _MAX_ITEMS = 100_000
 _STATEFUL_TYPES: tuple[type, ...] = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
 
@@ -38,7 +39,7 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
         return False
     if isinstance(value, _PLAIN_ATOMS) or isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
         return True
-    if isinstance(value, (list, tuple, set, frozenset)):
+    if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
         return all(_is_plain(v, budget) for v in value)
     if isinstance(value, dict):
         return all(_is_plain(k, budget) and _is_plain(v, budget) for k, v in value.items())
@@ -46,12 +47,20 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
 
 
 def _copy_plain(value: Any) -> Any:
+    """A copy of plain data of the same types (a deque keeps its maxlen, a defaultdict its factory)."""
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
+    if isinstance(value, collections.deque):
+        return collections.deque((_copy_plain(v) for v in value), maxlen=value.maxlen)
+    if _is_namedtuple(value):
+        return type(value)(*(_copy_plain(v) for v in value))
     if isinstance(value, (list, tuple, set, frozenset)):
-        return type(value)(_copy_plain(v) for v in value) if not _is_namedtuple(value) else type(value)(*(_copy_plain(v) for v in value))
+        return type(value)(_copy_plain(v) for v in value)
     if isinstance(value, dict):
-        return {k: _copy_plain(v) for k, v in value.items()}
+        out = copy.copy(value)  # keeps the class and, for a defaultdict, its default factory
+        out.clear()
+        out.update({k: _copy_plain(v) for k, v in value.items()})
+        return out
     return copy.copy(value) if isinstance(value, np.ndarray) else value
 
 
@@ -104,7 +113,8 @@ def capture_scope(
     frame: types.FrameType, registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
 ) -> dict[str, Any]:
     """Copies of the plain variables and generator states of `frame`'s scope that may have changed."""
-    captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}, "objects": {}}
+    captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}, "objects": {},
+                                "uncaptured": []}
     for name, value in list(scope_of(frame).items()):
         if id(value) in registered or _should_skip(name, value) or _unchanged(name, value, baseline):
             continue
@@ -131,16 +141,22 @@ def capture_scope(
                 captured["original_devices"][name] = str(value.device)
         elif _is_plain_object(value):
             captured["objects"][name] = _copy_plain(dict(vars(value)))
-        elif _holds_state(value):
-            if name not in warned:
-                warned.add(name)
-                warnings.warn(
-                    f"florql: '{name}' ({type(value).__name__}) holds training state but is not registered with "
-                    f"florql.checkpointing(...); replays from checkpoints will not restore it and may diverge. "
-                    f"Pass it as florql.checkpointing({name}={name}, ...).",
-                    ScopeWarning,
-                    stacklevel=4,
-                )
+        elif _stateless(value):
+            continue
+        else:
+            # A replay from this checkpoint sees the object as the script's set-up left it:
+            # statements that read it cannot skip the inner loop.
+            captured["uncaptured"].append(name)
+            if not _holds_state(value) or name in warned:
+                continue
+            warned.add(name)
+            warnings.warn(
+                f"florql: '{name}' ({type(value).__name__}) holds training state but is not registered with "
+                f"florql.checkpointing(...); replays from checkpoints will not restore it and may diverge. "
+                f"Pass it as florql.checkpointing({name}={name}, ...).",
+                ScopeWarning,
+                stacklevel=4,
+            )
     return captured
 
 
@@ -173,6 +189,13 @@ def _loader_generators(name: str, loader: Any) -> list[tuple[str, Any]]:
                 if key.isidentifier():
                     add(f"{prefix}.{key}", held)
     return found
+
+
+def _stateless(value: Any) -> bool:
+    """Objects a replay's own set-up re-creates as they were: data sets, stateless modules."""
+    if isinstance(value, torch.utils.data.Dataset):
+        return True
+    return isinstance(value, torch.nn.Module) and not _holds_state(value)
 
 
 def _holds_state(value: Any) -> bool:

@@ -26,8 +26,8 @@ class JobSpec:
     patched: dict[str, str] = field(default_factory=dict)  # files of the code version with hindsight statements
     threads: int = 1
     expected_path: str | None = None  # run-files path of the original values to audit against
-    inner_names: list[str] = field(default_factory=list)  # not produced in iterations whose inner loop is restored
     mode: str = "re-execute"  # or 'skip' (every first inner loop restored from its checkpoint)
+    versions: dict[str, str] = field(default_factory=dict)  # name → version of its statement
     est_s: float = 0.0
 
     def to_json(self) -> str:
@@ -51,4 +51,3 @@ class JobResult:
     summary: dict[str, Any] | None = None  # the COMMITTED record
     error: str | None = None
     divergence: dict[str, Any] | None = None
-    missing_names: list[str] = field(default_factory=list)  # requested names the job never logged

@@ -67,7 +67,6 @@ class PlannedJob:
     restore_before: tuple[int, str] | None = None
     checkpoint: str | None = None
     est_s: float = 0.0
-    inner_names: list[str] = field(default_factory=list)  # produced only where the inner loop executes
 
     @property
     def range_text(self) -> str:
@@ -134,16 +133,16 @@ def plan_run(facts: RunFacts, needs: list[Need], workers: int) -> list[PlannedJo
     wanted = sorted({i for n in needs for i in n.indices})
     jobs = [_job(facts, names, inner, a, b) for a, b in _clusters(facts, inner, wanted)]
     jobs = _split(facts, names, inner, jobs, workers)
-    for job in jobs:
-        job.inner_names = sorted(n.name for n in needs if not n.skippable)
     return jobs
 
 
 def _start_for(facts: RunFacts, inner: set[int], first: int) -> tuple[int, dict[int, str], tuple[int, str] | None, str | None]:
-    """Where a job whose first needed iteration is `first` starts: (start, restores, restore_before, checkpoint)."""
-    own = facts.inner_end(first)
-    if own is not None and first not in inner:
-        return first, {first: own.name}, None, own.name
+    """Where a job whose first needed iteration is `first` starts: (start, restores, restore_before, checkpoint).
+
+    Always from the state at the *start* of `first` (the latest checkpoint before it), never
+    from the script's fresh state: code before the inner loop must see the trained state. The
+    iterations in between are restored wherever their checkpoints allow (see `_job`).
+    """
     ckpt = facts.resume_point(first)
     if ckpt is None:
         return 0, {}, None, None
@@ -154,9 +153,9 @@ def _start_for(facts: RunFacts, inner: set[int], first: int) -> tuple[int, dict[
 
 def _job(facts: RunFacts, names: list[str], inner: set[int], first: int, last: int) -> PlannedJob:
     start, restores, before, ckpt = _start_for(facts, inner, first)
-    for i in range(start + 1, last + 1):
+    for i in range(start, last + 1):
         c = facts.inner_end(i)
-        if c is not None and i not in inner:
+        if c is not None and i not in inner and i not in restores:
             restores[i] = c.name
     mode = "skip" if all(i in restores for i in range(first, last + 1)) else "re-execute"
     job = PlannedJob(facts.run_id, names, start=start, stop=last + 1, log_from=first, mode=mode,

@@ -119,8 +119,7 @@ def _run_job(spec_json: str) -> dict[str, Any]:
     committed = layout.replay_commit_path(spec.run_id, spec.job_id)
     if files.exists(committed):  # an earlier attempt committed, then died before reporting
         summary = json.loads(files.get(committed))
-        missing = sorted(set(spec.names) - set(summary["logged_names"]))
-        return JobResult(spec.job_id, ok=True, summary=summary, missing_names=missing).__dict__
+        return JobResult(spec.job_id, ok=True, summary=summary).__dict__
     env = dict(os.environ)
     env.pop("FLORQL_REPLAY_JOB", None)
     env["OMP_NUM_THREADS"] = str(spec.threads)

@@ -50,7 +50,7 @@ class ReplaySession(Session):
         self.expected = self._load_expected()
         self.executed: list[int] = []
         self.restored: list[int] = []
-        self.logged_names: set[str] = set()
+        self.produced: dict[str, set[int]] = {}  # name → outer iterations it was logged in
         self.mismatches: list[dict[str, Any]] = []
         self.started = time.time()
         self.committed = False
@@ -76,7 +76,7 @@ class ReplaySession(Session):
         if self.outer.index < self.spec.log_from:
             return
         if name in self.names:
-            self.logged_names.add(name)
+            self.produced.setdefault(name, set()).add(self.outer.index)
             super().log(name, value)
         elif name in self.audit_names:
             self._audit(name, value)
@@ -173,10 +173,15 @@ class ReplaySession(Session):
 
     # ---- the end ----------------------------------------------------------------------------
     def _coverage(self) -> dict[str, list[int]]:
-        """Per name, the iterations this job produced it for (inner names skip restored iterations)."""
-        span = range(self.spec.log_from, min(self.spec.stop, max([*self.executed, *self.restored], default=-1) + 1))
-        inner = set(self.spec.inner_names)
-        return {n: [i for i in span if n not in inner or i not in self.restored] for n in sorted(self.names)}
+        """Per name, the iterations whose cells this job produced.
+
+        An executed iteration ran the statement (whatever it logged, that is the answer); in a
+        restored iteration only what was actually logged counts: a statement that logged nothing
+        there may depend on state the checkpoint lacks, so those cells are re-executed.
+        """
+        span = [i for i in self.executed if self.spec.log_from <= i < self.spec.stop]
+        return {n: sorted(set(span) | {i for i in self.produced.get(n, ()) if i >= self.spec.log_from})
+                for n in sorted(self.names)}
 
     def commit(self) -> None:
         """Make the job's rows visible, all together."""
@@ -189,7 +194,8 @@ class ReplaySession(Session):
             "executed": self.executed, "restored": self.restored,
             "checkpoint": (self.spec.restore_before or [None, None])[1] or next(iter(self.spec.restore_inner.values()), None),
             "seconds": time.time() - self.started, "committed_at": time.time(),
-            "logged_names": sorted(self.logged_names), "records": self.writer.records_written,
+            "logged_names": sorted(self.produced), "records": self.writer.records_written,
+            "versions": {n: v for n, v in self.spec.versions.items() if n in self.names},
             "coverage": self._coverage(),
             "segments": self.writer.paths,  # exactly this attempt's files land
         }

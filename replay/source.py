@@ -26,6 +26,7 @@ __all__ = [
     "PropagationError",
     "analyze",
     "propagate",
+    "statement_inputs",
 ]
 
 _BUILTINS = frozenset(dir(builtins))
@@ -452,6 +453,57 @@ def analyze(source: str, filename: str = "<script>") -> ModuleAnalysis:
         tuple(sorted(loops, key=by_line)),
         tuple(sorted(col.dynamic, key=by_line)),
     )
+
+
+def statement_inputs(source: str, name: str) -> frozenset[str]:
+    """The variables the value of `florql.log(name, …)` may depend on, within its own function.
+
+    What the statement reads, plus what every assignment or in-place call on those variables in
+    the same scope reads, to a fixed point. A superset (control flow is ignored): the planner
+    uses it to decide whether restoring a checkpoint can stand in for running the inner loop.
+    """
+    tree = ast.parse(source)
+    aliases = _aliases(tree)
+    scopes = [tree, *(n for n in ast.walk(tree) if isinstance(n, _DEFS))]
+    for scope in scopes:
+        call = next((n for n in _iter_scope(scope.body) if aliases.call_kind(n) == "log"
+                     and _literal_name(n) == name), None)
+        if call is not None:
+            break
+    else:
+        return frozenset()
+    flows = list(_flows(scope.body))
+    deps = set().union(*(_reads(a) for a in _value_args(call)))
+    changed = True
+    while changed:
+        changed = False
+        for targets, reads in flows:
+            if targets & deps and not reads <= deps:
+                deps |= reads
+                changed = True
+    return frozenset(deps)
+
+
+def _flows(body: list[ast.stmt]) -> Iterator[tuple[frozenset[str], set[str]]]:
+    """(variables written, variables read) for each assignment and in-place method call of a scope."""
+    for node in _iter_scope(body):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            written = _assigned(targets, roots=True)
+            yield written, _reads(node.value) | ({t.id for t in targets if isinstance(t, ast.Name)}
+                                                 if isinstance(node, ast.AugAssign) else set())
+        elif isinstance(node, (ast.For, ast.AsyncFor)):
+            yield _assigned([node.target], roots=True), _reads(node.iter)
+        elif isinstance(node, (ast.With, ast.AsyncWith)):
+            for item in node.items:
+                if item.optional_vars is not None:
+                    yield _assigned([item.optional_vars], roots=True), _reads(item.context_expr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            base = node.func.value
+            while isinstance(base, (ast.Attribute, ast.Subscript)):
+                base = base.value
+            if isinstance(base, ast.Name):  # `recent.append(loss)` changes `recent`
+                yield frozenset({base.id}), _reads(node)
 
 
 # ---------------------------------------------------------------- propagate

@@ -25,7 +25,7 @@ from storage import layout, segments
 from storage.checkpoints import CheckpointRecord
 from storage.code_versions import code_version_manifest
 from storage.runfiles import RunFiles
-from storage.views import NameInfo, grain_for, q, wide_select
+from storage.views import NameInfo, grain_for, lit, q, wide_select
 
 HEARTBEAT_TIMEOUT_S = 30.0
 
@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS iterations (
 CREATE TABLE IF NOT EXISTS logs (
     run_id INTEGER NOT NULL, name VARCHAR NOT NULL, loop_path VARCHAR NOT NULL,
     value_type VARCHAR, value_float DOUBLE, value_int BIGINT, value_bool BOOLEAN, value_str VARCHAR,
-    source VARCHAR NOT NULL, job_id VARCHAR, seq BIGINT, segment VARCHAR
+    source VARCHAR NOT NULL, job_id VARCHAR, seq BIGINT, segment VARCHAR, version VARCHAR
 );
 CREATE TABLE IF NOT EXISTS segments_ingested (
     path VARCHAR PRIMARY KEY, run_id INTEGER, rows BIGINT, ingested_at TIMESTAMP DEFAULT current_timestamp
@@ -67,7 +67,8 @@ CREATE TABLE IF NOT EXISTS replay_jobs (
     rows BIGINT, committed_at TIMESTAMP
 );
 CREATE TABLE IF NOT EXISTS replay_coverage (
-    run_id INTEGER, name VARCHAR, outer_index INTEGER, job_id VARCHAR, PRIMARY KEY (run_id, name, outer_index)
+    run_id INTEGER, name VARCHAR, version VARCHAR, outer_index INTEGER, job_id VARCHAR,
+    PRIMARY KEY (run_id, name, version, outer_index)
 );
 CREATE TABLE IF NOT EXISTS replay_audit (
     run_id INTEGER, job_id VARCHAR, name VARCHAR, loop_path VARCHAR, coords VARCHAR,
@@ -101,9 +102,26 @@ def open_store(db_path: str, wait_s: float = 60.0) -> Iterator[duckdb.DuckDBPyCo
             delay = min(delay * 2, 0.5)
     try:
         conn.execute(SCHEMA)
+        _migrate(conn)
         yield conn
     finally:
         conn.close()
+
+
+def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
+    """Bring a store written by an older florql up to this schema.
+
+    Replayed values of old stores carry no statement version: they stay in `logs` but no query
+    shows them, and the next query that needs them replays again.
+    """
+    columns = {(t, c) for t, c in conn.execute(
+        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main' "
+        "AND table_name IN ('logs', 'replay_coverage')").fetchall()}
+    if ("logs", "version") not in columns:
+        conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
+    if ("replay_coverage", "version") not in columns:
+        conn.execute("DROP TABLE replay_coverage")
+        conn.execute(SCHEMA)
 
 
 def _create_if_missing(db_path: str) -> None:
@@ -257,12 +275,18 @@ def ensure_loop_columns(conn: duckdb.DuckDBPyConnection, loop_names: set[str]) -
 
 
 def insert_records(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table, source: str,
-                   job_id: str | None, segment: str, coverage_filter: bool = False) -> None:
-    """Insert segment rows into `logs`, spreading `coords` into one column per loop name."""
+                   job_id: str | None, segment: str, versions: dict[str, str] | None = None) -> None:
+    """Insert segment rows into `logs`, spreading `coords` into one column per loop name.
+
+    Replayed rows carry their statement's version, and a cell already covered by another job for
+    that version is not inserted twice.
+    """
     if table.num_rows == 0:
         return
     paths = [p for p in table.column("loop_path").unique().to_pylist()]
     ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
+    version = ("CASE s.name " + " ".join(f"WHEN {lit(n)} THEN {lit(v)}" for n, v in versions.items()) + " END"
+               if versions else "NULL")
     conn.register("_segment_in", table)
     try:
         for path in paths:
@@ -272,13 +296,13 @@ def insert_records(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table
             outer = "coords[1]" if loops else "NULL"
             keep = (
                 f" AND NOT EXISTS (SELECT 1 FROM replay_coverage c WHERE c.run_id = {run_id} "
-                f"AND c.name = s.name AND c.outer_index = {outer})"
-                if coverage_filter else ""
+                f"AND c.name = s.name AND c.version = {version} AND c.outer_index = {outer})"
+                if versions else ""
             )
             conn.execute(
                 f"INSERT INTO logs (run_id, name, loop_path{cols}, value_type, value_float, value_int, value_bool,"
-                f" value_str, source, job_id, seq, segment) SELECT {run_id}, name, loop_path{vals}, value_type,"
-                f" value_float, value_int, value_bool, value_str, ?, ?, seq, ? FROM _segment_in s"
+                f" value_str, source, job_id, seq, segment, version) SELECT {run_id}, name, loop_path{vals}, value_type,"
+                f" value_float, value_int, value_bool, value_str, ?, ?, seq, ?, {version} FROM _segment_in s"
                 f" WHERE loop_path = ?{keep}",
                 [source, job_id, segment, path],
             )
@@ -322,17 +346,18 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
         if not files.exists(layout.replay_commit_path(run_id, job_id)):
             continue
         summary = json.loads(files.get(layout.replay_commit_path(run_id, job_id)))
+        versions = summary.get("versions") or {}  # jobs of older florql versions: none, never shown
         conn.execute("BEGIN")
         try:
             rows = 0
             for path in summary["segments"]:
                 table = segments.read_segment(files, path)
-                insert_records(conn, run_id, table, "replayed", job_id, path, coverage_filter=True)
+                insert_records(conn, run_id, table, "replayed", job_id, path, versions)
                 rows += table.num_rows
-            for name, indices in summary["coverage"].items():
+            for name, indices in summary["coverage"].items() if versions else ():
                 conn.execute(
-                    "INSERT OR IGNORE INTO replay_coverage SELECT ?, ?, unnest(?::INTEGER[]), ?",
-                    [run_id, name, indices, job_id],
+                    "INSERT OR IGNORE INTO replay_coverage SELECT ?, ?, ?, unnest(?::INTEGER[]), ?",
+                    [run_id, name, versions.get(name), indices, job_id],
                 )
             conn.execute(
                 "INSERT INTO replay_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",

@@ -41,8 +41,13 @@ def sql_type(types: frozenset[str]) -> str:
     )
 
 
-def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with_run_id: bool = False) -> str:
-    """A SELECT with columns [run_id,] *grain, *names at `grain` for one run."""
+def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with_run_id: bool = False,
+                versions: dict[str, str] | None = None) -> str:
+    """A SELECT with columns [run_id,] *grain, *names at `grain` for one run.
+
+    Replayed values show only for the statement version `versions` names (by default the version
+    replayed last): a changed statement's old values never mix with its new ones.
+    """
     path = "/".join(grain)
     coords = ", ".join(q(c) for c in grain)
     where_path = f"(loop_path = {lit(path)} OR starts_with(loop_path, {lit(path + '/')}))" if grain else "TRUE"
@@ -58,10 +63,11 @@ def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with
         keys = info.loop_path
         key_cols = ", ".join(q(c) for c in keys)
         group = f" GROUP BY {key_cols}" if keys else ""
+        version = lit(versions[info.name]) if versions and info.name in versions else latest_version(run_id, info.name)
         sub = (
             f"SELECT {key_cols + ', ' if keys else ''}arg_max({value_expr(info.value_types)}, seq) AS v "
             f"FROM logs WHERE run_id = {run_id} AND name = {lit(info.name)} "
-            f"AND loop_path = {lit('/'.join(keys))}{group}"
+            f"AND loop_path = {lit('/'.join(keys))} AND (source = 'logged' OR version = {version}){group}"
         )
         on = " AND ".join(f"b.{q(c)} = {alias}.{q(c)}" for c in keys) or "TRUE"
         joins.append(f"LEFT JOIN ({sub}) {alias} ON {on}")
@@ -69,6 +75,14 @@ def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with
     if not select:
         select = ["NULL AS _empty"]
     return f"SELECT {', '.join(select)} FROM ({base}) b " + " ".join(joins)
+
+
+def latest_version(run_id: int, name: str) -> str:
+    """SQL for the version of a hindsight statement whose replay committed last."""
+    return (
+        f"(SELECT arg_max(c.version, j.committed_at) FROM replay_coverage c JOIN replay_jobs j USING (job_id) "
+        f"WHERE c.run_id = {run_id} AND c.name = {lit(name)})"
+    )
 
 
 def grain_for(names: list[NameInfo], coords: list[tuple[str, ...]]) -> tuple[str, ...]:

@@ -345,8 +345,10 @@ def test_replay_never_returns_nulls_and_describes_the_plan(recorded: Recorded):
     table = result.arrow()
     assert table.num_rows == 2 * STEPS and table.column("grad_norm").null_count == table.num_rows
     assert table.column("loss").null_count == 0
-    (note,) = result.warnings
-    assert "never" in note and "re-execute" in note and "grad_norm" in note and "4..5" in note
+    assert result.plan is None  # nothing ran
+    plan_note, gaps = result.warnings
+    assert "never" in plan_note and "re-execute" in plan_note and "grad_norm" in plan_note and "4..5" in plan_note
+    assert "run 1: grad_norm at epoch 4, 5" in gaps
     assert db.sql("SELECT count(*) FROM replay_jobs").fetchall() == [(0,)]
 
 
