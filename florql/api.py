@@ -322,13 +322,15 @@ class Connection:
                 out.append(TableInfo(name, "table", [ColumnInfo(f.name, f.type) for f in rel.schema]))
             for run_id in run_ids(db):
                 info = load_run(db, run_id)
-                cols = [ColumnInfo(n, pa.int64(), comment="loop coordinate") for n in info.loop_paths]
-                for n in info.logged.values():
-                    dtype = {"BIGINT": pa.int64(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}.get(
-                        _sql_type(n.value_types), pa.float64())
-                    cols.append(ColumnInfo(n.name, dtype, comment="logged" if n.name in info.original else "replayed"))
-                for n in info.loggable:
-                    if n not in info.logged and n not in info.loop_paths:
+                cols = []
+                for n in info.columns():
+                    if n in info.loop_paths:
+                        cols.append(ColumnInfo(n, pa.int64(), comment="loop coordinate"))
+                    elif n in info.logged:
+                        dtype = {"BIGINT": pa.int64(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}.get(
+                            _sql_type(info.logged[n].value_types), pa.float64())
+                        cols.append(ColumnInfo(n, dtype, comment="logged" if n in info.original else "replayed"))
+                    else:
                         cols.append(ColumnInfo(n, pa.float64(), comment="loggable: replayed on demand"))
                 out.append(TableInfo(f"run_{run_id}", "table", cols))
         return out

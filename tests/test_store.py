@@ -69,7 +69,7 @@ def test_sync_twice_changes_nothing(two_runs):
         sync(conn, store.files)
         assert snapshot(conn) == first
     assert len(first["logs"]) == 4 * 21 + 2 * 21
-    assert len(first["segments_ingested"]) == len(segment_files(store)) > 2
+    assert len(first["segments_ingested"]) == len(segment_files(store)) >= 2
 
 
 def test_two_processes_syncing_at_once_ingest_each_segment_once(two_runs):
