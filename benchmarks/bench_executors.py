@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import florql  # noqa: E402
-from replay.executor import Executor, LocalExecutor  # noqa: E402
+from florql.replay.executor import Executor, LocalExecutor  # noqa: E402
 
 LOGGED = '            florql.log("loss", loss.item())\n'
 GRAD_NORM = '            florql.log("grad_norm", sum(p.grad.norm() ** 2 for p in net.parameters()).sqrt().item())\n'
@@ -69,7 +69,7 @@ def main() -> int:
     except ImportError:
         print("Ray is not installed: pip install 'florql[ray]'", file=sys.stderr)
         return 1
-    from replay.ray_executor import RayExecutor
+    from florql.replay.ray_executor import RayExecutor
 
     work = Path(tempfile.mkdtemp(prefix="florql-bench-executors-"))
     os.chdir(work)  # the query side finds the edited script where the run was recorded

@@ -21,11 +21,14 @@ import contextlib
 import os
 import sys
 import threading
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
+from florql import args as _args  # noqa: F401  (strips --florql-args before the script's own parser runs)
 from florql import reads as _reads  # noqa: F401  (installs the audit hook for config files)
 from florql.errors import FlorqlError, UsageError
-from florql.session import Session
+
+if TYPE_CHECKING:  # importing florql stays light: torch loads with the first training call
+    from florql.session import Session
 
 __version__ = "0.1.0"
 __all__ = ["arg", "log", "loop", "checkpointing", "connect", "run_id", "FlorqlError", "UsageError"]
@@ -40,7 +43,7 @@ def _start() -> Session:
     with _session_lock:
         if _session is None:
             if os.environ.get(REPLAY_ENV):
-                from replay.session import ReplaySession
+                from florql.replaying import ReplaySession
 
                 _session = ReplaySession.from_env()
             else:

@@ -13,15 +13,15 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
-from florql import query
+from florql import query, reads
 from florql.catalog import BASE_TABLES, load_run, run_ids
-from florql.dialect import ensure_read_only, florql_setting, parse
+from florql.dialect import bind_parameters, ensure_read_only, florql_setting, parse
 from florql.errors import FlorqlError, MissingHindsight, ReplayBudgetExceeded, ReplayFailed, UsageError
-from replay.executor import Executor, LocalExecutor, make_executor
-from replay.jobs import JobResult, JobSpec
-from replay.planner import Plan, plan
-from storage.database import open_store, sync
-from storage.layout import StoreLocation, locate_store
+from florql.replay.executor import Executor, LocalExecutor, make_executor
+from florql.replay.jobs import JobResult, JobSpec
+from florql.replay.planner import Plan, plan
+from florql.storage.database import open_store, sync
+from florql.storage.layout import StoreLocation, locate_store
 
 
 class ReplayWarning(UserWarning):
@@ -201,7 +201,7 @@ class Connection:
             self.set(*setting)
             return Result(self, None, None, table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]}))
         ensure_read_only(statement)
-        statement = query.bind_parameters(statement, params)
+        statement = bind_parameters(statement, params)
         notes: list[str] = []
         with self._open() as db:
             sync(db, self.files)
@@ -277,7 +277,7 @@ class Connection:
         executor = self.executor
         if not isinstance(executor, LocalExecutor) or executor.gpus:
             return executor.workers
-        threads = max((int(bound.runs[r].manifest.get("env", {}).get("torch_threads") or 1) for r in wanted), default=1)
+        threads = max((int(bound.runs[r].manifest.env.torch_threads or 1) for r in wanted), default=1)
         return max(1, min(executor.workers, (os.cpu_count() or 1) // threads))
 
     def _run_jobs(self, specs: list[JobSpec]) -> None:
@@ -304,7 +304,7 @@ class Connection:
         """The replay plan a query would run, without running it."""
         statement = parse(sql, read=dialect)[-1]
         ensure_read_only(statement)
-        statement = query.bind_parameters(statement, params)
+        statement = bind_parameters(statement, params)
         with self._open() as db:
             sync(db, self.files)
             planned = self._plan(query.bind(statement.copy(), db), db)
@@ -348,7 +348,7 @@ class Connection:
 
 
 def _sql_type(types: frozenset[str]) -> str:
-    from storage.views import sql_type
+    from florql.storage.views import sql_type
 
     return sql_type(types)
 
@@ -372,4 +372,5 @@ def _failure_message(failures: list[tuple[JobSpec, JobResult]]) -> str:
 
 
 def connect(path: str | os.PathLike | None = None, **options: Any) -> Connection:
+    reads.stop()
     return Connection(locate_store(path), **options)

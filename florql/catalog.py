@@ -1,16 +1,16 @@
 """What the query side knows about runs: coordinates, logged and loggable names, checkpoints."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import duckdb
 
-from replay.planner import Checkpoint, RunFacts
-from replay.source import LogSite, ModuleAnalysis, analyze
-from storage.views import NameInfo
+from florql.replay.planner import Checkpoint, RunFacts
+from florql.replay.source import LogSite, ModuleAnalysis, analyze
+from florql.storage.manifest import Manifest
+from florql.storage.views import NameInfo
 
 BASE_TABLES = (
     "runs", "logs", "checkpoints", "iterations", "run_args", "code_versions",
@@ -21,7 +21,7 @@ BASE_TABLES = (
 @dataclass
 class RunInfo:
     run_id: int
-    manifest: dict
+    manifest: Manifest
     logged: dict[str, NameInfo]  # every stored name: logged by the run or replayed since
     original: set[str] = field(default_factory=set)  # names the run itself logged
     loggable: dict[str, tuple[str, LogSite]] = field(default_factory=dict)  # name → (file, site), current code
@@ -30,14 +30,14 @@ class RunInfo:
 
     @property
     def outer_loop(self) -> str | None:
-        return self.manifest.get("outer_loop")
+        return self.manifest.outer_loop
 
     def columns(self) -> list[str]:
         """Loop coordinates (outer first), then every logged or loggable name: those in the current
         code in code order, the rest in the order the run first logged them."""
         loops = sorted(self.loop_paths, key=lambda n: len(self.loop_paths[n]))
         names = [n for n in dict.fromkeys([*self.loggable, *self.logged]) if n not in self.loop_paths]
-        script = self.manifest.get("script_rel")
+        script = self.manifest.script_rel
         order = {n: i for i, n in enumerate(self.logged)}
 
         def place(name: str) -> tuple:
@@ -60,9 +60,9 @@ def run_ids(conn: duckdb.DuckDBPyConnection) -> list[int]:
 
 
 def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
-    from storage.database import run_names
+    from florql.storage.database import run_names
 
-    manifest = json.loads(conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchall()[0][0])
+    manifest = Manifest.from_json(conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchall()[0][0])
     logged = {n.name: n for n in run_names(conn, run_id)}
     original = {r[0] for r in conn.execute(
         "SELECT DISTINCT name FROM logs WHERE run_id = ? AND source = 'logged'", [run_id]).fetchall()}
@@ -71,9 +71,9 @@ def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
         for depth in range(1, len(n.loop_path) + 1):
             info.loop_paths.setdefault(n.loop_path[depth - 1], n.loop_path[:depth])
     info.code_files = dict(conn.execute(
-        "SELECT path, sha256 FROM code_versions WHERE code_version = ?", [manifest.get("code_version")]
+        "SELECT path, sha256 FROM code_versions WHERE code_version = ?", [manifest.code_version]
     ).fetchall())
-    root = manifest.get("project_root") or ""
+    root = manifest.project_root or ""
     for rel in info.code_files:
         if not rel.endswith(".py"):
             continue
@@ -111,8 +111,8 @@ def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo) -> RunFacts:
     m = info.manifest
     return RunFacts(
         run_id=info.run_id,
-        completed=int(m.get("outer_completed") or 0),
-        iteration_s=list(m.get("iteration_s") or []),
-        inner_s=list(m.get("inner_s") or []),
+        completed=int(m.outer_completed or 0),
+        iteration_s=list(m.iteration_s),
+        inner_s=list(m.inner_s),
         checkpoints=[Checkpoint(i, k, n, b) for i, k, n, b in rows],
     )

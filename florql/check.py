@@ -26,7 +26,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from replay.source import analyze
+from florql.replay.source import analyze
 
 
 @dataclass(frozen=True)

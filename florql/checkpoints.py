@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 import torch
 
-from storage.checkpoints import CheckpointRecord, write_checkpoint
-from storage.runfiles import RunFiles
+from florql.storage.checkpoints import CheckpointRecord, write_checkpoint
+from florql.storage.runfiles import RunFiles
+from florql.storage.trees import tree_map
 
 ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate before the first checkpoint is measured
 
@@ -28,20 +29,26 @@ class AdaptivePolicy:
 
     The cost of a checkpoint is its snapshot stall plus its *interference*: the background
     persist competes with training for cores, memory bandwidth and the GIL, which shows up as
-    iterations that overlap a persist taking longer than those that do not.
+    iterations that overlap a persist taking longer than those that do not. Both are estimated
+    robustly (medians of recent samples), so one noisy iteration neither stops checkpointing for
+    good nor hides a real cost; an estimate resting on few samples is re-measured now and then.
     """
 
     budget: float = 0.05
     train_s: float = 0.0
     stall_s: float = 0.0
-    interference_s: float = 0.0
-    last_cost_s: float | None = None
     taken: int = 0
     considered: int = 0
     skipped_in_flight: int = 0
     gaps: list[int] = field(default_factory=list)
+    overlapped: int = 0  # iterations that ran while a persist was in flight
     _since_last: int = 0
     _quiet: list[float] = field(default_factory=list)  # recent iteration times with no persist running
+    _extras: list[float] = field(default_factory=list)  # recent (overlapped time − quiet median)
+    _stalls: list[float] = field(default_factory=list)
+
+    REPROBE_AFTER = 10  # opportunities without a checkpoint before an uncertain estimate is re-measured
+    SAMPLES = 9
 
     def observe(self, seconds: float) -> None:
         """Training time between two checkpoint opportunities (stall excluded)."""
@@ -50,14 +57,21 @@ class AdaptivePolicy:
     def iteration(self, seconds: float, overlapped: bool) -> None:
         """A whole outer iteration's time, and whether a persist ran during it."""
         if not overlapped:
-            self._quiet = (self._quiet + [seconds])[-9:]
+            self._quiet = (self._quiet + [seconds])[-self.SAMPLES:]
             return
+        self.overlapped += 1
         if self._quiet:
-            # Signed, so timing noise averages out instead of piling up as phantom cost.
-            extra = seconds - sorted(self._quiet)[len(self._quiet) // 2]
-            self.interference_s = max(0.0, self.interference_s + extra)
-            if self.last_cost_s is not None:
-                self.last_cost_s = max(0.0, self.last_cost_s + extra)
+            self._extras = (self._extras + [seconds - _median(self._quiet)])[-self.SAMPLES:]
+
+    @property
+    def interference_s(self) -> float:
+        return self.overlapped * max(0.0, _median(self._extras)) if self._extras else 0.0
+
+    @property
+    def last_cost_s(self) -> float | None:
+        if not self._stalls:
+            return None
+        return _median(self._stalls) + (max(0.0, _median(self._extras)) if self._extras else 0.0)
 
     def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool) -> bool:
         self.considered += 1
@@ -66,11 +80,16 @@ class AdaptivePolicy:
             self.skipped_in_flight += 1
             return False
         cost = self.last_cost_s if self.last_cost_s is not None else estimated_stall_s
-        return self.stall_s + self.interference_s + cost <= self.budget * self.train_s
+        allowed = self.budget * self.train_s
+        if self.stall_s + self.interference_s + cost <= allowed:
+            return True
+        # Blocked only by an interference estimate resting on one or two samples: measure again.
+        stalls_fit = self.stall_s + (_median(self._stalls) if self._stalls else estimated_stall_s) <= allowed
+        return 0 < len(self._extras) < 3 and stalls_fit and self._since_last > self.REPROBE_AFTER
 
     def record(self, stall_s: float) -> None:
         self.stall_s += stall_s
-        self.last_cost_s = stall_s
+        self._stalls = (self._stalls + [stall_s])[-self.SAMPLES:]
         self.taken += 1
         self.gaps.append(self._since_last)
         self._since_last = 0
@@ -83,6 +102,12 @@ class AdaptivePolicy:
     @property
     def overhead(self) -> float:
         return (self.stall_s + self.interference_s) / self.train_s if self.train_s else 0.0
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 class Stager:
@@ -115,14 +140,11 @@ class Stager:
         return staged
 
     def _copy(self, path: str, value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return self._copy_tensor(path, value)
-        if isinstance(value, dict):
-            return type(value)((k, self._copy(f"{path}.{k}", v)) for k, v in value.items())
-        if isinstance(value, (list, tuple)):
-            items = [self._copy(f"{path}.{i}", v) for i, v in enumerate(value)]
-            return type(value)(items) if not hasattr(value, "_fields") else type(value)(*items)
-        return copy.deepcopy(value)
+        # Buffers are keyed by where the tensor sits in the state_dict ("model.layers.0.weight").
+        return tree_map(self._copy_leaf, value, path)
+
+    def _copy_leaf(self, value: Any, path: str) -> Any:
+        return self._copy_tensor(path, value) if isinstance(value, torch.Tensor) else copy.deepcopy(value)
 
     def _copy_tensor(self, path: str, t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -141,15 +163,16 @@ class Stager:
         return buf
 
 
-def _tensors(value: Any):
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _tensors(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
+def _tensors(value: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+
+    def collect(leaf: Any) -> Any:
+        if isinstance(leaf, torch.Tensor):
+            found.append(leaf)
+        return leaf  # unchanged: containers such as torch.Size rebuild only from their own items
+
+    tree_map(collect, value)
+    return found
 
 
 class Persister:

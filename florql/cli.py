@@ -7,7 +7,8 @@ import os
 import sys
 from typing import Sequence
 
-from florql.errors import FlorqlError
+from florql import reads
+from florql.errors import FlorqlError, UsageError
 
 
 def _connect(args: argparse.Namespace):
@@ -66,8 +67,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     db = _connect(args)
     rows = db.sql("SELECT * FROM runs WHERE run_id = ?", [args.run]).arrow().to_pylist()
     if not rows:
-        print(f"florql: there is no run {args.run}; see `florql runs`", file=sys.stderr)
-        return 1
+        raise UsageError(f"there is no run {args.run}; see `florql runs`")
     for key, value in rows[0].items():
         print(f"{key:>20}: {_fmt(value)}")
     info = next(t for t in db.tables() if t.name == f"run_{args.run}")
@@ -136,8 +136,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(args: argparse.Namespace) -> int:
-    from storage.database import rebuild
-    from storage.layout import locate_store
+    from florql.storage.database import rebuild
+    from florql.storage.layout import locate_store
 
     loc = locate_store(args.store)
     rebuild(loc.db_path, loc.run_files())
@@ -148,6 +148,8 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     from florql.check import check_script
 
+    if not os.path.isfile(args.script):
+        raise UsageError(f"cannot read {args.script}: no such file")
     findings = check_script(args.script)
     for f in findings:
         print(f"{args.script}:{f.lineno}: {f.message}")
@@ -207,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    reads.stop()  # the CLI is the query side: it records no run
     try:
         return args.func(args)
     except FlorqlError as err:

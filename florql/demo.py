@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+from importlib import resources
 import os
 import shutil
 import subprocess
@@ -25,11 +26,8 @@ TRY = [
 
 
 def _example() -> str:
-    here = os.path.dirname(os.path.abspath(__file__))
-    for candidate in (os.path.join(here, "..", "examples", "train.py"), os.path.join(here, "examples", "train.py")):
-        if os.path.exists(candidate):
-            return os.path.abspath(candidate)
-    raise FileNotFoundError("examples/train.py not found next to the florql package")
+    """The demo's training script, shipped inside the package as `florql.examples`."""
+    return str(resources.files("florql.examples") / "train.py")
 
 
 def _say(text: str) -> None:

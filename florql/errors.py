@@ -1,15 +1,12 @@
 """Errors a user can act on. Each carries a PostgreSQL SQLSTATE so the wire server can report it."""
 from __future__ import annotations
 
+from florql.storage.errors import FlorqlError, StoreBusy, UsageError
 
-class FlorqlError(Exception):
-    sqlstate = "XX000"
-
-
-class UsageError(FlorqlError, ValueError):
-    """The training API was misused (bad name, unsupported value, nested loops with one name…)."""
-
-    sqlstate = "22023"
+__all__ = [
+    "FlorqlError", "UsageError", "StoreBusy", "QuerySyntaxError", "UnknownTable", "UnknownColumn",
+    "ForbiddenStatement", "ForbiddenAccess", "ParameterError", "ReplayBudgetExceeded", "ReplayFailed", "MissingHindsight",
+]
 
 
 class QuerySyntaxError(FlorqlError):
@@ -34,18 +31,24 @@ class ForbiddenStatement(FlorqlError):
     sqlstate = "25006"
 
 
+class ForbiddenAccess(ForbiddenStatement):
+    """A query tried to read files or the environment (`read_csv`, `FROM 'file.csv'`, `getenv`…)."""
+
+    sqlstate = "42501"
+
+
+class ParameterError(FlorqlError):
+    """A query's `?` / `$n` parameters do not match the values given."""
+
+    sqlstate = "08P01"
+
+
 class ReplayBudgetExceeded(FlorqlError):
     sqlstate = "53400"
 
 
 class ReplayFailed(FlorqlError):
     sqlstate = "XX000"
-
-
-class StoreBusy(FlorqlError):
-    """Another process held the DuckDB file for longer than we were willing to wait."""
-
-    sqlstate = "55006"
 
 
 class MissingHindsight(FlorqlError):

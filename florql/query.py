@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass, field
 from fractions import Fraction
 from functools import lru_cache
-from typing import Any, Sequence
 
 import duckdb
 import sqlglot
@@ -26,13 +25,13 @@ from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from florql.catalog import BASE_TABLES, RunInfo, load_run, run_facts, run_ids
 from florql.errors import FlorqlError, ReplayFailed, UnknownColumn, UnknownTable
-from replay.jobs import JobSpec
-from replay.planner import Need, Plan, PlannedJob, RunFacts
-from replay.source import LogSite, PropagationError, analyze, propagate, statement_inputs
-from storage import layout, segments
-from storage.code_versions import load_code_version
-from storage.runfiles import RunFiles
-from storage.views import grain_for, q, wide_select
+from florql.replay.jobs import JobSpec
+from florql.replay.planner import Need, Plan, PlannedJob, RunFacts
+from florql.replay.source import LogSite, PropagationError, analyze, propagate, statement_inputs
+from florql.storage import layout, segments
+from florql.storage.code_versions import load_code_version
+from florql.storage.runfiles import RunFiles
+from florql.storage.views import grain_for, q, wide_select
 
 _RUN_TABLE = re.compile(r"^run_(\d+)$", re.IGNORECASE)
 _REF = "florql_ref"  # meta key tagging each table node of the user's statement
@@ -161,7 +160,7 @@ def _bind_ranges(ref: TableRef, where: exp.Expression | None, alias: str, runs: 
         ref.run_ids = [r for r in ref.run_ids if r in selected]
     for run_id in ref.run_ids:
         info = runs[run_id]
-        completed = int(info.manifest.get("outer_completed") or 0)
+        completed = int(info.manifest.outer_completed or 0)
         if where is None or not info.outer_loop:
             ref.outer_indices[run_id] = None
         else:
@@ -182,25 +181,6 @@ def _widened(tables: list[exp.Table], existing: list[int], shadowed: set[str], r
         ref.outer_indices = dict.fromkeys(ids)
         refs.append(ref)
     return refs
-
-
-def bind_parameters(statement: exp.Expression, params: Sequence[Any] | None) -> exp.Expression:
-    """Inline `?` / `$n` parameters as literals, so the planner can read predicates that use them."""
-    if not params:
-        return statement
-    values = list(params)
-    position = iter(range(len(values)))
-
-    def substitute(node: exp.Expression) -> exp.Expression:
-        if isinstance(node, (exp.Placeholder, exp.Parameter)):
-            text = node.name
-            index = int(text) - 1 if text.isdigit() else next(position)
-            if not 0 <= index < len(values):
-                raise FlorqlError(f"the query uses parameter {index + 1}, but {len(values)} value(s) were given")
-            return exp.convert(values[index])
-        return node
-
-    return statement.transform(substitute)
 
 
 def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> tuple[set[int], bool]:
@@ -258,6 +238,8 @@ def _number(node: exp.Expression | None) -> Fraction | None:
         return -inner if inner is not None else None
     if isinstance(node, exp.Paren):
         return _number(node.this)
+    if isinstance(node, exp.Cast) and node.to.is_type(*exp.DataType.NUMERIC_TYPES):  # a bound float parameter
+        return _number(node.this)
     if isinstance(node, exp.Literal) and not node.is_string:
         try:
             return Fraction(node.this)
@@ -286,7 +268,7 @@ def wanted_cells(bound: Bound) -> dict[int, dict[str, set[int]]]:
     hindsight = hindsight_names(bound)
     for ref in bound.refs:
         for run_id in ref.run_ids:
-            completed = int(bound.runs[run_id].manifest.get("outer_completed") or 0)
+            completed = int(bound.runs[run_id].manifest.outer_completed or 0)
             selected = ref.outer_indices.get(run_id)
             indices = set(range(completed)) if selected is None else {i for i in selected if i < completed}
             for name in ref.columns & hindsight.get(run_id, set()):
@@ -311,7 +293,7 @@ def missing_cells(bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int
     result = []
     for run_id, names in sorted(wanted_cells(bound).items()):
         info = bound.runs[run_id]
-        uncaptured = set(info.manifest.get("uncaptured") or ())
+        uncaptured = set(info.manifest.uncaptured)
         needs = []
         for name, indices in sorted(names.items()):
             site = sites[run_id][name]
@@ -351,13 +333,13 @@ class Site:
 
 def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict[str, str], dict[str, Site]]:
     """The run's files with the hindsight statements propagated in, and each name's site there."""
-    recorded = load_code_version(files, info.manifest["code_version"])
+    recorded = load_code_version(files, info.manifest.code_version)
     by_file: dict[str, set[str]] = {}
     for name in names:
         by_file.setdefault(info.loggable[name][0], set()).add(name)
     patched: dict[str, str] = {}
     sites: dict[str, Site] = {}
-    root = info.manifest.get("project_root") or ""
+    root = info.manifest.project_root or ""
     for rel, file_names in by_file.items():
         old = recorded[rel].decode()
         with open(f"{root}/{rel}", encoding="utf-8") as f:
@@ -369,7 +351,7 @@ def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict
         for name in file_names:
             site = analysis.get(name)
             alone = _propagated(info.run_id, old, current, frozenset([name]), rel)
-            digest = hashlib.sha256(f"{info.manifest['code_version']}\0{rel}\0{alone}".encode()).hexdigest()[:16]
+            digest = hashlib.sha256(f"{info.manifest.code_version}\0{rel}\0{alone}".encode()).hexdigest()[:16]
             sites[name] = Site(site.loop_path if site else (), digest, _inputs(new, name))
     return patched, sites
 
@@ -401,11 +383,11 @@ def job_specs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]], site
         job_id = f"{job.run_id}-{uuid.uuid4().hex[:12]}"
         audit = sorted(info.original)
         specs.append(JobSpec(
-            job_id=job_id, run_id=job.run_id, runs_url=files.url, code_version=m["code_version"],
-            script_rel=m["script_rel"], cwd_rel=m.get("cwd_rel") or ".", argv=list(m.get("argv") or []),
-            args=dict(m.get("args") or {}), names=job.names, audit_names=audit, start=job.start, stop=job.stop,
+            job_id=job_id, run_id=job.run_id, runs_url=files.url, code_version=m.code_version,
+            script_rel=m.script_rel, cwd_rel=m.cwd_rel or ".", argv=list(m.argv),
+            args=dict(m.args), names=job.names, audit_names=audit, start=job.start, stop=job.stop,
             log_from=job.log_from, restore_inner=dict(job.restore_inner), restore_before=job.restore_before,
-            patched=patched.get(job.run_id, {}), threads=int(m.get("env", {}).get("torch_threads") or 0), mode=job.mode, est_s=job.est_s,
+            patched=patched.get(job.run_id, {}), threads=int(m.env.torch_threads or 0), mode=job.mode, est_s=job.est_s,
             versions={n: sites[job.run_id][n].version for n in job.names},
             expected_path=_write_expected(conn, files, info, job, job_id),
         ))
@@ -427,7 +409,7 @@ def _write_expected(conn: duckdb.DuckDBPyConnection, files: RunFiles, info: RunI
         f"AND {q(outer)} < ? ORDER BY seq", params=[info.run_id, job.log_from, job.stop]
     ).to_arrow_table()
     table = table.cast(segments.SCHEMA)
-    path = f"{layout.replay_dir(info.run_id, job_id)}/expected.arrow"
+    path = layout.replay_expected_path(info.run_id, job_id)
     files.put(path, segments.encode(table.to_batches(), {}))
     return path
 

@@ -1,7 +1,6 @@
 """Recording a run: manifest, code version, background segments and adaptive checkpoints."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import socket
@@ -15,23 +14,24 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from florql import args as florql_args
+from florql import replay, storage
 from florql.checkpoints import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager
 from florql.names import check_name
 from florql.reads import READ_FILES
 from florql.rng import capture_rng
 from florql.scope import baseline_of, capture_scope
 from florql.session import LoopFrame, Session, now
-from storage import layout
-from storage.checkpoints import CheckpointRecord
-from storage.code_versions import save_code_version
-from storage.layout import locate_store
-from storage.segment_writer import SegmentWriter
+from florql.storage import layout
+from florql.storage.checkpoints import CheckpointRecord
+from florql.storage.code_versions import save_code_version
+from florql.storage.layout import locate_store
+from florql.storage.manifest import Env, Manifest
+from florql.storage.segment_writer import SegmentWriter
 
 MAX_READ_FILE_BYTES = 1 << 20  # files the script reads (configs) join its code version up to this size
 HEARTBEAT_S = 2.0
 _OWN_PACKAGES = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep
-    for m in (sys.modules["florql"], __import__("storage"), __import__("replay"))
+    os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["florql"], storage, replay)
 )
 
 
@@ -66,20 +66,20 @@ def _git_commit(root: str) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def environment() -> dict[str, Any]:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "platform": platform.platform(),
-        "hostname": socket.gethostname(),
-        "pid": os.getpid(),
-        "device": "cpu",
-        "torch_threads": torch.get_num_threads(),  # replay uses the same count: reductions depend on it
-    }
+def environment() -> Env:
+    env = Env(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        platform=platform.platform(),
+        hostname=socket.gethostname(),
+        pid=os.getpid(),
+        device="cpu",
+        torch_threads=torch.get_num_threads(),  # replay uses the same count: reductions depend on it
+    )
     if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(0)
-        env["cuda_devices"] = torch.cuda.device_count()
+        env.device = torch.cuda.get_device_name(0)
+        env.cuda_devices = torch.cuda.device_count()
     return env
 
 
@@ -99,31 +99,20 @@ class RecordSession(Session):
         self.persister = Persister(self.files, self.run_id, self._checkpoint_done)
         self.scope_warned: set[str] = set()
         self._code_thread: threading.Thread | None = None
-        self.manifest: dict[str, Any] = {
-            "run_id": self.run_id,
-            "script": self.script,
-            "script_rel": os.path.relpath(self.script, self.root) if self.script else None,
-            "cwd_rel": os.path.relpath(os.getcwd(), self.root),
-            "project_root": self.root,
-            "argv": sys.argv[1:],
-            "args": {},
-            "code_version": None,
-            "git_commit": _git_commit(self.root),
-            "env": environment(),
-            "started_at": time.time(),
-            "ended_at": None,
-            "heartbeat_at": time.time(),
-            "status": "running",
-            "error": None,
-            "outer_loop": None,
-            "outer_planned": None,
-            "outer_completed": 0,
-            "outer_broke_early": False,
-            "iteration_s": [],
-            "inner_s": [],
-            "checkpoint_budget": None,
-            "checkpoints": {"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},
-        }
+        self.manifest = Manifest(
+            run_id=self.run_id,
+            script=self.script,
+            script_rel=os.path.relpath(self.script, self.root) if self.script else None,
+            cwd_rel=os.path.relpath(os.getcwd(), self.root),
+            project_root=self.root,
+            argv=sys.argv[1:],
+            git_commit=_git_commit(self.root),
+            env=environment(),
+            started_at=time.time(),
+            heartbeat_at=time.time(),
+            status="running",
+            checkpoints={"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},
+        )
         self._capture_code_version(wait=True)  # the manifest names its code version from the start
         self._write_manifest()
         self.writer = SegmentWriter(
@@ -136,13 +125,13 @@ class RecordSession(Session):
     # ---- manifest ---------------------------------------------------------------------------
     def update(self, **fields: Any) -> None:
         with self._manifest_lock:
-            self.manifest.update(fields)
+            self.manifest.update(**fields)
             self._manifest_dirty = True
 
     def _write_manifest(self) -> None:
         with self._manifest_lock:
-            self.manifest["heartbeat_at"] = time.time()
-            body = json.dumps(self.manifest, default=str, indent=1).encode()
+            self.manifest.heartbeat_at = time.time()
+            body = self.manifest.to_json().encode()
             self._manifest_dirty = False
         self.files.put(layout.manifest_path(self.run_id), body)
         self._last_manifest = time.monotonic()
@@ -237,7 +226,7 @@ class RecordSession(Session):
                 self._end_outer_iteration(index)
             completed = True
         finally:
-            if not completed and index >= 0 and self.manifest["outer_completed"] == index:
+            if not completed and index >= 0 and self.manifest.outer_completed == index:
                 # `break` inside iteration `index`: it ran, so it counts.
                 self._end_outer_iteration(index)
             self.update(outer_broke_early=not completed)
@@ -252,9 +241,9 @@ class RecordSession(Session):
         else:
             self.policy_observe(elapsed - self.outer.observed_s)
         with self._manifest_lock:
-            self.manifest["iteration_s"].append(round(elapsed, 6))
-            self.manifest["inner_s"].append(round(self.outer.inner_s, 6))
-            self.manifest["outer_completed"] = index + 1
+            self.manifest.iteration_s.append(round(elapsed, 6))
+            self.manifest.inner_s.append(round(self.outer.inner_s, 6))
+            self.manifest.outer_completed = index + 1
             self._manifest_dirty = True
 
     def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
@@ -277,6 +266,9 @@ class RecordSession(Session):
     # ---- checkpoints ------------------------------------------------------------------------
     def register(self, objects: dict[str, Any], budget: float | None) -> None:
         super().register(objects, budget)
+        # The writer's one-time warm-up would slow the first iterations and be charged to the first
+        # checkpoint's persist; scripts usually cover it with their own set-up.
+        self.writer.warmed.wait(timeout=2.0)
         self.policy = AdaptivePolicy(budget=self.budget)
         self.update(checkpoint_budget=self.budget, checkpoint_objects=sorted(objects))
 
@@ -309,9 +301,9 @@ class RecordSession(Session):
             "args": dict(self.args),
         }
         stall = now() - started
-        uncaptured = set((payload["scope"] or {}).get("uncaptured", ())) - set(self.manifest.get("uncaptured", ()))
+        uncaptured = set((payload["scope"] or {}).get("uncaptured", ())) - set(self.manifest.uncaptured)
         if uncaptured:  # statements reading these are answered by re-execution, never by skipping
-            self.update(uncaptured=sorted(uncaptured | set(self.manifest.get("uncaptured", ()))))
+            self.update(uncaptured=sorted(uncaptured | set(self.manifest.uncaptured)))
         self.policy.record(stall)
         self.outer.stall_s += stall
         coords = {f.name: f.index for f in self.stack[:1]}
@@ -338,9 +330,9 @@ class RecordSession(Session):
     def fail(self, exc_type: type, exc: BaseException, tb: Any) -> None:
         text = "".join(traceback.format_exception_only(exc_type, exc)).strip()
         fields: dict[str, Any] = {"status": "failed", "error": text}
-        if self.manifest["outer_broke_early"] and self.manifest["outer_completed"]:
+        if self.manifest.outer_broke_early and self.manifest.outer_completed:
             # The exception left the outer loop mid-iteration: that iteration did not complete.
-            fields["outer_completed"] = self.manifest["outer_completed"] - 1
+            fields["outer_completed"] = self.manifest.outer_completed - 1
         self.update(**fields)
 
     def finish(self) -> None:
@@ -351,7 +343,7 @@ class RecordSession(Session):
         self.writer.close()
         self._capture_code_version(wait=True)
         fields: dict[str, Any] = {"ended_at": time.time()}
-        if self.manifest["status"] == "running":
+        if self.manifest.status == "running":
             fields["status"] = "finished"
         self.update(**fields)
         self._write_manifest()

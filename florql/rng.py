@@ -5,6 +5,7 @@ import random
 from typing import Any
 
 import numpy as np
+import numpy.random  # noqa: F401  (numpy 2 imports it on first use: not inside a checkpoint's stall)
 import torch
 
 

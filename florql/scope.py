@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from florql.storage.trees import tree_map
+
 _PLAIN_ATOMS = (type(None), bool, int, float, complex, str, bytes, torch.device, torch.dtype)
 _MAX_ITEMS = 100_000
 _STATEFUL_TYPES: tuple[type, ...] = (torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
@@ -48,24 +50,13 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
 
 def _copy_plain(value: Any) -> Any:
     """A copy of plain data of the same types (a deque keeps its maxlen, a defaultdict its factory)."""
+    return tree_map(_copy_plain_leaf, value)
+
+
+def _copy_plain_leaf(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
-    if isinstance(value, collections.deque):
-        return collections.deque((_copy_plain(v) for v in value), maxlen=value.maxlen)
-    if _is_namedtuple(value):
-        return type(value)(*(_copy_plain(v) for v in value))
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return type(value)(_copy_plain(v) for v in value)
-    if isinstance(value, dict):
-        out = copy.copy(value)  # keeps the class and, for a defaultdict, its default factory
-        out.clear()
-        out.update({k: _copy_plain(v) for k, v in value.items()})
-        return out
     return copy.copy(value) if isinstance(value, np.ndarray) else value
-
-
-def _is_namedtuple(value: Any) -> bool:
-    return isinstance(value, tuple) and hasattr(value, "_fields")
 
 
 def _generator_state(value: Any) -> tuple[str, Any] | None:
@@ -168,7 +159,7 @@ def _is_plain_object(value: Any) -> bool:
     return bool(vars(value)) and _is_plain(dict(vars(value)), [_MAX_ITEMS])
 
 
-_LIBRARY_MODULES = frozenset({"builtins", "torch", "numpy", "florql", "storage", "replay", "pandas", "pyarrow"})
+_LIBRARY_MODULES = frozenset({"builtins", "torch", "numpy", "florql", "pandas", "pyarrow"})
 
 
 def _loader_generators(name: str, loader: Any) -> list[tuple[str, Any]]:

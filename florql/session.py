@@ -2,7 +2,7 @@
 
 A session owns the loop stack (the coordinates every record carries), the registered
 checkpoint objects and the segment writer. `RecordSession` writes a new run;
-`replay.session.ReplaySession` re-executes part of an old one.
+`florql.replaying.ReplaySession` re-executes part of an old one.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 
 from florql.errors import UsageError
 from florql.names import check_name
-from storage.segment_writer import SOFT_LIMIT, Deferred, SegmentWriter
+from florql.storage.segment_writer import SOFT_LIMIT, Deferred, SegmentWriter
 
 
 @dataclass

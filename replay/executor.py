@@ -5,17 +5,14 @@ module-level variables) that must not leak from one job into the next.
 """
 from __future__ import annotations
 
-import json
 import os
 import queue
-import subprocess
-import sys
-import tempfile
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-from replay.jobs import JobResult, JobSpec
+from florql.replay.jobs import JobResult, JobSpec
+from florql.replay.launcher import launch_worker, worker_env
 
 ProgressFn = Callable[[JobSpec, JobResult], None]
 
@@ -73,30 +70,8 @@ class LocalExecutor(Executor):
     def _run_one(self, spec: JobSpec, slot: int) -> JobResult:
         # The recorded thread count keeps float reductions bit-identical; else a fair share.
         spec.threads = spec.threads or self.threads_per_job()
-        env = dict(os.environ)
-        env.pop("FLORQL_REPLAY_JOB", None)
-        env["OMP_NUM_THREADS"] = str(spec.threads)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = str(slot % self.gpus)
-        with tempfile.TemporaryDirectory(prefix="florql-job-") as tmp:
-            spec_path = os.path.join(tmp, "spec.json")
-            with open(spec_path, "w") as f:
-                f.write(spec.to_json())
-            proc = subprocess.run([sys.executable, "-m", "replay.worker", spec_path], env=env,
-                                  capture_output=True, text=True)
-            result_path = spec_path + ".result.json"
-            if not os.path.exists(result_path):
-                tail = (proc.stderr or proc.stdout or "")[-4000:]
-                return JobResult(spec.job_id, ok=False, error=f"worker exited with {proc.returncode}: {tail}")
-            with open(result_path) as f:
-                return JobResult(**json.load(f))
-
-
-def _package_root() -> str:
-    import replay
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(replay.__file__)))
+        env = worker_env(spec, {"CUDA_VISIBLE_DEVICES": str(slot % self.gpus)} if self.gpus else None)
+        return launch_worker(spec, env)
 
 
 def make_executor(kind: str | None = None, workers: int | None = None, **options) -> Executor:
@@ -104,7 +79,7 @@ def make_executor(kind: str | None = None, workers: int | None = None, **options
     if kind == "local":
         return LocalExecutor(workers)
     if kind == "ray":
-        from replay.ray_executor import RayExecutor
+        from florql.replay.ray_executor import RayExecutor
 
         return RayExecutor(workers=workers, **options)
     raise ValueError(f"unknown executor {kind!r}; use 'local' or 'ray'")

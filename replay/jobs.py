@@ -51,3 +51,16 @@ class JobResult:
     summary: dict[str, Any] | None = None  # the COMMITTED record
     error: str | None = None
     divergence: dict[str, Any] | None = None
+
+
+class ReplayFinished(BaseException):
+    """Raised out of the outer loop once the job's last iteration ran (BaseException: scripts'
+    `except Exception` blocks must not swallow it)."""
+
+
+class ReplayDiverged(BaseException):
+    """A re-logged value differs from the one the original run logged."""
+
+    def __init__(self, detail: dict[str, Any]) -> None:
+        super().__init__(detail)
+        self.detail = detail

@@ -1,7 +1,7 @@
 """Replay jobs as Ray tasks, on an existing cluster or on a local one florql starts.
 
 Each job is one task declaring what it needs (`threads` CPUs, and one GPU when asked), so Ray
-places it; inside the task the job runs as `python -m replay.worker` in a fresh process, exactly
+places it; inside the task the job runs as `python -m florql.replay.worker` in a fresh process, exactly
 as with the local pool. That subprocess (rather than running the worker in the Ray worker with
 `max_calls=1`) keeps the script's global state, `chdir` and `os._exit` away from Ray's worker, lets
 the task report a script's failure with its stderr, and tells a killed job (a signal) apart
@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 import tempfile
 from typing import Any
 
-from florql.errors import UsageError
-from replay.executor import Executor, ProgressFn
-from replay.jobs import JobResult, JobSpec
+from florql.storage.errors import UsageError
+from florql.replay.executor import Executor, ProgressFn
+from florql.replay.jobs import JobResult, JobSpec
+from florql.replay.launcher import launch_worker, worker_env
 
 # Configuration (never credentials) that replay workers need to reach the run files.
 FORWARDED_ENV = ("FLORQL_STORAGE_OPTIONS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
@@ -112,32 +112,15 @@ class RayExecutor(Executor):
 def _run_job(spec_json: str) -> dict[str, Any]:
     """The Ray task: one replay job in a fresh interpreter on whichever node Ray picked."""
     spec = JobSpec.from_json(spec_json)
-    from storage import layout
-    from storage.runfiles import open_run_files
+    from florql.storage import layout
+    from florql.storage.runfiles import open_run_files
 
     files = open_run_files(spec.runs_url)
     committed = layout.replay_commit_path(spec.run_id, spec.job_id)
     if files.exists(committed):  # an earlier attempt committed, then died before reporting
         summary = json.loads(files.get(committed))
         return JobResult(spec.job_id, ok=True, summary=summary).__dict__
-    env = dict(os.environ)
-    env.pop("FLORQL_REPLAY_JOB", None)
-    env["OMP_NUM_THREADS"] = str(spec.threads)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_package_root(), env.get("PYTHONPATH")]))
-    with tempfile.TemporaryDirectory(prefix="florql-job-") as tmp:
-        spec_path = os.path.join(tmp, "spec.json")
-        with open(spec_path, "w") as f:
-            f.write(spec.to_json())
-        proc = subprocess.run([sys.executable, "-m", "replay.worker", spec_path], env=env,
-                              capture_output=True, text=True)
-        if proc.returncode < 0:
-            raise WorkerDied(f"replay job {spec.job_id} was killed by signal {-proc.returncode}")
-        try:
-            with open(spec_path + ".result.json") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            tail = (proc.stderr or proc.stdout or "")[-4000:]
-            return JobResult(spec.job_id, ok=False, error=f"worker exited with {proc.returncode}: {tail}").__dict__
+    return launch_worker(spec, worker_env(spec), killed=WorkerDied).__dict__
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -145,19 +128,25 @@ def _forwarded_env() -> dict[str, str]:
     return {n: os.environ[n] for n in names}
 
 
-def _packages() -> list[Any]:
-    """florql's packages, shipped to a remote cluster whose nodes may not have florql installed."""
+def _packages() -> list[str]:
+    """florql as one folder with its layers inside, shipped to nodes that may not have it installed.
+
+    Installed, the layers already sit inside the package; in a source checkout they sit beside it
+    (storage/, replay/) and are staged into a copy.
+    """
     import florql
-    import replay
-    import storage
+    from florql import replay, storage
 
-    return [florql, replay, storage]
-
-
-def _package_root() -> str:
-    import replay
-
-    return os.path.dirname(os.path.dirname(os.path.abspath(replay.__file__)))
+    package = os.path.dirname(os.path.abspath(florql.__file__))
+    layers = [os.path.dirname(os.path.abspath(m.__file__)) for m in (storage, replay)]
+    if all(os.path.dirname(layer) == package for layer in layers):
+        return [package]
+    staged = os.path.join(tempfile.mkdtemp(prefix="florql-ship-"), "florql")
+    skip = shutil.ignore_patterns("__pycache__")
+    shutil.copytree(package, staged, ignore=skip)
+    for layer, name in zip(layers, ("storage", "replay")):
+        shutil.copytree(layer, os.path.join(staged, name), ignore=skip)
+    return [staged]
 
 
 def _local_gpus() -> int:

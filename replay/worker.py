@@ -1,4 +1,4 @@
-"""A replay worker process: `python -m replay.worker SPEC.json`.
+"""A replay worker process: `python -m florql.replay.worker SPEC.json`.
 
 It lays the run's recorded code version (with the hindsight statements propagated into it) in a
 sandbox folder, so the script's own side effects never touch the user's files, and runs the
@@ -13,7 +13,11 @@ import sys
 import tempfile
 import traceback
 
-from replay.jobs import JobResult, JobSpec
+from florql.replay.jobs import JobResult, JobSpec, ReplayDiverged, ReplayFinished
+from florql.replay.launcher import result_path
+from florql.storage import layout
+from florql.storage.code_versions import load_code_version, materialize
+from florql.storage.runfiles import open_run_files
 
 EXIT_DIVERGED = 3
 
@@ -24,13 +28,9 @@ def run(spec_path: str) -> JobResult:
     import torch
 
     torch.set_num_threads(max(1, spec.threads))
-    os.environ["FLORQL_REPLAY_JOB"] = spec_path
-    import florql
-    from replay.session import ReplayDiverged, ReplayFinished
-    from storage.code_versions import load_code_version, materialize
-    from storage.runfiles import open_run_files
-
+    os.environ["FLORQL_REPLAY_JOB"] = spec_path  # the script's first florql call starts a replay session
     files = open_run_files(spec.runs_url)
+    committed = layout.replay_commit_path(spec.run_id, spec.job_id)
     sources = load_code_version(files, spec.code_version)
     sources.update({rel: text.encode() for rel, text in spec.patched.items()})
     with tempfile.TemporaryDirectory(prefix=f"florql-replay-{spec.run_id}-") as sandbox:
@@ -47,22 +47,19 @@ def run(spec_path: str) -> JobResult:
             pass
         except ReplayDiverged as exc:
             return JobResult(spec.job_id, ok=False, divergence=exc.detail, error="diverged")
-        except BaseException as exc:  # the script failed: report it with the job
-            session = florql._session
-            if not getattr(session, "committed", False):
+        except BaseException as exc:  # the script failed: report it with the job, unless it failed after the commit
+            if not files.exists(committed):
                 return JobResult(spec.job_id, ok=False, error="".join(traceback.format_exception(exc))[-4000:])
-        session = florql._session
-        if session is None or not getattr(session, "committed", False):
+        if not files.exists(committed):
             return JobResult(spec.job_id, ok=False, error="the script ended without reaching the job's iterations "
                              f"[{spec.start}, {spec.stop}) of its outer florql.loop")
-        summary = json.loads(files.get(f"runs/{spec.run_id}/replays/{spec.job_id}/COMMITTED.json"))
-        return JobResult(spec.job_id, ok=True, summary=summary)
+        return JobResult(spec.job_id, ok=True, summary=json.loads(files.get(committed)))
 
 
 def main() -> None:
     spec_path = sys.argv[1]
     result = run(spec_path)
-    with open(spec_path + ".result.json", "w") as f:
+    with open(result_path(spec_path), "w") as f:
         json.dump(result.__dict__, f, default=repr)
     sys.stdout.flush()
     # Skip interpreter teardown of the user's script (atexit hooks, open loaders).

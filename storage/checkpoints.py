@@ -5,18 +5,19 @@ it is complete; the record carries the payload's SHA-256, checked on every read.
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import pickle
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from florql.storage import layout
+from florql.storage.runfiles import RunFiles
+from florql.storage.trees import tree_map
 
-from storage import layout
-from storage.runfiles import RunFiles
+if TYPE_CHECKING:  # torch loads only in processes that read or write checkpoints, never on the query side
+    import torch
 
 
 class CorruptCheckpoint(RuntimeError):
@@ -63,29 +64,21 @@ MAGIC = b"FLORQLCKPT1\n"
 
 def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
     """The payload with tensors replaced by references (pickled small; bytes written raw)."""
-    if isinstance(value, torch.Tensor):
-        tensors.append(value)
-        return _TensorRef(len(tensors) - 1, str(value.dtype).removeprefix("torch."), tuple(value.shape),
-                          value.requires_grad)
-    if isinstance(value, dict):
-        return type(value)((k, _strip(v, tensors)) for k, v in value.items()) if type(value) is dict else \
-            _rebuild_mapping(value, {k: _strip(v, tensors) for k, v in value.items()})
-    if isinstance(value, list):
-        return [_strip(v, tensors) for v in value]
-    if isinstance(value, tuple):
-        items = [_strip(v, tensors) for v in value]
-        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-    return value
+    import torch
 
+    def ref(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        tensors.append(leaf)
+        return _TensorRef(len(tensors) - 1, str(leaf.dtype).removeprefix("torch."), tuple(leaf.shape),
+                          leaf.requires_grad)
 
-def _rebuild_mapping(original: Any, items: dict) -> Any:
-    out = copy.copy(original)
-    out.clear()
-    out.update(items)
-    return out
+    return tree_map(ref, value)
 
 
 def _raw(t: torch.Tensor) -> memoryview:
+    import torch
+
     flat = t.detach().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
 
@@ -120,6 +113,8 @@ def write_checkpoint(
 
 
 def _load(data: bytes) -> dict[str, Any]:
+    import torch
+
     if not data.startswith(MAGIC):
         raise CorruptCheckpoint("not a florql checkpoint file")
     at = len(MAGIC)
@@ -128,33 +123,41 @@ def _load(data: bytes) -> dict[str, Any]:
     skeleton = pickle.loads(data[at:at + header_len])
     at += header_len
     buffer = bytearray(data[at:])
-    state = {"offset": 0}  # tensors are laid out in the order _strip met them
+
+    def nbytes(ref: _TensorRef) -> int:
+        numel = 1
+        for d in ref.shape:
+            numel *= d
+        return numel * torch.empty((), dtype=getattr(torch, ref.dtype)).element_size()
+
+    # Tensors are laid out in the order _strip met them, which is their index: a set of them
+    # unpickles in another iteration order, so offsets go by index, not by the order met here.
+    refs: list[_TensorRef] = []
+
+    def collect(leaf: Any) -> Any:
+        if isinstance(leaf, _TensorRef):
+            refs.append(leaf)
+        return leaf  # unchanged: containers such as torch.Size rebuild only from their own items
+
+    tree_map(collect, skeleton)
+    offsets, offset = {}, 0
+    for r in sorted(refs, key=lambda r: r.index):
+        offsets[r.index] = offset
+        offset += nbytes(r)
 
     def build(value: Any) -> Any:
-        if isinstance(value, _TensorRef):
-            dtype = getattr(torch, value.dtype)
-            numel = 1
-            for d in value.shape:
-                numel *= d
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            if nbytes:
-                t = torch.frombuffer(buffer, dtype=torch.uint8, count=nbytes, offset=state["offset"])
-                t = t.view(dtype).reshape(value.shape)
-            else:
-                t = torch.empty(value.shape, dtype=dtype)
-            state["offset"] += nbytes
-            return t.requires_grad_(value.requires_grad) if value.requires_grad else t
-        if isinstance(value, dict):
-            return _rebuild_mapping(value, {k: build(v) for k, v in value.items()}) if type(value) is not dict \
-                else {k: build(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [build(v) for v in value]
-        if isinstance(value, tuple):
-            items = [build(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
-        return value
+        if not isinstance(value, _TensorRef):
+            return value
+        dtype = getattr(torch, value.dtype)
+        size = nbytes(value)
+        if size:
+            t = torch.frombuffer(buffer, dtype=torch.uint8, count=size, offset=offsets[value.index])
+            t = t.view(dtype).reshape(value.shape)
+        else:
+            t = torch.empty(value.shape, dtype=dtype)
+        return t.requires_grad_(value.requires_grad) if value.requires_grad else t
 
-    return build(skeleton)
+    return tree_map(build, skeleton)
 
 
 def list_checkpoints(files: RunFiles, run_id: int) -> list[CheckpointRecord]:

@@ -5,8 +5,8 @@ import hashlib
 import json
 import os
 
-from storage import layout
-from storage.runfiles import RunFiles
+from florql.storage import layout
+from florql.storage.runfiles import RunFiles
 
 
 def save_code_version(files: RunFiles, sources: dict[str, bytes]) -> str:

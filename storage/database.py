@@ -20,12 +20,13 @@ from typing import Any, Iterator
 import duckdb
 import pyarrow as pa
 
-from florql.errors import StoreBusy
-from storage import layout, segments
-from storage.checkpoints import CheckpointRecord
-from storage.code_versions import code_version_manifest
-from storage.runfiles import RunFiles
-from storage.views import NameInfo, grain_for, lit, q, wide_select
+from florql.storage.errors import StoreBusy
+from florql.storage import layout, segments
+from florql.storage.checkpoints import CheckpointRecord
+from florql.storage.code_versions import code_version_manifest
+from florql.storage.manifest import Manifest
+from florql.storage.runfiles import RunFiles
+from florql.storage.views import NameInfo, grain_for, lit, q, wide_select
 
 HEARTBEAT_TIMEOUT_S = 30.0
 
@@ -164,7 +165,7 @@ def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> None:
 
 def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> bool:
     try:
-        manifest = json.loads(files.get(layout.manifest_path(run_id)))
+        manifest = Manifest.from_json(files.get(layout.manifest_path(run_id)))
     except FileNotFoundError:
         return False  # claimed a moment ago; the manifest follows
     status = _effective_status(manifest)
@@ -173,7 +174,7 @@ def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) ->
         _ingest_segments(conn, files, run_id)
         _upsert_run(conn, run_id, manifest, status)
         _ingest_checkpoints(conn, files, run_id)
-        _ingest_code_version(conn, files, manifest.get("code_version"))
+        _ingest_code_version(conn, files, manifest.code_version)
         done = status != "running"
         if done:
             conn.execute("UPDATE _runs SET sealed = TRUE WHERE run_id = ?", [run_id])
@@ -185,23 +186,23 @@ def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) ->
     return True  # the manifest may have changed even without new rows: refresh the views
 
 
-def _effective_status(manifest: dict[str, Any]) -> str:
+def _effective_status(manifest: Manifest) -> str:
     """A run still marked running whose process is gone was killed."""
-    if manifest["status"] != "running":
-        return manifest["status"]
-    env = manifest.get("env", {})
-    if env.get("hostname") == socket.gethostname():
+    if manifest.status != "running":
+        return manifest.status
+    env = manifest.env
+    if env.hostname == socket.gethostname():
         try:
-            os.kill(int(env["pid"]), 0)
+            os.kill(int(env.pid), 0)  # type: ignore[arg-type]
         except ProcessLookupError:
             return "killed"
-        except (PermissionError, KeyError, ValueError):
+        except (PermissionError, TypeError, ValueError):  # TypeError: no pid recorded
             pass
         else:
-            if _zombie(int(env["pid"])):
+            if _zombie(int(env.pid)):  # type: ignore[arg-type]
                 return "killed"
             return "running"
-    if time.time() - float(manifest.get("heartbeat_at") or 0) > HEARTBEAT_TIMEOUT_S:
+    if time.time() - float(manifest.heartbeat_at or 0) > HEARTBEAT_TIMEOUT_S:
         return "killed"
     return "running"
 
@@ -214,32 +215,32 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: dict[str, Any], status: str) -> None:
-    env = m.get("env", {})
-    ckpt = m.get("checkpoints") or {}
-    ended = m.get("ended_at")
+def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, status: str) -> None:
+    env = m.env
+    ckpt = m.checkpoints
+    ended = m.ended_at
     conn.execute("DELETE FROM _runs WHERE run_id = ?", [run_id])
     conn.execute(
         "INSERT INTO _runs VALUES (?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, to_timestamp(?)::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
         " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, FALSE)",
         [
-            run_id, m.get("script"), m.get("script_rel"), m.get("cwd_rel"), status, m.get("started_at"), ended,
-            (ended - m["started_at"]) if ended else None, m.get("code_version"), m.get("git_commit"),
-            m.get("argv"), m.get("error"), m.get("outer_loop"), m.get("outer_planned"), m.get("outer_completed"),
-            m.get("outer_broke_early"), env.get("hostname"), env.get("pid"), env.get("device"), env.get("python"),
-            env.get("torch"), env.get("cuda"), ckpt.get("taken"), ckpt.get("overhead"), m.get("checkpoint_budget"),
-            m.get("heartbeat_at"), json.dumps(m),
+            run_id, m.script, m.script_rel, m.cwd_rel, status, m.started_at, ended,
+            (ended - m.started_at) if ended and m.started_at is not None else None, m.code_version, m.git_commit,
+            m.argv, m.error, m.outer_loop, m.outer_planned, m.outer_completed,
+            m.outer_broke_early, env.hostname, env.pid, env.device, env.python,
+            env.torch, env.cuda, ckpt.get("taken"), ckpt.get("overhead"), m.checkpoint_budget,
+            m.heartbeat_at, m.to_json(indent=None),
         ],
     )
     conn.execute("DELETE FROM run_args WHERE run_id = ?", [run_id])
-    for name, value in (m.get("args") or {}).items():
+    for name, value in m.args.items():
         vtype = segments.VALUE_TYPES.get(type(value), "str")
         row: list[Any] = [None, None, None, None]
         row[["float", "int", "bool", "str"].index(vtype)] = value if vtype != "str" else (None if value is None else str(value))
         conn.execute("INSERT INTO run_args VALUES (?, ?, ?, ?, ?, ?, ?)", [run_id, name, vtype, *row])
     conn.execute("DELETE FROM iterations WHERE run_id = ?", [run_id])
-    times = m.get("iteration_s") or []
-    inner = m.get("inner_s") or []
+    times = m.iteration_s
+    inner = m.inner_s
     if times:
         table = pa.table({
             "run_id": pa.array([run_id] * len(times), pa.int32()),
@@ -340,9 +341,9 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
     for job_id in files.list_dirs(layout.replays_dir(run_id)):
         if job_id in have:
             continue
-        base = layout.replay_dir(run_id, job_id)
-        if job_id not in audited and files.exists(f"{base}/DIVERGED.json"):
-            _ingest_divergence(conn, run_id, job_id, json.loads(files.get(f"{base}/DIVERGED.json")))
+        diverged = layout.replay_divergence_path(run_id, job_id)
+        if job_id not in audited and files.exists(diverged):
+            _ingest_divergence(conn, run_id, job_id, json.loads(files.get(diverged)))
         if not files.exists(layout.replay_commit_path(run_id, job_id)):
             continue
         summary = json.loads(files.get(layout.replay_commit_path(run_id, job_id)))
@@ -408,10 +409,7 @@ def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
     fixed = {r[0] for r in conn.execute(
         "SELECT column_name FROM information_schema.columns WHERE table_name = '_runs'").fetchall()}
     pivots = "".join(
-        f", (SELECT coalesce(a.value_float, a.value_int::DOUBLE, a.value_bool::INTEGER::DOUBLE)"
-        f" FROM run_args a WHERE a.run_id = r.run_id AND a.name = '{a}') AS {q(a if a not in fixed else 'arg_' + a)}"
-        if _numeric_arg(conn, a) else
-        f", (SELECT a.value_str FROM run_args a WHERE a.run_id = r.run_id AND a.name = '{a}')"
+        f", (SELECT {_arg_value(conn, a)} FROM run_args a WHERE a.run_id = r.run_id AND a.name = {lit(a)})"
         f" AS {q(a if a not in fixed else 'arg_' + a)}"
         for a in args
     )
@@ -424,9 +422,14 @@ def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
     conn.execute("CREATE OR REPLACE VIEW metrics AS " + (" UNION ALL BY NAME ".join(parts) or "SELECT NULL::INTEGER AS run_id WHERE FALSE"))
 
 
-def _numeric_arg(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
+def _arg_value(conn: duckdb.DuckDBPyConnection, name: str) -> str:
+    """The column expression for an arg, keeping its type: ints stay BIGINT, bools BOOLEAN."""
     types = {r[0] for r in conn.execute("SELECT DISTINCT value_type FROM run_args WHERE name = ?", [name]).fetchall()}
-    return bool(types) and types <= {"float", "int", "bool"}
+    if types in ({"int"}, {"bool"}, {"float"}):
+        return f"a.value_{next(iter(types))}"
+    if types == {"float", "int"}:
+        return "coalesce(a.value_float, a.value_int::DOUBLE)"
+    return "coalesce(a.value_str, a.value_float::VARCHAR, a.value_int::VARCHAR, a.value_bool::VARCHAR)"
 
 
 def rebuild(db_path: str, files: RunFiles) -> None:

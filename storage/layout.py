@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from storage.runfiles import RunFiles, open_run_files
+from florql.storage.runfiles import RunFiles, open_run_files
 
 DB_FILENAME = "florql.duckdb"
 MAIN_WRITER = "main"
@@ -78,8 +78,22 @@ def replay_segment_path(run_id: int, job_id: str, seq: int, attempt: str = "a") 
     return f"runs/{run_id}/replays/{job_id}/segments/{attempt}-{seq:08d}.arrow"
 
 
+# The files of a replay job's folder.
+REPLAY_COMMITTED = "COMMITTED.json"  # the job's summary, written last: the job's rows are complete
+REPLAY_DIVERGED = "DIVERGED.json"  # a re-logged value differed from the recorded one
+REPLAY_EXPECTED = "expected.arrow"  # the recorded values the job audits its re-logged ones against
+
+
 def replay_commit_path(run_id: int, job_id: str) -> str:
-    return f"runs/{run_id}/replays/{job_id}/COMMITTED.json"
+    return f"{replay_dir(run_id, job_id)}/{REPLAY_COMMITTED}"
+
+
+def replay_divergence_path(run_id: int, job_id: str) -> str:
+    return f"{replay_dir(run_id, job_id)}/{REPLAY_DIVERGED}"
+
+
+def replay_expected_path(run_id: int, job_id: str) -> str:
+    return f"{replay_dir(run_id, job_id)}/{REPLAY_EXPECTED}"
 
 
 def replays_dir(run_id: int) -> str:

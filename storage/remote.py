@@ -21,8 +21,8 @@ import tempfile
 import uuid
 from typing import Any, BinaryIO, Iterator
 
-from florql.errors import UsageError
-from storage.runfiles import TMP_PREFIX, RunFiles
+from florql.storage.errors import UsageError
+from florql.storage.runfiles import TMP_PREFIX, RunFiles
 
 OPTIONS_ENV = "FLORQL_STORAGE_OPTIONS"
 # Protocols where one upload is atomic: an object becomes visible whole or not at all.

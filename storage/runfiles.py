@@ -147,7 +147,7 @@ def open_run_files(location: str | os.PathLike) -> RunFiles:
     """The RunFiles for a location: a local path now; URLs are routed to other backends."""
     location = os.fspath(location)
     if "://" in location and not location.startswith("file://"):
-        from storage.remote import FsspecRunFiles  # optional dependency
+        from florql.storage.remote import FsspecRunFiles  # optional dependency
 
         return FsspecRunFiles(location)
     return LocalRunFiles(location.removeprefix("file://"))

@@ -9,8 +9,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from storage import segments
-from storage.runfiles import RunFiles
+from florql.storage import segments
+from florql.storage.runfiles import RunFiles
 
 SOFT_LIMIT = 200_000  # records: wake the writer early
 HARD_LIMIT = 2_000_000  # records: the training thread waits (memory stays bounded)
@@ -49,6 +49,7 @@ class SegmentWriter:
         self.paths: list[str] = []
         self._segment_seq = 0
         self._wake = threading.Event()
+        self.warmed = threading.Event()  # set once pyarrow's one-time costs are paid
         self._drained = threading.Condition()
         self._stop = False
         self._error: BaseException | None = None
@@ -79,9 +80,10 @@ class SegmentWriter:
             raise RuntimeError("florql could not write log segments") from self._error
 
     def _run(self) -> None:
-        # pyarrow's first conversion costs ~0.15 s of GIL-held work: pay it now, while the script
-        # is still setting up, not in the middle of its first training iterations.
-        segments.records_to_batch(0, [("warmup", 0.0, ("",)), ("warmup", 0, ("",))])
+        # pyarrow's first conversion and encoding cost ~0.15 s of GIL-held work: pay it now, while
+        # the script is still setting up, not in the middle of its first training iterations.
+        segments.encode([segments.records_to_batch(0, [("warmup", 0.0, ("",)), ("warmup", 0, ("",))])], {})
+        self.warmed.set()
         while not self._stop:
             self._wake.wait(self.interval)
             self._wake.clear()

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
 
-from storage.runfiles import RunFiles
+from florql.storage.runfiles import RunFiles
 
 SCHEMA = pa.schema(
     [

@@ -31,3 +31,15 @@ def session(store: Store, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield s
     finally:
         s.finish()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    """A local Ray cluster (2 CPUs, no GPU) for one module's tests; module-scoped, so that an idle
+    cluster does not compete for CI's 2 cores with the modules after it."""
+    ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'florql[ray]'")
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

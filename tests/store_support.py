@@ -10,11 +10,51 @@ from pathlib import Path
 from typing import Any
 
 
-from storage.database import open_store, sync
-from storage.layout import StoreLocation, locate_store
-from storage.runfiles import RunFiles
+from florql.storage.database import open_store, sync
+from florql.storage.layout import StoreLocation, locate_store
+from florql.storage.runfiles import RunFiles
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+# A small seeded training script (3 epochs of 4 steps, checkpointed) that logs only `loss`, ready to
+# write to a file. Tests that ask in hindsight add GRAD_NORM after LOGGED (`with_grad_norm`) once it ran.
+TRAIN = textwrap.dedent("""
+    import torch
+    import florql
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with florql.checkpointing(model=net, optimizer=opt):
+        for epoch in florql.loop("epoch", range(3)):
+            for step in florql.loop("step", range(4)):
+                opt.zero_grad()
+                loss = ((net(x[step * 8:(step + 1) * 8]) - y[step * 8:(step + 1) * 8]) ** 2).mean()
+                loss.backward()
+                opt.step()
+                florql.log("loss", loss.item())
+""").lstrip("\n")
+LOGGED = '            florql.log("loss", loss.item())\n'  # as indented in TRAIN
+GRAD_NORM = '            florql.log("grad_norm", net.weight.grad.norm().item())\n'
+GRAD_NORM_QUERY = "SELECT epoch, step, grad_norm FROM run_1 ORDER BY epoch, step"
+
+
+def with_grad_norm(source: str) -> str:
+    """`source` (TRAIN, or a variant of it) with a hindsight statement: `grad_norm` after every `loss`."""
+    assert LOGGED in source
+    return source.replace(LOGGED, LOGGED + GRAD_NORM)
+
+
+def record_then_add_grad_norm(work: Path, env: dict[str, str], source: str = TRAIN, timeout: float = 120) -> Path:
+    """Record `source` as work/train.py (run 1 of the store `env` names), then make the current code log
+    `grad_norm` too, so GRAD_NORM_QUERY has to replay. Returns the script."""
+    work.mkdir(exist_ok=True)
+    script = work / "train.py"
+    script.write_text(source)
+    subprocess.run([sys.executable, str(script)], cwd=work, env=env, check=True, capture_output=True, timeout=timeout)
+    script.write_text(with_grad_norm(source))
+    return script
 
 
 @dataclass

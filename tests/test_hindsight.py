@@ -26,9 +26,9 @@ import pytest
 import florql
 from florql.api import ReplayWarning
 from florql.errors import ReplayBudgetExceeded, ReplayFailed
-from replay.executor import Executor, LocalExecutor
-from replay.jobs import JobResult
-from storage import layout
+from florql.replay.executor import Executor, LocalExecutor
+from florql.replay.jobs import JobResult
+from florql.storage import layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "hindsight_scripts"

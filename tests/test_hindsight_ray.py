@@ -6,7 +6,6 @@ executors are held to the same bit-exact answers and the same job records.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -24,15 +23,6 @@ test_run_without_checkpoints_replays_from_start_and_stops_early = cases.test_run
 test_two_workers = cases.test_two_workers
 test_two_code_versions_renamed_variables_and_inserted_lines = cases.test_two_code_versions_renamed_variables_and_inserted_lines
 test_divergence_is_reported_and_audited = cases.test_divergence_is_reported_and_audited
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(autouse=True)

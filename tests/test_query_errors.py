@@ -14,9 +14,12 @@ import pyarrow as pa
 import pytest
 
 import florql
+from florql import dialect
 from florql.errors import (
     FlorqlError,
+    ForbiddenAccess,
     ForbiddenStatement,
+    ParameterError,
     QuerySyntaxError,
     UnknownColumn,
     UnknownTable,
@@ -195,6 +198,39 @@ def test_store_unchanged_after_refusals(db):
     rows = db.sql("SELECT count(*) FROM logs").fetchall()[0][0]
     assert rows == len(RUNS) * (4 * 3 + 4)
     assert db.sql("SELECT count(*) FROM runs").fetchall() == [(len(RUNS),)]
+
+
+@pytest.mark.parametrize("sql, sqlstate", [
+    ("SELECT getenv('HOME')", "42501"),
+    ("SELECT * FROM read_csv('x.csv')", "42501"),
+    ("SELECT * FROM 'x.csv'", "42501"),
+    ("SELECT * FROM pg_ls_dir('.')", "42501"),
+    ("SELECT sqlite_attach('x')", "42501"),
+    ("SELECT * FROM glob('*')", "42501"),
+    ("COPY logs TO 'x'", "25006"),
+    ("INSERT INTO logs VALUES (1)", "25006"),
+    ("SELECT * INTO t FROM logs", "25006"),
+])
+def test_one_guard_refuses_the_union_of_both_deny_lists(sql, sqlstate):
+    """The guard the Python API and the wire server share: writes → 25006, files/environment → 42501."""
+    with pytest.raises(ForbiddenStatement) as err:
+        dialect.ensure_read_only(dialect.parse(sql)[0])
+    assert err.value.sqlstate == sqlstate
+    assert isinstance(err.value, ForbiddenAccess) == (sqlstate == "42501")
+
+
+def test_bind_parameters_positional_and_numbered():
+    # `?` are numbered in the order of the text (the tree keeps LIMIT before WHERE)
+    bound = dialect.bind_parameters(dialect.parse("SELECT ? AS a FROM logs WHERE epoch > ? LIMIT ?")[0],
+                                    ["x'y", -2.5, 3])
+    assert bound.sql("duckdb") == "SELECT 'x''y' AS a FROM logs WHERE epoch > CAST((-2.5) AS DOUBLE) LIMIT 3"
+    numbered = dialect.bind_parameters(dialect.parse("SELECT $2, $1")[0], [True, b"\x01"])
+    assert numbered.sql("duckdb") == "SELECT UNHEX('01'), TRUE"
+    with pytest.raises(ParameterError, match=r"\$3") as err:
+        dialect.bind_parameters(dialect.parse("SELECT $3")[0], [1, 2])
+    assert err.value.sqlstate == "08P01"
+    with pytest.raises(ParameterError, match="2nd"):
+        dialect.bind_parameters(dialect.parse("SELECT ?, ?")[0], [1])
 
 
 # ---- results and the cross-run views ------------------------------------------------------------------

@@ -1,36 +1,26 @@
 """The Ray executor, on one local Ray cluster (2 CPUs, no GPU) shared by this module's tests.
 
-Module-scoped so the idle cluster does not compete for CI's 2 cores with later modules; move the
-fixture to conftest.py (session scope) once other modules replay through Ray too.
+The `ray_cluster` fixture (conftest.py) is module-scoped so the idle cluster does not compete for
+CI's 2 cores with later modules.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 import florql
-from replay.executor import make_executor
-from replay.jobs import JobResult, JobSpec
+from florql.replay.executor import make_executor
+from florql.replay.jobs import JobResult, JobSpec
 
 ray = pytest.importorskip("ray", reason="the Ray executor tests need Ray: pip install 'florql[ray]'")
 
-from replay.ray_executor import RayExecutor  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+from florql.replay.ray_executor import RayExecutor  # noqa: E402
+from store_support import GRAD_NORM_QUERY, TRAIN, record_then_add_grad_norm  # noqa: E402
 
 
 def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,57 +44,34 @@ def test_gpu_job_on_gpu_less_cluster_fails_fast(ray_cluster: None) -> None:
 
 
 # ---- end to end: hindsight queries through Ray equal the local pool's ----------------------------
-TRAIN = """
-    import os
-    import signal
-
-    import torch
-    import florql
-
-    KILL_MARKER = {marker!r}
-
-    torch.manual_seed(0)
-    net = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-    with florql.checkpointing(model=net, optimizer=opt):
-        for epoch in florql.loop("epoch", range(3)):
-            for step in florql.loop("step", range(4)):
-                opt.zero_grad()
-                loss = ((net(x[step * 8:(step + 1) * 8]) - y[step * 8:(step + 1) * 8]) ** 2).mean()
-                loss.backward()
-                opt.step()
-                florql.log("loss", loss.item())
-            if KILL_MARKER and os.environ.get("FLORQL_REPLAY_JOB") and not os.path.exists(KILL_MARKER):
-                # The first replay attempt puts a segment per epoch on storage, then dies in epoch 1.
-                florql._session.writer.flush()
-                if epoch == 1:
-                    open(KILL_MARKER, "w").close()
-                    os.kill(os.getpid(), signal.SIGKILL)
+# store_support.TRAIN, whose first replay attempt puts a segment per epoch on storage, then dies in
+# epoch 1 (when a marker path is given and the marker file is not there yet).
+KILL_ONCE = """
+    if KILL_MARKER and os.environ.get("FLORQL_REPLAY_JOB") and not os.path.exists(KILL_MARKER):
+        florql._session.writer.flush()
+        if epoch == 1:
+            open(KILL_MARKER, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
 """
-LOGGED = '            florql.log("loss", loss.item())\n'  # as indented in the dedented script
-GRAD_NORM = '            florql.log("grad_norm", net.weight.grad.norm().item())\n'
-QUERY = "SELECT epoch, step, grad_norm FROM run_1 ORDER BY epoch, step"
 ROWS = "SELECT count(*) FROM logs WHERE name = 'grad_norm'"
 
 
+def train_source(kill_marker: str) -> str:
+    kill_once = textwrap.indent(textwrap.dedent(KILL_ONCE).lstrip("\n"), " " * 8)  # in the epoch loop's body
+    return f"import os\nimport signal\n\nKILL_MARKER = {kill_marker!r}\n\n{TRAIN}{kill_once}"
+
+
 def ask(work: Path, executor, kill_marker: str = "") -> tuple[list[tuple], int]:
-    """Record TRAIN into a fresh store, add a hindsight statement, ask for it through `executor`."""
-    work.mkdir()
+    """Record the script into a fresh store, add a hindsight statement, ask for it through `executor`."""
     home = work / "store"
     env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_RUNS", "FLORQL_ARGS")}
     env["FLORQL_HOME"] = str(home)
-    source = textwrap.dedent(TRAIN).lstrip("\n").format(marker=kill_marker)
-    assert LOGGED in source
-    script = work / "train.py"
-    script.write_text(source)
-    subprocess.run([sys.executable, str(script)], cwd=work, env=env, check=True, capture_output=True, timeout=120)
-    script.write_text(source.replace(LOGGED, LOGGED + GRAD_NORM))
+    record_then_add_grad_norm(work, env, train_source(kill_marker))
     old = os.getcwd()
     os.chdir(work)
     try:
         with florql.connect(home, executor=executor, workers=1, progress=False) as db:
-            return db.sql(QUERY).fetchall(), db.sql(ROWS).fetchall()[0][0]
+            return db.sql(GRAD_NORM_QUERY).fetchall(), db.sql(ROWS).fetchall()[0][0]
     finally:
         os.chdir(old)
 
@@ -132,8 +99,8 @@ def test_killed_job_is_retried_and_rows_land_once(tmp_path: Path, ray_cluster: N
 
 def test_retries_are_bounded(tmp_path: Path, ray_cluster: None) -> None:
     # A job whose process is killed on every attempt runs 1 + max_retries times, then fails with why.
-    from storage.code_versions import save_code_version
-    from storage.runfiles import LocalRunFiles
+    from florql.storage.code_versions import save_code_version
+    from florql.storage.runfiles import LocalRunFiles
 
     attempts = tmp_path / "attempts"
     script = f"import os, signal\nwith open({str(attempts)!r}, 'a') as f:\n    f.write('x')\nos.kill(os.getpid(), signal.SIGKILL)\n"

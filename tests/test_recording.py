@@ -15,7 +15,7 @@ import torch
 import florql
 from florql import args as florql_args
 from florql.errors import UsageError
-from storage import layout
+from florql.storage import layout
 
 TYPES_SCRIPT = """
 import enum

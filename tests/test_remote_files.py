@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import threading
 import uuid
 from pathlib import Path
@@ -18,9 +15,10 @@ moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[
 
 import florql  # noqa: E402
 import torch  # noqa: E402
-from storage.checkpoints import CorruptCheckpoint, read_checkpoint, write_checkpoint  # noqa: E402
-from storage.remote import OPTIONS_ENV, FsspecRunFiles  # noqa: E402
-from storage.runfiles import open_run_files  # noqa: E402
+from florql.storage.checkpoints import CorruptCheckpoint, read_checkpoint, write_checkpoint  # noqa: E402
+from florql.storage.remote import OPTIONS_ENV, FsspecRunFiles  # noqa: E402
+from florql.storage.runfiles import open_run_files  # noqa: E402
+from store_support import GRAD_NORM_QUERY, record_then_add_grad_norm  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -160,42 +158,14 @@ def test_bad_storage_options_are_reported(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 # ---- end to end: record to S3, answer a hindsight query from it, equal to the local case --------
-TRAIN = """
-    import torch
-    import florql
-
-    torch.manual_seed(0)
-    net = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    x, y = torch.randn(32, 4), torch.randn(32, 1)
-    with florql.checkpointing(model=net, optimizer=opt):
-        for epoch in florql.loop("epoch", range(3)):
-            for step in florql.loop("step", range(4)):
-                opt.zero_grad()
-                loss = ((net(x[step * 8:(step + 1) * 8]) - y[step * 8:(step + 1) * 8]) ** 2).mean()
-                loss.backward()
-                opt.step()
-                florql.log("loss", loss.item())
-"""
-LOGGED = '            florql.log("loss", loss.item())\n'  # as indented in the dedented script
-GRAD_NORM = '            florql.log("grad_norm", net.weight.grad.norm().item())\n'
-QUERY = "SELECT epoch, step, grad_norm FROM run_1 ORDER BY epoch, step"
-
-
 def record_and_ask(work: Path, env: dict[str, str]) -> list[tuple]:
     """Record TRAIN, add a hindsight log statement, then ask for it (replayed from the run files)."""
-    work.mkdir()
-    script = work / "train.py"
-    source = textwrap.dedent(TRAIN).lstrip("\n")
-    script.write_text(source)
-    subprocess.run([sys.executable, str(script)], cwd=work, env=env, check=True, capture_output=True, timeout=120)
-    assert LOGGED in source
-    script.write_text(source.replace(LOGGED, LOGGED + GRAD_NORM))
+    record_then_add_grad_norm(work, env)
     old = os.getcwd()
     os.chdir(work)
     try:
         with florql.connect(env["FLORQL_HOME"], workers=2, progress=False) as db:
-            return db.sql(QUERY).fetchall()
+            return db.sql(GRAD_NORM_QUERY).fetchall()
     finally:
         os.chdir(old)
 

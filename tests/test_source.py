@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from replay.source import DynamicSite, PropagationError, analyze, propagate
+from florql.replay.source import DynamicSite, PropagationError, analyze, propagate
 
 
 def src(text: str) -> str:

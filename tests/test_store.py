@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from storage import layout
-from storage.code_versions import load_code_version
-from storage.database import open_store, rebuild, sync
+from florql.storage import layout
+from florql.storage.code_versions import load_code_version
+from florql.storage.database import open_store, rebuild, sync
 
 from store_support import EXAMPLES, Store
 
@@ -76,8 +76,8 @@ def test_two_processes_syncing_at_once_ingest_each_segment_once(two_runs):
     store = two_runs
     script = store.write_script("""
         import os, sys, time
-        from storage.database import open_store, sync
-        from storage.layout import locate_store
+        from florql.storage.database import open_store, sync
+        from florql.storage.layout import locate_store
         open(sys.argv[1] + sys.argv[2], "w").close()
         while not os.path.exists(sys.argv[1]):  # start together
             time.sleep(0.001)
@@ -161,7 +161,8 @@ def test_demo_records_a_complete_run_with_its_code_version(store):
     assert [e for e, _ in accs] == [0, 1] and all(0.3 < a <= 1.0 for _, a in accs)
     assert store.sql(f"SELECT count(*) FROM run_{rid} WHERE loss IS NULL OR loss <= 0") == [(0,)]
     row = store.sql("SELECT status, lr, epochs, batch_size, seed, checkpoints_taken, script_rel FROM runs")
-    assert row == [("finished", 0.1, 2.0, 64.0, 0.0, 2, "examples/train.py")]
+    assert row == [("finished", 0.1, 2, 64, 0, 2, "examples/train.py")]
+    assert [type(v) for v in row[0][1:5]] == [float, int, int, int]  # args keep their types
     version = store.sql("SELECT code_version FROM runs")[0][0]
     sources = load_code_version(store.files, version)
     assert sources == {"examples/train.py": (EXAMPLES / "train.py").read_bytes()}  # florql itself is not user code

@@ -337,7 +337,7 @@ class Catalog:
         self._checked = time.monotonic()
 
     def execute(self, ast: exp.Expression, session: SessionInfo) -> ArrowResult:
-        sql = rewrite(with_output_names(ast), session).sql("duckdb")
+        sql = rewrite_catalog_query(with_output_names(ast), session).sql("duckdb")
         return run_duckdb(self.connection(), sql)
 
 
@@ -369,7 +369,7 @@ def _catalog_table(table: exp.Table) -> bool:
     return db in CATALOG_SCHEMAS or (not db and table.name.lower() in PG_CATALOG)
 
 
-def rewrite(ast: exp.Expression, session: SessionInfo) -> exp.Expression:
+def rewrite_catalog_query(ast: exp.Expression, session: SessionInfo) -> exp.Expression:
     # Bottom-up, so that rebuilt nodes (operators) keep rewritten children; casts go
     # top-down afterwards because `x::regclass::text` must be seen whole.
     return _rewrite_casts(_bottom_up(ast.copy(), lambda node: _rewrite_node(node, session)))

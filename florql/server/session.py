@@ -7,8 +7,6 @@ SELECT without file access, and catalog queries go to the emulated catalog.
 
 from __future__ import annotations
 
-import datetime as dt
-import decimal
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +16,9 @@ import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
+
+from florql.dialect import bind_parameters, ensure_read_only
+from florql.errors import FlorqlError
 
 from .backend import Backend, Result
 from .catalog import SERVER_VERSION, Catalog, SessionInfo, is_catalog_query
@@ -62,13 +63,6 @@ ALIASES = {"transaction isolation level": "transaction_isolation", "time zone": 
 READ_ONLY = {"server_version", "server_version_num", "server_encoding", "integer_datetimes", "is_superuser",
              "in_hot_standby", "max_index_keys", "max_identifier_length", "lc_collate", "lc_ctype"}
 UTF8_NAMES = {"utf8", "utf-8", "unicode"}
-
-# Functions that read or list files, or reach other databases; refused in any query.
-FILE_FUNCTION = re.compile(
-    r"^(read_\w+|\w+_scan|glob|sniff_csv|parquet_\w+|pg_read_\w+|pg_ls_\w+|pg_stat_file|lo_\w+|"
-    r"query_table|query|sqlite_attach|postgres_attach|load_aws_credentials|dblink\w*|copy_\w+|pg_file_\w+)$",
-    re.IGNORECASE,
-)
 
 
 class SqlError(Exception):
@@ -261,7 +255,10 @@ def _classify_query(sql: str) -> Statement:
         ast = sqlglot.parse_one(sql, read="postgres")
     except sqlglot.errors.ParseError as e:
         raise SqlError("42601", _parse_message(e), _error_position(sql, e)) from e
-    check_read_only(ast)
+    try:
+        ensure_read_only(ast)  # the guard of the Python API too: writes → 25006, files/environment → 42501
+    except FlorqlError as err:
+        raise SqlError(err.sqlstate, str(err)) from err
     params = [int(p.name) for p in ast.find_all(exp.Parameter) if p.name.isdigit()]
     return Statement(sql, "query", "SELECT", ast, is_catalog_query(ast), max(params, default=0))
 
@@ -299,66 +296,6 @@ def _error_position(sql: str, e: sqlglot.errors.ParseError) -> int | None:
     lines = sql.split("\n")
     line, col = e.errors[0]["line"], e.errors[0]["col"]
     return sum(len(x) + 1 for x in lines[: line - 1]) + max(col, 1)
-
-
-def check_read_only(ast: exp.Expression) -> None:
-    """Defence in depth: refuse anything but a plain query, and any file access."""
-    if not isinstance(ast, exp.Query) or ast.args.get("into"):
-        raise SqlError("25006", "only read-only queries are allowed in a florql session")
-    for node in ast.walk():
-        if isinstance(node, (exp.DML, exp.Create, exp.Drop, exp.Alter, exp.Command, exp.Into, exp.Copy)):
-            raise SqlError("25006", "only read-only queries are allowed in a florql session")
-        if isinstance(node, exp.Table) and isinstance(node.this, exp.Literal):
-            raise SqlError("42501", "reading files is not allowed in a florql session")
-        if isinstance(node, exp.Func) and FILE_FUNCTION.match(_func_name(node)):
-            raise SqlError("42501", f"function {_func_name(node)} is not allowed: florql sessions cannot access files")
-
-
-def _func_name(node: exp.Func) -> str:
-    return node.name if isinstance(node, exp.Anonymous) else node.sql_name()
-
-
-# -- parameters --------------------------------------------------------------------
-
-
-def literal(value: Any) -> exp.Expression:
-    """A bound parameter as a SQL literal; untyped text stays an untyped string literal."""
-    if value is None:
-        return exp.Null()
-    if isinstance(value, bool):
-        return exp.Boolean(this=value)
-    if isinstance(value, int):
-        return _number(str(value), value < 0)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            return exp.cast(exp.Literal.string(str(value)), "DOUBLE")
-        return exp.cast(_number(repr(value), value < 0), "DOUBLE")
-    if isinstance(value, decimal.Decimal):
-        return exp.cast(exp.Literal.string(str(value)), "DECIMAL") if not value.is_finite() else _number(str(value), value < 0)
-    if isinstance(value, dt.datetime):
-        return exp.cast(exp.Literal.string(value.isoformat(sep=" ")), "TIMESTAMPTZ" if value.tzinfo else "TIMESTAMP")
-    if isinstance(value, dt.date):
-        return exp.cast(exp.Literal.string(value.isoformat()), "DATE")
-    if isinstance(value, bytes):
-        return exp.Unhex(this=exp.Literal.string(value.hex()))
-    return exp.Literal.string(str(value))
-
-
-def _number(text: str, negative: bool) -> exp.Expression:
-    node = exp.Literal.number(text.lstrip("-"))
-    return exp.Paren(this=exp.Neg(this=node)) if negative else node
-
-
-def bind(ast: exp.Expression, values: Sequence[Any]) -> exp.Expression:
-    def replace(node: exp.Expression) -> exp.Expression:
-        if isinstance(node, exp.Parameter) and node.name.isdigit():
-            index = int(node.name) - 1
-            if not 0 <= index < len(values):
-                raise SqlError("08P01", f"there is no parameter ${index + 1}")
-            return literal(values[index])
-        return node
-
-    return ast.copy().transform(replace)
 
 
 # -- the session ---------------------------------------------------------------------
@@ -501,7 +438,10 @@ class Session:
 
     def _run_query(self, statement: Statement, params: Sequence[Any]) -> Outcome:
         assert statement.ast is not None
-        ast = bind(statement.ast, params) if statement.param_count else statement.ast
+        try:
+            ast = bind_parameters(statement.ast, params) if statement.param_count else statement.ast
+        except FlorqlError as err:  # ParameterError: 08P01
+            raise SqlError(err.sqlstate, str(err)) from err
         if statement.catalog:
             return Outcome("SELECT", self.catalog.execute(ast, self.info))
         public = [t for t in ast.find_all(exp.Table) if t.db.lower() == "public" and not t.catalog]

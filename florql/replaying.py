@@ -19,24 +19,11 @@ from typing import Any, Iterable, Iterator
 from florql.rng import restore_rng
 from florql.scope import restore_scope
 from florql.session import LoopFrame, Session
-from replay.jobs import JobSpec
-from storage import layout, segments
-from storage.checkpoints import CheckpointRecord, read_checkpoint
-from storage.runfiles import open_run_files
-from storage.segment_writer import SegmentWriter
-
-
-class ReplayFinished(BaseException):
-    """Raised out of the outer loop once the job's last iteration ran (BaseException: scripts'
-    `except Exception` blocks must not swallow it)."""
-
-
-class ReplayDiverged(BaseException):
-    """A re-logged value differs from the one the original run logged."""
-
-    def __init__(self, detail: dict[str, Any]) -> None:
-        super().__init__(detail)
-        self.detail = detail
+from florql.replay.jobs import JobSpec, ReplayDiverged, ReplayFinished
+from florql.storage import layout, segments
+from florql.storage.checkpoints import CheckpointRecord, read_checkpoint
+from florql.storage.runfiles import open_run_files
+from florql.storage.segment_writer import SegmentWriter
 
 
 class ReplaySession(Session):
@@ -144,7 +131,7 @@ class ReplaySession(Session):
             worst = max(self.mismatches, key=lambda m: m["abs_diff"] if m["abs_diff"] is not None else math.inf)
             detail = dict(self.mismatches[0], mismatches=len(self.mismatches), largest=worst,
                           detected_at=time.time(), job_id=self.spec.job_id, run_id=self.run_id)
-            self.files.put(f"{layout.replay_dir(self.run_id, self.spec.job_id)}/DIVERGED.json",
+            self.files.put(layout.replay_divergence_path(self.run_id, self.spec.job_id),
                            json.dumps(detail, default=repr).encode())
             raise ReplayDiverged(detail)
 
