@@ -7,6 +7,7 @@ planner's estimate is printed next to each measurement. Ray runs on one local cl
 once (its start-up is reported apart: on a real cluster it is paid once, not per query).
 Run: python benchmarks/bench_executors.py [--epochs N] [--rounds R]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import florql  # noqa: E402
 from florql.replay.executor import Executor, LocalExecutor  # noqa: E402
+
+import florql  # noqa: E402
 
 LOGGED = '            florql.log("loss", loss.item())\n'
 GRAD_NORM = '            florql.log("grad_norm", sum(p.grad.norm() ** 2 for p in net.parameters()).sqrt().item())\n'
@@ -39,8 +41,13 @@ def record(work: Path, epochs: int) -> Path:
     script.write_text(source)
     env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_RUNS", "FLORQL_ARGS")}
     env.update(FLORQL_HOME=str(home), PYTHONPATH=str(REPO))
-    subprocess.run([sys.executable, str(script), "--florql-args", f"epochs={epochs}"], cwd=work, env=env,
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, str(script), "--florql-args", f"epochs={epochs}"],
+        cwd=work,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     script.write_text(source.replace(LOGGED, LOGGED + GRAD_NORM))
     return home
 
@@ -78,8 +85,10 @@ def main() -> int:
     ray.init(num_cpus=os.cpu_count() or 1, num_gpus=0, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - started
     executors: dict[str, Executor] = {
-        "local, 1 worker": LocalExecutor(1), "local, 2 workers": LocalExecutor(2),
-        "ray, 1 worker": RayExecutor(workers=1), "ray, 2 workers": RayExecutor(workers=2),
+        "local, 1 worker": LocalExecutor(1),
+        "local, 2 workers": LocalExecutor(2),
+        "ray, 1 worker": RayExecutor(workers=1),
+        "ray, 2 workers": RayExecutor(workers=2),
     }
     measured: dict[str, list[tuple[float, float, int]]] = {name: [] for name in executors}
     for _ in range(opts.rounds):

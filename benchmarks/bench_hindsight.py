@@ -11,6 +11,7 @@ without florql). Then, each on a fresh copy of the store (nothing cached), asks
 with 1 and 2 workers, checks every answer bit-exact against the ground truth, and prints a table.
 Times are wall-clock seconds of the whole query (planning, worker processes, ingest, answer).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import florql  # noqa: E402
 
-SCRIPT = '''
+SCRIPT = """
 import random
 import numpy as np
 import torch
@@ -64,12 +65,16 @@ with florql.checkpointing(model=net, optimizer=opt, scheduler=sched):
         with torch.no_grad():
             val_acc = (net(x_all[:n_val]).argmax(1) == y_all[:n_val]).float().mean().item()
         florql.log("val_acc", val_acc)
-'''
-GRAD = ("            loss.backward()\n",
-        "            loss.backward()\n"
-        "            florql.log(\"grad_norm\", float(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()]))))\n")
-WNORM = ("        florql.log(\"val_acc\", val_acc)\n",
-         "        florql.log(\"val_acc\", val_acc)\n        florql.log(\"w_norm\", float(net[0].weight.detach().norm()))\n")
+"""
+GRAD = (
+    "            loss.backward()\n",
+    "            loss.backward()\n"
+    '            florql.log("grad_norm", float(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()]))))\n',
+)
+WNORM = (
+    '        florql.log("val_acc", val_acc)\n',
+    '        florql.log("val_acc", val_acc)\n        florql.log("w_norm", float(net[0].weight.detach().norm()))\n',
+)
 
 
 def run_script(work: Path, env: dict[str, str]) -> float:
@@ -103,14 +108,20 @@ def main() -> None:
         first = opts.epochs - max(1, round(opts.epochs * 0.2))
         cases = [
             ("(a) outer w_norm, all epochs", "SELECT epoch, w_norm FROM run_{} ORDER BY epoch"),
-            (f"(b) inner grad_norm, epochs {first}..{opts.epochs - 1}",
-             f"SELECT epoch, step, grad_norm FROM run_{{}} WHERE epoch >= {first} ORDER BY epoch, step"),
+            (
+                f"(b) inner grad_norm, epochs {first}..{opts.epochs - 1}",
+                f"SELECT epoch, step, grad_norm FROM run_{{}} WHERE epoch >= {first} ORDER BY epoch, step",
+            ),
         ]
-        print(f"model 64-{opts.hidden}-{opts.hidden // 2}-10, {opts.samples} samples, {opts.epochs} epochs, "
-              f"{os.cpu_count()} CPU cores; run 1 recorded in {record_s:.1f} s with {ckpts} checkpoints")
+        print(
+            f"model 64-{opts.hidden}-{opts.hidden // 2}-10, {opts.samples} samples, {opts.epochs} epochs, "
+            f"{os.cpu_count()} CPU cores; run 1 recorded in {record_s:.1f} s with {ckpts} checkpoints"
+        )
         print(f"retraining from scratch (same seed, logging everything): {retrain_s:.1f} s\n")
-        header = f"{'query':<34} {'workers':>7} {'jobs':>4} {'executed':>8} {'restored':>8} {'est s':>6} " \
-                 f"{'query s':>8} {'vs retrain':>10}  exact"
+        header = (
+            f"{'query':<34} {'workers':>7} {'jobs':>4} {'executed':>8} {'restored':>8} {'est s':>6} "
+            f"{'query s':>8} {'vs retrain':>10}  exact"
+        )
         print(header)
         print("-" * len(header))
         for label, sql in cases:
@@ -128,8 +139,10 @@ def main() -> None:
                 restored = sum(len(r) for _, r in rows)
                 est = result.plan.est_s if result.plan else 0.0
                 exact = answer.equals(truth)
-                print(f"{label:<34} {workers:>7} {len(rows):>4} {executed:>8} {restored:>8} {est:>6.1f} "
-                      f"{elapsed:>8.2f} {retrain_s / elapsed:>9.1f}x  {'yes' if exact else 'NO'}")
+                print(
+                    f"{label:<34} {workers:>7} {len(rows):>4} {executed:>8} {restored:>8} {est:>6.1f} "
+                    f"{elapsed:>8.2f} {retrain_s / elapsed:>9.1f}x  {'yes' if exact else 'NO'}"
+                )
                 db.close()
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -4,6 +4,7 @@ Both are timed in the same process, in interleaved rounds, so machine noise hits
 Run: python benchmarks/bench_log.py [--calls N] [--rounds R]
 The recorded run goes to a temporary store, not yours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,7 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 BUDGET_NS = 1000.0
 
@@ -53,7 +54,9 @@ def main() -> int:
         floor_ns.append(per_call_ns(floor_calls, opts.calls))
         florql_ns.append(per_call_ns(florql_calls, opts.calls))
     floor, cost = statistics.median(floor_ns), statistics.median(florql_ns)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+    )
     print(f"bare list append (floor): {floor:7.1f} ns/call (median of {opts.rounds} rounds of {opts.calls})")
     print(f"florql.log(name, float):  {cost:7.1f} ns/call  ({cost / floor:.1f}x the floor)")
     verdict = "within" if cost <= BUDGET_NS else "OVER"

@@ -11,6 +11,7 @@ The florql side logs the loss every step (the tensor itself on CUDA: no synchron
 validation accuracy every epoch, under `florql.checkpointing(model=…, optimizer=…, scheduler=…)`.
 Runs go to a temporary store, not yours.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,16 @@ def train(device: str, use_florql: bool, threads: int) -> dict:
     features, hidden, samples, batch, epochs = SIZES[device]
     torch.manual_seed(0)
     x = torch.randn(samples, features, device=device)
-    y = (x[:, : features // 2].sum(dim=1) > 0).long() + 2 * (x[:, features // 2:].sum(dim=1) > 0).long()
-    net = nn.Sequential(nn.Linear(features, hidden), nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, hidden),
-                        nn.ReLU(), nn.Dropout(0.1), nn.Linear(hidden, 4)).to(device)
+    y = (x[:, : features // 2].sum(dim=1) > 0).long() + 2 * (x[:, features // 2 :].sum(dim=1) > 0).long()
+    net = nn.Sequential(
+        nn.Linear(features, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Dropout(0.1),
+        nn.Linear(hidden, 4),
+    ).to(device)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     loss_fn = nn.CrossEntropyLoss()
@@ -52,7 +60,7 @@ def train(device: str, use_florql: bool, threads: int) -> dict:
         net.train()
         order = torch.randperm(samples, device=device)
         for start in steps(range(0, samples, batch)):
-            idx = order[start:start + batch]
+            idx = order[start : start + batch]
             loss = loss_fn(net(x[idx]), y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -80,8 +88,13 @@ def train(device: str, use_florql: bool, threads: int) -> dict:
         sync()
         seconds = time.perf_counter() - started
         policy = florql._session.policy
-        return {"seconds": seconds, "startup": startup, "checkpoints": policy.taken, "considered": policy.considered,
-                "overhead": policy.overhead}
+        return {
+            "seconds": seconds,
+            "startup": startup,
+            "checkpoints": policy.taken,
+            "considered": policy.considered,
+            "overhead": policy.overhead,
+        }
     for _ in range(epochs):
         epoch_body(lambda name, value: None, lambda it: it)
     sync()
@@ -106,8 +119,16 @@ def machine(device: str) -> str:
 def one(device: str, use_florql: bool, home: str, threads: int) -> dict:
     env = dict(os.environ, FLORQL_HOME=home)
     env.pop("FLORQL_ARGS", None)
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", "florql" if use_florql else "plain",
-           "--device", device, "--threads", str(threads)]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--child",
+        "florql" if use_florql else "plain",
+        "--device",
+        device,
+        "--threads",
+        str(threads),
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -140,18 +161,26 @@ def main() -> int:
     florql_s = [r["seconds"] for r in recorded]
     print(f"machine: {machine(opts.device)}")
     features, hidden, samples, batch, epochs = SIZES[opts.device]
-    print(f"loop: MLP {features}-{hidden}-{hidden}-4 with dropout, Adam + StepLR, {epochs} epochs x "
-          f"{samples // batch} steps on {opts.device}, torch threads {opts.threads or 'default'}; "
-          f"{opts.reps} interleaved repetitions")
+    print(
+        f"loop: MLP {features}-{hidden}-{hidden}-4 with dropout, Adam + StepLR, {epochs} epochs x "
+        f"{samples // batch} steps on {opts.device}, torch threads {opts.threads or 'default'}; "
+        f"{opts.reps} interleaved repetitions"
+    )
     print(f"without florql: median {statistics.median(plain):.3f} s")
     print(f"with florql:    median {statistics.median(florql_s):.3f} s  (logging every step + adaptive checkpoints)")
-    print(f"ratio of medians: {statistics.median(florql_s) / statistics.median(plain):.3f}; "
-          f"median paired ratio: {statistics.median(ratios):.3f}")
-    print(f"run start-up (once per run, not in the loop times above): median "
-          f"{statistics.median(r['startup'] for r in recorded):.3f} s")
-    print(f"checkpoints per run: {statistics.median(r['checkpoints'] for r in recorded):.0f} of "
-          f"{statistics.median(r['considered'] for r in recorded):.0f} opportunities; florql's own stall "
-          f"accounting: {100 * statistics.median(r['overhead'] for r in recorded):.2f} % of training time")
+    print(
+        f"ratio of medians: {statistics.median(florql_s) / statistics.median(plain):.3f}; "
+        f"median paired ratio: {statistics.median(ratios):.3f}"
+    )
+    print(
+        f"run start-up (once per run, not in the loop times above): median "
+        f"{statistics.median(r['startup'] for r in recorded):.3f} s"
+    )
+    print(
+        f"checkpoints per run: {statistics.median(r['checkpoints'] for r in recorded):.0f} of "
+        f"{statistics.median(r['considered'] for r in recorded):.0f} opportunities; florql's own stall "
+        f"accounting: {100 * statistics.median(r['overhead'] for r in recorded):.2f} % of training time"
+    )
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import duckdb
 import psycopg
@@ -35,8 +35,10 @@ def main() -> None:
     args = parser.parse_args()
 
     con = duckdb.connect()
-    con.execute(f"CREATE TABLE run_1 AS SELECT i // 100 AS epoch, i % 100 AS step, 1.0 / (1 + i) AS loss, "
-                f"0.5 + (i % 7) * 0.01::DOUBLE AS val_acc FROM range({args.rows}) t(i)")
+    con.execute(
+        f"CREATE TABLE run_1 AS SELECT i // 100 AS epoch, i % 100 AS step, 1.0 / (1 + i) AS loss, "
+        f"0.5 + (i % 7) * 0.01::DOUBLE AS val_acc FROM range({args.rows}) t(i)"
+    )
     query = "SELECT * FROM run_1"
 
     def duckdb_fetchall() -> int:
@@ -62,25 +64,33 @@ def main() -> None:
         base_s, n = best_of(args.repeat, duckdb_fetchall)
         print(f"rows: {n:,}  (epoch int8, step int8, loss float8, val_acc float8)")
         print(f"DuckDB Python API fetchall:          {n / base_s:12,.0f} rows/s  ({base_s:.2f} s)")
-        for label, fn in [("psycopg fetchall (text)", psycopg_fetchall),
-                          ("psycopg fetchall (binary)", psycopg_binary),
-                          ("psycopg server-side cursor", psycopg_server_cursor)]:
+        for label, fn in [
+            ("psycopg fetchall (text)", psycopg_fetchall),
+            ("psycopg fetchall (binary)", psycopg_binary),
+            ("psycopg server-side cursor", psycopg_server_cursor),
+        ]:
             seconds, rows = best_of(args.repeat, fn)
             assert rows == n
-            print(f"{label + ':':36s} {rows / seconds:12,.0f} rows/s  ({seconds:.2f} s)  "
-                  f"ratio to DuckDB: {base_s / seconds:.2f}")
+            print(
+                f"{label + ':':36s} {rows / seconds:12,.0f} rows/s  ({seconds:.2f} s)  "
+                f"ratio to DuckDB: {base_s / seconds:.2f}"
+            )
 
         with psycopg.connect(dsn, autocommit=True) as c:
             small = "SELECT epoch, loss FROM run_1 WHERE epoch = %s AND step = %s"
             for _ in range(20):
                 c.execute(small, (3, 4)).fetchall()
             latencies = [timed(lambda: len(c.execute(small, (3, 4)).fetchall()))[0] * 1000 for _ in range(300)]
-            catalog = [timed(lambda: len(c.execute("SELECT relname FROM pg_class WHERE relkind = 'r'").fetchall()))[0]
-                       * 1000 for _ in range(100)]
+            catalog = [
+                timed(lambda: len(c.execute("SELECT relname FROM pg_class WHERE relkind = 'r'").fetchall()))[0] * 1000
+                for _ in range(100)
+            ]
         quantiles = statistics.quantiles(latencies, n=20)
-        print(f"small query latency: median {statistics.median(latencies):.2f} ms, p95 {quantiles[-1]:.2f} ms "
-              f"(DuckDB point query underneath: "
-              f"{statistics.median(timed(lambda: len(con.cursor().execute('SELECT epoch, loss FROM run_1 WHERE epoch = 3 AND step = 4').fetchall()))[0] * 1000 for _ in range(100)):.2f} ms)")
+        print(
+            f"small query latency: median {statistics.median(latencies):.2f} ms, p95 {quantiles[-1]:.2f} ms "
+            f"(DuckDB point query underneath: "
+            f"{statistics.median(timed(lambda: len(con.cursor().execute('SELECT epoch, loss FROM run_1 WHERE epoch = 3 AND step = 4').fetchall()))[0] * 1000 for _ in range(100)):.2f} ms)"
+        )
         print(f"catalog query latency: median {statistics.median(catalog):.2f} ms")
 
 

@@ -5,6 +5,7 @@ for the missing values and compares bit for bit. Needs a CUDA device; prints the
 
     python benchmarks/cuda_replay_check.py
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-SCRIPT = '''
+SCRIPT = """
 import torch, florql
 torch.manual_seed(0)
 dev = "cuda"
@@ -37,7 +38,7 @@ with florql.checkpointing(model=net, optimizer=opt):
             acc = (net(X).argmax(1) == Y).float().mean()
         florql.log("acc", acc)
         #HINDSIGHT_EPOCH
-'''
+"""
 STEP = 'florql.log("grad_norm", torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf")))'
 EPOCH = 'florql.log("w_norm", net[0].weight.detach().norm())'
 
@@ -61,8 +62,10 @@ def main() -> int:
         subprocess.run([sys.executable, "train.py"], cwd=tmp, env=env, check=True)
         db = florql.connect(env["FLORQL_HOME"])
         ok = True
-        for sql in ("SELECT epoch, step, grad_norm FROM run_{} WHERE epoch >= 5 ORDER BY ALL",
-                    "SELECT epoch, w_norm FROM run_{} ORDER BY ALL"):
+        for sql in (
+            "SELECT epoch, step, grad_norm FROM run_{} WHERE epoch >= 5 ORDER BY ALL",
+            "SELECT epoch, w_norm FROM run_{} ORDER BY ALL",
+        ):
             started = time.perf_counter()
             hindsight = db.sql(sql.format(1)).arrow()
             took = time.perf_counter() - started

@@ -8,6 +8,7 @@ Run it (records a run in ./.florql, or $FLORQL_HOME):
 Only `loss` (per step) and `val_acc` (per epoch) are logged; anything else — gradient norms,
 per-class accuracy, weight statistics — can be asked for in hindsight with a FlorQL query.
 """
+
 import random
 
 import numpy as np

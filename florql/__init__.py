@@ -14,6 +14,7 @@ Query side::
     db = florql.connect()
     db.sql("SELECT epoch, avg(grad_norm) FROM run_1 GROUP BY epoch").df()
 """
+
 from __future__ import annotations
 
 import atexit
@@ -21,24 +22,25 @@ import contextlib
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from florql import args as _args  # noqa: F401  (strips --florql-args before the script's own parser runs)
 from florql import reads as _reads  # noqa: F401  (installs the audit hook for config files)
 from florql.errors import FlorqlError, UsageError
 
 if TYPE_CHECKING:  # importing florql stays light: torch loads with the first training call
-    from florql.session import Session
+    from florql.session import TrainingSession
 
 __version__ = "0.1.0"
-__all__ = ["arg", "log", "loop", "checkpointing", "connect", "run_id", "FlorqlError", "UsageError"]
+__all__ = ["FlorqlError", "UsageError", "arg", "checkpointing", "connect", "log", "loop", "run_id"]
 
-_session: Session | None = None
+_session: TrainingSession | None = None
 _session_lock = threading.Lock()
 REPLAY_ENV = "FLORQL_REPLAY_JOB"
 
 
-def _start() -> Session:
+def _start() -> TrainingSession:
     global _session
     with _session_lock:
         if _session is None:
@@ -54,7 +56,7 @@ def _start() -> Session:
         return _session
 
 
-def _install_exit_hooks(session: Session) -> None:
+def _install_exit_hooks(session: TrainingSession) -> None:
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):  # record why the run failed, then behave as before

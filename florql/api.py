@@ -1,4 +1,5 @@
 """The Python query API: `florql.connect()` → `Connection.sql()` → `Result`."""
+
 from __future__ import annotations
 
 import os
@@ -6,20 +7,21 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
 from florql import query, reads
-from florql.catalog import BASE_TABLES, load_run, run_ids
 from florql.dialect import bind_parameters, ensure_read_only, florql_setting, parse
 from florql.errors import FlorqlError, MissingHindsight, ReplayBudgetExceeded, ReplayFailed, UsageError
 from florql.replay.executor import Executor, LocalExecutor, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
+from florql.runinfo import BASE_TABLES, load_run, run_ids
 from florql.storage.database import open_store, sync
 from florql.storage.layout import StoreLocation, locate_store
 
@@ -74,9 +76,15 @@ def parse_duration(text: str | float | int | None) -> float | None:
 class Result:
     """A query's answer: Arrow, pandas, polars or rows. `plan` and `warnings` tell what replay did."""
 
-    def __init__(self, conn: "Connection", sql: str | None, params: Sequence[Any] | None,
-                 plan: Plan | None = None, warnings_: list[str] | None = None,
-                 table: pa.Table | None = None) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        sql: str | None,
+        params: Sequence[Any] | None,
+        plan: Plan | None = None,
+        warnings_: list[str] | None = None,
+        table: pa.Table | None = None,
+    ) -> None:
         self._conn, self._sql, self._params = conn, sql, list(params) if params else None
         self.plan = plan
         self.warnings = warnings_ or []
@@ -130,9 +138,16 @@ class Result:
 class Connection:
     """One user's view of a store. Holds no database lock between calls."""
 
-    def __init__(self, location: StoreLocation, replay: str = "auto", replay_budget: Any = None,
-                 workers: int | None = None, executor: str | Executor | None = None,
-                 progress: bool | None = None, **executor_options: Any) -> None:
+    def __init__(
+        self,
+        location: StoreLocation,
+        replay: str = "auto",
+        replay_budget: Any = None,
+        workers: int | None = None,
+        executor: str | Executor | None = None,
+        progress: bool | None = None,
+        **executor_options: Any,
+    ) -> None:
         self.location = location
         self.files = location.run_files()
         self.settings: dict[str, Any] = {"replay": "auto", "replay_budget": None, "workers": workers}
@@ -199,7 +214,9 @@ class Connection:
         setting = florql_setting(statement)
         if setting:
             self.set(*setting)
-            return Result(self, None, None, table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]}))
+            return Result(
+                self, None, None, table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]})
+            )
         ensure_read_only(statement)
         statement = bind_parameters(statement, params)
         notes: list[str] = []
@@ -208,8 +225,10 @@ class Connection:
             planned = self._plan(query.bind(statement.copy(), db), db)
         ran: Plan | None = None
         if planned.plan.jobs and self.settings["replay"] == "never":
-            notes.append("replay = 'never': values that were never logged are NULL; a replay would run:\n"
-                         + planned.plan.describe())
+            notes.append(
+                "replay = 'never': values that were never logged are NULL; a replay would run:\n"
+                + planned.plan.describe()
+            )
         elif planned.plan.jobs:
             self._check_budget(planned.plan, statement)
             self._run_jobs(planned.specs)
@@ -236,7 +255,7 @@ class Connection:
         final = query.rewrite(planned.bound, planned.versions()).sql(dialect="duckdb")
         result = Result(self, final, None, plan=ran, warnings_=notes)
         try:
-            result.schema  # binds the final query (errors surface here) without fetching rows
+            _ = result.schema  # binds the final query (errors surface here) without fetching rows
         except duckdb.Error as err:
             better = query.unknown_column_error(str(err), planned.bound)
             if better is not None:
@@ -250,10 +269,10 @@ class Connection:
             raise ReplayBudgetExceeded(
                 f"this query needs ~{replay_plan.est_s:.1f} s of replay, over the budget of {budget:.0f} s:\n"
                 f"{replay_plan.describe()}\nRaise the budget (SET replay_budget = '10 min') or run it from the CLI: "
-                f"florql query \"{statement.sql(dialect='duckdb')}\""
+                f'florql query "{statement.sql(dialect="duckdb")}"'
             )
 
-    def _plan(self, bound: query.Bound, db: duckdb.DuckDBPyConnection, reexecute: bool = False) -> "Planned":
+    def _plan(self, bound: query.Bound, db: duckdb.DuckDBPyConnection, reexecute: bool = False) -> Planned:
         """Missing cells → replay plan → runnable jobs (none under replay = 'never')."""
         patched: dict[int, dict[str, str]] = {}
         sites: dict[int, dict[str, query.Site]] = {}
@@ -261,7 +280,8 @@ class Connection:
         for run_id, names in wanted.items():
             patched[run_id], sites[run_id] = query.patch_sources(bound.runs[run_id], names, self.files)
         cells = query.missing_cells(bound, db, sites, reexecute=reexecute)
-        replay_plan = plan(cells, self._workers(bound, wanted))
+        missing = any(need.indices for _, needs in cells for need in needs)
+        replay_plan = plan(cells, self._workers(bound, wanted) if missing else 1)  # no executor unless needed
         specs: list[JobSpec] = []
         if replay_plan.jobs and self.settings["replay"] != "never":
             specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)
@@ -272,8 +292,6 @@ class Connection:
         bit-identical float reductions), so by default a CPU machine fits cores // threads of them."""
         if self.settings["workers"]:
             return self.settings["workers"]
-        if not wanted:
-            return 1  # nothing to replay: no executor is built
         executor = self.executor
         if not isinstance(executor, LocalExecutor) or executor.gpus:
             return executor.workers
@@ -289,9 +307,13 @@ class Connection:
             if self.progress:
                 width = 30
                 filled = int(width * done[0] / len(specs))
-                print(f"\rflorql replay [{'#' * filled}{'.' * (width - filled)}] {done[0]}/{len(specs)} jobs "
-                      f"{time.monotonic() - started:5.1f}s", end="" if done[0] < len(specs) else "\n",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"\rflorql replay [{'#' * filled}{'.' * (width - filled)}] {done[0]}/{len(specs)} jobs "
+                    f"{time.monotonic() - started:5.1f}s",
+                    end="" if done[0] < len(specs) else "\n",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         results = self.executor.run(specs, progress)
         self.last_jobs = list(zip(specs, results))
@@ -328,7 +350,8 @@ class Connection:
                         cols.append(ColumnInfo(n, pa.int64(), comment="loop coordinate"))
                     elif n in info.logged:
                         dtype = {"BIGINT": pa.int64(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}.get(
-                            _sql_type(info.logged[n].value_types), pa.float64())
+                            _sql_type(info.logged[n].value_types), pa.float64()
+                        )
                         cols.append(ColumnInfo(n, dtype, comment="logged" if n in info.original else "replayed"))
                     else:
                         cols.append(ColumnInfo(n, pa.float64(), comment="loggable: replayed on demand"))
@@ -340,7 +363,7 @@ class Connection:
             self._executor.close()
             self._executor = None
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -367,7 +390,9 @@ def _failure_message(failures: list[tuple[JobSpec, JobResult]]) -> str:
                 "(see the replay_audit table)."
             )
         else:
-            lines.append(f"run {spec.run_id}, iterations {spec.log_from}..{spec.stop - 1}: replay failed:\n{result.error}")
+            lines.append(
+                f"run {spec.run_id}, iterations {spec.log_from}..{spec.stop - 1}: replay failed:\n{result.error}"
+            )
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ Override a `florql.arg` from the command line after `--florql-args`, e.g.
 `FLORQL_ARGS="lr=0.1 epochs=3"`. The words after `--florql-args` are removed from `sys.argv`
 so the script's own argument parser never sees them.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,10 +23,10 @@ def take_overrides(argv: list[str]) -> dict[str, str]:
     pairs = shlex.split(os.environ.get("FLORQL_ARGS", ""))
     if FLAG in argv:
         at = argv.index(FLAG)
-        rest = argv[at + 1:]
+        rest = argv[at + 1 :]
         end = next((i for i, w in enumerate(rest) if w == "--"), len(rest))
         pairs += rest[:end]
-        del argv[at:at + 1 + end + (1 if end < len(rest) else 0)]
+        del argv[at : at + 1 + end + (1 if end < len(rest) else 0)]
     overrides: dict[str, str] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -56,7 +57,9 @@ def coerce(name: str, text: str, default: Any) -> Any:
             f"florql.arg({name!r}): the override {text!r} is not a valid {type(default).__name__} "
             f"(the default is {default!r})"
         ) from None
-    raise UsageError(f"florql.arg({name!r}): defaults must be int, float, bool, str or None, got {type(default).__name__}")
+    raise UsageError(
+        f"florql.arg({name!r}): defaults must be int, float, bool, str or None, got {type(default).__name__}"
+    )
 
 
 OVERRIDES: dict[str, str] = take_overrides(sys.argv)

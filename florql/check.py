@@ -19,6 +19,7 @@ It is deliberately conservative in what it names: objects are recognised by how 
 ``copy.deepcopy(model)``, ...), not by running the script; `florql.scope` warns at record time
 about what this pass cannot see.
 """
+
 from __future__ import annotations
 
 import ast
@@ -41,17 +42,70 @@ class Finding:
 
 # nn.X constructors that hold parameters or buffers (losses, activations, pooling and dropout do not).
 _STATEFUL_NN = (
-    "Linear", "Bilinear", "LazyLinear", "Conv", "LazyConv", "ConvTranspose", "Embedding", "EmbeddingBag",
-    "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell", "Transformer", "MultiheadAttention",
-    "BatchNorm", "LazyBatchNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "LocalResponseNorm", "RMSNorm",
-    "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict", "PReLU", "Module",
+    "Linear",
+    "Bilinear",
+    "LazyLinear",
+    "Conv",
+    "LazyConv",
+    "ConvTranspose",
+    "Embedding",
+    "EmbeddingBag",
+    "RNN",
+    "LSTM",
+    "GRU",
+    "RNNCell",
+    "LSTMCell",
+    "GRUCell",
+    "Transformer",
+    "MultiheadAttention",
+    "BatchNorm",
+    "LazyBatchNorm",
+    "LayerNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LocalResponseNorm",
+    "RMSNorm",
+    "Sequential",
+    "ModuleList",
+    "ModuleDict",
+    "ParameterList",
+    "ParameterDict",
+    "PReLU",
+    "Module",
 )
 _MODULE_BASES = {"Module", "nn.Module", "torch.nn.Module"}
 _EMA_WORDS = ("EMA", "Ema", "ExponentialMovingAverage", "AveragedModel", "ModelEma")
-_PASSTHROUGH = {"to", "cuda", "cpu", "train", "eval", "double", "float", "half", "bfloat16", "requires_grad_",
-                "share_memory", "to_empty"}
-_READERS = {"open", "load", "loadtxt", "genfromtxt", "fromfile", "Path", "PurePath", "ImageFolder",
-            "DatasetFolder", "safe_open", "load_file", "from_pretrained", "load_state_dict", "memmap", "imread"}
+_PASSTHROUGH = {
+    "to",
+    "cuda",
+    "cpu",
+    "train",
+    "eval",
+    "double",
+    "float",
+    "half",
+    "bfloat16",
+    "requires_grad_",
+    "share_memory",
+    "to_empty",
+}
+_READERS = {
+    "open",
+    "load",
+    "loadtxt",
+    "genfromtxt",
+    "fromfile",
+    "Path",
+    "PurePath",
+    "ImageFolder",
+    "DatasetFolder",
+    "safe_open",
+    "load_file",
+    "from_pretrained",
+    "load_state_dict",
+    "memmap",
+    "imread",
+}
 
 
 def _dotted(node: ast.AST) -> str:
@@ -78,7 +132,8 @@ class _Kinds:
             changed = False
             for name, parents in bases.items():
                 if name not in self.module_classes and any(
-                        p in _MODULE_BASES or p.split(".")[-1] in self.module_classes for p in parents):
+                    p in _MODULE_BASES or p.split(".")[-1] in self.module_classes for p in parents
+                ):
                     self.module_classes.add(name)
                     changed = True
 
@@ -100,11 +155,24 @@ class _Kinds:
             return "EMA model"
         if last == "GradScaler":
             return "GradScaler"
-        if "lr_scheduler" in func or (last.endswith(("LR", "Scheduler")) and last[:1].isupper()) or last in (
-                "ReduceLROnPlateau", "OneCycleLR", "CosineAnnealingWarmRestarts", "LambdaLR"):
+        if (
+            "lr_scheduler" in func
+            or (last.endswith(("LR", "Scheduler")) and last[:1].isupper())
+            or last in ("ReduceLROnPlateau", "OneCycleLR", "CosineAnnealingWarmRestarts", "LambdaLR")
+        ):
             return "scheduler"
         if ("optim" in func.split(".")[:-1] and last[:1].isupper()) or last in (
-                "SGD", "Adam", "AdamW", "Adagrad", "Adadelta", "RMSprop", "Adamax", "NAdam", "RAdam", "LBFGS"):
+            "SGD",
+            "Adam",
+            "AdamW",
+            "Adagrad",
+            "Adadelta",
+            "RMSprop",
+            "Adamax",
+            "NAdam",
+            "RAdam",
+            "LBFGS",
+        ):
             return "optimizer"
         if last in self.module_classes:
             return "model"
@@ -130,8 +198,10 @@ def _scope_statements(body: list[ast.stmt]):
         for field in ("body", "orelse", "finalbody", "handlers"):
             child = getattr(stmt, field, None)
             if isinstance(child, list):
-                yield from _scope_statements([c for c in child if isinstance(c, ast.stmt)] +
-                                             [s for h in child if isinstance(h, ast.ExceptHandler) for s in h.body])
+                yield from _scope_statements(
+                    [c for c in child if isinstance(c, ast.stmt)]
+                    + [s for h in child if isinstance(h, ast.ExceptHandler) for s in h.body]
+                )
 
 
 def _function_body(tree: ast.Module, qualname: str | None) -> list[ast.stmt]:
@@ -139,8 +209,14 @@ def _function_body(tree: ast.Module, qualname: str | None) -> list[ast.stmt]:
         return tree.body
     body: list[ast.stmt] = tree.body
     for part in qualname.replace(".<locals>", "").split("."):
-        node = next((n for n in body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                     and n.name == part), None)
+        node = next(
+            (
+                n
+                for n in body
+                if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n.name == part
+            ),
+            None,
+        )
         if node is None:
             return []
         body = node.body
@@ -186,8 +262,9 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
                 break
             if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and isinstance(stmt.value, ast.Call):
                 kind = kinds.of_call(stmt.value, known)
-                targets = [n for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target])
-                           for n in _targets(t)]
+                targets = [
+                    n for t in (stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]) for n in _targets(t)
+                ]
                 for name in targets:
                     if kind is None:
                         known.pop(name, None)
@@ -197,10 +274,15 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
                         created[name] = (stmt.lineno, kind)
         for name, (lineno, kind) in sorted(created.items(), key=lambda kv: kv[1][0]):
             if name not in registered:
-                findings.append(Finding(
-                    lineno, f"'{name}' ({kind}) is created before the outer florql.loop but not passed to "
-                    f"florql.checkpointing(...): replays from checkpoints would start it from its initial state. "
-                    f"Register it: florql.checkpointing({name}={name}, ...)", "unregistered-state"))
+                findings.append(
+                    Finding(
+                        lineno,
+                        f"'{name}' ({kind}) is created before the outer florql.loop but not passed to "
+                        f"florql.checkpointing(...): replays from checkpoints would start it from its initial state. "
+                        f"Register it: florql.checkpointing({name}={name}, ...)",
+                        "unregistered-state",
+                    )
+                )
 
     # ---- DataLoaders with persistent workers, files read by absolute path -----------------------
     for node in ast.walk(tree):
@@ -212,34 +294,67 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
             kw = {k.arg: k.value for k in node.keywords if k.arg}
             workers = _literal(kw.get("num_workers"))
             if _literal(kw.get("persistent_workers")) is True and workers != 0:
-                findings.append(Finding(
-                    node.lineno, "DataLoader with persistent_workers=True: its worker processes keep RNG state "
-                    "across epochs that no checkpoint captures, so replays may diverge; use persistent_workers=False",
-                    "persistent-workers"))
+                findings.append(
+                    Finding(
+                        node.lineno,
+                        "DataLoader with persistent_workers=True: its worker processes keep RNG state "
+                        "across epochs that no checkpoint captures, so replays may diverge; use persistent_workers=False",
+                        "persistent-workers",
+                    )
+                )
         if last in _READERS or last.startswith(("read_", "load")):
-            path = _literal(node.args[0]) if node.args else _literal(
-                next((k.value for k in node.keywords if k.arg in ("file", "path", "fname", "filepath_or_buffer",
-                                                                   "root", "f")), None))
-            mode = _literal(node.args[1]) if last == "open" and len(node.args) > 1 else _literal(
-                next((k.value for k in node.keywords if k.arg == "mode"), None))
+            path = (
+                _literal(node.args[0])
+                if node.args
+                else _literal(
+                    next(
+                        (
+                            k.value
+                            for k in node.keywords
+                            if k.arg in ("file", "path", "fname", "filepath_or_buffer", "root", "f")
+                        ),
+                        None,
+                    )
+                )
+            )
+            mode = (
+                _literal(node.args[1])
+                if last == "open" and len(node.args) > 1
+                else _literal(next((k.value for k in node.keywords if k.arg == "mode"), None))
+            )
             if isinstance(mode, str) and any(c in mode for c in "wax+"):
                 continue
             if _is_absolute(path):
-                findings.append(Finding(
-                    node.lineno, f"reads {path!r} by absolute path: only files inside the project join a run's "
-                    "recorded code version, so a replay reads whatever that file holds then; keep the file in the "
-                    "project and use a relative path", "absolute-path"))
+                findings.append(
+                    Finding(
+                        node.lineno,
+                        f"reads {path!r} by absolute path: only files inside the project join a run's "
+                        "recorded code version, so a replay reads whatever that file holds then; keep the file in the "
+                        "project and use a relative path",
+                        "absolute-path",
+                    )
+                )
 
     # ---- log statements: outside loops, names that are not literals ------------------------------
     for site in analysis.log_sites:
         if not site.loop_path:
-            findings.append(Finding(
-                site.lineno, f"florql.log({site.name!r}) runs outside any florql.loop: it cannot be replayed, "
-                "so it cannot be asked for in hindsight", "log-outside-loop"))
+            findings.append(
+                Finding(
+                    site.lineno,
+                    f"florql.log({site.name!r}) runs outside any florql.loop: it cannot be replayed, "
+                    "so it cannot be asked for in hindsight",
+                    "log-outside-loop",
+                )
+            )
     for dyn in analysis.dynamic_sites:
-        findings.append(Finding(
-            dyn.lineno, f"florql.{dyn.kind}(...) with a name that is not a string literal: hindsight queries find "
-            "statements by name; write the name as a literal, e.g. florql.log(\"loss\", loss)", "dynamic-name"))
+        findings.append(
+            Finding(
+                dyn.lineno,
+                f"florql.{dyn.kind}(...) with a name that is not a string literal: hindsight queries find "
+                'statements by name; write the name as a literal, e.g. florql.log("loss", loss)',
+                "dynamic-name",
+            )
+        )
     return sorted(findings, key=lambda f: (f.lineno, f.code))
 
 

@@ -1,11 +1,12 @@
 """The `florql` command: runs, show, query, explain, serve, check, rebuild, demo."""
+
 from __future__ import annotations
 
 import argparse
 import json
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from florql import reads
 from florql.errors import FlorqlError, UsageError
@@ -74,8 +75,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"\n{'columns of run_' + str(args.run):>20}:")
     for col in info.columns:
         print(f"{col.name:>20}  {col.comment}")
-    ckpts = db.sql("SELECT name, bytes, round(stall_s * 1000, 2) AS stall_ms, round(persist_s * 1000, 1) AS persist_ms"
-                   " FROM checkpoints WHERE run_id = ? ORDER BY outer_index", [args.run]).arrow()
+    ckpts = db.sql(
+        "SELECT name, bytes, round(stall_s * 1000, 2) AS stall_ms, round(persist_s * 1000, 1) AS persist_ms"
+        " FROM checkpoints WHERE run_id = ? ORDER BY outer_index",
+        [args.run],
+    ).arrow()
     print(f"\ncheckpoints:\n{_table(ckpts, 50)}")
     return 0
 
@@ -179,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="one run: manifest, columns, checkpoints")
     p.add_argument("run", type=int)
     p.set_defaults(func=cmd_show)
-    for name, func, text in (("query", cmd_query, "answer a FlorQL query (replays what is missing)"),
-                             ("explain", cmd_explain, "show the replay plan of a query")):
+    for name, func, text in (
+        ("query", cmd_query, "answer a FlorQL query (replays what is missing)"),
+        ("explain", cmd_explain, "show the replay plan of a query"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("sql")
         p.add_argument("--workers", type=int, default=None, help="replay workers (default: GPUs, else CPU cores)")

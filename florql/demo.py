@@ -1,27 +1,32 @@
 """`florql demo`: record the example run, add a hindsight statement, ask for it in SQL."""
+
 from __future__ import annotations
 
 import difflib
-from importlib import resources
 import os
 import shutil
 import subprocess
 import sys
 import time
+from importlib import resources
 
 import florql
 
-HINDSIGHT_STEP = "            florql.log(\"grad_norm\", nn.utils.clip_grad_norm_(net.parameters(), float(\"inf\")).item())\n"
+HINDSIGHT_STEP = (
+    '            florql.log("grad_norm", nn.utils.clip_grad_norm_(net.parameters(), float("inf")).item())\n'
+)
 EPOCHS = 40
 FIRST = 36  # the hindsight query asks for the last 10 % of epochs
-QUERY = (f"SELECT epoch, avg(grad_norm) AS mean_grad_norm, max(grad_norm) AS max_grad_norm, any_value(val_acc) AS val_acc "
-         f"FROM run_1 WHERE epoch >= {FIRST} GROUP BY epoch ORDER BY epoch")
+QUERY = (
+    f"SELECT epoch, avg(grad_norm) AS mean_grad_norm, max(grad_norm) AS max_grad_norm, any_value(val_acc) AS val_acc "
+    f"FROM run_1 WHERE epoch >= {FIRST} GROUP BY epoch ORDER BY epoch"
+)
 TRY = [
     "florql runs",
-    "florql query \"SELECT epoch, val_acc FROM run_1\"",
-    "florql explain \"SELECT epoch, step, grad_norm FROM run_1 WHERE epoch BETWEEN 3 AND 4\"",
-    "florql query \"SELECT epoch, step, loss, grad_norm FROM run_1 WHERE epoch = 2\" --format csv",
-    "florql serve   # then: psql \"host=127.0.0.1 port=5433 dbname=florql user=florql\"",
+    'florql query "SELECT epoch, val_acc FROM run_1"',
+    'florql explain "SELECT epoch, step, grad_norm FROM run_1 WHERE epoch BETWEEN 3 AND 4"',
+    'florql query "SELECT epoch, step, loss, grad_norm FROM run_1 WHERE epoch = 2" --format csv',
+    'florql serve   # then: psql "host=127.0.0.1 port=5433 dbname=florql user=florql"',
 ]
 
 
@@ -55,8 +60,14 @@ def run_demo(folder: str) -> int:
     subprocess.run([sys.executable, "train.py", "--florql-args", f"epochs={EPOCHS}"], cwd=folder, env=env, check=True)
     train_s = time.perf_counter() - started
     db = florql.connect(env["FLORQL_HOME"], progress=True)
-    print(db.sql("SELECT run_id, status, outer_completed AS epochs, checkpoints_taken AS checkpoints, "
-                 "round(100 * checkpoint_overhead, 2) AS checkpoint_overhead_pct FROM runs").df().to_string(index=False))
+    print(
+        db.sql(
+            "SELECT run_id, status, outer_completed AS epochs, checkpoints_taken AS checkpoints, "
+            "round(100 * checkpoint_overhead, 2) AS checkpoint_overhead_pct FROM runs"
+        )
+        .df()
+        .to_string(index=False)
+    )
 
     _say("2. Later you want the gradient norm, which was never logged. Add one line to train.py:")
     with open(script) as f:
@@ -64,7 +75,12 @@ def run_demo(folder: str) -> int:
     new = _add_hindsight_statement(old)
     with open(script, "w") as f:
         f.write(new)
-    sys.stdout.writelines(l for l in difflib.unified_diff(old.splitlines(True), new.splitlines(True), "train.py (recorded)", "train.py (now)", n=1))
+    sys.stdout.writelines(
+        line
+        for line in difflib.unified_diff(
+            old.splitlines(True), new.splitlines(True), "train.py (recorded)", "train.py (now)", n=1
+        )
+    )
 
     _say(f"3. Ask for it in SQL:\n   {QUERY}")
     print("\nThe plan (florql explain):")
@@ -74,8 +90,10 @@ def run_demo(folder: str) -> int:
     query_s = time.perf_counter() - started
     print()
     print(result.df().to_string(index=False))
-    print(f"\nanswered in {query_s:.1f} s by replaying only epochs {FIRST}.. from the nearest checkpoint "
-          f"(training from scratch took {train_s:.1f} s: {train_s / query_s:.1f}x)")
+    print(
+        f"\nanswered in {query_s:.1f} s by replaying only epochs {FIRST}.. from the nearest checkpoint "
+        f"(training from scratch took {train_s:.1f} s: {train_s / query_s:.1f}x)"
+    )
     print("Asking again replays nothing: the values are stored now (source = 'replayed' in the logs table).")
 
     _say(f"Try these (cd {folder}):")

@@ -3,6 +3,7 @@
 Parsing, the read-only guard and parameter binding live here, shared by the Python API and the
 wire server; binding florql's tables and planning live in `florql.query`.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -10,7 +11,8 @@ import decimal
 import math
 import numbers
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import sqlglot
 from sqlglot import exp
@@ -32,11 +34,35 @@ _FILE_FUNCTIONS = re.compile(
 _FILE_EXPRESSIONS: tuple[type[exp.Expression], ...] = tuple(
     getattr(exp, n) for n in ("ReadCSV", "ReadParquet", "ReadJSON") if hasattr(exp, n)
 )
-_UNPARSED_FORBIDDEN = frozenset({"EXPORT", "IMPORT", "LOAD", "INSTALL", "ATTACH", "DETACH", "COPY", "PRAGMA",
-                                 "CHECKPOINT", "VACUUM", "CALL", "FORCE"})
+_UNPARSED_FORBIDDEN = frozenset(
+    {
+        "EXPORT",
+        "IMPORT",
+        "LOAD",
+        "INSTALL",
+        "ATTACH",
+        "DETACH",
+        "COPY",
+        "PRAGMA",
+        "CHECKPOINT",
+        "VACUUM",
+        "CALL",
+        "FORCE",
+    }
+)
 _READING_ROOTS = (exp.Query, exp.Values)  # Select, SetOperation, Subquery; VALUES
-_WRITES = (exp.DML, exp.Insert, exp.Update, exp.Delete, exp.Create, exp.Drop, exp.Alter, exp.Command,
-           exp.Into, exp.Copy)
+_WRITES = (
+    exp.DML,
+    exp.Insert,
+    exp.Update,
+    exp.Delete,
+    exp.Create,
+    exp.Drop,
+    exp.Alter,
+    exp.Command,
+    exp.Into,
+    exp.Copy,
+)
 
 
 class Florql(DuckDB):
@@ -107,17 +133,20 @@ def ensure_read_only(statement: exp.Expression) -> None:
         )
     for node in statement.walk():
         if isinstance(node, _WRITES) or (isinstance(node, exp.Select) and node.args.get("into")):
-            kind = node.name.upper() if isinstance(node, exp.Command) else "SELECT … INTO" if isinstance(
-                node, (exp.Select, exp.Into)) else node.key.upper()
+            kind = (
+                node.name.upper()
+                if isinstance(node, exp.Command)
+                else "SELECT … INTO"
+                if isinstance(node, (exp.Select, exp.Into))
+                else node.key.upper()
+            )
             raise ForbiddenStatement(f"{kind} is not allowed: florql queries are read-only")
         if isinstance(node, _FILE_EXPRESSIONS) or (isinstance(node, exp.Table) and isinstance(node.this, exp.Literal)):
             raise ForbiddenAccess("reading files is not allowed in florql queries: query florql's tables instead")
         if isinstance(node, exp.Func):
             name = node.name if isinstance(node, exp.Anonymous) else node.sql_name()
             if name and _FILE_FUNCTIONS.match(name):
-                raise ForbiddenAccess(
-                    f"{name}(): reading files or the environment is not allowed in florql queries"
-                )
+                raise ForbiddenAccess(f"{name}(): reading files or the environment is not allowed in florql queries")
 
 
 # ---- parameters -------------------------------------------------------------------------------

@@ -1,11 +1,22 @@
 """Errors a user can act on. Each carries a PostgreSQL SQLSTATE so the wire server can report it."""
+
 from __future__ import annotations
 
 from florql.storage.errors import FlorqlError, StoreBusy, UsageError
 
 __all__ = [
-    "FlorqlError", "UsageError", "StoreBusy", "QuerySyntaxError", "UnknownTable", "UnknownColumn",
-    "ForbiddenStatement", "ForbiddenAccess", "ParameterError", "ReplayBudgetExceeded", "ReplayFailed", "MissingHindsight",
+    "FlorqlError",
+    "ForbiddenAccess",
+    "ForbiddenStatement",
+    "MissingHindsight",
+    "ParameterError",
+    "QuerySyntaxError",
+    "ReplayBudgetExceeded",
+    "ReplayFailed",
+    "StoreBusy",
+    "UnknownColumn",
+    "UnknownTable",
+    "UsageError",
 ]
 
 

@@ -1,4 +1,5 @@
 """Rules for log names, loop names and args: they become SQL column names."""
+
 from __future__ import annotations
 
 import re
@@ -9,8 +10,20 @@ _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 # Columns of the long-form `logs` table and the wide views that a loop or log name would shadow.
 RESERVED = frozenset(
-    {"run_id", "name", "source", "seq", "loop_path", "value_type", "value_float", "value_int",
-     "value_bool", "value_str", "job_id", "segment"}
+    {
+        "run_id",
+        "name",
+        "source",
+        "seq",
+        "loop_path",
+        "value_type",
+        "value_float",
+        "value_int",
+        "value_bool",
+        "value_str",
+        "job_id",
+        "segment",
+    }
 )
 
 
@@ -23,5 +36,7 @@ def check_name(kind: str, name: object) -> str:
             "digits and '_' (at most 63 characters), since they become SQL column names"
         )
     if name.lower() in RESERVED:
-        raise UsageError(f"florql.{kind}({name!r}): '{name}' is reserved (it is a column of florql's tables); pick another name")
+        raise UsageError(
+            f"florql.{kind}({name!r}): '{name}' is reserved (it is a column of florql's tables); pick another name"
+        )
     return name

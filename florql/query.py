@@ -6,6 +6,7 @@
 - `replay.planner.plan` turns cells into jobs; `job_specs` makes them runnable.
 - `rewrite` replaces each wide table with a subquery at the grain of the columns it uses.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -23,11 +24,11 @@ from sqlglot.errors import OptimizeError
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
-from florql.catalog import BASE_TABLES, RunInfo, load_run, run_facts, run_ids
 from florql.errors import FlorqlError, ReplayFailed, UnknownColumn, UnknownTable
 from florql.replay.jobs import JobSpec
 from florql.replay.planner import Need, Plan, PlannedJob, RunFacts
 from florql.replay.source import LogSite, PropagationError, analyze, propagate, statement_inputs
+from florql.runinfo import BASE_TABLES, RunInfo, load_run, run_facts, run_ids
 from florql.storage import layout, segments
 from florql.storage.code_versions import load_code_version
 from florql.storage.runfiles import RunFiles
@@ -108,15 +109,18 @@ def _table_runs(table: exp.Table, existing: list[int], shadowed: set[str]) -> li
     raise UnknownTable(f"unknown table {table.name!r}; florql's tables are: {names}")
 
 
-def _schema(conn: duckdb.DuckDBPyConnection, runs: dict[int, RunInfo], tables: list[exp.Table],
-            existing: list[int]) -> dict[str, dict[str, str]]:
+def _schema(
+    conn: duckdb.DuckDBPyConnection, runs: dict[int, RunInfo], tables: list[exp.Table], existing: list[int]
+) -> dict[str, dict[str, str]]:
     """Column names of every table the statement names, run tables with their loggable names."""
     schema: dict[str, dict[str, str]] = {}
     for name in {t.name.lower() for t in tables}:
         if name in BASE_TABLES and name != "metrics":
             rows = conn.execute(
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
-                "AND table_schema = 'main' ORDER BY ordinal_position", [name]).fetchall()
+                "AND table_schema = 'main' ORDER BY ordinal_position",
+                [name],
+            ).fetchall()
             schema[name] = {c: t for c, t in rows}
     for run_id, info in runs.items():
         schema[f"run_{run_id}"] = dict.fromkeys(info.columns(), "DOUBLE")
@@ -128,8 +132,7 @@ def _schema(conn: duckdb.DuckDBPyConnection, runs: dict[int, RunInfo], tables: l
     return schema
 
 
-def _scope_refs(scope: Scope, tables: list[exp.Table], existing: list[int], runs: dict[int, RunInfo]
-                ) -> list[TableRef]:
+def _scope_refs(scope: Scope, tables: list[exp.Table], existing: list[int], runs: dict[int, RunInfo]) -> list[TableRef]:
     refs = []
     select = scope.expression if isinstance(scope.expression, exp.Select) else None
     where = select.args.get("where") if select is not None else None
@@ -167,8 +170,9 @@ def _bind_ranges(ref: TableRef, where: exp.Expression | None, alias: str, runs: 
             ref.outer_indices[run_id] = _analyse(where, info.outer_loop, alias, range(completed))[0]
 
 
-def _widened(tables: list[exp.Table], existing: list[int], shadowed: set[str], runs: dict[int, RunInfo]
-             ) -> list[TableRef]:
+def _widened(
+    tables: list[exp.Table], existing: list[int], shadowed: set[str], runs: dict[int, RunInfo]
+) -> list[TableRef]:
     """References read as everything: every column, every iteration, the finest grain."""
     refs = []
     for ref_id, table in enumerate(tables):
@@ -206,8 +210,13 @@ def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> 
         elif cond.args.get("symmetric") is not None and cond.args.get("symmetric") is not False:
             return everything
         return {i for i in universe if lo <= i <= hi}, True
-    if isinstance(cond, exp.In) and _is_col(cond.this, column, alias) and not cond.args.get("query") \
-            and not cond.args.get("unnest") and not cond.args.get("field"):
+    if (
+        isinstance(cond, exp.In)
+        and _is_col(cond.this, column, alias)
+        and not cond.args.get("query")
+        and not cond.args.get("unnest")
+        and not cond.args.get("field")
+    ):
         values = [_number(v) for v in cond.expressions]
         if not values or any(v is None for v in values):
             return everything
@@ -223,8 +232,14 @@ def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> 
     value = _number(right)
     if not _is_col(left, column, alias) or value is None:
         return everything
-    test = {"=": lambda i: i == value, ">": lambda i: i > value, ">=": lambda i: i >= value,
-            "<": lambda i: i < value, "<=": lambda i: i <= value, "!=": lambda i: i != value}[op]
+    test = {
+        "=": lambda i: i == value,
+        ">": lambda i: i > value,
+        ">=": lambda i: i >= value,
+        "<": lambda i: i < value,
+        "<=": lambda i: i <= value,
+        "!=": lambda i: i != value,
+    }[op]
     return {i for i in universe if test(i)}, True
 
 
@@ -255,8 +270,9 @@ def hindsight_names(bound: Bound) -> dict[int, set[str]]:
     for ref in bound.refs:
         for run_id in ref.run_ids:
             info = bound.runs[run_id]
-            names = {n for n in ref.columns if n in info.loggable and n not in info.original
-                     and n not in info.loop_paths}
+            names = {
+                n for n in ref.columns if n in info.loggable and n not in info.original and n not in info.loop_paths
+            }
             if names:
                 out.setdefault(run_id, set()).update(names)
     return out
@@ -278,13 +294,18 @@ def wanted_cells(bound: Bound) -> dict[int, dict[str, set[int]]]:
 
 def covered(conn: duckdb.DuckDBPyConnection, run_id: int, name: str, version: str) -> set[int]:
     """Outer iterations for which a replay of this version of the statement produced its cells."""
-    return {r[0] for r in conn.execute(
-        "SELECT outer_index FROM replay_coverage WHERE run_id = ? AND name = ? AND version = ?",
-        [run_id, name, version]).fetchall()}
+    return {
+        r[0]
+        for r in conn.execute(
+            "SELECT outer_index FROM replay_coverage WHERE run_id = ? AND name = ? AND version = ?",
+            [run_id, name, version],
+        ).fetchall()
+    }
 
 
-def missing_cells(bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, "Site"]],
-                  reexecute: bool = False) -> list[tuple[RunFacts, list[Need]]]:
+def missing_cells(
+    bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, Site]], reexecute: bool = False
+) -> list[tuple[RunFacts, list[Need]]]:
     """(run facts, needs) for every run with hindsight cells still missing in the selected range.
 
     `reexecute` plans every need by re-execution (no skipped inner loops): for cells a skip job
@@ -298,8 +319,10 @@ def missing_cells(bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int
         for name, indices in sorted(names.items()):
             site = sites[run_id][name]
             if not site.loop_path:
-                raise FlorqlError(f"run {run_id}: florql.log({name!r}) is not inside a florql.loop; "
-                                  "statements outside loops cannot be replayed")
+                raise FlorqlError(
+                    f"run {run_id}: florql.log({name!r}) is not inside a florql.loop; "
+                    "statements outside loops cannot be replayed"
+                )
             missing = indices - covered(conn, run_id, name, site.version)
             # Restoring a checkpoint stands in for the inner loop only if it holds all the statement reads.
             skippable = len(site.loop_path) == 1 and not reexecute and not site.inputs & uncaptured
@@ -374,39 +397,64 @@ def _analysis(source: str, rel: str) -> dict[str, LogSite]:
     return analyze(source, rel).loggable_names()
 
 
-def job_specs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]], sites: dict[int, dict[str, Site]],
-              files: RunFiles, conn: duckdb.DuckDBPyConnection) -> list[JobSpec]:
+def job_specs(
+    plan: Plan,
+    bound: Bound,
+    patched: dict[int, dict[str, str]],
+    sites: dict[int, dict[str, Site]],
+    files: RunFiles,
+    conn: duckdb.DuckDBPyConnection,
+) -> list[JobSpec]:
     specs = []
     for job in plan.jobs:
         info = bound.runs[job.run_id]
         m = info.manifest
         job_id = f"{job.run_id}-{uuid.uuid4().hex[:12]}"
         audit = sorted(info.original)
-        specs.append(JobSpec(
-            job_id=job_id, run_id=job.run_id, runs_url=files.url, code_version=m.code_version,
-            script_rel=m.script_rel, cwd_rel=m.cwd_rel or ".", argv=list(m.argv),
-            args=dict(m.args), names=job.names, audit_names=audit, start=job.start, stop=job.stop,
-            log_from=job.log_from, restore_inner=dict(job.restore_inner), restore_before=job.restore_before,
-            patched=patched.get(job.run_id, {}), threads=int(m.env.torch_threads or 0), mode=job.mode, est_s=job.est_s,
-            versions={n: sites[job.run_id][n].version for n in job.names},
-            expected_path=_write_expected(conn, files, info, job, job_id),
-        ))
+        specs.append(
+            JobSpec(
+                job_id=job_id,
+                run_id=job.run_id,
+                runs_url=files.url,
+                code_version=m.code_version,
+                script_rel=m.script_rel,
+                cwd_rel=m.cwd_rel or ".",
+                argv=list(m.argv),
+                args=dict(m.args),
+                names=job.names,
+                audit_names=audit,
+                start=job.start,
+                stop=job.stop,
+                log_from=job.log_from,
+                restore_inner=dict(job.restore_inner),
+                restore_before=job.restore_before,
+                patched=patched.get(job.run_id, {}),
+                threads=int(m.env.torch_threads or 0),
+                mode=job.mode,
+                est_s=job.est_s,
+                versions={n: sites[job.run_id][n].version for n in job.names},
+                expected_path=_write_expected(conn, files, info, job, job_id),
+            )
+        )
     return specs
 
 
-def _write_expected(conn: duckdb.DuckDBPyConnection, files: RunFiles, info: RunInfo, job: PlannedJob,
-                    job_id: str) -> str | None:
+def _write_expected(
+    conn: duckdb.DuckDBPyConnection, files: RunFiles, info: RunInfo, job: PlannedJob, job_id: str
+) -> str | None:
     """The originally logged values in the job's range, for the determinism audit."""
     outer = info.outer_loop
     if not outer or not info.logged:
         return None
-    loops = sorted({loop for n in info.logged.values() for loop in n.loop_path},
-                   key=lambda n: len(info.loop_paths.get(n, ())))
+    loops = sorted(
+        {loop for n in info.logged.values() for loop in n.loop_path}, key=lambda n: len(info.loop_paths.get(n, ()))
+    )
     coords = "[" + ", ".join(q(loop) for loop in loops) + "]"
     table = conn.sql(
         f"SELECT seq, name, loop_path, list_filter({coords}, lambda x: x IS NOT NULL) AS coords, value_type, value_float,"
         f" value_int, value_bool, value_str FROM logs WHERE run_id = ? AND source = 'logged' AND {q(outer)} >= ? "
-        f"AND {q(outer)} < ? ORDER BY seq", params=[info.run_id, job.log_from, job.stop]
+        f"AND {q(outer)} < ? ORDER BY seq",
+        params=[info.run_id, job.log_from, job.stop],
     ).to_arrow_table()
     table = table.cast(segments.SCHEMA)
     path = layout.replay_expected_path(info.run_id, job_id)
@@ -424,8 +472,7 @@ def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> exp.Expression
     statement = bound.statement
     by_id = {t.meta.get(_REF): t for t in statement.find_all(exp.Table) if _REF in t.meta}
     for ref in bound.refs:
-        parts = [_run_select(bound.runs[r], ref, versions.get(r, {}), with_run_id=ref.is_metrics)
-                 for r in ref.run_ids]
+        parts = [_run_select(bound.runs[r], ref, versions.get(r, {}), with_run_id=ref.is_metrics) for r in ref.run_ids]
         if not parts:
             parts = ["SELECT NULL::INTEGER AS run_id WHERE FALSE"]
         sql = " UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in parts)
@@ -455,7 +502,8 @@ def _unknown_column(message: str, runs: list[RunInfo]) -> FlorqlError:
 def unknown_column_error(message: str, bound: Bound) -> FlorqlError | None:
     """Turn DuckDB's binder error for a missing column into one that lists florql's names."""
     match = re.search(r'Referenced column "([^"]+)" not found', message) or re.search(
-        r'column "?([A-Za-z_][\w]*)"? (?:not found|does not exist)', message)
+        r'column "?([A-Za-z_][\w]*)"? (?:not found|does not exist)', message
+    )
     if not match or not bound.refs:
         return None
     return _column_error(match.group(1), list(bound.runs.values()))

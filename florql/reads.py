@@ -5,6 +5,7 @@ call is seen too. Paths are made absolute when the file is opened (the script ma
 A process that turns out to be the query side (`florql.connect`, the CLI, the server) calls
 `stop()`: it records nothing, and a long-running server's set never grows.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Recording a run: manifest, code version, background segments and adaptive checkpoints."""
+
 from __future__ import annotations
 
 import os
@@ -9,18 +10,19 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
 from florql import args as florql_args
 from florql import replay, storage
-from florql.checkpoints import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager
+from florql.checkpoint_engine import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager
 from florql.names import check_name
 from florql.reads import READ_FILES
 from florql.rng import capture_rng
 from florql.scope import baseline_of, capture_scope
-from florql.session import LoopFrame, Session, now
+from florql.session import LoopFrame, TrainingSession, now
 from florql.storage import layout
 from florql.storage.checkpoints import CheckpointRecord
 from florql.storage.code_versions import save_code_version
@@ -83,7 +85,7 @@ def environment() -> Env:
     return env
 
 
-class RecordSession(Session):
+class RecordSession(TrainingSession):
     def __init__(self) -> None:
         super().__init__()
         self.location = locate_store()
@@ -183,7 +185,8 @@ class RecordSession(Session):
             self._code_thread.join()
         self._code_thread = threading.Thread(
             target=lambda: self.update(code_version=save_code_version(self.files, sources)),
-            name="florql-code-version", daemon=True,
+            name="florql-code-version",
+            daemon=True,
         )
         self._code_thread.start()
         if wait:
@@ -295,8 +298,11 @@ class RecordSession(Session):
             "objects": self.stager.stage(self.objects),
             "rng": capture_rng(),
             "modes": self.module_modes(),
-            "scope": capture_scope(self.outer.frame, {id(o) for o in self.objects.values()}, self.scope_warned,
-                                   self.outer.baseline) if self.outer.frame else None,
+            "scope": capture_scope(
+                self.outer.frame, {id(o) for o in self.objects.values()}, self.scope_warned, self.outer.baseline
+            )
+            if self.outer.frame
+            else None,
             "position": {"outer_index": outer_index, "kind": kind},
             "args": dict(self.args),
         }
@@ -319,12 +325,18 @@ class RecordSession(Session):
         p = self.policy
         if p is None:
             return
-        self.update(checkpoints={
-            "taken": p.taken, "considered": p.considered, "stall_s": round(p.stall_s, 6),
-            "train_s": round(p.train_s, 6), "overhead": round(p.overhead, 6),
-            "skipped_in_flight": p.skipped_in_flight, "period": p.period if p.gaps else None,
-            "interference_s": round(p.interference_s, 6),
-        })
+        self.update(
+            checkpoints={
+                "taken": p.taken,
+                "considered": p.considered,
+                "stall_s": round(p.stall_s, 6),
+                "train_s": round(p.train_s, 6),
+                "overhead": round(p.overhead, 6),
+                "skipped_in_flight": p.skipped_in_flight,
+                "period": p.period if p.gaps else None,
+                "interference_s": round(p.interference_s, 6),
+            }
+        )
 
     # ---- end of run -------------------------------------------------------------------------
     def fail(self, exc_type: type, exc: BaseException, tb: Any) -> None:
@@ -350,5 +362,3 @@ class RecordSession(Session):
 
     def describe(self) -> str:
         return f"run {self.run_id}"
-
-

@@ -5,6 +5,7 @@ the first inner loop of an iteration is replaced by restoring its 'inner_end' ch
 plan says so; only the requested names are logged, and values the run logged originally are
 compared with what it logged then (a difference stops the replay: it would not be exact).
 """
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,20 @@ import os
 import time
 import types
 import uuid
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-
+from florql.replay.jobs import JobSpec, ReplayDiverged, ReplayFinished
 from florql.rng import restore_rng
 from florql.scope import restore_scope
-from florql.session import LoopFrame, Session
-from florql.replay.jobs import JobSpec, ReplayDiverged, ReplayFinished
+from florql.session import LoopFrame, TrainingSession
 from florql.storage import layout, segments
 from florql.storage.checkpoints import CheckpointRecord, read_checkpoint
 from florql.storage.runfiles import open_run_files
 from florql.storage.segment_writer import SegmentWriter
 
 
-class ReplaySession(Session):
+class ReplaySession(TrainingSession):
     def __init__(self, spec: JobSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -49,7 +50,7 @@ class ReplaySession(Session):
         )
 
     @classmethod
-    def from_env(cls) -> "ReplaySession":
+    def from_env(cls) -> ReplaySession:
         with open(os.environ["FLORQL_REPLAY_JOB"]) as f:
             return cls(JobSpec.from_json(f.read()))
 
@@ -82,10 +83,16 @@ class ReplaySession(Session):
         if _same(original, value):
             return
         diff = abs(value - original) if isinstance(value, (int, float)) and isinstance(original, (int, float)) else None
-        self.mismatches.append({
-            "name": name, "loop_path": self.position[0], "coords": list(self.position[1:]),
-            "logged": original, "replayed": value, "abs_diff": diff,
-        })
+        self.mismatches.append(
+            {
+                "name": name,
+                "loop_path": self.position[0],
+                "coords": list(self.position[1:]),
+                "logged": original,
+                "replayed": value,
+                "abs_diff": diff,
+            }
+        )
 
     def _load_expected(self) -> dict[tuple, list[Any]]:
         if not self.spec.expected_path:
@@ -129,10 +136,17 @@ class ReplaySession(Session):
             self.executed.append(index)
         if self.mismatches:
             worst = max(self.mismatches, key=lambda m: m["abs_diff"] if m["abs_diff"] is not None else math.inf)
-            detail = dict(self.mismatches[0], mismatches=len(self.mismatches), largest=worst,
-                          detected_at=time.time(), job_id=self.spec.job_id, run_id=self.run_id)
-            self.files.put(layout.replay_divergence_path(self.run_id, self.spec.job_id),
-                           json.dumps(detail, default=repr).encode())
+            detail = dict(
+                self.mismatches[0],
+                mismatches=len(self.mismatches),
+                largest=worst,
+                detected_at=time.time(),
+                job_id=self.spec.job_id,
+                run_id=self.run_id,
+            )
+            self.files.put(
+                layout.replay_divergence_path(self.run_id, self.spec.job_id), json.dumps(detail, default=repr).encode()
+            )
             raise ReplayDiverged(detail)
 
     def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
@@ -167,8 +181,10 @@ class ReplaySession(Session):
         there may depend on state the checkpoint lacks, so those cells are re-executed.
         """
         span = [i for i in self.executed if self.spec.log_from <= i < self.spec.stop]
-        return {n: sorted(set(span) | {i for i in self.produced.get(n, ()) if i >= self.spec.log_from})
-                for n in sorted(self.names)}
+        return {
+            n: sorted(set(span) | {i for i in self.produced.get(n, ()) if i >= self.spec.log_from})
+            for n in sorted(self.names)
+        }
 
     def commit(self) -> None:
         """Make the job's rows visible, all together."""
@@ -176,12 +192,20 @@ class ReplaySession(Session):
             return
         self.writer.close()
         summary = {
-            "job_id": self.spec.job_id, "run_id": self.run_id, "names": sorted(self.names),
-            "start": self.spec.start, "stop": self.spec.stop, "log_from": self.spec.log_from,
-            "executed": self.executed, "restored": self.restored,
-            "checkpoint": (self.spec.restore_before or [None, None])[1] or next(iter(self.spec.restore_inner.values()), None),
-            "seconds": time.time() - self.started, "committed_at": time.time(),
-            "logged_names": sorted(self.produced), "records": self.writer.records_written,
+            "job_id": self.spec.job_id,
+            "run_id": self.run_id,
+            "names": sorted(self.names),
+            "start": self.spec.start,
+            "stop": self.spec.stop,
+            "log_from": self.spec.log_from,
+            "executed": self.executed,
+            "restored": self.restored,
+            "checkpoint": (self.spec.restore_before or [None, None])[1]
+            or next(iter(self.spec.restore_inner.values()), None),
+            "seconds": time.time() - self.started,
+            "committed_at": time.time(),
+            "logged_names": sorted(self.produced),
+            "records": self.writer.records_written,
             "versions": {n: v for n, v in self.spec.versions.items() if n in self.names},
             "coverage": self._coverage(),
             "segments": self.writer.paths,  # exactly this attempt's files land
@@ -194,7 +218,10 @@ class ReplaySession(Session):
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
         return True
-    return type(a) is type(b) and a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and a == b
-                                              and not isinstance(a, bool) and not isinstance(b, bool))
-
-
+    return (type(a) is type(b) and a == b) or (
+        isinstance(a, (int, float))
+        and isinstance(b, (int, float))
+        and a == b
+        and not isinstance(a, bool)
+        and not isinstance(b, bool)
+    )

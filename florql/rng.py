@@ -1,11 +1,12 @@
 """Capture and restore every random number generator a training step may draw from."""
+
 from __future__ import annotations
 
 import random
 from typing import Any
 
 import numpy as np
-import numpy.random  # noqa: F401  (numpy 2 imports it on first use: not inside a checkpoint's stall)
+import numpy.random
 import torch
 
 

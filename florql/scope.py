@@ -10,6 +10,7 @@ with (its `generator`, its sampler's, generator attributes of a custom sampler).
 (modules, functions, classes, datasets, loaders, models) is not captured: a model, optimizer, scheduler or GradScaler that is not
 registered with `florql.checkpointing` gets a warning because replay would start from a wrong state.
 """
+
 from __future__ import annotations
 
 import collections
@@ -39,7 +40,7 @@ def _is_plain(value: Any, budget: list[int]) -> bool:
     budget[0] -= 1
     if budget[0] < 0:
         return False
-    if isinstance(value, _PLAIN_ATOMS) or isinstance(value, (torch.Tensor, np.ndarray, np.generic)):
+    if isinstance(value, (*_PLAIN_ATOMS, torch.Tensor, np.ndarray, np.generic)):
         return True
     if isinstance(value, (list, tuple, set, frozenset, collections.deque)):
         return all(_is_plain(v, budget) for v in value)
@@ -104,8 +105,7 @@ def capture_scope(
     frame: types.FrameType, registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
 ) -> dict[str, Any]:
     """Copies of the plain variables and generator states of `frame`'s scope that may have changed."""
-    captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}, "objects": {},
-                                "uncaptured": []}
+    captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}, "objects": {}, "uncaptured": []}
     for name, value in list(scope_of(frame).items()):
         if id(value) in registered or _should_skip(name, value) or _unchanged(name, value, baseline):
             continue

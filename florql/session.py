@@ -4,13 +4,15 @@ A session owns the loop stack (the coordinates every record carries), the regist
 checkpoint objects and the segment writer. `RecordSession` writes a new run;
 `florql.replaying.ReplaySession` re-executes part of an old one.
 """
+
 from __future__ import annotations
 
 import sys
 import time
 import types
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ class OuterState:
     baseline: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
-class Session:
+class TrainingSession:
     writer: SegmentWriter
 
     def __init__(self) -> None:
@@ -70,7 +72,9 @@ class Session:
     def _admit_name(self, name: str) -> None:
         check_name("log", name)
         if any(f.name == name for f in self.stack):
-            raise UsageError(f"florql.log({name!r}): '{name}' is the name of an enclosing florql.loop; pick another name")
+            raise UsageError(
+                f"florql.log({name!r}): '{name}' is the name of an enclosing florql.loop; pick another name"
+            )
         self._names.add(name)
 
     def _convert(self, name: str, value: Any) -> Any:
@@ -146,8 +150,13 @@ class Session:
         the checkpoint in place of the loop is exact. An inner loop inside a helper function leaves
         locals we cannot capture; such runs checkpoint at the end of the outer iteration instead.
         """
-        return (lf.depth == 1 and not self.outer.inner_point_done and bool(self.stack)
-                and self.stack[0].index >= 0 and frame is self.outer.frame)
+        return (
+            lf.depth == 1
+            and not self.outer.inner_point_done
+            and bool(self.stack)
+            and self.stack[0].index >= 0
+            and frame is self.outer.frame
+        )
 
     # ---- args and checkpointing ---------------------------------------------------------------
     def arg(self, name: str, default: Any) -> Any:
@@ -157,7 +166,9 @@ class Session:
         if self.checkpointing_active:
             raise UsageError("florql.checkpointing(...) is already active; use a single checkpointing block")
         if not objects:
-            raise UsageError("florql.checkpointing(...) needs the objects to checkpoint, e.g. checkpointing(model=net, optimizer=opt)")
+            raise UsageError(
+                "florql.checkpointing(...) needs the objects to checkpoint, e.g. checkpointing(model=net, optimizer=opt)"
+            )
         for key, obj in objects.items():
             if not (callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))):
                 raise UsageError(
@@ -165,7 +176,9 @@ class Session:
                     "register models, optimizers, schedulers, GradScalers or objects that implement both"
                 )
         if budget is not None and not 0 < budget < 1:
-            raise UsageError(f"florql.checkpointing(budget={budget!r}): the overhead budget is a fraction in (0, 1), e.g. 0.05 for 5 %")
+            raise UsageError(
+                f"florql.checkpointing(budget={budget!r}): the overhead budget is a fraction in (0, 1), e.g. 0.05 for 5 %"
+            )
         self.objects = dict(objects)
         self.budget = 0.05 if budget is None else budget
         self.checkpointing_active = True

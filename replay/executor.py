@@ -3,13 +3,14 @@
 A fresh interpreter per job matters: training scripts keep global state (RNGs, CUDA context,
 module-level variables) that must not leak from one job into the next.
 """
+
 from __future__ import annotations
 
 import os
 import queue
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import launch_worker, worker_env
@@ -25,7 +26,7 @@ class Executor(ABC):
     @abstractmethod
     def run(self, jobs: list[JobSpec], on_done: ProgressFn | None = None) -> list[JobResult]: ...
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (optional: most executors hold nothing)
         """Release what the executor started."""
 
 

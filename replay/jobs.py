@@ -1,4 +1,5 @@
 """A replay job: one worker re-executes a range of a run's outer loop from a checkpoint."""
+
 from __future__ import annotations
 
 import json
@@ -21,7 +22,9 @@ class JobSpec:
     start: int  # first outer iteration visited (earlier ones are passed over)
     stop: int  # outer iterations [start, stop) are visited; the job ends after stop - 1
     log_from: int  # records before this outer iteration are suppressed
-    restore_inner: dict[int, str] = field(default_factory=dict)  # iteration → 'inner_end' checkpoint replacing its first inner loop
+    restore_inner: dict[int, str] = field(
+        default_factory=dict
+    )  # iteration → 'inner_end' checkpoint replacing its first inner loop
     restore_before: tuple[int, str] | None = None  # (iteration, 'iter_end' checkpoint of the one before)
     patched: dict[str, str] = field(default_factory=dict)  # files of the code version with hindsight statements
     threads: int = 1
@@ -36,7 +39,7 @@ class JobSpec:
         return json.dumps(body)
 
     @classmethod
-    def from_json(cls, text: str) -> "JobSpec":
+    def from_json(cls, text: str) -> JobSpec:
         body = json.loads(text)
         body["restore_inner"] = {int(k): v for k, v in body["restore_inner"].items()}
         if body.get("restore_before"):

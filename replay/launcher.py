@@ -5,6 +5,7 @@ pool, a Ray task on some node): the spec goes in as a file, the `JobResult` come
 `result_path(spec)` beside it, and a worker that died before writing one is reported with the
 tail of its output.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,9 @@ def launch_worker(spec: JobSpec, env: dict[str, str], killed: type[BaseException
         spec_path = os.path.join(tmp, SPEC_FILE)
         with open(spec_path, "w") as f:
             f.write(spec.to_json())
-        proc = subprocess.run([sys.executable, "-m", "florql.replay.worker", spec_path], env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "florql.replay.worker", spec_path], env=env, capture_output=True, text=True
+        )
         if killed is not None and proc.returncode < 0:
             raise killed(f"replay job {spec.job_id} was killed by signal {-proc.returncode}")
         try:

@@ -7,6 +7,7 @@ checkpoint (or from the start), logging only from the first needed iteration and
 the last. Ranges split across workers at checkpoint boundaries. Costs come from the recorded
 per-iteration timings.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -136,7 +137,9 @@ def plan_run(facts: RunFacts, needs: list[Need], workers: int) -> list[PlannedJo
     return jobs
 
 
-def _start_for(facts: RunFacts, inner: set[int], first: int) -> tuple[int, dict[int, str], tuple[int, str] | None, str | None]:
+def _start_for(
+    facts: RunFacts, inner: set[int], first: int
+) -> tuple[int, dict[int, str], tuple[int, str] | None, str | None]:
     """Where a job whose first needed iteration is `first` starts: (start, restores, restore_before, checkpoint).
 
     Always from the state at the *start* of `first` (the latest checkpoint before it), never
@@ -158,8 +161,17 @@ def _job(facts: RunFacts, names: list[str], inner: set[int], first: int, last: i
         if c is not None and i not in inner and i not in restores:
             restores[i] = c.name
     mode = "skip" if all(i in restores for i in range(first, last + 1)) else "re-execute"
-    job = PlannedJob(facts.run_id, names, start=start, stop=last + 1, log_from=first, mode=mode,
-                     restore_inner=restores, restore_before=before, checkpoint=ckpt)
+    job = PlannedJob(
+        facts.run_id,
+        names,
+        start=start,
+        stop=last + 1,
+        log_from=first,
+        mode=mode,
+        restore_inner=restores,
+        restore_before=before,
+        checkpoint=ckpt,
+    )
     job.est_s = _cost(facts, job)
     return job
 
@@ -181,8 +193,10 @@ def _clusters(facts: RunFacts, inner: set[int], wanted: list[int]) -> list[tuple
         if out:
             a, b = out[-1]
             start = _start_for(facts, inner, i)[0]
-            crossing = sum(facts.cost(k) if facts.inner_end(k) is None or k in inner else facts.tail_cost(k)
-                           for k in range(b + 1, i))
+            crossing = sum(
+                facts.cost(k) if facts.inner_end(k) is None or k in inner else facts.tail_cost(k)
+                for k in range(b + 1, i)
+            )
             restart = PROCESS_START_S + sum(facts.cost(k) for k in range(start, i))
             if start <= b or crossing <= restart:
                 out[-1] = (a, i)
@@ -191,7 +205,9 @@ def _clusters(facts: RunFacts, inner: set[int], wanted: list[int]) -> list[tuple
     return out
 
 
-def _split(facts: RunFacts, names: list[str], inner: set[int], jobs: list[PlannedJob], workers: int) -> list[PlannedJob]:
+def _split(
+    facts: RunFacts, names: list[str], inner: set[int], jobs: list[PlannedJob], workers: int
+) -> list[PlannedJob]:
     """Cut the longest job in two while that shortens the makespan and workers are free."""
     jobs = list(jobs)
     while len(jobs) < workers:

@@ -10,6 +10,7 @@ from a failing one: only the former is retried.
 Everything the worker needs comes through the run files (`spec.runs_url`): the checkpoints and
 the recorded code version. The spec itself travels as the task's argument.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,13 +19,19 @@ import shutil
 import tempfile
 from typing import Any
 
-from florql.storage.errors import UsageError
 from florql.replay.executor import Executor, ProgressFn
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import launch_worker, worker_env
+from florql.storage.errors import UsageError
 
 # Configuration (never credentials) that replay workers need to reach the run files.
-FORWARDED_ENV = ("FLORQL_STORAGE_OPTIONS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
+FORWARDED_ENV = (
+    "FLORQL_STORAGE_OPTIONS",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
 
 
 class WorkerDied(RuntimeError):
@@ -32,8 +39,14 @@ class WorkerDied(RuntimeError):
 
 
 class RayExecutor(Executor):
-    def __init__(self, workers: int | None = None, ray_address: str | None = None, gpus: int = 0,
-                 max_retries: int = 2, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        workers: int | None = None,
+        ray_address: str | None = None,
+        gpus: int = 0,
+        max_retries: int = 2,
+        threads: int | None = None,
+    ) -> None:
         try:
             import ray
         except ImportError:
@@ -66,8 +79,12 @@ class RayExecutor(Executor):
         runtime_env = {"runtime_env": {"env_vars": forwarded}} if forwarded else {}
         pending = {
             task.options(
-                num_cpus=spec.threads, num_gpus=self.gpus, max_retries=self.max_retries,
-                retry_exceptions=[WorkerDied], name=f"florql-replay-{spec.job_id}", **runtime_env,
+                num_cpus=spec.threads,
+                num_gpus=self.gpus,
+                max_retries=self.max_retries,
+                retry_exceptions=[WorkerDied],
+                name=f"florql-replay-{spec.job_id}",
+                **runtime_env,
             ).remote(spec.to_json()): spec
             for spec in jobs
         }
@@ -83,8 +100,9 @@ class RayExecutor(Executor):
         try:
             return JobResult(**self.ray.get(ref))
         except self.ray.exceptions.RayError as exc:
-            return JobResult(spec.job_id, ok=False,
-                             error=f"the Ray task failed after {self.max_retries} retries: {exc}"[-4000:])
+            return JobResult(
+                spec.job_id, ok=False, error=f"the Ray task failed after {self.max_retries} retries: {exc}"[-4000:]
+            )
 
     @staticmethod
     def _finish(spec: JobSpec, result: JobResult, on_done: ProgressFn | None) -> JobResult:
@@ -99,8 +117,10 @@ class RayExecutor(Executor):
         if any(r.get("CPU", 0) >= threads and r.get("GPU", 0) >= self.gpus for r in nodes):
             return None
         have = ", ".join(f"{r.get('CPU', 0):g} CPU/{r.get('GPU', 0):g} GPU" for r in nodes) or "no live nodes"
-        return (f"no node of the Ray cluster can run a replay job needing {threads} CPU(s) and {self.gpus} GPU(s) "
-                f"(nodes: {have}); add such a node, or ask for fewer threads/GPUs")
+        return (
+            f"no node of the Ray cluster can run a replay job needing {threads} CPU(s) and {self.gpus} GPU(s) "
+            f"(nodes: {have}); add such a node, or ask for fewer threads/GPUs"
+        )
 
     def close(self) -> None:
         # Ends our connection, and the cluster too when we started it; never a user's session.

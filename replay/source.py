@@ -7,6 +7,7 @@ so that replaying the recorded code yields the new values.
 
 Everything here is pure: source text in, data or source text out.
 """
+
 from __future__ import annotations
 
 import ast
@@ -312,8 +313,7 @@ class _Collector(ast.NodeVisitor):
         in_class = self.prefix.endswith(".") and self.prefix[:-1] in self.classes
         owner = self.prefix[:-1] if in_class else None
         self.functions[qual] = owner
-        self._enter(node.body, func=qual, method_class=owner or self.method_class,
-                    prefix=qual + ".<locals>.", lex=())
+        self._enter(node.body, func=qual, method_class=owner or self.method_class, prefix=qual + ".<locals>.", lex=())
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
@@ -466,8 +466,9 @@ def statement_inputs(source: str, name: str) -> frozenset[str]:
     aliases = _aliases(tree)
     scopes = [tree, *(n for n in ast.walk(tree) if isinstance(n, _DEFS))]
     for scope in scopes:
-        call = next((n for n in _iter_scope(scope.body) if aliases.call_kind(n) == "log"
-                     and _literal_name(n) == name), None)
+        call = next(
+            (n for n in _iter_scope(scope.body) if aliases.call_kind(n) == "log" and _literal_name(n) == name), None
+        )
         if call is not None:
             break
     else:
@@ -490,8 +491,11 @@ def _flows(body: list[ast.stmt]) -> Iterator[tuple[frozenset[str], set[str]]]:
         if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)) and node.value is not None:
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             written = _assigned(targets, roots=True)
-            yield written, _reads(node.value) | ({t.id for t in targets if isinstance(t, ast.Name)}
-                                                 if isinstance(node, ast.AugAssign) else set())
+            yield (
+                written,
+                _reads(node.value)
+                | ({t.id for t in targets if isinstance(t, ast.Name)} if isinstance(node, ast.AugAssign) else set()),
+            )
         elif isinstance(node, (ast.For, ast.AsyncFor)):
             yield _assigned([node.target], roots=True), _reads(node.iter)
         elif isinstance(node, (ast.With, ast.AsyncWith)):
@@ -930,16 +934,12 @@ def _is_simple_assign(stmt: ast.stmt) -> bool:
 
 def _log_statements(src: _Source, name: str) -> list[tuple[ast.Call, ast.stmt | None]]:
     exprs = {id(s.value): s for s in ast.walk(src.tree) if isinstance(s, ast.Expr)}
-    calls = [
-        n for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log" and _literal_name(n) == name
-    ]
+    calls = [n for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log" and _literal_name(n) == name]
     return [(c, exprs.get(id(c))) for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
 
 
 def _logged_names(src: _Source) -> set[str]:
-    return {
-        _literal_name(n) for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log"
-    } - {None}
+    return {_literal_name(n) for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log"} - {None}
 
 
 def propagate(recorded: str, current: str, names: Collection[str], filename: str = "<script>") -> str:

@@ -4,6 +4,7 @@ It lays the run's recorded code version (with the hindsight statements propagate
 sandbox folder, so the script's own side effects never touch the user's files, and runs the
 script there as `__main__` under a `ReplaySession`.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,8 +52,12 @@ def run(spec_path: str) -> JobResult:
             if not files.exists(committed):
                 return JobResult(spec.job_id, ok=False, error="".join(traceback.format_exception(exc))[-4000:])
         if not files.exists(committed):
-            return JobResult(spec.job_id, ok=False, error="the script ended without reaching the job's iterations "
-                             f"[{spec.start}, {spec.stop}) of its outer florql.loop")
+            return JobResult(
+                spec.job_id,
+                ok=False,
+                error="the script ended without reaching the job's iterations "
+                f"[{spec.start}, {spec.stop}) of its outer florql.loop",
+            )
         return JobResult(spec.job_id, ok=True, summary=json.loads(files.get(committed)))
 
 

@@ -3,6 +3,7 @@
 The record is written only once the payload is durable, so a checkpoint is visible exactly when
 it is complete; the record carries the payload's SHA-256, checked on every read.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,7 @@ class CheckpointRecord:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "CheckpointRecord":
+    def from_json(cls, data: bytes) -> CheckpointRecord:
         return cls(**json.loads(data))
 
 
@@ -70,8 +71,9 @@ def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
         if not isinstance(leaf, torch.Tensor):
             return leaf
         tensors.append(leaf)
-        return _TensorRef(len(tensors) - 1, str(leaf.dtype).removeprefix("torch."), tuple(leaf.shape),
-                          leaf.requires_grad)
+        return _TensorRef(
+            len(tensors) - 1, str(leaf.dtype).removeprefix("torch."), tuple(leaf.shape), leaf.requires_grad
+        )
 
     return tree_map(ref, value)
 
@@ -84,8 +86,13 @@ def _raw(t: torch.Tensor) -> memoryview:
 
 
 def write_checkpoint(
-    files: RunFiles, run_id: int, outer_index: int, kind: str, coords: dict[str, int],
-    payload: dict[str, Any], stall_s: float,
+    files: RunFiles,
+    run_id: int,
+    outer_index: int,
+    kind: str,
+    coords: dict[str, int],
+    payload: dict[str, Any],
+    stall_s: float,
 ) -> CheckpointRecord:
     """Persist `payload` (CPU tensors and plain data); returns the record made visible last.
 
@@ -104,9 +111,16 @@ def write_checkpoint(
             f.write(chunk)
             size += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
     record = CheckpointRecord(
-        run_id=run_id, name=name, outer_index=outer_index, kind=kind, coords=coords,
-        bytes=size, sha256=digest.hexdigest(), stall_s=stall_s,
-        persist_s=time.perf_counter() - started, created_at=time.time(),
+        run_id=run_id,
+        name=name,
+        outer_index=outer_index,
+        kind=kind,
+        coords=coords,
+        bytes=size,
+        sha256=digest.hexdigest(),
+        stall_s=stall_s,
+        persist_s=time.perf_counter() - started,
+        created_at=time.time(),
     )
     files.put(layout.checkpoint_meta_path(run_id, name), record.to_json())
     return record
@@ -118,9 +132,9 @@ def _load(data: bytes) -> dict[str, Any]:
     if not data.startswith(MAGIC):
         raise CorruptCheckpoint("not a florql checkpoint file")
     at = len(MAGIC)
-    header_len = int.from_bytes(data[at:at + 8], "little")
+    header_len = int.from_bytes(data[at : at + 8], "little")
     at += 8
-    skeleton = pickle.loads(data[at:at + header_len])
+    skeleton = pickle.loads(data[at : at + header_len])
     at += header_len
     buffer = bytearray(data[at:])
 

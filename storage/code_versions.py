@@ -1,4 +1,5 @@
 """Content-addressed copies of the source a run executed: blobs by SHA-256, versions by manifest."""
+
 from __future__ import annotations
 
 import hashlib

@@ -6,6 +6,7 @@ ingest new run files, answer one query — and closes it. A process that finds i
 backoff. Training and replay processes never open it: they write run files, which are the durable
 truth; `rebuild` recreates the database from them alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,15 +16,15 @@ import random
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import duckdb
 import pyarrow as pa
-
-from florql.storage.errors import StoreBusy
 from florql.storage import layout, segments
 from florql.storage.checkpoints import CheckpointRecord
 from florql.storage.code_versions import code_version_manifest
+from florql.storage.errors import StoreBusy
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
 from florql.storage.views import NameInfo, grain_for, lit, q, wide_select
@@ -115,9 +116,13 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
     Replayed values of old stores carry no statement version: they stay in `logs` but no query
     shows them, and the next query that needs them replays again.
     """
-    columns = {(t, c) for t, c in conn.execute(
-        "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main' "
-        "AND table_name IN ('logs', 'replay_coverage')").fetchall()}
+    columns = {
+        (t, c)
+        for t, c in conn.execute(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main' "
+            "AND table_name IN ('logs', 'replay_coverage')"
+        ).fetchall()
+    }
     if ("logs", "version") not in columns:
         conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
     if ("replay_coverage", "version") not in columns:
@@ -224,30 +229,55 @@ def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, statu
         "INSERT INTO _runs VALUES (?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, to_timestamp(?)::TIMESTAMP, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
         " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, FALSE)",
         [
-            run_id, m.script, m.script_rel, m.cwd_rel, status, m.started_at, ended,
-            (ended - m.started_at) if ended and m.started_at is not None else None, m.code_version, m.git_commit,
-            m.argv, m.error, m.outer_loop, m.outer_planned, m.outer_completed,
-            m.outer_broke_early, env.hostname, env.pid, env.device, env.python,
-            env.torch, env.cuda, ckpt.get("taken"), ckpt.get("overhead"), m.checkpoint_budget,
-            m.heartbeat_at, m.to_json(indent=None),
+            run_id,
+            m.script,
+            m.script_rel,
+            m.cwd_rel,
+            status,
+            m.started_at,
+            ended,
+            (ended - m.started_at) if ended and m.started_at is not None else None,
+            m.code_version,
+            m.git_commit,
+            m.argv,
+            m.error,
+            m.outer_loop,
+            m.outer_planned,
+            m.outer_completed,
+            m.outer_broke_early,
+            env.hostname,
+            env.pid,
+            env.device,
+            env.python,
+            env.torch,
+            env.cuda,
+            ckpt.get("taken"),
+            ckpt.get("overhead"),
+            m.checkpoint_budget,
+            m.heartbeat_at,
+            m.to_json(indent=None),
         ],
     )
     conn.execute("DELETE FROM run_args WHERE run_id = ?", [run_id])
     for name, value in m.args.items():
         vtype = segments.VALUE_TYPES.get(type(value), "str")
         row: list[Any] = [None, None, None, None]
-        row[["float", "int", "bool", "str"].index(vtype)] = value if vtype != "str" else (None if value is None else str(value))
+        row[["float", "int", "bool", "str"].index(vtype)] = (
+            value if vtype != "str" else (None if value is None else str(value))
+        )
         conn.execute("INSERT INTO run_args VALUES (?, ?, ?, ?, ?, ?, ?)", [run_id, name, vtype, *row])
     conn.execute("DELETE FROM iterations WHERE run_id = ?", [run_id])
     times = m.iteration_s
     inner = m.inner_s
     if times:
-        table = pa.table({
-            "run_id": pa.array([run_id] * len(times), pa.int32()),
-            "outer_index": pa.array(range(len(times)), pa.int32()),
-            "seconds": pa.array(times, pa.float64()),
-            "inner_seconds": pa.array(inner + [0.0] * (len(times) - len(inner)), pa.float64()),
-        })
+        table = pa.table(
+            {
+                "run_id": pa.array([run_id] * len(times), pa.int32()),
+                "outer_index": pa.array(range(len(times)), pa.int32()),
+                "seconds": pa.array(times, pa.float64()),
+                "inner_seconds": pa.array(inner + [0.0] * (len(times) - len(inner)), pa.float64()),
+            }
+        )
         conn.register("_iterations_in", table)
         conn.execute("INSERT INTO iterations SELECT * FROM _iterations_in")
         conn.unregister("_iterations_in")
@@ -262,21 +292,33 @@ def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: i
             continue
         table = segments.read_segment(files, path)
         insert_records(conn, run_id, table, source="logged", job_id=None, segment=path)
-        conn.execute("INSERT INTO segments_ingested (path, run_id, rows) VALUES (?, ?, ?)", [path, run_id, table.num_rows])
+        conn.execute(
+            "INSERT INTO segments_ingested (path, run_id, rows) VALUES (?, ?, ?)", [path, run_id, table.num_rows]
+        )
         rows += table.num_rows
     return rows
 
 
 def ensure_loop_columns(conn: duckdb.DuckDBPyConnection, loop_names: set[str]) -> None:
-    existing = {r[0] for r in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'logs' AND table_schema = 'main'"
-    ).fetchall()}
+    existing = {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'logs' AND table_schema = 'main'"
+        ).fetchall()
+    }
     for name in sorted(loop_names - existing):
         conn.execute(f"ALTER TABLE logs ADD COLUMN {q(name)} BIGINT")
 
 
-def insert_records(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table, source: str,
-                   job_id: str | None, segment: str, versions: dict[str, str] | None = None) -> None:
+def insert_records(
+    conn: duckdb.DuckDBPyConnection,
+    run_id: int,
+    table: pa.Table,
+    source: str,
+    job_id: str | None,
+    segment: str,
+    versions: dict[str, str] | None = None,
+) -> None:
     """Insert segment rows into `logs`, spreading `coords` into one column per loop name.
 
     Replayed rows carry their statement's version, and a cell already covered by another job for
@@ -286,8 +328,11 @@ def insert_records(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table
         return
     paths = [p for p in table.column("loop_path").unique().to_pylist()]
     ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
-    version = ("CASE s.name " + " ".join(f"WHEN {lit(n)} THEN {lit(v)}" for n, v in versions.items()) + " END"
-               if versions else "NULL")
+    version = (
+        "CASE s.name " + " ".join(f"WHEN {lit(n)} THEN {lit(v)}" for n, v in versions.items()) + " END"
+        if versions
+        else "NULL"
+    )
     conn.register("_segment_in", table)
     try:
         for path in paths:
@@ -298,7 +343,8 @@ def insert_records(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table
             keep = (
                 f" AND NOT EXISTS (SELECT 1 FROM replay_coverage c WHERE c.run_id = {run_id} "
                 f"AND c.name = s.name AND c.version = {version} AND c.outer_index = {outer})"
-                if versions else ""
+                if versions
+                else ""
             )
             conn.execute(
                 f"INSERT INTO logs (run_id, name, loop_path{cols}, value_type, value_float, value_int, value_bool,"
@@ -321,8 +367,18 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
             continue
         conn.execute(
             "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
-            [run_id, rec.name, rec.outer_index, rec.kind, json.dumps(rec.coords), rec.bytes, rec.sha256,
-             rec.stall_s, rec.persist_s, rec.created_at],
+            [
+                run_id,
+                rec.name,
+                rec.outer_index,
+                rec.kind,
+                json.dumps(rec.coords),
+                rec.bytes,
+                rec.sha256,
+                rec.stall_s,
+                rec.persist_s,
+                rec.created_at,
+            ],
         )
 
 
@@ -336,7 +392,9 @@ def _ingest_code_version(conn: duckdb.DuckDBPyConnection, files: RunFiles, versi
 def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> bool:
     """Committed replay jobs land whole; uncommitted ones stay invisible."""
     have = {r[0] for r in conn.execute("SELECT job_id FROM replay_jobs WHERE run_id = ?", [run_id]).fetchall()}
-    audited = {r[0] for r in conn.execute("SELECT DISTINCT job_id FROM replay_audit WHERE run_id = ?", [run_id]).fetchall()}
+    audited = {
+        r[0] for r in conn.execute("SELECT DISTINCT job_id FROM replay_audit WHERE run_id = ?", [run_id]).fetchall()
+    }
     landed = False
     for job_id in files.list_dirs(layout.replays_dir(run_id)):
         if job_id in have:
@@ -362,9 +420,20 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
                 )
             conn.execute(
                 "INSERT INTO replay_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
-                [job_id, run_id, summary["names"], summary["start"], summary["stop"], summary["log_from"],
-                 summary["executed"], summary["restored"], summary.get("checkpoint"), summary["seconds"], rows,
-                 summary["committed_at"]],
+                [
+                    job_id,
+                    run_id,
+                    summary["names"],
+                    summary["start"],
+                    summary["stop"],
+                    summary["log_from"],
+                    summary["executed"],
+                    summary["restored"],
+                    summary.get("checkpoint"),
+                    summary["seconds"],
+                    rows,
+                    summary["committed_at"],
+                ],
             )
             conn.execute("COMMIT")
         except BaseException:
@@ -377,8 +446,18 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
 def _ingest_divergence(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, d: dict[str, Any]) -> None:
     conn.execute(
         "INSERT INTO replay_audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
-        [run_id, job_id, d["name"], d["loop_path"], json.dumps(d["coords"]), repr(d["logged"]), repr(d["replayed"]),
-         d.get("abs_diff"), d.get("mismatches", 1), d["detected_at"]],
+        [
+            run_id,
+            job_id,
+            d["name"],
+            d["loop_path"],
+            json.dumps(d["coords"]),
+            repr(d["logged"]),
+            repr(d["replayed"]),
+            d.get("abs_diff"),
+            d.get("mismatches", 1),
+            d["detected_at"],
+        ],
     )
 
 
@@ -386,7 +465,8 @@ def _ingest_divergence(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str
 def run_names(conn: duckdb.DuckDBPyConnection, run_id: int) -> list[NameInfo]:
     rows = conn.execute(
         "SELECT name, loop_path, list(DISTINCT value_type) FROM logs WHERE run_id = ? GROUP BY name, loop_path"
-        " ORDER BY min(seq), name", [run_id]
+        " ORDER BY min(seq), name",
+        [run_id],
     ).fetchall()
     chosen: dict[str, NameInfo] = {}
     for name, path, types in rows:
@@ -406,8 +486,12 @@ def full_view_sql(names: list[NameInfo], run_id: int, with_run_id: bool = False)
 def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
     """(Re)create `runs` (args as columns), `run_<id>` and `metrics` for direct DuckDB users."""
     args = [r[0] for r in conn.execute("SELECT DISTINCT name FROM run_args ORDER BY name").fetchall()]
-    fixed = {r[0] for r in conn.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = '_runs'").fetchall()}
+    fixed = {
+        r[0]
+        for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = '_runs'"
+        ).fetchall()
+    }
     pivots = "".join(
         f", (SELECT {_arg_value(conn, a)} FROM run_args a WHERE a.run_id = r.run_id AND a.name = {lit(a)})"
         f" AS {q(a if a not in fixed else 'arg_' + a)}"
@@ -419,7 +503,10 @@ def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
         names = run_names(conn, run_id)
         conn.execute(f"CREATE OR REPLACE VIEW run_{run_id} AS {full_view_sql(names, run_id)}")
         parts.append(f"SELECT * FROM ({full_view_sql(names, run_id, with_run_id=True)})")
-    conn.execute("CREATE OR REPLACE VIEW metrics AS " + (" UNION ALL BY NAME ".join(parts) or "SELECT NULL::INTEGER AS run_id WHERE FALSE"))
+    conn.execute(
+        "CREATE OR REPLACE VIEW metrics AS "
+        + (" UNION ALL BY NAME ".join(parts) or "SELECT NULL::INTEGER AS run_id WHERE FALSE")
+    )
 
 
 def _arg_value(conn: duckdb.DuckDBPyConnection, name: str) -> str:

@@ -3,6 +3,7 @@
 Each carries a PostgreSQL SQLSTATE so the wire server can report it. The query-side errors
 build on these in `florql.errors`.
 """
+
 from __future__ import annotations
 
 

@@ -4,6 +4,7 @@ A store is a folder (`.florql/` in the working directory, or `$FLORQL_HOME`) hol
 file; the run files live in `runs/`, `code/` under the same folder unless `$FLORQL_RUNS` points
 them elsewhere (a shared filesystem or an object store).
 """
+
 from __future__ import annotations
 
 import os

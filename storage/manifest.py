@@ -4,6 +4,7 @@ The file is plain JSON. Readers parse it with `Manifest.from_json`, which fills 
 recorder did not write with their defaults and ignores fields it does not know, so run files of
 every florql version load.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,7 +42,7 @@ class Env:
     cuda_devices: int | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "Env":
+    def from_dict(cls, data: dict[str, Any] | None) -> Env:
         return cls(**_known(cls, data if isinstance(data, dict) else {}))
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,7 +84,7 @@ class Manifest:
     uncaptured: list[str] = field(default_factory=list)  # names checkpoints could not capture
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
         if not isinstance(data, dict):
             raise ValueError(f"a run manifest is a JSON object, not {type(data).__name__}")
         known = _known(cls, data)
@@ -92,7 +93,7 @@ class Manifest:
         return cls(**known)
 
     @classmethod
-    def from_json(cls, body: bytes | str) -> "Manifest":
+    def from_json(cls, body: bytes | str) -> Manifest:
         return cls.from_dict(json.loads(body))
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ Atomic visibility:
 - Any other fsspec filesystem (SFTP, HDFS, …) is written to a `.tmp-` sibling and renamed; we rely
   on that filesystem's rename being atomic, as POSIX-like filesystems guarantee.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,8 @@ import os
 import posixpath
 import tempfile
 import uuid
-from typing import Any, BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 from florql.storage.errors import UsageError
 from florql.storage.runfiles import TMP_PREFIX, RunFiles
@@ -39,7 +41,9 @@ class FsspecRunFiles(RunFiles):
             options = {**_env_options(), **storage_options}
             self.fs, root = fsspec.core.url_to_fs(url, **options)
         except ImportError as exc:
-            raise UsageError(f"run files at {url} need fsspec and its backend: pip install 'florql[s3]' ({exc})") from None
+            raise UsageError(
+                f"run files at {url} need fsspec and its backend: pip install 'florql[s3]' ({exc})"
+            ) from None
         self.url = url
         self.root = root.rstrip("/")
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
@@ -50,7 +54,7 @@ class FsspecRunFiles(RunFiles):
         return f"{self.root}/{path}"
 
     def _rel(self, full: str) -> str:
-        return full[len(self.root) + 1:]
+        return full[len(self.root) + 1 :]
 
     # ---- writes -------------------------------------------------------------------------------
     def put(self, path: str, data: bytes) -> None:

@@ -4,13 +4,15 @@ Trainers, replay workers and the query side all go through a `RunFiles`, so run 
 on a local disk, a shared filesystem or an object store without the callers knowing.
 Every write is atomic: a reader sees a whole file or no file, never a partial one.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import uuid
 from abc import ABC, abstractmethod
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator
+from typing import BinaryIO
 
 TMP_PREFIX = ".tmp-"
 
@@ -89,7 +91,7 @@ class LocalRunFiles(RunFiles):
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}")
-        f = open(tmp, "wb")
+        f = open(tmp, "wb")  # noqa: SIM115  (closed before the rename, or on failure below)
         try:
             yield f
             f.flush()

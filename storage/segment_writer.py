@@ -3,11 +3,13 @@
 The training thread only appends tuples to `buffer`; this thread swaps the list out at least
 every `interval` seconds (or sooner under pressure), converts it to Arrow and writes one segment.
 """
+
 from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from florql.storage import segments
 from florql.storage.runfiles import RunFiles
@@ -19,7 +21,7 @@ HARD_LIMIT = 2_000_000  # records: the training thread waits (memory stays bound
 class Deferred:
     """A value that is resolved off the training thread (a CUDA tensor: `.item()` synchronises)."""
 
-    __slots__ = ("tensor", "event")
+    __slots__ = ("event", "tensor")
 
     def __init__(self, tensor: Any, event: Any) -> None:
         self.tensor, self.event = tensor, event

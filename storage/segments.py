@@ -4,13 +4,14 @@ A segment holds the records one writer (a trainer or a replay job) buffered sinc
 Records are `(seq, name, loop_path, coords, typed value)`; `coords` are the iteration indices of
 the enclosing loops, outermost first, named by `loop_path` ("epoch/step").
 """
+
 from __future__ import annotations
 
 import io
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import pyarrow as pa
-
 from florql.storage.runfiles import RunFiles
 
 SCHEMA = pa.schema(
@@ -81,8 +82,10 @@ def _typed_columns(values: list[Any]) -> tuple[pa.Array, list[pa.Array]]:
         vtypes[i] = vtype
         columns[vtype][i] = value
     return pa.array(vtypes, pa.string()), [
-        pa.array(columns["float"], pa.float64()), pa.array(columns["int"], pa.int64()),
-        pa.array(columns["bool"], pa.bool_()), pa.array(columns["str"], pa.string()),
+        pa.array(columns["float"], pa.float64()),
+        pa.array(columns["int"], pa.int64()),
+        pa.array(columns["bool"], pa.bool_()),
+        pa.array(columns["str"], pa.string()),
     ]
 
 

@@ -4,11 +4,13 @@ One walker for every layer that copies or rewrites such trees (checkpoint stagin
 file's skeleton, the plain scope variables). It never imports torch: the query side uses the
 storage layer without loading it.
 """
+
 from __future__ import annotations
 
 import collections
 import copy
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def tree_map(fn: Callable[..., Any], tree: Any, path: str | None = None) -> Any:

@@ -5,6 +5,7 @@ that loop; a name logged in an enclosing loop is repeated on every row of its it
 on the shared coordinates would give. When a name was logged more than once at one coordinate,
 the value logged last wins (the long-form `logs` table keeps them all).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,13 @@ def sql_type(types: frozenset[str]) -> str:
     )
 
 
-def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with_run_id: bool = False,
-                versions: dict[str, str] | None = None) -> str:
+def wide_select(
+    run_id: int,
+    grain: tuple[str, ...],
+    names: list[NameInfo],
+    with_run_id: bool = False,
+    versions: dict[str, str] | None = None,
+) -> str:
     """A SELECT with columns [run_id,] *grain, *names at `grain` for one run.
 
     Replayed values show only for the statement version `versions` names (by default the version
@@ -52,8 +58,7 @@ def wide_select(run_id: int, grain: tuple[str, ...], names: list[NameInfo], with
     coords = ", ".join(q(c) for c in grain)
     where_path = f"(loop_path = {lit(path)} OR starts_with(loop_path, {lit(path + '/')}))" if grain else "TRUE"
     base = (
-        f"SELECT DISTINCT {coords} FROM logs WHERE run_id = {run_id} AND {where_path}"
-        if grain else "SELECT 1 AS _one"
+        f"SELECT DISTINCT {coords} FROM logs WHERE run_id = {run_id} AND {where_path}" if grain else "SELECT 1 AS _one"
     )
     select = [f"{run_id} AS run_id"] if with_run_id else []
     select += [f"b.{q(c)}" for c in grain]

@@ -1,13 +1,16 @@
 """Shared fixtures: real stores in temporary folders, training scripts run as real processes."""
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+from store_support import Store
 
 import florql
-from store_support import Store
+
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Store:

@@ -1,4 +1,5 @@
 """Helpers for tests: a real store in a temporary folder, training scripts run as real processes."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
 
 from florql.storage.database import open_store, sync
 from florql.storage.layout import StoreLocation, locate_store
@@ -84,18 +84,27 @@ class Store:
 
     def popen(self, script: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         return subprocess.Popen(
-            [sys.executable, str(script), *args], cwd=self.workdir, env=env or self.env(),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, str(script), *args],
+            cwd=self.workdir,
+            env=env or self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
-    def run(self, source: str | Path, *args: str, check: bool = True, env: dict[str, str] | None = None,
-            timeout: float = 60) -> "Finished":
+    def run(
+        self, source: str | Path, *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: float = 60
+    ) -> Finished:
         """Run a script (source text or a path) to completion; returns its output and run id."""
         script = source if isinstance(source, Path) else self.write_script(source)
         before = set(self.run_ids())
         proc = subprocess.run(
-            [sys.executable, str(script), *args], cwd=self.workdir, env=env or self.env(),
-            capture_output=True, text=True, timeout=timeout,
+            [sys.executable, str(script), *args],
+            cwd=self.workdir,
+            env=env or self.env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"script failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
@@ -116,5 +125,3 @@ class Store:
 class Finished:
     proc: subprocess.CompletedProcess
     run_id: int | None
-
-

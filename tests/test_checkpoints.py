@@ -1,4 +1,5 @@
 """Adaptive two-phase checkpoints: when they are taken, what they hold, and that they are never torn."""
+
 from __future__ import annotations
 
 import json
@@ -10,13 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
-
-import florql
-from florql.checkpoints import AdaptivePolicy, Stager
-from florql.rng import capture_rng, restore_rng
 from florql.storage import layout
 from florql.storage.checkpoints import CorruptCheckpoint, list_checkpoints, read_checkpoint, write_checkpoint
 from florql.storage.runfiles import TMP_PREFIX, LocalRunFiles
+
+import florql
+from florql.checkpoint_engine import AdaptivePolicy, Stager
+from florql.rng import capture_rng, restore_rng
 
 
 class SlowState:
@@ -104,7 +105,9 @@ def test_corrupted_checkpoint_is_detected_by_its_checksum(tmp_path):
     payload = {"objects": {"model": torch.nn.Linear(8, 8).state_dict()}, "rng": capture_rng()}
     record = write_checkpoint(files, 1, 0, "iter_end", {"epoch": 0}, payload, stall_s=0.001)
     assert list_checkpoints(files, 1) == [record]
-    assert torch.equal(read_checkpoint(files, record)["objects"]["model"]["weight"], payload["objects"]["model"]["weight"])
+    assert torch.equal(
+        read_checkpoint(files, record)["objects"]["model"]["weight"], payload["objects"]["model"]["weight"]
+    )
 
     path = files.local_path(layout.checkpoint_data_path(1, record.name))
     data = bytearray(open(path, "rb").read())
@@ -232,7 +235,9 @@ def test_cheap_checkpoints_are_taken_every_iteration_and_recorded(session, store
     policy = session.policy
     assert (policy.taken, policy.considered, policy.skipped_in_flight) == (6, 6, 0)
     session.finish()
-    rows = store.sql("SELECT outer_index, kind, coords, bytes, stall_s, persist_s FROM checkpoints ORDER BY outer_index")
+    rows = store.sql(
+        "SELECT outer_index, kind, coords, bytes, stall_s, persist_s FROM checkpoints ORDER BY outer_index"
+    )
     assert [r[:3] for r in rows] == [(i, "iter_end", json.dumps({"epoch": i})) for i in range(6)]
     assert all(r[3] > 16 * 16 * 4 and 0 <= r[4] < 0.03 and r[5] > 0 for r in rows)
     assert store.sql("SELECT checkpoints_taken, checkpoint_budget FROM runs") == [(6, 0.05)]

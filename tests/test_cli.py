@@ -4,6 +4,7 @@ A module-scoped store holds run 1 (store_support.TRAIN, finished, logging `loss`
 logs `grad_norm` too, so asking for it needs a replay) and run 2 (a script that raises in epoch 1).
 Tests that write to a store work on their own copy of it.
 """
+
 from __future__ import annotations
 
 import csv
@@ -16,8 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
-from store_support import EXAMPLES, Store, TRAIN, record_then_add_grad_norm
+from store_support import EXAMPLES, TRAIN, Store, record_then_add_grad_norm
 
 CRASH = """
 import florql
@@ -33,8 +33,14 @@ HINDSIGHT = "SELECT epoch, step, grad_norm FROM run_1 WHERE epoch = 1 ORDER BY s
 
 def florql_cli(store: Store, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`florql ARGS` as its own process, with FLORQL_HOME naming the store."""
-    return subprocess.run([sys.executable, "-m", "florql.cli", *args], cwd=cwd or store.workdir, env=store.env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "florql.cli", *args],
+        cwd=cwd or store.workdir,
+        env=store.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def ok(proc: subprocess.CompletedProcess) -> str:
@@ -95,10 +101,16 @@ def test_show_prints_the_manifest_columns_and_checkpoints(recorded: Store) -> No
     assert fields["run_id"] == "1" and fields["status"] == "finished" and fields["script_rel"] == "train.py"
     assert fields["outer_loop"] == "epoch" and fields["outer_completed"] == "3"
     assert "columns of run_1:" in out
-    columns = {line.split()[0]: line.split(None, 1)[1] for line in out.split("columns of run_1:")[1]
-               .split("checkpoints:")[0].strip().splitlines()}
-    assert columns == {"epoch": "loop coordinate", "step": "loop coordinate", "loss": "logged",
-                       "grad_norm": "loggable: replayed on demand"}
+    columns = {
+        line.split()[0]: line.split(None, 1)[1]
+        for line in out.split("columns of run_1:")[1].split("checkpoints:")[0].strip().splitlines()
+    }
+    assert columns == {
+        "epoch": "loop coordinate",
+        "step": "loop coordinate",
+        "loss": "logged",
+        "grad_norm": "loggable: replayed on demand",
+    }
     taken = int(fields["checkpoints_taken"])
     assert taken >= 1 and f"({taken} row{'s' if taken != 1 else ''})" in out.split("checkpoints:")[1]
 
@@ -145,8 +157,9 @@ def test_query_as_json(recorded: Store) -> None:
     assert [json.loads(line) for line in out.splitlines()] == expected(recorded, LOSSES)
 
 
-@pytest.mark.parametrize("name, flags", [("out.csv", []), ("out.json", []), ("out.txt", ["--format", "json"]),
-                                         ("out.parquet", [])])
+@pytest.mark.parametrize(
+    "name, flags", [("out.csv", []), ("out.json", []), ("out.txt", ["--format", "json"]), ("out.parquet", [])]
+)
 def test_query_to_a_file(recorded: Store, tmp_path: Path, name: str, flags: list[str]) -> None:
     path = tmp_path / name
     proc = florql_cli(recorded, "query", LOSSES, "-o", str(path), *flags)
@@ -182,8 +195,9 @@ def test_unknown_table_exits_2_naming_it(recorded: Store) -> None:
     assert err.startswith("florql: ") and "run_9" in err and "run_1" in err  # what there is, too
 
 
-@pytest.mark.parametrize("statement", ["DROP TABLE logs", "DELETE FROM logs", "CREATE TABLE t AS SELECT 1",
-                                       "SELECT 1; DROP TABLE logs"])
+@pytest.mark.parametrize(
+    "statement", ["DROP TABLE logs", "DELETE FROM logs", "CREATE TABLE t AS SELECT 1", "SELECT 1; DROP TABLE logs"]
+)
 def test_forbidden_statements_exit_2_and_change_nothing(copied: Store, statement: str) -> None:
     before = copied.sql("SELECT count(*) FROM logs")
     err = refused(florql_cli(copied, "query", statement))
@@ -216,8 +230,12 @@ def test_explain_refuses_what_query_refuses(recorded: Store) -> None:
 
 # ---- florql rebuild ------------------------------------------------------------------------------
 def test_rebuild_answers_the_same(copied: Store) -> None:
-    questions = [("runs",), ("show", "1"), ("query", "SELECT * FROM logs ORDER BY ALL", "--format", "json"),
-                 ("query", "SELECT epoch, step, loss FROM run_1 ORDER BY epoch, step", "--format", "csv")]
+    questions = [
+        ("runs",),
+        ("show", "1"),
+        ("query", "SELECT * FROM logs ORDER BY ALL", "--format", "json"),
+        ("query", "SELECT epoch, step, loss FROM run_1 ORDER BY epoch, step", "--format", "csv"),
+    ]
     before = [ok(florql_cli(copied, *q)) for q in questions]
     out = ok(florql_cli(copied, "rebuild"))
     assert out.startswith(f"rebuilt {copied.location.db_path}")
@@ -238,7 +256,8 @@ def test_check_of_a_clean_script(recorded: Store) -> None:
 
 
 def test_check_reports_findings_with_line_numbers_and_exits_1(store: Store) -> None:
-    store.write_script("""
+    store.write_script(
+        """
         import torch, florql
         net = torch.nn.Linear(4, 1)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
@@ -246,7 +265,9 @@ def test_check_reports_findings_with_line_numbers_and_exits_1(store: Store) -> N
             for epoch in florql.loop("epoch", range(3)):
                 florql.log("x", 1.0)
         florql.log("final", 2.0)
-    """, "bad.py")
+    """,
+        "bad.py",
+    )
     proc = florql_cli(store, "check", "bad.py")
     assert proc.returncode == 1, proc.stderr
     lines = proc.stdout.splitlines()

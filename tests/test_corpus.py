@@ -5,6 +5,7 @@ as the ground-truth variant (the same code with the `# +` lines turned into extr
 statements at the step and epoch levels). Then `train.py` is the ground-truth variant, and
 hindsight values of run 1 over a later range of epochs must equal what run 2 logged, bit for bit.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +41,12 @@ def record_pair(tmp: Path, env: dict[str, str], case: str, *args: str) -> tuple[
     then leave the ground-truth variant in train.py for the hindsight queries."""
     (tmp / "train.py").write_text(variant(case, False))
     (tmp / "train_full.py").write_text(variant(case, True))
-    procs = [subprocess.Popen([sys.executable, script, *args], cwd=tmp, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for script in ("train.py", "train_full.py")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, *args], cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for script in ("train.py", "train_full.py")
+    ]
     for proc in procs:
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, f"{case} failed:\n{out}\n{err}"
@@ -93,7 +98,8 @@ def test_word_lm_manual_sgd_with_plateau_annealing(tmp_path):
     r1, r2 = record_pair(tmp, env, "word_lm")
     db = connect(tmp)
     epoch, jobs = hindsight_equals_logged(
-        db, r1, r2, "epoch, lr, global_step, val_ppl, best_val_loss, hidden_norm", "epoch >= 3", "epoch")
+        db, r1, r2, "epoch, lr, global_step, val_ppl, best_val_loss, hidden_norm", "epoch >= 3", "epoch"
+    )
     assert set(epoch.column("lr").to_pylist()) == {5.0}, "the learning rate was annealed before epoch 3"
     assert any(spec.mode == "skip" for spec, _ in jobs), "epoch-level values restore the inner_end checkpoints"
     hindsight_equals_logged(db, r1, r2, "epoch, step, grad_norm", "epoch >= 3", "epoch, step")
@@ -105,8 +111,9 @@ def test_gradient_accumulation_grad_scaler_and_ema(tmp_path):
     tmp, env = project(tmp_path)
     r1, r2 = record_pair(tmp, env, "grad_accum_amp_ema")
     db = connect(tmp)
-    hindsight_equals_logged(db, r1, r2, "epoch, ema_val, running, optimizer_steps, ema_weight_norm",
-                            "epoch >= 3", "epoch")
+    hindsight_equals_logged(
+        db, r1, r2, "epoch, ema_val, running, optimizer_steps, ema_weight_norm", "epoch >= 3", "epoch"
+    )
     steps, _ = hindsight_equals_logged(db, r1, r2, "epoch, step, grad_norm, scale", "epoch >= 3", "epoch, step")
     assert len(set(steps.column("scale").to_pylist())) > 1
     no_divergence(db, r1)
@@ -119,7 +126,8 @@ def test_early_stopping_with_patience(tmp_path):
     completed = db.sql(f"SELECT outer_completed, broke_early FROM runs WHERE run_id = {r1}").fetchall()[0]
     assert completed[1] and 4 < completed[0] < 40
     epoch, jobs = hindsight_equals_logged(
-        db, r1, r2, "epoch, bad_epochs, lr, best_loss, best_state_norm, stopped_at", "epoch >= 4", "epoch")
+        db, r1, r2, "epoch, bad_epochs, lr, best_loss, best_state_norm, stopped_at", "epoch >= 4", "epoch"
+    )
     assert epoch.column("epoch").to_pylist()[-1] == completed[0] - 1
     assert epoch.column("stopped_at").to_pylist()[-1] == completed[0] - 1
     assert max(spec.stop for spec, _ in jobs) <= completed[0], "replay never runs past the last iteration"
@@ -190,8 +198,12 @@ def test_state_that_cannot_be_captured_is_reported_and_divergence_stops_replay(t
     assert "'opt' (Adam) holds training state but is not registered" in proc.stderr
 
     findings = check_script(tmp / "train.py")
-    opt_line = variant("unregistered_optimizer", False).splitlines().index(
-        "opt = torch.optim.Adam(model.parameters(), lr=0.05)") + 1
+    opt_line = (
+        variant("unregistered_optimizer", False)
+        .splitlines()
+        .index("opt = torch.optim.Adam(model.parameters(), lr=0.05)")
+        + 1
+    )
     assert [(f.code, f.lineno) for f in findings] == [("unregistered-state", opt_line)]
     assert "'opt' (optimizer)" in findings[0].message
 
@@ -200,42 +212,52 @@ def test_state_that_cannot_be_captured_is_reported_and_divergence_stops_replay(t
     with pytest.raises(ReplayFailed) as failure:
         db.sql("SELECT epoch, step, bias FROM run_1 WHERE epoch >= 3")
     message = str(failure.value)
-    assert re.search(r"diverged from the original run at epoch/step \[\d, \d\]: loss was [-0-9.e]+, "
-                     r"replay gave [-0-9.e]+ \(\|diff\| [0-9.e-]+\)", message), message
+    assert re.search(
+        r"diverged from the original run at epoch/step \[\d, \d\]: loss was [-0-9.e]+, "
+        r"replay gave [-0-9.e]+ \(\|diff\| [0-9.e-]+\)",
+        message,
+    ), message
     audit = db.sql("SELECT name, loop_path, logged, replayed, abs_diff FROM replay_audit WHERE run_id = 1").fetchall()
     assert audit and all(row[0] == "loss" and row[1] == "epoch/step" and row[4] > 0 for row in audit)
-    assert db.sql("SELECT count(*) FROM logs WHERE run_id = 1 AND name = 'bias'").fetchall() == [(0,)], \
+    assert db.sql("SELECT count(*) FROM logs WHERE run_id = 1 AND name = 'bias'").fetchall() == [(0,)], (
         "no rows of a diverged replay become visible"
+    )
 
 
 def test_check_script_findings(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(
-        "import json, copy\n"                                                   # 1
-        "import torch\n"                                                        # 2
-        "from torch import nn\n"                                                # 3
-        "import florql\n"                                                       # 4
-        "cfg = json.load(open('/etc/project/config.json'))\n"                  # 5
-        "florql.log('setup', 1)\n"                                              # 6
-        "model = nn.Sequential(nn.Linear(2, 2)).to('cpu')\n"                    # 7
-        "ema = copy.deepcopy(model)\n"                                          # 8
-        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"                   # 9
-        "sched = torch.optim.lr_scheduler.StepLR(opt, 2)\n"                     # 10
-        "scaler = torch.amp.GradScaler('cpu')\n"                                # 11
-        "criterion = nn.CrossEntropyLoss()\n"                                   # 12
+        "import json, copy\n"  # 1
+        "import torch\n"  # 2
+        "from torch import nn\n"  # 3
+        "import florql\n"  # 4
+        "cfg = json.load(open('/etc/project/config.json'))\n"  # 5
+        "florql.log('setup', 1)\n"  # 6
+        "model = nn.Sequential(nn.Linear(2, 2)).to('cpu')\n"  # 7
+        "ema = copy.deepcopy(model)\n"  # 8
+        "opt = torch.optim.SGD(model.parameters(), lr=0.1)\n"  # 9
+        "sched = torch.optim.lr_scheduler.StepLR(opt, 2)\n"  # 10
+        "scaler = torch.amp.GradScaler('cpu')\n"  # 11
+        "criterion = nn.CrossEntropyLoss()\n"  # 12
         "loader = torch.utils.data.DataLoader([1], num_workers=2, persistent_workers=True)\n"  # 13
-        "with open('/tmp/out.txt', 'w') as f:\n"                                # 14
-        "    pass\n"                                                            # 15
-        "name = 'x'\n"                                                          # 16
-        "with florql.checkpointing(model=model, optimizer=opt):\n"              # 17
-        "    for epoch in florql.loop('epoch', range(3)):\n"                    # 18
-        "        florql.log(name, 1)\n"                                         # 19
-        "        florql.log('fine', 2)\n"                                       # 20
+        "with open('/tmp/out.txt', 'w') as f:\n"  # 14
+        "    pass\n"  # 15
+        "name = 'x'\n"  # 16
+        "with florql.checkpointing(model=model, optimizer=opt):\n"  # 17
+        "    for epoch in florql.loop('epoch', range(3)):\n"  # 18
+        "        florql.log(name, 1)\n"  # 19
+        "        florql.log('fine', 2)\n"  # 20
     )
     got = [(f.lineno, f.code) for f in check_script(script)]
-    assert got == [(5, "absolute-path"), (6, "log-outside-loop"), (8, "unregistered-state"),
-                   (10, "unregistered-state"), (11, "unregistered-state"), (13, "persistent-workers"),
-                   (19, "dynamic-name")]
+    assert got == [
+        (5, "absolute-path"),
+        (6, "log-outside-loop"),
+        (8, "unregistered-state"),
+        (10, "unregistered-state"),
+        (11, "unregistered-state"),
+        (13, "persistent-workers"),
+        (19, "dynamic-name"),
+    ]
     for case in ("mnist_functions", "word_lm", "grad_accum_amp_ema", "early_stopping", "loader_workers"):
         assert check_script(CORPUS / f"{case}.py") == [], case
 

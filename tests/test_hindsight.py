@@ -10,6 +10,7 @@ Each test that replays works on its own copy of that store. Which outer iteratio
 executed or restored is read from `replay_jobs`; expectations derive from the checkpoints the run
 actually took (the adaptive policy decides those), never from numbers of a single run.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,13 +23,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from florql.replay.executor import Executor, LocalExecutor
+from florql.replay.jobs import JobResult
+from florql.storage import layout
 
 import florql
 from florql.api import ReplayWarning
 from florql.errors import ReplayBudgetExceeded, ReplayFailed
-from florql.replay.executor import Executor, LocalExecutor
-from florql.replay.jobs import JobResult
-from florql.storage import layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "hindsight_scripts"
@@ -86,8 +87,11 @@ def connect(home: Path, **options) -> florql.api.Connection:
 
 
 def jobs(db, run_id: int) -> list[dict]:
-    table = db.sql("SELECT job_id, start_index, stop_index, log_from, executed, restored, checkpoint, names "
-                   "FROM replay_jobs WHERE run_id = ? ORDER BY log_from", [run_id]).arrow()
+    table = db.sql(
+        "SELECT job_id, start_index, stop_index, log_from, executed, restored, checkpoint, names "
+        "FROM replay_jobs WHERE run_id = ? ORDER BY log_from",
+        [run_id],
+    ).arrow()
     return table.to_pylist()
 
 
@@ -101,8 +105,12 @@ def ran(db, run_id: int) -> tuple[set[int], set[int]]:
 
 
 def inner_end_checkpoints(db, run_id: int) -> set[int]:
-    return {r[0] for r in db.sql("SELECT outer_index FROM checkpoints WHERE run_id = ? AND kind = 'inner_end'",
-                                 [run_id]).fetchall()}
+    return {
+        r[0]
+        for r in db.sql(
+            "SELECT outer_index FROM checkpoints WHERE run_id = ? AND kind = 'inner_end'", [run_id]
+        ).fetchall()
+    }
 
 
 def same(db, query: str, run_id: int = RUN, truth: int = TRUTH, params=None) -> pa.Table:
@@ -158,7 +166,9 @@ def test_inner_level_statement_reexecutes_only_the_selected_epochs(store: Path):
     rows = db.sql("SELECT source, count(*) FROM logs WHERE run_id = 1 AND name = 'grad_norm' GROUP BY ALL").fetchall()
     assert rows == [("replayed", (EPOCHS - k - 1) * STEPS)]
     assert db.sql("SELECT DISTINCT source FROM logs WHERE run_id = 1 AND name = 'loss'").fetchall() == [("logged",)]
-    assert db.sql("SELECT DISTINCT source FROM logs WHERE run_id = 4 AND name = 'grad_norm'").fetchall() == [("logged",)]
+    assert db.sql("SELECT DISTINCT source FROM logs WHERE run_id = 4 AND name = 'grad_norm'").fetchall() == [
+        ("logged",)
+    ]
 
     # The same query again, and a narrower one, replay nothing.
     count = len(jobs(db, RUN))
@@ -194,6 +204,15 @@ def test_params_select_the_replayed_range(store: Path):
     assert result.arrow().equals(truth) and truth.num_rows == 2 * STEPS
     assert result.df().equals(truth.to_pandas())
     assert result.fetchall() == list(zip(*[c.to_pylist() for c in truth.columns]))
+
+
+def test_queries_that_replay_nothing_build_no_executor(recorded: Recorded):
+    """An executor (a Ray cluster, say) is built only when a plan has jobs."""
+    db = florql.connect(recorded.home, progress=False, executor="no-such-executor")
+    assert db.sql("SELECT count(*) FROM runs").fetchall() == [(4,)]
+    assert db.sql("SELECT epoch, val_acc FROM run_1 WHERE epoch = 0").fetchall()
+    with pytest.raises(ValueError, match="unknown executor"):
+        db.sql("SELECT epoch, w_norm FROM run_1")
 
 
 def test_params_replay_only_the_selected_epochs(store: Path):
@@ -268,8 +287,10 @@ def renamed(tmp_path_factory: pytest.TempPathFactory, recorded: Recorded) -> Pat
 def test_two_code_versions_renamed_variables_and_inserted_lines(renamed: Path, recorded: Recorded):
     db = connect(renamed)
     truth = connect(recorded.home)
-    for query in ("SELECT epoch, step, loss, grad_norm FROM run_{run} WHERE epoch >= 3 ORDER BY ALL",
-                  "SELECT epoch, w_norm, val_acc FROM run_{run} ORDER BY epoch"):
+    for query in (
+        "SELECT epoch, step, loss, grad_norm FROM run_{run} WHERE epoch >= 3 ORDER BY ALL",
+        "SELECT epoch, w_norm, val_acc FROM run_{run} ORDER BY epoch",
+    ):
         answer = db.sql(query.format(run=1)).arrow()
         expected = truth.sql(query.format(run=TRUTH)).arrow()
         assert answer.equals(expected), f"{answer.to_pandas()}\n!=\n{expected.to_pandas()}"
@@ -280,10 +301,16 @@ def test_statement_that_cannot_be_placed_is_refused(tmp_path: Path, recorded: Re
     store = recorded.copy(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
-    source = (SCRIPTS / "train_v2.py").read_text().replace(
-        "float(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()])))", "grad_norm_of(net)")
-    source = source.replace("import florql\n", "import florql\n\n\ndef grad_norm_of(module):\n"
-                            "    return float(torch.norm(torch.stack([p.grad.norm() for p in module.parameters()])))\n")
+    source = (
+        (SCRIPTS / "train_v2.py")
+        .read_text()
+        .replace("float(torch.norm(torch.stack([p.grad.norm() for p in net.parameters()])))", "grad_norm_of(net)")
+    )
+    source = source.replace(
+        "import florql\n",
+        "import florql\n\n\ndef grad_norm_of(module):\n"
+        "    return float(torch.norm(torch.stack([p.grad.norm() for p in module.parameters()])))\n",
+    )
     manifest = json.loads((store / "runs" / "1" / "run.json").read_text())
     project = Path(manifest["project_root"])
     original = (project / "train.py").read_text()
@@ -388,8 +415,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source = (ROOT / "examples" / "train.py").read_text()
     (work / "train.py").write_text(source)
     for _ in range(2):
-        proc = subprocess.run([sys.executable, "train.py"], cwd=work, env=_env(home), capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "train.py"], cwd=work, env=_env(home), capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         for edit in json.loads((QUERIES / "demo_hindsight.json").read_text())["insert_after"]:
             anchor = edit["anchor"]

@@ -1,4 +1,5 @@
 """The package's layers point one way: storage ← replay ← the user's face (florql)."""
+
 from __future__ import annotations
 
 import ast

@@ -1,12 +1,14 @@
 """The run manifest: run files of older (and newer) recorders load, the written format stays JSON."""
+
 from __future__ import annotations
 
 import json
 
-from florql.catalog import load_run, run_facts
 from florql.storage import layout
 from florql.storage.database import open_store, sync
 from florql.storage.manifest import Env, Manifest
+
+from florql.runinfo import load_run, run_facts
 
 # As an older recorder wrote it: no heartbeat, inner times, checkpoint report, checkpoint objects,
 # uncaptured names or thread count; plus a field this florql does not know.
@@ -20,8 +22,15 @@ OLD = {
     "args": {"lr": 0.1, "epochs": 3, "name": "a", "fast": True},
     "code_version": None,
     "git_commit": None,
-    "env": {"python": "3.11.0", "torch": "2.1.0", "cuda": None, "hostname": "elsewhere", "pid": 4242,
-            "device": "cpu", "gpu_vendor": "none"},
+    "env": {
+        "python": "3.11.0",
+        "torch": "2.1.0",
+        "cuda": None,
+        "hostname": "elsewhere",
+        "pid": 4242,
+        "device": "cpu",
+        "gpu_vendor": "none",
+    },
     "started_at": 1700000000.0,
     "ended_at": 1700000012.5,
     "status": "finished",
@@ -94,7 +103,10 @@ def test_an_old_run_file_ingests(store):
         args = conn.execute("SELECT name, value_type FROM run_args ORDER BY name").fetchall()
         assert args == [("epochs", "int"), ("fast", "bool"), ("lr", "float"), ("name", "str")]
         assert conn.execute("SELECT seconds, inner_seconds FROM iterations ORDER BY outer_index").fetchall() == [
-            (4.0, 0.0), (4.0, 0.0), (4.5, 0.0)]
+            (4.0, 0.0),
+            (4.0, 0.0),
+            (4.5, 0.0),
+        ]
         info = load_run(conn, 1)
         assert isinstance(info.manifest, Manifest) and info.outer_loop == "epoch"
         assert info.manifest.env.torch_threads is None and info.manifest.uncaptured == []

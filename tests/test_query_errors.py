@@ -3,6 +3,7 @@
 One small store (three quick runs of `hindsight_scripts/tiny.py`, no replay needed) is shared by
 the whole module: nothing here writes to it.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,14 @@ def db(tmp_path_factory: pytest.TempPathFactory):
     script.write_text(source)
     for args in RUNS:
         flags = [f"{k}={v}" for k, v in args.items()]
-        subprocess.run([sys.executable, str(script), "--florql-args", *flags], cwd=work, env=env,
-                       check=True, capture_output=True, timeout=60)
+        subprocess.run(
+            [sys.executable, str(script), "--florql-args", *flags],
+            cwd=work,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
     for anchor, replacement in HINDSIGHT.items():
         assert anchor in source
         source = source.replace(anchor, replacement)
@@ -120,8 +127,12 @@ def test_unknown_column_typo_of_a_loggable_name(db):
 
 
 def test_error_sqlstates(db):
-    cases = [("SELECT FROM WHERE (", QuerySyntaxError, "42601"), ("SELECT 1 FROM run_99", UnknownTable, "42P01"),
-             ("SELECT nope FROM run_1", UnknownColumn, "42703"), ("DROP TABLE logs", ForbiddenStatement, "25006")]
+    cases = [
+        ("SELECT FROM WHERE (", QuerySyntaxError, "42601"),
+        ("SELECT 1 FROM run_99", UnknownTable, "42P01"),
+        ("SELECT nope FROM run_1", UnknownColumn, "42703"),
+        ("DROP TABLE logs", ForbiddenStatement, "25006"),
+    ]
     for sql, kind, state in cases:
         with pytest.raises(kind) as err:
             db.sql(sql)
@@ -169,8 +180,7 @@ def test_writes_ddl_and_file_access_are_refused(db, sql):
     assert not (db.workdir / "out.csv").exists() and not (db.workdir / "out.parquet").exists()
 
 
-@pytest.mark.parametrize("sql", ["SELECT * FROM 'secret.csv'", "FROM 'secret.csv'",
-                                 "SELECT * FROM \"secret.csv\""])
+@pytest.mark.parametrize("sql", ["SELECT * FROM 'secret.csv'", "FROM 'secret.csv'", 'SELECT * FROM "secret.csv"'])
 def test_reading_a_file_by_name_is_refused(db, sql, monkeypatch):
     monkeypatch.chdir(db.workdir)
     with pytest.raises((ForbiddenStatement, UnknownTable)) as err:
@@ -200,17 +210,20 @@ def test_store_unchanged_after_refusals(db):
     assert db.sql("SELECT count(*) FROM runs").fetchall() == [(len(RUNS),)]
 
 
-@pytest.mark.parametrize("sql, sqlstate", [
-    ("SELECT getenv('HOME')", "42501"),
-    ("SELECT * FROM read_csv('x.csv')", "42501"),
-    ("SELECT * FROM 'x.csv'", "42501"),
-    ("SELECT * FROM pg_ls_dir('.')", "42501"),
-    ("SELECT sqlite_attach('x')", "42501"),
-    ("SELECT * FROM glob('*')", "42501"),
-    ("COPY logs TO 'x'", "25006"),
-    ("INSERT INTO logs VALUES (1)", "25006"),
-    ("SELECT * INTO t FROM logs", "25006"),
-])
+@pytest.mark.parametrize(
+    "sql, sqlstate",
+    [
+        ("SELECT getenv('HOME')", "42501"),
+        ("SELECT * FROM read_csv('x.csv')", "42501"),
+        ("SELECT * FROM 'x.csv'", "42501"),
+        ("SELECT * FROM pg_ls_dir('.')", "42501"),
+        ("SELECT sqlite_attach('x')", "42501"),
+        ("SELECT * FROM glob('*')", "42501"),
+        ("COPY logs TO 'x'", "25006"),
+        ("INSERT INTO logs VALUES (1)", "25006"),
+        ("SELECT * INTO t FROM logs", "25006"),
+    ],
+)
 def test_one_guard_refuses_the_union_of_both_deny_lists(sql, sqlstate):
     """The guard the Python API and the wire server share: writes → 25006, files/environment → 42501."""
     with pytest.raises(ForbiddenStatement) as err:
@@ -221,8 +234,9 @@ def test_one_guard_refuses_the_union_of_both_deny_lists(sql, sqlstate):
 
 def test_bind_parameters_positional_and_numbered():
     # `?` are numbered in the order of the text (the tree keeps LIMIT before WHERE)
-    bound = dialect.bind_parameters(dialect.parse("SELECT ? AS a FROM logs WHERE epoch > ? LIMIT ?")[0],
-                                    ["x'y", -2.5, 3])
+    bound = dialect.bind_parameters(
+        dialect.parse("SELECT ? AS a FROM logs WHERE epoch > ? LIMIT ?")[0], ["x'y", -2.5, 3]
+    )
     assert bound.sql("duckdb") == "SELECT 'x''y' AS a FROM logs WHERE epoch > CAST((-2.5) AS DOUBLE) LIMIT 3"
     numbered = dialect.bind_parameters(dialect.parse("SELECT $2, $1")[0], [True, b"\x01"])
     assert numbered.sql("duckdb") == "SELECT UNHEX('01'), TRUE"

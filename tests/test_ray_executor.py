@@ -3,6 +3,7 @@
 The `ray_cluster` fixture (conftest.py) is module-scoped so the idle cluster does not compete for
 CI's 2 cores with later modules.
 """
+
 from __future__ import annotations
 
 import os
@@ -12,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-import florql
 from florql.replay.executor import make_executor
 from florql.replay.jobs import JobResult, JobSpec
+
+import florql
 
 ray = pytest.importorskip("ray", reason="the Ray executor tests need Ray: pip install 'florql[ray]'")
 
@@ -31,8 +32,21 @@ def test_missing_ray_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_gpu_job_on_gpu_less_cluster_fails_fast(ray_cluster: None) -> None:
     executor = make_executor("ray", workers=1, gpus=1)
-    spec = JobSpec(job_id="1-gpu", run_id=1, runs_url="/nonexistent", code_version="v", script_rel="t.py",
-                   cwd_rel=".", argv=[], args={}, names=["x"], audit_names=[], start=0, stop=1, log_from=0)
+    spec = JobSpec(
+        job_id="1-gpu",
+        run_id=1,
+        runs_url="/nonexistent",
+        code_version="v",
+        script_rel="t.py",
+        cwd_rel=".",
+        argv=[],
+        args={},
+        names=["x"],
+        audit_names=[],
+        start=0,
+        stop=1,
+        log_from=0,
+    )
     seen: list[JobResult] = []
     started = time.monotonic()
     [result] = executor.run([spec], on_done=lambda s, r: seen.append(r))
@@ -76,8 +90,9 @@ def ask(work: Path, executor, kill_marker: str = "") -> tuple[list[tuple], int]:
         os.chdir(old)
 
 
-def test_hindsight_query_through_ray_equals_local(tmp_path: Path, ray_cluster: None,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hindsight_query_through_ray_equals_local(
+    tmp_path: Path, ray_cluster: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("FLORQL_RUNS", raising=False)
     local, _ = ask(tmp_path / "local", "local")
     through_ray, _ = ask(tmp_path / "ray", "ray")
@@ -85,8 +100,9 @@ def test_hindsight_query_through_ray_equals_local(tmp_path: Path, ray_cluster: N
     assert through_ray == local
 
 
-def test_killed_job_is_retried_and_rows_land_once(tmp_path: Path, ray_cluster: None,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_job_is_retried_and_rows_land_once(
+    tmp_path: Path, ray_cluster: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("FLORQL_RUNS", raising=False)
     marker = tmp_path / "killed-once"
     executor = RayExecutor(workers=1, max_retries=1)
@@ -106,8 +122,21 @@ def test_retries_are_bounded(tmp_path: Path, ray_cluster: None) -> None:
     script = f"import os, signal\nwith open({str(attempts)!r}, 'a') as f:\n    f.write('x')\nos.kill(os.getpid(), signal.SIGKILL)\n"
     files = LocalRunFiles(tmp_path / "runs")
     version = save_code_version(files, {"t.py": script.encode()})
-    spec = JobSpec(job_id="1-doomed", run_id=1, runs_url=files.url, code_version=version, script_rel="t.py",
-                   cwd_rel=".", argv=[], args={}, names=["x"], audit_names=[], start=0, stop=1, log_from=0)
+    spec = JobSpec(
+        job_id="1-doomed",
+        run_id=1,
+        runs_url=files.url,
+        code_version=version,
+        script_rel="t.py",
+        cwd_rel=".",
+        argv=[],
+        args={},
+        names=["x"],
+        audit_names=[],
+        start=0,
+        stop=1,
+        log_from=0,
+    )
     [result] = RayExecutor(workers=1, max_retries=1).run([spec])
     assert not result.ok and "killed by signal 9" in result.error and "after 1 retries" in result.error
     assert attempts.read_text() == "xx"

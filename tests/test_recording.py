@@ -1,21 +1,20 @@
 """The training-side API: coordinates, value types, args, misuse errors, concurrency and kill -9."""
+
 from __future__ import annotations
 
 import enum
 import json
-import os
 import signal
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from florql.storage import layout
 
 import florql
 from florql import args as florql_args
 from florql.errors import UsageError
-from florql.storage import layout
 
 TYPES_SCRIPT = """
 import enum
@@ -47,7 +46,8 @@ def test_values_keep_their_types_and_loop_coordinates(store):
     run = store.run(TYPES_SCRIPT).run_id
     rows = store.sql(
         "SELECT name, loop_path, epoch, step, value_type, value_float, value_int, value_bool, value_str"
-        " FROM logs WHERE run_id = ? AND epoch = 1 AND (step = 2 OR step IS NULL) ORDER BY seq", [run]
+        " FROM logs WHERE run_id = ? AND epoch = 1 AND (step = 2 OR step IS NULL) ORDER BY seq",
+        [run],
     )
     got = {r[0]: r[1:] for r in rows}
     assert got == {
@@ -71,12 +71,10 @@ def test_values_keep_their_types_and_loop_coordinates(store):
 def test_wide_view_has_coordinates_and_one_typed_column_per_name(store):
     run = store.run(TYPES_SCRIPT).run_id
     rows = store.sql(f"SELECT epoch, step, f, i, b, s, acc FROM run_{run} ORDER BY epoch, step")
-    assert rows == [
-        (e, s, 0.5 + s, 10 * e + s, s % 2 == 1, f"e{e}s{s}", 0.9 + e) for e in range(2) for s in range(3)
-    ]
-    types = dict(store.sql(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?", [f"run_{run}"]
-    ))
+    assert rows == [(e, s, 0.5 + s, 10 * e + s, s % 2 == 1, f"e{e}s{s}", 0.9 + e) for e in range(2) for s in range(3)]
+    types = dict(
+        store.sql("SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ?", [f"run_{run}"])
+    )
     assert (types["epoch"], types["step"]) == ("BIGINT", "BIGINT")
     assert (types["f"], types["i"], types["b"], types["s"]) == ("DOUBLE", "BIGINT", "BOOLEAN", "VARCHAR")
 
@@ -94,6 +92,23 @@ for e in florql.loop("epoch", range(1)):
 """
 
 
+def test_overrides_are_removed_before_the_scripts_own_parser_runs(store):
+    """The common shape: argparse parses the command line before the first florql call."""
+    script = """
+import argparse
+import florql
+parser = argparse.ArgumentParser()
+parser.add_argument("--data")
+cli = parser.parse_args()
+lr = florql.arg("lr", 0.01)
+print(cli.data, lr)
+for e in florql.loop("epoch", range(1)):
+    florql.log("x", lr)
+"""
+    run = store.run(script, "--data", "d.csv", "--florql-args", "lr=0.5")
+    assert run.proc.stdout.split() == ["d.csv", "0.5"]
+
+
 def test_command_line_overrides_are_coerced_recorded_and_removed_from_argv(store):
     run = store.run(ARGS_SCRIPT, "--data", "d.csv", "--florql-args", "lr=0.5", "epochs=3", "amp=false", "opt=adam")
     out = json.loads(run.proc.stdout)
@@ -103,7 +118,9 @@ def test_command_line_overrides_are_coerced_recorded_and_removed_from_argv(store
     manifest = json.loads(store.files.get(layout.manifest_path(run.run_id)))
     assert manifest["args"] == out["values"]
     assert manifest["argv"] == ["--data", "d.csv"]
-    assert store.sql("SELECT lr, epochs, amp, opt FROM runs WHERE run_id = ?", [run.run_id]) == [(0.5, 3.0, 0.0, "adam")]
+    assert store.sql("SELECT lr, epochs, amp, opt FROM runs WHERE run_id = ?", [run.run_id]) == [
+        (0.5, 3.0, 0.0, "adam")
+    ]
 
 
 def test_environment_overrides_and_the_command_line_wins(store):
@@ -128,10 +145,18 @@ def test_bad_override_fails_the_run_with_a_message_naming_it(store):
     assert status == "failed" and "not a valid int" in error
 
 
-@pytest.mark.parametrize("text, default, expected", [
-    ("3", 1, 3), ("2.5", 1.0, 2.5), ("1e-3", 0.1, 0.001), ("yes", False, True), ("OFF", True, False),
-    ("x", "a", "x"), ("x", None, "x"),
-])
+@pytest.mark.parametrize(
+    "text, default, expected",
+    [
+        ("3", 1, 3),
+        ("2.5", 1.0, 2.5),
+        ("1e-3", 0.1, 0.001),
+        ("yes", False, True),
+        ("OFF", True, False),
+        ("x", "a", "x"),
+        ("x", None, "x"),
+    ],
+)
 def test_coerce_follows_the_default_type(text, default, expected):
     value = florql_args.coerce("a", text, default)
     assert value == expected and type(value) is type(expected)
@@ -176,9 +201,16 @@ def test_checkpointing_an_object_without_state_dict_is_refused(session):
             pass
 
 
-@pytest.mark.parametrize("value, kind", [
-    ([1.0], "list"), ({"a": 1}, "dict"), (None, "NoneType"), (np.zeros(3), "ndarray"), (b"x", "bytes"),
-])
+@pytest.mark.parametrize(
+    "value, kind",
+    [
+        ([1.0], "list"),
+        ({"a": 1}, "dict"),
+        (None, "NoneType"),
+        (np.zeros(3), "ndarray"),
+        (b"x", "bytes"),
+    ],
+)
 def test_unsupported_values_are_refused_naming_the_type(session, value, kind):
     with pytest.raises(UsageError, match=rf"florql.log\('x', …\): cannot log a value of type {kind}"):
         florql.log("x", value)
@@ -234,7 +266,9 @@ def test_concurrent_trainers_get_distinct_ids_and_lose_no_rows(store):
     assert all(p.returncode == 0 for p in procs), outputs
     ids = sorted(int(out.strip()) for out, _ in outputs)
     assert ids == [1, 2, 3, 4]
-    counts = store.sql("SELECT run_id, count(*), count(DISTINCT seq), max(seq) FROM logs GROUP BY run_id ORDER BY run_id")
+    counts = store.sql(
+        "SELECT run_id, count(*), count(DISTINCT seq), max(seq) FROM logs GROUP BY run_id ORDER BY run_id"
+    )
     assert counts == [(i, 2004, 2004, 2003) for i in ids]
     assert store.sql("SELECT DISTINCT status FROM runs") == [("finished",)]
 
@@ -271,13 +305,16 @@ def test_kill_9_keeps_every_record_flushed_before_it_and_marks_the_run_killed(st
 
 
 def test_failed_run_records_the_exception(store):
-    run = store.run("""
+    run = store.run(
+        """
         import florql
         for epoch in florql.loop("epoch", range(3)):
             florql.log("x", 1.0)
             if epoch == 1:
                 raise RuntimeError("diverged at epoch 1")
-    """, check=False)
+    """,
+        check=False,
+    )
     assert run.proc.returncode == 1
     assert store.sql("SELECT status, error FROM runs") == [("failed", "RuntimeError: diverged at epoch 1")]
     assert store.sql("SELECT count(*) FROM logs") == [(2,)]

@@ -1,24 +1,26 @@
 """Run files on an S3-compatible endpoint (moto's standalone server on loopback) through s3fs."""
+
 from __future__ import annotations
 
 import json
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 pytest.importorskip("s3fs", reason="run files on S3 need the 's3' extra: pip install 'florql[s3]'")
 moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
 
-import florql  # noqa: E402
 import torch  # noqa: E402
 from florql.storage.checkpoints import CorruptCheckpoint, read_checkpoint, write_checkpoint  # noqa: E402
 from florql.storage.remote import OPTIONS_ENV, FsspecRunFiles  # noqa: E402
 from florql.storage.runfiles import open_run_files  # noqa: E402
 from store_support import GRAD_NORM_QUERY, record_then_add_grad_norm  # noqa: E402
+
+import florql  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
@@ -170,8 +172,9 @@ def record_and_ask(work: Path, env: dict[str, str]) -> list[tuple]:
         os.chdir(old)
 
 
-def test_hindsight_query_from_s3_equals_local(tmp_path: Path, bucket_url: str, s3_env: dict[str, str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hindsight_query_from_s3_equals_local(
+    tmp_path: Path, bucket_url: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     base = {k: v for k, v in os.environ.items() if k not in ("FLORQL_RUNS", "FLORQL_ARGS")}
     local_env = dict(base, FLORQL_HOME=str(tmp_path / "local-store"))
     monkeypatch.delenv("FLORQL_RUNS", raising=False)

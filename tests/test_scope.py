@@ -1,4 +1,5 @@
 """Plain state of the outer loop's scope is captured and restored (module globals and function locals)."""
+
 import random
 import sys
 
@@ -45,8 +46,8 @@ def test_function_locals_objects_and_generators_are_restored():
 
 def test_unchanged_immutable_values_are_not_copied():
     frame = sys._getframe()
-    data = torch.arange(10.0)  # noqa: F841  (read by capture_scope through the frame)
-    seed = random.random()  # noqa: F841
+    data = torch.arange(10.0)
+    seed = random.random()
     baseline = baseline_of(frame)
     captured = capture_scope(frame, set(), set(), baseline)
     assert "data" not in captured["plain"] and "seed" not in captured["plain"]

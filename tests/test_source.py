@@ -1,4 +1,5 @@
 """Tests for replay.source: log-site analysis and hindsight statement propagation."""
+
 from __future__ import annotations
 
 import sys
@@ -6,7 +7,6 @@ import textwrap
 import types
 
 import pytest
-
 from florql.replay.source import DynamicSite, PropagationError, analyze, propagate
 
 
@@ -65,7 +65,8 @@ def inserted_lines(recorded: str, result: str) -> list[str]:
 
 
 def test_log_site_forms_and_aliases():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         import florql as fl
         from florql import log
@@ -77,47 +78,52 @@ def test_log_site_forms_and_aliases():
         other.log("e", 5)
         def log2(): pass
         log2("f", 6)
-    '''))
+    """)
+    )
     assert [(s.name, s.lineno) for s in a.log_sites] == [("a", 5), ("b", 6), ("c", 7), ("d", 8)]
     assert all(s.function is None and s.loop_path == () for s in a.log_sites)
 
 
 def test_loop_aliases():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql as fl
         from florql import loop as lp
         for e in fl.loop("epoch", range(2)):
             for s in lp("step", range(3)):
                 fl.log("x", s)
-    '''))
+    """)
+    )
     assert [lp.name for lp in a.loops] == ["epoch", "step"]
     assert site(a, "x").loop_path == ("epoch", "step")
 
 
 def test_dynamic_names_are_listed_not_logged():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         def f(name, v):
             florql.log(name, v)
             florql.log(f"x_{v}", v)
             for i in florql.loop(name, range(3)):
                 florql.log("ok", i)
-    '''))
-    assert set(a.loggable_names()) == {"ok"}
-    assert a.dynamic_sites == (
-        DynamicSite("log", 3, "f"), DynamicSite("log", 4, "f"), DynamicSite("loop", 5, "f")
+    """)
     )
+    assert set(a.loggable_names()) == {"ok"}
+    assert a.dynamic_sites == (DynamicSite("log", 3, "f"), DynamicSite("log", 4, "f"), DynamicSite("loop", 5, "f"))
 
 
 def test_name_and_value_keywords():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         florql.log(name="k", value=total)
-    '''))
+    """)
+    )
     assert site(a, "k").reads == frozenset({"total"})
 
 
-HELPERS = src('''
+HELPERS = src("""
     import florql
 
     def evaluate(model, data):
@@ -144,7 +150,7 @@ HELPERS = src('''
 
     if __name__ == "__main__":
         main()
-''')
+""")
 
 
 def test_loop_paths_through_helper_calls():
@@ -163,18 +169,21 @@ def test_same_function_as_parent():
     a = analyze(HELPERS)
     assert loop(a, "step").same_function_as_parent is False
     assert loop(a, "epoch").same_function_as_parent is False
-    b = analyze(src('''
+    b = analyze(
+        src("""
         import florql
         for e in florql.loop("epoch", range(2)):
             for s in florql.loop("step", range(2)):
                 pass
-    '''))
+    """)
+    )
     assert loop(b, "step").same_function_as_parent is True
     assert loop(b, "epoch").same_function_as_parent is False
 
 
 def test_function_called_from_several_contexts():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         def report(v):
             florql.log("r", v)
@@ -185,14 +194,16 @@ def test_function_called_from_several_contexts():
                 report(e)
             report(-1)
         main()
-    '''))
+    """)
+    )
     r = site(a, "r")
     assert r.loop_paths == ((), ("epoch",), ("epoch", "step"))
     assert r.loop_path == ("epoch", "step")
 
 
 def test_methods_through_self_and_nested_functions():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         class Trainer:
             def fit(self):
@@ -204,7 +215,8 @@ def test_methods_through_self_and_nested_functions():
                 for b in florql.loop("step", self.batches):
                     inner(b)
         Trainer().fit()
-    '''))
+    """)
+    )
     assert site(a, "b").function == "Trainer.train_epoch.<locals>.inner"
     assert site(a, "b").loop_path == ("epoch", "step")
     assert loop(a, "step").function == "Trainer.train_epoch"
@@ -212,7 +224,8 @@ def test_methods_through_self_and_nested_functions():
 
 
 def test_recursion_terminates():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         def walk(n):
             florql.log("n", n)
@@ -220,12 +233,14 @@ def test_recursion_terminates():
                 walk(n - 1)
         for e in florql.loop("epoch", range(2)):
             walk(3)
-    '''))
+    """)
+    )
     assert site(a, "n").loop_paths == (("epoch",),)
 
 
 def test_loop_assigned_names():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         total = 0
         for e in florql.loop("epoch", range(2)):
@@ -240,45 +255,52 @@ def test_loop_assigned_names():
             def helper(q):
                 inner_only = q
         print(total)
-    '''))
+    """)
+    )
     assert loop(a, "epoch").assigned == frozenset(
         {"e", "running", "i", "x", "y", "c", "stats", "self", "n", "total", "helper"}
     )
 
 
 def test_reads_excludes_comprehension_variables_and_builtins():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         def f(model, loss):
             florql.log("g", sum(p.grad.norm() for p in model.parameters()) + loss * scale)
             florql.log("h", (lambda k: k + offset)(1))
-    '''))
+    """)
+    )
     assert site(a, "g").reads == frozenset({"model", "loss", "scale"})
     assert site(a, "h").reads == frozenset({"offset"})
 
 
 def test_shadowed_builtin_is_a_read():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         max = 3
         florql.log("m", max)
-    '''))
+    """)
+    )
     assert site(a, "m").reads == frozenset({"max"})
 
 
 def test_loggable_names_first_site_wins():
-    a = analyze(src('''
+    a = analyze(
+        src("""
         import florql
         florql.log("x", 1)
         florql.log("x", 2)
-    '''))
+    """)
+    )
     assert a.loggable_names()["x"].lineno == 2
     assert len(a.log_sites) == 2
 
 
 # ------------------------------------------------------------- propagate
 
-RECORDED = src('''
+RECORDED = src("""
     import florql
 
     def make_data(n):
@@ -301,9 +323,9 @@ RECORDED = src('''
 
     if __name__ == "__main__":
         main()
-''')
+""")
 
-CURRENT = src('''
+CURRENT = src("""
     import florql
 
     def make_data(n):
@@ -329,7 +351,7 @@ CURRENT = src('''
 
     if __name__ == "__main__":
         main()
-''')
+""")
 
 
 def test_propagate_renamed_variable_and_exec(monkeypatch):
@@ -337,8 +359,8 @@ def test_propagate_renamed_variable_and_exec(monkeypatch):
     result = propagate(rec, CURRENT, ["residual"], "train.py")
     compile(result, "train.py", "exec")
     assert inserted_lines(rec, result) == ['        florql.log("residual", pred - y)']
-    assert result.index("florql.log(\"residual\"") > result.index("l = (pred - y) ** 2")
-    assert result.index("florql.log(\"residual\"") < result.index("w = w - 0.01 * l")
+    assert result.index('florql.log("residual"') > result.index("l = (pred - y) ** 2")
+    assert result.index('florql.log("residual"') < result.index("w = w - 0.01 * l")
     got = values(run_script(result, monkeypatch), "residual")
     want = values(run_script(CURRENT, monkeypatch), "residual")
     assert got == want and len(got) == 12
@@ -375,7 +397,7 @@ def test_propagate_skips_names_already_logged():
 
 
 def test_propagate_survives_added_and_deleted_lines(monkeypatch):
-    rec = src('''
+    rec = src("""
         import florql
         total = 0
         scale = 3
@@ -385,8 +407,8 @@ def test_propagate_survives_added_and_deleted_lines(monkeypatch):
             v = i * scale
             total += v
             print("step", i)
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         import math  # new
         total = 0
@@ -397,7 +419,7 @@ def test_propagate_survives_added_and_deleted_lines(monkeypatch):
             total += v
             florql.log("running", total)
             print("step", i)
-    ''')
+    """)
     result = propagate(rec, cur, ["running"])
     assert inserted_lines(rec, result) == ['    florql.log("running", total)']
     assert result.split("\n").index('    florql.log("running", total)') == 8
@@ -405,7 +427,7 @@ def test_propagate_survives_added_and_deleted_lines(monkeypatch):
 
 
 def test_propagate_ignores_comments_formatting_and_constants(monkeypatch):
-    rec = src('''
+    rec = src("""
         import florql
 
         # an old comment
@@ -419,7 +441,7 @@ def test_propagate_ignores_comments_formatting_and_constants(monkeypatch):
             return acc
 
         run(4)
-    ''')
+    """)
     cur = src('''
         import florql
 
@@ -441,15 +463,15 @@ def test_propagate_ignores_comments_formatting_and_constants(monkeypatch):
 
 
 def test_propagate_into_helper_with_renamed_parameter(monkeypatch):
-    rec = src('''
+    rec = src("""
         import florql
         def evaluate(net, rows):
             hits = sum(1 for r in rows if net(r))
             return hits / len(rows)
         for e in florql.loop("epoch", range(2)):
             evaluate(lambda r: r % 2 == e, range(6))
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         def evaluate(model, rows):
             hits = sum(1 for r in rows if model(r))
@@ -458,7 +480,7 @@ def test_propagate_into_helper_with_renamed_parameter(monkeypatch):
             return hits / len(rows)
         for e in florql.loop("epoch", range(2)):
             evaluate(lambda r: r % 2 == e, range(6))
-    ''')
+    """)
     result = propagate(rec, cur, ["hits", "first"])
     assert inserted_lines(rec, result) == [
         '    florql.log("hits", hits)',
@@ -471,31 +493,31 @@ def test_propagate_into_helper_with_renamed_parameter(monkeypatch):
 
 
 def test_propagate_uses_recorded_spelling_of_florql():
-    rec = src('''
+    rec = src("""
         import florql as fl
         for s in fl.loop("step", range(3)):
             y = s * s
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         from florql import log, loop
         for s in loop("step", range(3)):
             y = s * s
             log("y", y)
-    ''')
+    """)
     assert inserted_lines(rec, propagate(rec, cur, ["y"])) == ['    fl.log("y", y)']
     rec2 = rec.replace("import florql as fl", "from florql import loop, log as L").replace("fl.loop", "loop")
     assert inserted_lines(rec2, propagate(rec2, cur, ["y"])) == ['    L("y", y)']
 
 
 def test_propagate_if_block_and_setup_lines(monkeypatch):
-    rec = src('''
+    rec = src("""
         import florql
         vals = []
         for s in florql.loop("step", range(6)):
             vals.append(s)
             last = s
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         vals = []
         for s in florql.loop("step", range(6)):
@@ -506,7 +528,7 @@ def test_propagate_if_block_and_setup_lines(monkeypatch):
             spread = max(vals) - min(vals)
             florql.log("spread", spread)
             last = s
-    ''')
+    """)
     result = propagate(rec, cur, ["mean", "spread"])
     assert inserted_lines(rec, result) == [
         "    if s % 2 == 0:",
@@ -520,52 +542,52 @@ def test_propagate_if_block_and_setup_lines(monkeypatch):
 
 
 def test_propagate_module_level_block_start():
-    rec = src('''
+    rec = src("""
         import florql
         for s in florql.loop("step", range(3)):
             a = s + 1
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         for s in florql.loop("step", range(3)):
             florql.log("s", s)
             b = s + 100
-    ''')
+    """)
     result = propagate(rec, cur, ["s"])
     assert result.split("\n")[2] == '    florql.log("s", s)'
 
 
 def test_propagate_through_new_wrapper_block():
-    rec = src('''
+    rec = src("""
         import florql
         def main():
             for e in florql.loop("epoch", range(2)):
                 x = e
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql, contextlib
         def main():
             with contextlib.nullcontext():
                 for e in florql.loop("epoch", range(2)):
                     x = e
                     florql.log("x", x)
-    ''')
+    """)
     assert inserted_lines(rec, propagate(rec, cur, ["x"])) == ['        florql.log("x", x)']
 
 
 def test_propagate_several_statements_in_order():
-    rec = src('''
+    rec = src("""
         import florql
         for s in florql.loop("step", range(3)):
             a = s
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         for s in florql.loop("step", range(3)):
             a = s
             florql.log("one", a)
             florql.log("two", a + 1)
-    ''')
+    """)
     result = propagate(rec, cur, ["two", "one"])
     assert inserted_lines(rec, result) == ['    florql.log("one", a)', '    florql.log("two", a + 1)']
 
@@ -583,19 +605,19 @@ def test_propagate_keeps_crlf_and_missing_final_newline():
 
 
 def test_refuses_unknown_variable_with_message():
-    rec = src('''
+    rec = src("""
         import florql
         def train(model):
             for b in florql.loop("step", range(3)):
                 model.step(b)
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         def train(model):
             for b in florql.loop("step", range(3)):
                 model.step(b)
                 florql.log("grad_norm", total_norm)
-    ''')
+    """)
     with pytest.raises(PropagationError) as err:
         propagate(rec, cur, ["grad_norm"], "train.py")
     assert str(err.value) == (
@@ -606,36 +628,36 @@ def test_refuses_unknown_variable_with_message():
 
 
 def test_refuses_missing_enclosing_function():
-    rec = src('''
+    rec = src("""
         import florql
         def train():
             for b in florql.loop("step", range(3)):
                 pass
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         def fit():
             for b in florql.loop("step", range(3)):
                 florql.log("b", b)
-    ''')
+    """)
     with pytest.raises(PropagationError, match=r"line 4\): its enclosing function 'fit' \(line 2\) has no"):
         propagate(rec, cur, ["b"], "train.py")
 
 
 def test_refuses_missing_loop():
     rec = 'import florql\nfor e in florql.loop("epoch", range(2)):\n    pass\n'
-    cur = src('''
+    cur = src("""
         import florql
         for e in florql.loop("epoch", range(2)):
             for s in florql.loop("step", range(2)):
                 florql.log("s", s)
-    ''')
+    """)
     with pytest.raises(PropagationError, match=r'florql.loop\("step"\)'):
         propagate(rec, cur, ["s"])
 
 
 def test_refuses_log_that_is_not_a_statement_and_unknown_name():
-    rec = 'import florql\nx = 1\n'
+    rec = "import florql\nx = 1\n"
     cur = 'import florql\nx = 1\ny = florql.log("y", x)\n'
     with pytest.raises(PropagationError, match="not a statement of its own"):
         propagate(rec, cur, ["y"])
@@ -644,45 +666,45 @@ def test_refuses_log_that_is_not_a_statement_and_unknown_name():
 
 
 def test_refuses_to_overwrite_recorded_variable():
-    rec = src('''
+    rec = src("""
         import florql
         for s in florql.loop("step", range(3)):
             norm = s
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         for s in florql.loop("step", range(3)):
             if s:
                 norm = s * 2
                 florql.log("norm2", norm)
-    ''')
+    """)
     with pytest.raises(PropagationError, match="assigns 'norm', which the recorded code already uses"):
         propagate(rec, cur, ["norm2"])
 
 
 def test_refuses_ambiguous_rename():
-    rec = src('''
+    rec = src("""
         import florql
         def f(p, q):
             for s in florql.loop("step", range(3)):
                 a = p + 1
                 b = q + 1
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         def f(p, q):
             for s in florql.loop("step", range(3)):
                 x = p + 1
                 x = q + 1
                 florql.log("x", x)
-    ''')
+    """)
     with pytest.raises(PropagationError, match="matches several recorded variables: a, b"):
         propagate(rec, cur, ["x"])
 
 
 def test_propagate_multiline_statement_keeps_its_text_and_renames():
     rec = 'import florql\nfor s in florql.loop("step", range(3)):\n    val = s * 2\n'
-    cur = src('''
+    cur = src("""
         import florql
         for s in florql.loop("step", range(3)):
             v = s * 2
@@ -690,14 +712,17 @@ def test_propagate_multiline_statement_keeps_its_text_and_renames():
                 "a",
                 v + 1,  # why
             )
-    ''')
+    """)
     assert inserted_lines(rec, propagate(rec, cur, ["a"])) == [
-        "    florql.log(", '        "a",', "        val + 1,  # why", "    )"
+        "    florql.log(",
+        '        "a",',
+        "        val + 1,  # why",
+        "    )",
     ]
 
 
 def test_propagate_into_except_handler_and_before_decorated_def():
-    rec = src('''
+    rec = src("""
         import florql
         def deco(f):
             return f
@@ -709,8 +734,8 @@ def test_propagate_into_except_handler_and_before_decorated_def():
             @deco
             def g():
                 return r
-    ''')
-    cur = src('''
+    """)
+    cur = src("""
         import florql
         def deco(f):
             return f
@@ -724,7 +749,7 @@ def test_propagate_into_except_handler_and_before_decorated_def():
             @deco
             def g():
                 return r
-    ''')
+    """)
     result = propagate(rec, cur, ["zero", "r"])
     lines = result.split("\n")
     assert lines[lines.index("        r = 0") - 1] == '        florql.log("zero", s)'

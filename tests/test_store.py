@@ -1,15 +1,14 @@
 """The DuckDB store: ingest is idempotent (also across processes), rebuild reproduces it, the demo lands."""
+
 from __future__ import annotations
 
 import shutil
 import time
 
 import pytest
-
 from florql.storage import layout
 from florql.storage.code_versions import load_code_version
 from florql.storage.database import open_store, rebuild, sync
-
 from store_support import EXAMPLES, Store
 
 SMALL_RUN = """
@@ -74,7 +73,8 @@ def test_sync_twice_changes_nothing(two_runs):
 
 def test_two_processes_syncing_at_once_ingest_each_segment_once(two_runs):
     store = two_runs
-    script = store.write_script("""
+    script = store.write_script(
+        """
         import os, sys, time
         from florql.storage.database import open_store, sync
         from florql.storage.layout import locate_store
@@ -84,7 +84,9 @@ def test_two_processes_syncing_at_once_ingest_each_segment_once(two_runs):
         location = locate_store()
         with open_store(location.db_path) as conn:
             sync(conn, location.run_files())
-    """, name="ingest.py")
+    """,
+        name="ingest.py",
+    )
     gate = store.workdir / "go"
     procs = [store.popen(script, str(gate), f".ready{i}") for i in range(2)]
     deadline = time.monotonic() + 30
@@ -94,7 +96,9 @@ def test_two_processes_syncing_at_once_ingest_each_segment_once(two_runs):
     for p in procs:
         _, err = p.communicate(timeout=60)
         assert p.returncode == 0, err
-    assert store.sql("SELECT count(*), count(DISTINCT path) FROM segments_ingested") == [(len(segment_files(store)),) * 2]
+    assert store.sql("SELECT count(*), count(DISTINCT path) FROM segments_ingested") == [
+        (len(segment_files(store)),) * 2
+    ]
     assert store.sql("SELECT run_id, count(*) FROM logs GROUP BY run_id ORDER BY run_id") == [(1, 84), (2, 42)]
     assert store.sql("SELECT count(*) FROM (SELECT DISTINCT run_id, seq FROM logs)") == [(126,)]
 

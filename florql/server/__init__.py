@@ -1,6 +1,6 @@
 """A PostgreSQL-wire server over a florql store, for BI tools and psql.
 
-    florql serve --host 127.0.0.1 --port 5433 [--password-file F] [--tls-cert C --tls-key K]
+florql serve --host 127.0.0.1 --port 5433 [--password-file F] [--tls-cert C --tls-key K]
 """
 
 from __future__ import annotations
@@ -8,14 +8,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from .backend import Backend, DuckDBBackend
 from .server import BackgroundServer, Server, ServerConfigError, read_password_file, tls_context
 
 __all__ = [
-    "Backend", "BackgroundServer", "DuckDBBackend", "Server", "ServerConfigError",
-    "add_serve_arguments", "florql_backend_factory", "main_args", "run_serve", "serve",
+    "Backend",
+    "BackgroundServer",
+    "DuckDBBackend",
+    "Server",
+    "ServerConfigError",
+    "add_serve_arguments",
+    "florql_backend_factory",
+    "main_args",
+    "run_serve",
+    "serve",
 ]
 
 
@@ -26,19 +34,33 @@ def florql_backend_factory(store_path: str | None, replay_budget: float | None) 
     return lambda: florql.connect(store_path, replay_budget=replay_budget)
 
 
-def build_server(store_path: str | None = None, host: str = "127.0.0.1", port: int = 5433,
-                 password_file: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-                 replay_budget: float | None = 60.0) -> Server:
+def build_server(
+    store_path: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 5433,
+    password_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    replay_budget: float | None = 60.0,
+) -> Server:
     if (tls_cert is None) != (tls_key is None):
         raise ServerConfigError("--tls-cert and --tls-key go together")
     password = read_password_file(password_file) if password_file else None
     context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
-    return Server(florql_backend_factory(store_path, replay_budget), host=host, port=port,
-                  password=password, ssl_context=context)
+    return Server(
+        florql_backend_factory(store_path, replay_budget), host=host, port=port, password=password, ssl_context=context
+    )
 
 
-def serve(store_path: str | None = None, host: str = "127.0.0.1", port: int = 5433, password_file: str | None = None,
-          tls_cert: str | None = None, tls_key: str | None = None, replay_budget: float | None = 60.0) -> None:
+def serve(
+    store_path: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 5433,
+    password_file: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    replay_budget: float | None = 60.0,
+) -> None:
     """Serve the store until interrupted."""
     server = build_server(store_path, host, port, password_file, tls_cert, tls_key, replay_budget)
     try:
@@ -55,14 +77,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
     parser.add_argument("--tls-cert", help="PEM certificate for TLS (sslmode=require)")
     parser.add_argument("--tls-key", help="PEM private key for TLS")
-    parser.add_argument("--replay-budget", type=float, default=60.0,
-                        help="seconds of replay a query may trigger (default 60)")
+    parser.add_argument(
+        "--replay-budget", type=float, default=60.0, help="seconds of replay a query may trigger (default 60)"
+    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        serve(getattr(args, "store", None), args.host, args.port, args.password_file, args.tls_cert, args.tls_key, args.replay_budget)
+        serve(
+            getattr(args, "store", None),
+            args.host,
+            args.port,
+            args.password_file,
+            args.tls_cert,
+            args.tls_key,
+            args.replay_budget,
+        )
     except (ServerConfigError, OSError) as e:
         logging.getLogger("florql.server").error("%s", e)
         return 2

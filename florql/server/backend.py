@@ -7,7 +7,8 @@ DuckDB connection, which tests and benchmarks use).
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Protocol, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -16,7 +17,7 @@ import sqlglot
 from florql.api import ColumnInfo, TableInfo  # the query API's catalog records
 
 
-class Result(Protocol):
+class ResultLike(Protocol):
     schema: pa.Schema
     warnings: list[str]
 
@@ -41,7 +42,7 @@ class TableLike(Protocol):
 class Backend(Protocol):
     settings: dict[str, Any]
 
-    def sql(self, query: str, params: Sequence[Any] | None = None, *, dialect: str = ...) -> Result: ...
+    def sql(self, query: str, params: Sequence[Any] | None = None, *, dialect: str = ...) -> ResultLike: ...
 
     def tables(self) -> Sequence[TableLike]: ...
 
@@ -97,7 +98,9 @@ class ArrowResult:
             self.cursor = None
 
 
-def run_duckdb(con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None = None, batch_size: int = 10_000) -> ArrowResult:
+def run_duckdb(
+    con: duckdb.DuckDBPyConnection, query: str, params: Sequence[Any] | None = None, batch_size: int = 10_000
+) -> ArrowResult:
     """Execute on a fresh cursor so that concurrent sessions never share one."""
     cursor = con.cursor()
     try:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import threading
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -33,15 +34,43 @@ SERVER_VERSION = "15.0"
 VERSION = f"PostgreSQL {SERVER_VERSION} (florql) on x86_64-pc-linux-gnu, compiled by florql, 64-bit"
 
 _SYSTEM_OIDS = {
-    "pg_type": 1247, "pg_attribute": 1249, "pg_proc": 1255, "pg_class": 1259, "pg_authid": 1260,
-    "pg_auth_members": 1261, "pg_database": 1262, "pg_namespace": 2615, "pg_description": 2609,
-    "pg_index": 2610, "pg_constraint": 2606, "pg_attrdef": 2604, "pg_am": 2601, "pg_enum": 3501,
-    "pg_inherits": 2611, "pg_trigger": 2620, "pg_rewrite": 2618, "pg_depend": 2608, "pg_cast": 2605,
-    "pg_operator": 2617, "pg_language": 2612, "pg_collation": 3456, "pg_tablespace": 1213,
-    "pg_extension": 3079, "pg_shdescription": 2396, "pg_sequence": 2224, "pg_policy": 3256,
-    "pg_statistic_ext": 3381, "pg_publication": 6104, "pg_publication_rel": 6106,
-    "pg_publication_namespace": 6237, "pg_partitioned_table": 3350, "pg_foreign_table": 3118,
-    "pg_foreign_server": 1417, "pg_foreign_data_wrapper": 2328, "pg_range": 3541, "pg_event_trigger": 3466,
+    "pg_type": 1247,
+    "pg_attribute": 1249,
+    "pg_proc": 1255,
+    "pg_class": 1259,
+    "pg_authid": 1260,
+    "pg_auth_members": 1261,
+    "pg_database": 1262,
+    "pg_namespace": 2615,
+    "pg_description": 2609,
+    "pg_index": 2610,
+    "pg_constraint": 2606,
+    "pg_attrdef": 2604,
+    "pg_am": 2601,
+    "pg_enum": 3501,
+    "pg_inherits": 2611,
+    "pg_trigger": 2620,
+    "pg_rewrite": 2618,
+    "pg_depend": 2608,
+    "pg_cast": 2605,
+    "pg_operator": 2617,
+    "pg_language": 2612,
+    "pg_collation": 3456,
+    "pg_tablespace": 1213,
+    "pg_extension": 3079,
+    "pg_shdescription": 2396,
+    "pg_sequence": 2224,
+    "pg_policy": 3256,
+    "pg_statistic_ext": 3381,
+    "pg_publication": 6104,
+    "pg_publication_rel": 6106,
+    "pg_publication_namespace": 6237,
+    "pg_partitioned_table": 3350,
+    "pg_foreign_table": 3118,
+    "pg_foreign_server": 1417,
+    "pg_foreign_data_wrapper": 2328,
+    "pg_range": 3541,
+    "pg_event_trigger": 3466,
 }
 
 # Functions that only the catalog can answer; a statement calling one is routed here.
@@ -146,18 +175,37 @@ class OidAssigner:
 
 def _relation_rows(name: str, oid: int, namespace: int, kind: str, ncols: int) -> dict[str, Any]:
     return {
-        "oid": oid, "relname": name, "relnamespace": namespace, "reltype": oid + 1 if oid >= FIRST_USER_OID else 0,
-        "relowner": OWNER, "relam": 2 if kind == "r" else 0, "relpersistence": "p", "relkind": kind,
-        "relnatts": ncols, "relispopulated": True, "relreplident": "d", "reltuples": -1.0,
+        "oid": oid,
+        "relname": name,
+        "relnamespace": namespace,
+        "reltype": oid + 1 if oid >= FIRST_USER_OID else 0,
+        "relowner": OWNER,
+        "relam": 2 if kind == "r" else 0,
+        "relpersistence": "p",
+        "relkind": kind,
+        "relnatts": ncols,
+        "relispopulated": True,
+        "relreplident": "d",
+        "reltuples": -1.0,
     }
 
 
 def _attribute_row(relid: int, attnum: int, name: str, pt: PgType, notnull: bool) -> dict[str, Any]:
     return {
-        "attrelid": relid, "attname": name, "atttypid": pt.oid, "attstattarget": -1, "attlen": pt.typlen,
-        "attnum": attnum, "attndims": 1 if pt.category == "A" else 0, "attcacheoff": -1, "atttypmod": -1,
-        "attbyval": pt.typlen in (1, 2, 4, 8), "attalign": "d" if pt.typlen == 8 else "i",
-        "attstorage": "p" if pt.typlen > 0 else "x", "attnotnull": notnull, "attislocal": True,
+        "attrelid": relid,
+        "attname": name,
+        "atttypid": pt.oid,
+        "attstattarget": -1,
+        "attlen": pt.typlen,
+        "attnum": attnum,
+        "attndims": 1 if pt.category == "A" else 0,
+        "attcacheoff": -1,
+        "atttypmod": -1,
+        "attbyval": pt.typlen in (1, 2, 4, 8),
+        "attalign": "d" if pt.typlen == 8 else "i",
+        "attstorage": "p" if pt.typlen > 0 else "x",
+        "attnotnull": notnull,
+        "attislocal": True,
         "attcollation": 100 if pt.category == "S" else 0,
     }
 
@@ -166,13 +214,27 @@ def _type_row(t: PgType) -> dict[str, Any]:
     is_array = t.category == "A" and t.oid in ELEMENT_OF
     io = "array" if is_array else t.name
     return {
-        "oid": t.oid, "typname": t.name, "typnamespace": PG_CATALOG_NS, "typowner": OWNER, "typlen": t.typlen,
-        "typbyval": t.typlen in (1, 2, 4, 8), "typtype": "p" if t.category == "P" else "b",
-        "typcategory": t.category, "typispreferred": t.name in ("text", "float8", "bool", "oid"),
-        "typisdefined": True, "typdelim": ",", "typelem": ELEMENT_OF.get(t.oid, 0), "typarray": t.array_oid,
-        "typsubscript": "array_subscript_handler" if is_array else "-", "typinput": f"{io}_in",
-        "typoutput": f"{io}_out", "typreceive": f"{io}_recv", "typsend": f"{io}_send",
-        "typalign": "d" if t.typlen == 8 else "i", "typstorage": "p" if t.typlen > 0 else "x", "typtypmod": -1,
+        "oid": t.oid,
+        "typname": t.name,
+        "typnamespace": PG_CATALOG_NS,
+        "typowner": OWNER,
+        "typlen": t.typlen,
+        "typbyval": t.typlen in (1, 2, 4, 8),
+        "typtype": "p" if t.category == "P" else "b",
+        "typcategory": t.category,
+        "typispreferred": t.name in ("text", "float8", "bool", "oid"),
+        "typisdefined": True,
+        "typdelim": ",",
+        "typelem": ELEMENT_OF.get(t.oid, 0),
+        "typarray": t.array_oid,
+        "typsubscript": "array_subscript_handler" if is_array else "-",
+        "typinput": f"{io}_in",
+        "typoutput": f"{io}_out",
+        "typreceive": f"{io}_recv",
+        "typsend": f"{io}_send",
+        "typalign": "d" if t.typlen == 8 else "i",
+        "typstorage": "p" if t.typlen > 0 else "x",
+        "typtypmod": -1,
         "typcollation": 100 if t.category == "S" else 0,
     }
 
@@ -218,40 +280,92 @@ class CatalogData:
         if comment:
             self.add("pg_description", objoid=oid, classoid=PG_CLASS_OID, objsubid=0, description=comment)
 
-    def _relation(self, schema: str, ns: int, name: str, oid: int, kind: str,
-                  columns: list[tuple[str, PgType]], notnull: bool, comments: dict[int, str]) -> None:
+    def _relation(
+        self,
+        schema: str,
+        ns: int,
+        name: str,
+        oid: int,
+        kind: str,
+        columns: list[tuple[str, PgType]],
+        notnull: bool,
+        comments: dict[int, str],
+    ) -> None:
         self.add("pg_class", **_relation_rows(name, oid, ns, kind, len(columns)))
-        table_type = ("VIEW" if kind == "v" else "BASE TABLE")
-        self.add("tables", table_catalog="florql", table_schema=schema, table_name=name, table_type=table_type,
-                 is_insertable_into="NO", is_typed="NO")
+        table_type = "VIEW" if kind == "v" else "BASE TABLE"
+        self.add(
+            "tables",
+            table_catalog="florql",
+            table_schema=schema,
+            table_name=name,
+            table_type=table_type,
+            is_insertable_into="NO",
+            is_typed="NO",
+        )
         if kind == "v":
-            self.add("views", table_catalog="florql", table_schema=schema, table_name=name,
-                     check_option="NONE", is_updatable="NO", is_insertable_into="NO")
+            self.add(
+                "views",
+                table_catalog="florql",
+                table_schema=schema,
+                table_name=name,
+                check_option="NONE",
+                is_updatable="NO",
+                is_insertable_into="NO",
+            )
             if schema == "public":
                 self.add("pg_views", schemaname=schema, viewname=name, viewowner="florql")
         elif schema == "public":
             self.add("pg_tables", schemaname=schema, tablename=name, tableowner="florql")
         for attnum, (col, pt) in enumerate(columns, start=1):
             self.add("pg_attribute", **_attribute_row(oid, attnum, col, pt, notnull))
-            self.add("columns", table_catalog="florql", table_schema=schema, table_name=name, column_name=col,
-                     ordinal_position=attnum, is_nullable="NO" if notnull else "YES",
-                     data_type=_info_data_type(pt), udt_catalog="florql", udt_schema="pg_catalog",
-                     udt_name=pt.name, dtd_identifier=str(attnum), is_self_referencing="NO", is_identity="NO",
-                     is_generated="NEVER", is_updatable="NO",
-                     numeric_precision={20: 64, 23: 32, 21: 16, 701: 53, 700: 24}.get(pt.oid),
-                     numeric_precision_radix=2 if pt.oid in (20, 21, 23, 700, 701) else None)
+            self.add(
+                "columns",
+                table_catalog="florql",
+                table_schema=schema,
+                table_name=name,
+                column_name=col,
+                ordinal_position=attnum,
+                is_nullable="NO" if notnull else "YES",
+                data_type=_info_data_type(pt),
+                udt_catalog="florql",
+                udt_schema="pg_catalog",
+                udt_name=pt.name,
+                dtd_identifier=str(attnum),
+                is_self_referencing="NO",
+                is_identity="NO",
+                is_generated="NEVER",
+                is_updatable="NO",
+                numeric_precision={20: 64, 23: 32, 21: 16, 701: 53, 700: 24}.get(pt.oid),
+                numeric_precision_radix=2 if pt.oid in (20, 21, 23, 700, 701) else None,
+            )
             if attnum in comments:
-                self.add("pg_description", objoid=oid, classoid=PG_CLASS_OID, objsubid=attnum,
-                         description=comments[attnum])
+                self.add(
+                    "pg_description", objoid=oid, classoid=PG_CLASS_OID, objsubid=attnum, description=comments[attnum]
+                )
 
     def _fixed_rows(self, settings: dict[str, str]) -> None:
-        for oid, name in ((PG_CATALOG_NS, "pg_catalog"), (PUBLIC_NS, "public"), (INFORMATION_SCHEMA_NS, "information_schema")):
+        for oid, name in (
+            (PG_CATALOG_NS, "pg_catalog"),
+            (PUBLIC_NS, "public"),
+            (INFORMATION_SCHEMA_NS, "information_schema"),
+        ):
             self.add("pg_namespace", oid=oid, nspname=name, nspowner=OWNER)
             self.add("schemata", catalog_name="florql", schema_name=name, schema_owner="florql")
         for t in TYPES.values():
             self.add("pg_type", **_type_row(t))
-        self.add("pg_database", oid=DATABASE_OID, datname="florql", datdba=OWNER, encoding=6, datlocprovider="c",
-                 datallowconn=True, datconnlimit=-1, dattablespace=1663, datcollate="C.UTF-8", datctype="C.UTF-8")
+        self.add(
+            "pg_database",
+            oid=DATABASE_OID,
+            datname="florql",
+            datdba=OWNER,
+            encoding=6,
+            datlocprovider="c",
+            datallowconn=True,
+            datconnlimit=-1,
+            dattablespace=1663,
+            datcollate="C.UTF-8",
+            datctype="C.UTF-8",
+        )
         role = dict(rolname="florql", rolsuper=False, rolinherit=True, rolcanlogin=True, rolconnlimit=-1, oid=OWNER)
         self.add("pg_roles", **role)
         self.add("pg_authid", **role)
@@ -259,13 +373,31 @@ class CatalogData:
         self.add("pg_am", oid=2, amname="heap", amhandler="heap_tableam_handler", amtype="t")
         self.add("pg_am", oid=403, amname="btree", amhandler="bthandler", amtype="i")
         self.add("pg_tablespace", oid=1663, spcname="pg_default", spcowner=OWNER)
-        self.add("pg_collation", oid=100, collname="default", collnamespace=PG_CATALOG_NS, collowner=OWNER,
-                 collprovider="d", collisdeterministic=True, collencoding=-1)
+        self.add(
+            "pg_collation",
+            oid=100,
+            collname="default",
+            collnamespace=PG_CATALOG_NS,
+            collowner=OWNER,
+            collprovider="d",
+            collisdeterministic=True,
+            collencoding=-1,
+        )
         self.add("pg_language", oid=12, lanname="internal", lanowner=OWNER)
         self.add("pg_language", oid=14, lanname="sql", lanowner=OWNER, lanpltrusted=True)
         for name, value in sorted(settings.items()):
-            self.add("pg_settings", name=name, setting=value, category="florql", short_desc=name,
-                     context="user", vartype="string", source="default", boot_val=value, reset_val=value)
+            self.add(
+                "pg_settings",
+                name=name,
+                setting=value,
+                category="florql",
+                short_desc=name,
+                context="user",
+                vartype="string",
+                source="default",
+                boot_val=value,
+                reset_val=value,
+            )
 
 
 def build_connection(data: CatalogData) -> duckdb.DuckDBPyConnection:
@@ -303,16 +435,26 @@ def _insert(con: duckdb.DuckDBPyConnection, prefix: str, table: pa.Table) -> Non
 
 def _arrow_type(code: str) -> pa.DataType:
     return {
-        "o": pa.int64(), "l": pa.int64(), "i": pa.int32(), "s": pa.int16(), "b": pa.bool_(), "f": pa.float32(),
-        "S": pa.list_(pa.int16()), "O": pa.list_(pa.int64()), "T": pa.list_(pa.string()),
-        "C": pa.list_(pa.string()), "z": pa.timestamp("us", "UTC"),
+        "o": pa.int64(),
+        "l": pa.int64(),
+        "i": pa.int32(),
+        "s": pa.int16(),
+        "b": pa.bool_(),
+        "f": pa.float32(),
+        "S": pa.list_(pa.int16()),
+        "O": pa.list_(pa.int64()),
+        "T": pa.list_(pa.string()),
+        "C": pa.list_(pa.string()),
+        "z": pa.timestamp("us", "UTC"),
     }.get(code, pa.string())
 
 
 class Catalog:
     """The catalog database, rebuilt from the backend's tables when they change."""
 
-    def __init__(self, tables: Callable[[], Sequence[TableLike]], settings: dict[str, str], refresh_s: float = 2.0) -> None:
+    def __init__(
+        self, tables: Callable[[], Sequence[TableLike]], settings: dict[str, str], refresh_s: float = 2.0
+    ) -> None:
         self._tables = tables
         self._settings = settings
         self._refresh_s = refresh_s
@@ -330,7 +472,11 @@ class Catalog:
 
     def _refresh(self) -> None:
         tables = list(self._tables())
-        signature = zlib.crc32(repr([(t.name, t.kind, [(c.name, str(c.type), c.nullable, c.comment) for c in t.columns]) for t in tables]).encode())
+        signature = zlib.crc32(
+            repr(
+                [(t.name, t.kind, [(c.name, str(c.type), c.nullable, c.comment) for c in t.columns]) for t in tables]
+            ).encode()
+        )
         if signature != self._signature or self._con is None:
             self._con = build_connection(CatalogData(tables, self._oid_of, self._settings))
             self._signature = signature
@@ -355,7 +501,9 @@ def is_catalog_query(ast: exp.Expression) -> bool:
     for node in ast.walk():
         if isinstance(node, exp.Table) and _catalog_table(node):
             return True
-        if isinstance(node, _SESSION_NODES) or (isinstance(node, exp.Func) and _function_name(node) in CATALOG_FUNCTIONS):
+        if isinstance(node, _SESSION_NODES) or (
+            isinstance(node, exp.Func) and _function_name(node) in CATALOG_FUNCTIONS
+        ):
             return True
         if isinstance(node, exp.Cast) and node.to.this in {exp.DType.USERDEFINED} | set(_OBJECT_LOOKUPS):
             return True
@@ -394,7 +542,11 @@ def _rewrite_node(node: exp.Expression, session: SessionInfo) -> exp.Expression:
         return _rewrite_table(node)
     if isinstance(node, exp.Column) and node.args.get("db") and node.text("db").lower() in CATALOG_SCHEMAS:
         return exp.column(node.this, table=node.args.get("table"))
-    if isinstance(node, exp.Dot) and node.this.name.lower() in CATALOG_SCHEMAS and isinstance(node.expression, exp.Func):
+    if (
+        isinstance(node, exp.Dot)
+        and node.this.name.lower() in CATALOG_SCHEMAS
+        and isinstance(node.expression, exp.Func)
+    ):
         return _rewrite_node(node.expression, session)
     if isinstance(node, exp.DataType) and node.this == exp.DType.USERDEFINED:
         kind = node.args["kind"]  # pg_catalog.int2 parses as a user-defined type
@@ -464,7 +616,11 @@ def _type_name(to: exp.DataType) -> str:
 def _rewrite_cast(node: exp.Cast) -> exp.Expression:
     target = _type_name(node.to)
     inner = _rewrite_casts(node.this)
-    if isinstance(inner, exp.Cast) and _type_name(inner.to) in _OBJECT_LOOKUPS and target in ("TEXT", "VARCHAR", "NAME"):
+    if (
+        isinstance(inner, exp.Cast)
+        and _type_name(inner.to) in _OBJECT_LOOKUPS
+        and target in ("TEXT", "VARCHAR", "NAME")
+    ):
         table, column = _OBJECT_LOOKUPS[_type_name(inner.to)]
         value = _rewrite_casts(inner.this)
         if not (isinstance(value, exp.Literal) and value.is_string):
@@ -477,8 +633,17 @@ def _rewrite_cast(node: exp.Cast) -> exp.Expression:
                 return exp.Literal.string(_unqualified(inner.name))
             return _lookup(table, "oid", column, exp.Literal.string(_unqualified(inner.name)))
         return inner
-    simple = {"OID": "BIGINT", "NAME": "VARCHAR", "CHAR": "VARCHAR", "XID": "BIGINT", "PG_NODE_TREE": "VARCHAR",
-              "INT2VECTOR": None, "OIDVECTOR": None, "ACLITEM": "VARCHAR", "REGROLE": None}
+    simple = {
+        "OID": "BIGINT",
+        "NAME": "VARCHAR",
+        "CHAR": "VARCHAR",
+        "XID": "BIGINT",
+        "PG_NODE_TREE": "VARCHAR",
+        "INT2VECTOR": None,
+        "OIDVECTOR": None,
+        "ACLITEM": "VARCHAR",
+        "REGROLE": None,
+    }
     if target in simple:
         to = simple[target]
         return inner if to is None else exp.cast(inner, to)
@@ -547,6 +712,9 @@ def figure_column_name(e: exp.Expression) -> str:
 
 
 _PG_FUNCTION_NAMES: dict[type, str] = {
-    exp.CurrentUser: "current_user", exp.CurrentSchema: "current_schema",
-    exp.CurrentDatabase: "current_database", exp.CurrentVersion: "version", exp.Count: "count",
+    exp.CurrentUser: "current_user",
+    exp.CurrentSchema: "current_schema",
+    exp.CurrentDatabase: "current_database",
+    exp.CurrentVersion: "version",
+    exp.Count: "count",
 }

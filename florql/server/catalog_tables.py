@@ -124,9 +124,7 @@ PG_CATALOG: dict[str, str] = {
         "oid:o lanname:n lanowner:o lanispl:b lanpltrusted:b lanplcallfoid:o laninline:o lanvalidator:o lanacl:T"
     ),
     "pg_depend": "classid:o objid:o objsubid:i refclassid:o refobjid:o refobjsubid:i deptype:c",
-    "pg_range": (
-        "rngtypid:o rngsubtype:o rngmultitypid:o rngcollation:o rngsubopc:o rngcanonical:p rngsubdiff:p"
-    ),
+    "pg_range": ("rngtypid:o rngsubtype:o rngmultitypid:o rngcollation:o rngsubopc:o rngcanonical:p rngsubdiff:p"),
     "pg_event_trigger": "oid:o evtname:n evtevent:n evtowner:o evtfoid:o evtenabled:c evttags:T",
     "pg_cast": "oid:o castsource:o casttarget:o castfunc:o castcontext:c castmethod:c",
     "pg_operator": (
@@ -140,9 +138,7 @@ PG_CATALOG: dict[str, str] = {
         "schemaname:n tablename:n tableowner:n tablespace:n hasindexes:b hasrules:b hastriggers:b rowsecurity:b"
     ),
     "pg_views": "schemaname:n viewname:n viewowner:n definition:t",
-    "pg_matviews": (
-        "schemaname:n matviewname:n matviewowner:n tablespace:n hasindexes:b ispopulated:b definition:t"
-    ),
+    "pg_matviews": ("schemaname:n matviewname:n matviewowner:n tablespace:n hasindexes:b ispopulated:b definition:t"),
     "pg_indexes": "schemaname:n tablename:n indexname:n tablespace:n indexdef:t",
     "pg_stat_activity": (
         "datid:o datname:n pid:i usesysid:o usename:n application_name:t client_addr:t client_port:i "
@@ -153,7 +149,14 @@ PG_CATALOG: dict[str, str] = {
 
 # Views over the catalog, answered like tables (relkind 'v').
 PG_CATALOG_VIEWS = {
-    "pg_roles", "pg_user", "pg_settings", "pg_tables", "pg_views", "pg_matviews", "pg_indexes", "pg_stat_activity",
+    "pg_roles",
+    "pg_user",
+    "pg_settings",
+    "pg_tables",
+    "pg_views",
+    "pg_matviews",
+    "pg_indexes",
+    "pg_stat_activity",
 }
 
 INFORMATION_SCHEMA: dict[str, str] = {

@@ -282,7 +282,9 @@ def command_complete(tag: str) -> bytes:
     return message(b"C", cstr(tag))
 
 
-def _fields_message(kind: bytes, severity: str, code: str, text: str, position: int | None, extra: dict[str, str]) -> bytes:
+def _fields_message(
+    kind: bytes, severity: str, code: str, text: str, position: int | None, extra: dict[str, str]
+) -> bytes:
     parts = {"S": severity, "V": severity, "C": code, "M": text, **extra}
     if position:
         parts["P"] = str(position)

@@ -17,18 +17,19 @@ import ssl
 import struct
 import threading
 import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
 from . import protocol as pg
 from .auth import MECHANISM, AuthFailed, ScramExchange, ScramVerifier
-from .backend import Backend, Result
+from .backend import Backend, ResultLike
 from .catalog import Catalog, SessionInfo
 from .protocol import Field, ProtocolError
-from .session import DEFAULT_SETTINGS, Session, SqlError, Statement, classify, split_statements
+from .session import DEFAULT_SETTINGS, SqlError, Statement, WireSession, classify, split_statements
 from .types import decode_param, encode_batch, fields_for
 
 log = logging.getLogger("florql.server")
@@ -94,14 +95,14 @@ class Prepared:
 class Portal:
     """A bound statement; its result is opened on first Describe/Execute and read in chunks."""
 
-    def __init__(self, session: Session, prepared: Prepared, params: list[Any], formats: list[int]) -> None:
+    def __init__(self, session: WireSession, prepared: Prepared, params: list[Any], formats: list[int]) -> None:
         self.session = session
         self.statement = prepared.statement
         self.params = params
         self.formats = formats
         self.opened = False
         self.tag = ""
-        self.result: Result | None = None
+        self.result: ResultLike | None = None
         self.fields: list[Field] = []
         self.reported: dict[str, str] = {}
         self._batches: Iterator[pa.RecordBatch] | None = None
@@ -141,8 +142,16 @@ class Portal:
 
 
 class Server:
-    def __init__(self, backend_factory: Callable[[], Backend], *, host: str = "127.0.0.1", port: int = 5433,
-                 password: str | None = None, ssl_context: ssl.SSLContext | None = None, workers: int = 64) -> None:
+    def __init__(
+        self,
+        backend_factory: Callable[[], Backend],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 5433,
+        password: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        workers: int = 64,
+    ) -> None:
         check_listen_policy(host, password)
         self.backend_factory = backend_factory
         self.host, self.port = host, port
@@ -152,7 +161,7 @@ class Server:
         defaults = {name.lower(): value for name, (value, _) in DEFAULT_SETTINGS.items()}
         self._catalog_backend: Backend | None = None
         self.catalog = Catalog(lambda: self._meta_backend().tables(), defaults)
-        self.connections: dict[tuple[int, int], Connection] = {}
+        self.connections: dict[tuple[int, int], ClientConnection] = {}
         self._pids = itertools.count(1000)
         self._server: asyncio.base_events.Server | None = None
 
@@ -182,7 +191,7 @@ class Server:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = Connection(self, reader, writer, next(self._pids), secrets.randbits(31))
+        conn = ClientConnection(self, reader, writer, next(self._pids), secrets.randbits(31))
         self.connections[(conn.pid, conn.secret)] = conn
         try:
             await conn.run()
@@ -203,15 +212,16 @@ class Server:
             conn.cancelled = True
 
 
-class Connection:
-    """One client connection: the protocol state machine around a `Session`."""
+class ClientConnection:
+    """One client connection: the protocol state machine around a `WireSession`."""
 
-    def __init__(self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 pid: int, secret: int) -> None:
+    def __init__(
+        self, server: Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pid: int, secret: int
+    ) -> None:
         self.server = server
         self.reader, self.writer = reader, writer
         self.pid, self.secret = pid, secret
-        self.session: Session | None = None
+        self.session: WireSession | None = None
         self.statements: dict[str, Prepared] = {}
         self.portals: dict[str, Portal] = {}
         self.skip_until_sync = False
@@ -234,7 +244,7 @@ class Connection:
             return
         backend = await self.blocking(self.server.backend_factory)
         info = SessionInfo(user=user, database=startup.params.get("database", user), pid=self.pid)
-        self.session = Session(backend, self.server.catalog, info)
+        self.session = WireSession(backend, self.server.catalog, info)
         try:
             self.session.startup_settings(startup.params)
         except SqlError as e:
@@ -391,9 +401,13 @@ class Connection:
         prepared = self._statement(msg.statement)
         wanted = max(prepared.statement.param_count, len(prepared.param_oids))
         if len(msg.params) != wanted:
-            raise SqlError("08P01", f"bind message supplies {len(msg.params)} parameters, but prepared statement requires {wanted}")
+            raise SqlError(
+                "08P01", f"bind message supplies {len(msg.params)} parameters, but prepared statement requires {wanted}"
+            )
         oids = prepared.param_oids + [0] * (wanted - len(prepared.param_oids))
-        formats = msg.param_formats * len(msg.params) if len(msg.param_formats) == 1 else msg.param_formats or [0] * wanted
+        formats = (
+            msg.param_formats * len(msg.params) if len(msg.param_formats) == 1 else msg.param_formats or [0] * wanted
+        )
         values = [decode_param(data, oid, fmt) for data, oid, fmt in zip(msg.params, oids, formats)]
         if msg.portal in self.portals:
             if msg.portal:

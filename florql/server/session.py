@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import pyarrow as pa
 import sqlglot
@@ -20,7 +21,7 @@ from sqlglot.tokens import TokenType
 from florql.dialect import bind_parameters, ensure_read_only
 from florql.errors import FlorqlError
 
-from .backend import Backend, Result
+from .backend import Backend, ResultLike
 from .catalog import SERVER_VERSION, Catalog, SessionInfo, is_catalog_query
 
 SERVER_VERSION_TEXT = f"{SERVER_VERSION} (florql)"
@@ -58,10 +59,25 @@ DEFAULT_SETTINGS: dict[str, tuple[str, bool]] = {
     "enable_seqscan": ("on", False),
 }
 CANONICAL = {name.lower(): name for name in DEFAULT_SETTINGS}
-ALIASES = {"transaction isolation level": "transaction_isolation", "time zone": "timezone",
-           "session authorization": "session_authorization", "names": "client_encoding", "schema": "search_path"}
-READ_ONLY = {"server_version", "server_version_num", "server_encoding", "integer_datetimes", "is_superuser",
-             "in_hot_standby", "max_index_keys", "max_identifier_length", "lc_collate", "lc_ctype"}
+ALIASES = {
+    "transaction isolation level": "transaction_isolation",
+    "time zone": "timezone",
+    "session authorization": "session_authorization",
+    "names": "client_encoding",
+    "schema": "search_path",
+}
+READ_ONLY = {
+    "server_version",
+    "server_version_num",
+    "server_encoding",
+    "integer_datetimes",
+    "is_superuser",
+    "in_hot_standby",
+    "max_index_keys",
+    "max_identifier_length",
+    "lc_collate",
+    "lc_ctype",
+}
 UTF8_NAMES = {"utf8", "utf-8", "unicode"}
 
 
@@ -93,7 +109,7 @@ class Outcome:
     """What running a statement produced: rows (a streamed result) or just a tag."""
 
     tag: str
-    result: Result | None = None
+    result: ResultLike | None = None
     reported: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,9 +139,14 @@ def _significant(piece: str) -> bool:
 
 
 _TX = {
-    "BEGIN": ("begin", "BEGIN"), "START": ("begin", "BEGIN"), "COMMIT": ("commit", "COMMIT"),
-    "END": ("commit", "COMMIT"), "ROLLBACK": ("rollback", "ROLLBACK"), "ABORT": ("rollback", "ROLLBACK"),
-    "SAVEPOINT": ("noop", "SAVEPOINT"), "RELEASE": ("noop", "RELEASE"),
+    "BEGIN": ("begin", "BEGIN"),
+    "START": ("begin", "BEGIN"),
+    "COMMIT": ("commit", "COMMIT"),
+    "END": ("commit", "COMMIT"),
+    "ROLLBACK": ("rollback", "ROLLBACK"),
+    "ABORT": ("rollback", "ROLLBACK"),
+    "SAVEPOINT": ("noop", "SAVEPOINT"),
+    "RELEASE": ("noop", "RELEASE"),
 }
 _SET = re.compile(
     r"^SET\s+(?:SESSION\s+|LOCAL\s+)?(?:(?P<alias>TIME\s+ZONE|NAMES|SCHEMA)\s+|(?P<name>[A-Za-z_][\w.]*)\s*(?:=|\s+TO\s+))"
@@ -134,12 +155,62 @@ _SET = re.compile(
 )
 _QUERY_STARTS = {"SELECT", "WITH", "VALUES", "TABLE", "("}
 _WRITE_COMMANDS = set(
-    "INSERT UPDATE DELETE MERGE UPSERT REPLACE CREATE DROP ALTER TRUNCATE COPY GRANT REVOKE ATTACH DETACH "
-    "INSTALL LOAD FORCE PRAGMA CALL VACUUM CHECKPOINT EXPORT IMPORT COMMENT LOCK PREPARE EXECUTE DO EXPLAIN "
-    "ANALYZE REINDEX CLUSTER LISTEN NOTIFY REFRESH SECURITY USE DESCRIBE SUMMARIZE REASSIGN".split()
+    [
+        "INSERT",
+        "UPDATE",
+        "DELETE",
+        "MERGE",
+        "UPSERT",
+        "REPLACE",
+        "CREATE",
+        "DROP",
+        "ALTER",
+        "TRUNCATE",
+        "COPY",
+        "GRANT",
+        "REVOKE",
+        "ATTACH",
+        "DETACH",
+        "INSTALL",
+        "LOAD",
+        "FORCE",
+        "PRAGMA",
+        "CALL",
+        "VACUUM",
+        "CHECKPOINT",
+        "EXPORT",
+        "IMPORT",
+        "COMMENT",
+        "LOCK",
+        "PREPARE",
+        "EXECUTE",
+        "DO",
+        "EXPLAIN",
+        "ANALYZE",
+        "REINDEX",
+        "CLUSTER",
+        "LISTEN",
+        "NOTIFY",
+        "REFRESH",
+        "SECURITY",
+        "USE",
+        "DESCRIBE",
+        "SUMMARIZE",
+        "REASSIGN",
+    ]
 )
-_FROM_CLAUSE_ENDS = {TokenType.WHERE, TokenType.GROUP_BY, TokenType.ORDER_BY, TokenType.HAVING, TokenType.LIMIT,
-                     TokenType.SELECT, TokenType.ON, TokenType.USING, TokenType.WINDOW, TokenType.UNION}
+_FROM_CLAUSE_ENDS = {
+    TokenType.WHERE,
+    TokenType.GROUP_BY,
+    TokenType.ORDER_BY,
+    TokenType.HAVING,
+    TokenType.LIMIT,
+    TokenType.SELECT,
+    TokenType.ON,
+    TokenType.USING,
+    TokenType.WINDOW,
+    TokenType.UNION,
+}
 
 
 def classify(sql: str) -> Statement:
@@ -194,17 +265,29 @@ def _classify_cursor(sql: str, verb: str) -> Statement:
     text = _strip_comments(sql)
     if verb == "DECLARE":
         match = _DECLARE.match(text)
-        if not match or "SCROLL" in match["options"].upper().split() and "NO" not in match["options"].upper().split():
-            raise SqlError("0A000", "florql cursors are declared as: DECLARE name [NO SCROLL] CURSOR [WITH HOLD] FOR query")
+        if not match or ("SCROLL" in match["options"].upper().split() and "NO" not in match["options"].upper().split()):
+            raise SqlError(
+                "0A000", "florql cursors are declared as: DECLARE name [NO SCROLL] CURSOR [WITH HOLD] FOR query"
+            )
         inner = _classify_query(match["query"])
         hold = (match["hold"] or "").upper() == "WITH"
-        return Statement(match["query"], "declare", "DECLARE CURSOR", inner.ast, inner.catalog, inner.param_count,
-                         name=_cursor_name(match["name"]), value="hold" if hold else None)
+        return Statement(
+            match["query"],
+            "declare",
+            "DECLARE CURSOR",
+            inner.ast,
+            inner.catalog,
+            inner.param_count,
+            name=_cursor_name(match["name"]),
+            value="hold" if hold else None,
+        )
     if verb == "CLOSE":
         return Statement(sql, "close", "CLOSE CURSOR", name=_cursor_name(text.split(None, 1)[1]))
     match = _FETCH.match(text)
     if not match:
-        raise SqlError("0A000", "florql cursors only move forward: FETCH [NEXT | n | ALL | FORWARD [n | ALL]] FROM name")
+        raise SqlError(
+            "0A000", "florql cursors only move forward: FETCH [NEXT | n | ALL | FORWARD [n | ALL]] FROM name"
+        )
     direction = " ".join((match["direction"] or "NEXT").upper().split())
     count = {"NEXT": "1", "FORWARD": "1", "ALL": "0", "FORWARD ALL": "0"}.get(direction, direction.split()[-1])
     return Statement(sql, "fetch", match["verb"].upper(), name=_cursor_name(match["name"]), value=count)
@@ -301,7 +384,7 @@ def _error_position(sql: str, e: sqlglot.errors.ParseError) -> int | None:
 # -- the session ---------------------------------------------------------------------
 
 
-class Session:
+class WireSession:
     """Settings and statement execution for one connection (called from worker threads)."""
 
     def __init__(self, backend: Backend, catalog: Catalog, info: SessionInfo) -> None:
@@ -344,8 +427,9 @@ class Session:
     def show(self, name: str) -> pa.Table:
         if name == "all":
             names = sorted(self.settings)
-            return pa.table({"name": names, "setting": [self.settings[n] for n in names],
-                             "description": [""] * len(names)})
+            return pa.table(
+                {"name": names, "setting": [self.settings[n] for n in names], "description": [""] * len(names)}
+            )
         florql_settings = getattr(self.backend, "settings", {}) or {}
         if name in florql_settings:
             value = florql_settings[name]
@@ -486,7 +570,7 @@ class TableResult:
 class Cursor:
     """A SQL-level cursor (DECLARE ... CURSOR): an open result read forward on FETCH."""
 
-    def __init__(self, result: Result, hold: bool) -> None:
+    def __init__(self, result: ResultLike, hold: bool) -> None:
         self.result = result
         self.schema = result.schema
         self.hold = hold

@@ -12,8 +12,9 @@ import decimal
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -251,7 +252,9 @@ def _binary_column(arr: pa.Array, oid: int) -> pa.Array:
     if oid in (25, 1043, 114, 17):
         return _text_column(arr).cast(pa.binary()) if oid != 17 else arr.cast(pa.binary())
     if oid == 1700:
-        return pa.array([None if v is None else numeric_binary(decimal.Decimal(v)) for v in arr.to_pylist()], pa.binary())
+        return pa.array(
+            [None if v is None else numeric_binary(decimal.Decimal(v)) for v in arr.to_pylist()], pa.binary()
+        )
     raise NotSupported(f"binary output is not supported for type {TYPES[oid].name}")
 
 
@@ -268,15 +271,18 @@ def numeric_binary(d: decimal.Decimal) -> bytes:
     whole, frac = text[:point].lstrip("0"), text[point:]
     whole = whole.zfill(-(-len(whole) // 4) * 4)
     frac = frac + "0" * (-len(frac) % 4)
-    groups = [int(whole[i : i + 4]) for i in range(0, len(whole), 4)] + [int(frac[i : i + 4]) for i in range(0, len(frac), 4)]
+    groups = [int(whole[i : i + 4]) for i in range(0, len(whole), 4)] + [
+        int(frac[i : i + 4]) for i in range(0, len(frac), 4)
+    ]
     weight = len(whole) // 4 - 1
     while groups and groups[0] == 0:
         groups.pop(0)
         weight -= 1
     while groups and groups[-1] == 0:
         groups.pop()
-    return struct.pack(f"!hhHH{len(groups)}H", len(groups), weight if groups else 0, 0x4000 if sign else 0,
-                       max(-exp, 0), *groups)
+    return struct.pack(
+        f"!hhHH{len(groups)}H", len(groups), weight if groups else 0, 0x4000 if sign else 0, max(-exp, 0), *groups
+    )
 
 
 class NotSupported(Exception):
@@ -373,7 +379,7 @@ def _decode_binary(b: bytes, oid: int) -> Any:
         return PG_EPOCH_DATE + dt.timedelta(days=struct.unpack("!i", b)[0])
     if oid in (1114, 1184):
         value = PG_EPOCH + dt.timedelta(microseconds=struct.unpack("!q", b)[0])
-        return value.replace(tzinfo=dt.timezone.utc) if oid == 1184 else value
+        return value.replace(tzinfo=dt.UTC) if oid == 1184 else value
     if oid == 1700:
         return _decode_numeric(b)
     if oid in (0, 25, 1043, 1042, 19, 114, 705):

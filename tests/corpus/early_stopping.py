@@ -4,6 +4,7 @@ A small classifier overfits noisy labels, so the validation loss stops improving
 epochs. `best_loss`, `bad_epochs` and `best_state` (a dict of tensors) are plain module globals.
 Lines starting with `# +` are the extra logs of the ground-truth variant.
 """
+
 import torch
 from torch import nn
 
@@ -32,7 +33,7 @@ with florql.checkpointing(model=model, optimizer=optimizer, scheduler=scheduler,
         model.train()
         perm = torch.randperm(len(x_train))
         for step in florql.loop("step", range(0, len(x_train), 20)):
-            idx = perm[step:step + 20]
+            idx = perm[step : step + 20]
             optimizer.zero_grad()
             loss = criterion(model(x_train[idx]), y_train[idx])
             loss.backward()

@@ -4,6 +4,7 @@ The loops run inside main(), so the plain state (`micro_steps`, `optimizer_steps
 its locals. The scaler's growth interval is short so its scale changes during the run. Lines
 starting with `# +` are the extra logs of the ground-truth variant.
 """
+
 import copy
 
 import torch

@@ -5,6 +5,7 @@ Run with `--florql-args lr=0.05`. `config.json` (beside the script) is changed a
 replay must use the version the run read. The dataset draws a random augmentation in the workers.
 Lines starting with `# +` are the extra logs of the ground-truth variant.
 """
+
 import json
 
 import torch
@@ -39,8 +40,13 @@ with open("config.json") as f:
 torch.manual_seed(config["seed"])
 dataset = NoisyBlobs(config["samples"], config["dim"], config["noise"])
 train_set, val_set = random_split(dataset, [0.75, 0.25])  # draws from the global RNG
-train_loader = DataLoader(train_set, batch_size=config["batch_size"], shuffle=True, num_workers=2,
-                          generator=torch.Generator().manual_seed(config["seed"] + 1))
+train_loader = DataLoader(
+    train_set,
+    batch_size=config["batch_size"],
+    shuffle=True,
+    num_workers=2,
+    generator=torch.Generator().manual_seed(config["seed"] + 1),
+)
 val_loader = DataLoader(val_set, batch_size=64, num_workers=0)
 model = nn.Sequential(nn.Linear(config["dim"], config["hidden"]), nn.ReLU(), nn.Linear(config["hidden"], 4))
 optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)

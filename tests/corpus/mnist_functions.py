@@ -4,6 +4,7 @@ The step loop lives in train(), the evaluation in test(); both log from inside h
 (and test() logs through a helper it calls). Synthetic 'digits': 8x8 images of 10 noisy prototypes.
 Lines starting with `# +` are the extra logs of the ground-truth variant.
 """
+
 import argparse
 
 import torch

@@ -5,7 +5,6 @@ validation loss does not improve; `best_val_loss` and `global_step` are plain mo
 hidden state is carried across steps (truncated BPTT). Lines starting with `# +` are the extra logs
 of the ground-truth variant.
 """
-import math
 
 import torch
 from torch import nn
@@ -60,7 +59,7 @@ class RNNModel(nn.Module):
 
 def get_batch(source, i):
     seq_len = min(bptt, len(source) - 1 - i)
-    return source[i:i + seq_len], source[i + 1:i + 1 + seq_len].reshape(-1)
+    return source[i : i + seq_len], source[i + 1 : i + 1 + seq_len].reshape(-1)
 
 
 def evaluate(data_source):

@@ -1,5 +1,6 @@
 """A tiny run without torch model code: `loss` per step and `val_acc` per epoch, both
 deterministic functions of the args."""
+
 import florql
 
 lr = florql.arg("lr", 0.1)

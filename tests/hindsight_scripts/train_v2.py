@@ -3,6 +3,7 @@
 `ckpt=False` records a run without checkpoints; `jitter=True` also logs a value that differs
 on every execution, so a replay of such a run cannot be exact.
 """
+
 import contextlib
 import random
 import time
@@ -36,7 +37,9 @@ opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9)
 sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 criterion = nn.CrossEntropyLoss()
 
-guard = florql.checkpointing(budget=0.9, model=net, optimizer=opt, scheduler=sched) if ckpt else contextlib.nullcontext()
+guard = (
+    florql.checkpointing(budget=0.9, model=net, optimizer=opt, scheduler=sched) if ckpt else contextlib.nullcontext()
+)
 with guard:
     for epoch in florql.loop("epoch", range(epochs)):
         net.train()

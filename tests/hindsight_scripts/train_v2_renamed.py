@@ -1,6 +1,7 @@
 """Hindsight test script, a later version: the same training as version 1, with variables
 renamed, lines inserted, and the hindsight statements `grad_norm` (per step) and `w_norm`
 (per epoch) added."""
+
 import contextlib
 import random
 import time
@@ -41,8 +42,11 @@ loss_fn = nn.CrossEntropyLoss()
 print("training", describe(model))
 seen_batches = 0
 
-guard = (florql.checkpointing(budget=0.9, model=model, optimizer=optimizer, scheduler=scheduler)
-         if ckpt else contextlib.nullcontext())
+guard = (
+    florql.checkpointing(budget=0.9, model=model, optimizer=optimizer, scheduler=scheduler)
+    if ckpt
+    else contextlib.nullcontext()
+)
 with guard:
     for ep in florql.loop("epoch", range(n_epochs)):
         model.train()

@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import duckdb
 import pytest
@@ -37,7 +37,8 @@ def florql_api_ready() -> bool:
     except ImportError:
         return False
     return importlib.util.find_spec("florql.api") is not None and all(
-        hasattr(florql, name) for name in ("connect", "log", "loop"))
+        hasattr(florql, name) for name in ("connect", "log", "loop")
+    )
 
 
 @dataclass
@@ -85,8 +86,15 @@ class Running:
     password: str | None = None
 
     def dsn(self, **extra: str) -> str:
-        parts = {"host": "127.0.0.1", "port": str(self.port), "dbname": "florql", "user": "florql",
-                 "connect_timeout": "10", **({"password": self.password} if self.password else {}), **extra}
+        parts = {
+            "host": "127.0.0.1",
+            "port": str(self.port),
+            "dbname": "florql",
+            "user": "florql",
+            "connect_timeout": "10",
+            **({"password": self.password} if self.password else {}),
+            **extra,
+        }
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
     def url(self, driver: str = "psycopg") -> str:

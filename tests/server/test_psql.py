@@ -11,8 +11,13 @@ pytestmark = pytest.mark.skipif(shutil.which("psql") is None, reason="psql (post
 
 
 def psql(server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["psql", server.dsn(), "-X", "-v", "ON_ERROR_STOP=0", *args], input=stdin,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["psql", server.dsn(), "-X", "-v", "ON_ERROR_STOP=0", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_query(server, store):

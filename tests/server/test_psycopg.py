@@ -21,14 +21,16 @@ def test_simple_query(conn, store):
 
 
 def test_parameterised_query(conn, store):
-    rows = conn.execute(f"SELECT epoch, step FROM {store.run_table} WHERE epoch = %s AND step < %s ORDER BY step",
-                        (1, 3)).fetchall()
+    rows = conn.execute(
+        f"SELECT epoch, step FROM {store.run_table} WHERE epoch = %s AND step < %s ORDER BY step", (1, 3)
+    ).fetchall()
     assert rows == [(1, 0), (1, 1), (1, 2)]
 
 
 def test_parameter_types_round_trip(conn):
-    row = conn.execute("SELECT %s::text AS s, %s AS f, %s AS b, %s AS i, %s AS n",
-                       ("it's", 2.5, True, -7, None)).fetchone()
+    row = conn.execute(
+        "SELECT %s::text AS s, %s AS f, %s AS b, %s AS i, %s AS n", ("it's", 2.5, True, -7, None)
+    ).fetchone()
     assert row == ("it's", 2.5, True, -7, None)
 
 
@@ -77,7 +79,7 @@ def test_show_and_set(conn):
     conn.execute("SET application_name = 'dashboard'")
     assert conn.info.parameter_status("application_name") == "dashboard"
     assert conn.execute("SHOW application_name").fetchone() == ("dashboard",)
-    conn.execute("SET search_path = \"public\"")
+    conn.execute('SET search_path = "public"')
     assert conn.execute("SELECT current_schema()").fetchone() == ("public",)
     assert conn.info.parameter_status("server_version").startswith("15.")
     assert conn.info.parameter_status("integer_datetimes") == "on"

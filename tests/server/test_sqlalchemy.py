@@ -41,8 +41,9 @@ def test_constraints_and_indexes_are_empty(engine, store):
 
 
 def test_pandas_read_sql(engine, store):
-    frame = pd.read_sql(f"SELECT epoch, MAX(loss) AS max_loss FROM {store.run_table} GROUP BY epoch ORDER BY epoch",
-                        engine)
+    frame = pd.read_sql(
+        f"SELECT epoch, MAX(loss) AS max_loss FROM {store.run_table} GROUP BY epoch ORDER BY epoch", engine
+    )
     assert list(frame["epoch"]) == [0, 1, 2]
     assert frame["max_loss"].iloc[0] == pytest.approx(1.0)
 

@@ -58,18 +58,23 @@ def test_reference_statements(server, store, run_oid, protocol):
 def test_reference_answers(server, store, run_oid):
     """Spot-check the answers, not just the absence of errors."""
     with psycopg.connect(server.dsn(), autocommit=True) as c:
-        tables = c.execute("SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                           "WHERE n.nspname = 'public' AND c.relkind in ('r', 'p', 'v')").fetchall()
+        tables = c.execute(
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = 'public' AND c.relkind in ('r', 'p', 'v')"
+        ).fetchall()
         assert {("runs",), (store.run_table,)} <= set(tables)
         assert c.execute("SELECT setting FROM pg_catalog.pg_settings WHERE name='max_index_keys'").fetchone() == ("32",)
         version = c.execute("select pg_catalog.version()").fetchone()[0]
         assert version.startswith("PostgreSQL 15.")
         columns = c.execute(
             "SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_catalog.pg_attribute a "
-            f"WHERE a.attrelid = {run_oid} AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum").fetchall()
+            f"WHERE a.attrelid = {run_oid} AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"
+        ).fetchall()
         assert ("loss", "double precision", False) in columns
         assert c.execute("SELECT pg_backend_pid()").fetchone()[0] > 0
         assert c.execute("SELECT current_database(), current_user").fetchone() == ("florql", "florql")
-        info = c.execute("SELECT data_type FROM information_schema.columns "
-                         f"WHERE table_name = '{store.run_table}' AND column_name = 'loss'").fetchone()
+        info = c.execute(
+            "SELECT data_type FROM information_schema.columns "
+            f"WHERE table_name = '{store.run_table}' AND column_name = 'loss'"
+        ).fetchone()
         assert info == ("double precision",)

@@ -35,17 +35,20 @@ def assert_alive(server) -> None:
         assert c.execute("SELECT 1").fetchone() == (1,)
 
 
-@pytest.mark.parametrize("payload", [
-    b"Z\x00\x00\x00\x04",  # unknown message type
-    b"Q\x00\x00\x00\x02",  # length shorter than itself
-    b"Q\x7f\xff\xff\xff",  # absurd length
-    b"Q\x00\x00\x00\x08abcd",  # no terminating NUL
-    b"B\x00\x00\x00\x0a\x00\x00\xff\xff\x00\x00",  # negative parameter-format count
-    b"P\x00\x00\x00\x07s\x00q",  # truncated Parse
-    b"D\x00\x00\x00\x06X\x00",  # bad describe target
-    b"E\x00\x00\x00\x05",  # truncated Execute
-    b"Q\x00\x00\x00\x06\xff\x00",  # invalid UTF-8
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"Z\x00\x00\x00\x04",  # unknown message type
+        b"Q\x00\x00\x00\x02",  # length shorter than itself
+        b"Q\x7f\xff\xff\xff",  # absurd length
+        b"Q\x00\x00\x00\x08abcd",  # no terminating NUL
+        b"B\x00\x00\x00\x0a\x00\x00\xff\xff\x00\x00",  # negative parameter-format count
+        b"P\x00\x00\x00\x07s\x00q",  # truncated Parse
+        b"D\x00\x00\x00\x06X\x00",  # bad describe target
+        b"E\x00\x00\x00\x05",  # truncated Execute
+        b"Q\x00\x00\x00\x06\xff\x00",  # invalid UTF-8
+    ],
+)
 def test_malformed_messages(server, payload):
     answer = exchange(server.port, payload)
     assert b"08P01" in answer or answer.endswith(b"Z\x00\x00\x00\x05I")

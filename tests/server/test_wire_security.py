@@ -52,13 +52,21 @@ def certificate(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
-            .not_valid_after(now + dt.timedelta(days=1)).sign(key, hashes.SHA256()))
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
     (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+    (folder / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     (folder / "pw").write_text("tls-pw\n")
     return folder
 
@@ -67,8 +75,13 @@ def test_tls_sslmode_require(store, certificate, monkeypatch):
     import florql.server as server_module
 
     monkeypatch.setattr(server_module, "florql_backend_factory", lambda path, budget: store.factory)
-    server = build_server(str(certificate), port=0, password_file=str(certificate / "pw"),
-                          tls_cert=str(certificate / "cert.pem"), tls_key=str(certificate / "key.pem"))
+    server = build_server(
+        str(certificate),
+        port=0,
+        password_file=str(certificate / "pw"),
+        tls_cert=str(certificate / "cert.pem"),
+        tls_key=str(certificate / "key.pem"),
+    )
     with BackgroundServer(server) as running:
         dsn = f"host=127.0.0.1 port={running.port} user=florql dbname=florql password=tls-pw"
         with psycopg.connect(dsn + " sslmode=require") as c:
@@ -85,18 +98,21 @@ def test_no_tls_answers_n(server):
         psycopg.connect(server.dsn(sslmode="require"))
 
 
-@pytest.mark.parametrize("statement", [
-    "INSERT INTO runs VALUES (2, 'x')",
-    "UPDATE runs SET script = 'x'",
-    "DELETE FROM runs",
-    "CREATE TABLE t (a int)",
-    "DROP TABLE runs",
-    "COPY runs TO '/tmp/out.csv'",
-    "ATTACH '/tmp/x.db' AS x",
-    "INSTALL httpfs",
-    "WITH x AS (SELECT 1) DELETE FROM runs",
-    "SELECT * INTO new_table FROM runs",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO runs VALUES (2, 'x')",
+        "UPDATE runs SET script = 'x'",
+        "DELETE FROM runs",
+        "CREATE TABLE t (a int)",
+        "DROP TABLE runs",
+        "COPY runs TO '/tmp/out.csv'",
+        "ATTACH '/tmp/x.db' AS x",
+        "INSTALL httpfs",
+        "WITH x AS (SELECT 1) DELETE FROM runs",
+        "SELECT * INTO new_table FROM runs",
+    ],
+)
 def test_write_statements_are_refused(server, statement):
     with psycopg.connect(server.dsn(), autocommit=True) as c:
         with pytest.raises(psycopg.Error) as err:
@@ -105,15 +121,18 @@ def test_write_statements_are_refused(server, statement):
         assert c.execute("SELECT count(*) FROM runs").fetchone() == (1,)
 
 
-@pytest.mark.parametrize("statement", [
-    "SELECT * FROM read_csv('/etc/passwd')",
-    "SELECT * FROM read_text('/etc/passwd')",
-    "SELECT pg_read_file('/etc/passwd')",
-    "SELECT * FROM '/etc/passwd'",
-    "SELECT * FROM read_blob('/etc/passwd')",
-    "SELECT * FROM parquet_metadata('/tmp/x.parquet')",
-    "SELECT * FROM runs, read_parquet('/tmp/x.parquet')",
-])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SELECT * FROM read_csv('/etc/passwd')",
+        "SELECT * FROM read_text('/etc/passwd')",
+        "SELECT pg_read_file('/etc/passwd')",
+        "SELECT * FROM '/etc/passwd'",
+        "SELECT * FROM read_blob('/etc/passwd')",
+        "SELECT * FROM parquet_metadata('/tmp/x.parquet')",
+        "SELECT * FROM runs, read_parquet('/tmp/x.parquet')",
+    ],
+)
 def test_file_access_is_refused(server, statement):
     with psycopg.connect(server.dsn(), autocommit=True) as c:
         with pytest.raises(psycopg.Error) as err:

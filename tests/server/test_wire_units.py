@@ -20,10 +20,21 @@ from florql.server.session import SqlError, classify, split_statements
 from florql.server.types import decode_param, encode_batch, fields_for, numeric_binary, pg_float, text_value
 
 
-@pytest.mark.parametrize("value, text", [
-    (0.1, "0.1"), (100.0, "100"), (1e-05, "1e-05"), (1e20, "1e+20"), (1e15, "1e+15"), (1.5e15, "1.5e+15"),
-    (123456789012.5, "123456789012.5"), (-0.0, "-0"), (float("inf"), "Infinity"), (float("nan"), "NaN"),
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (0.1, "0.1"),
+        (100.0, "100"),
+        (1e-05, "1e-05"),
+        (1e20, "1e+20"),
+        (1e15, "1e+15"),
+        (1.5e15, "1.5e+15"),
+        (123456789012.5, "123456789012.5"),
+        (-0.0, "-0"),
+        (float("inf"), "Infinity"),
+        (float("nan"), "NaN"),
+    ],
+)
 def test_pg_float(value, text):
     assert pg_float(value) == text
 
@@ -35,18 +46,25 @@ def test_vectorised_float_text_matches_scalar(values):
     assert encode_batch(batch, fields_for(batch.schema, [])) == expected
 
 
-@given(st.lists(st.integers(-2**63, 2**63 - 1) | st.none(), max_size=30), st.lists(st.text() | st.none(), max_size=30))
+@given(
+    st.lists(st.integers(-(2**63), 2**63 - 1) | st.none(), max_size=30), st.lists(st.text() | st.none(), max_size=30)
+)
 def test_vectorised_rows_match_scalar(ints, texts):
     n = min(len(ints), len(texts))
     batch = pa.record_batch({"i": pa.array(ints[:n], pa.int64()), "t": pa.array(texts[:n], pa.string())})
-    expected = b"".join(pg.data_row([None if v is None else text_value(v).encode() for v in row.values()])
-                        for row in batch.to_pylist())
+    expected = b"".join(
+        pg.data_row([None if v is None else text_value(v).encode() for v in row.values()]) for row in batch.to_pylist()
+    )
     assert encode_batch(batch, fields_for(batch.schema, [])) == expected
 
 
 def test_binary_ints_and_timestamps():
-    batch = pa.record_batch({"i": pa.array([1, None], pa.int64()),
-                             "t": pa.array([dt.datetime(2000, 1, 1, 0, 0, 1), None], pa.timestamp("us"))})
+    batch = pa.record_batch(
+        {
+            "i": pa.array([1, None], pa.int64()),
+            "t": pa.array([dt.datetime(2000, 1, 1, 0, 0, 1), None], pa.timestamp("us")),
+        }
+    )
     rows = encode_batch(batch, fields_for(batch.schema, [1]))
     assert rows == pg.data_row([struct.pack("!q", 1), struct.pack("!q", 1_000_000)]) + pg.data_row([None, None])
 
@@ -72,13 +90,21 @@ def test_split_statements_respects_quotes_and_comments():
     assert [p.strip() for p in parts] == ["SELECT ';' AS a", "-- x; y\nSELECT 2"]
 
 
-@pytest.mark.parametrize("sql, command, tag", [
-    ("BEGIN READ ONLY", "begin", "BEGIN"), ("COMMIT", "commit", "COMMIT"), ("ROLLBACK", "rollback", "ROLLBACK"),
-    ("SET extra_float_digits = 3", "set", "SET"), ("SHOW transaction isolation level", "show", "SHOW"),
-    ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ UNCOMMITTED", "noop", "SET"),
-    ("DECLARE c CURSOR FOR SELECT 1", "declare", "DECLARE CURSOR"), ("FETCH FORWARD 10 FROM c", "fetch", "FETCH"),
-    ("SELECT 1", "query", "SELECT"), ("", "empty", ""),
-])
+@pytest.mark.parametrize(
+    "sql, command, tag",
+    [
+        ("BEGIN READ ONLY", "begin", "BEGIN"),
+        ("COMMIT", "commit", "COMMIT"),
+        ("ROLLBACK", "rollback", "ROLLBACK"),
+        ("SET extra_float_digits = 3", "set", "SET"),
+        ("SHOW transaction isolation level", "show", "SHOW"),
+        ("SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL READ UNCOMMITTED", "noop", "SET"),
+        ("DECLARE c CURSOR FOR SELECT 1", "declare", "DECLARE CURSOR"),
+        ("FETCH FORWARD 10 FROM c", "fetch", "FETCH"),
+        ("SELECT 1", "query", "SELECT"),
+        ("", "empty", ""),
+    ],
+)
 def test_classify(sql, command, tag):
     statement = classify(sql)
     assert (statement.command, statement.tag) == (command, tag)

@@ -7,12 +7,14 @@ Three separate parts, as in torch.distributed.checkpoint:
   allocated once and reused (pinned, with an asynchronous copy on a side stream, for CUDA tensors).
 - `Persister` decides *where*: one background thread writes through `storage.checkpoints`.
 """
+
 from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -57,11 +59,11 @@ class AdaptivePolicy:
     def iteration(self, seconds: float, overlapped: bool) -> None:
         """A whole outer iteration's time, and whether a persist ran during it."""
         if not overlapped:
-            self._quiet = (self._quiet + [seconds])[-self.SAMPLES:]
+            self._quiet = (self._quiet + [seconds])[-self.SAMPLES :]
             return
         self.overlapped += 1
         if self._quiet:
-            self._extras = (self._extras + [seconds - _median(self._quiet)])[-self.SAMPLES:]
+            self._extras = (self._extras + [seconds - _median(self._quiet)])[-self.SAMPLES :]
 
     @property
     def interference_s(self) -> float:
@@ -89,7 +91,7 @@ class AdaptivePolicy:
 
     def record(self, stall_s: float) -> None:
         self.stall_s += stall_s
-        self._stalls = (self._stalls + [stall_s])[-self.SAMPLES:]
+        self._stalls = (self._stalls + [stall_s])[-self.SAMPLES :]
         self.taken += 1
         self.gaps.append(self._since_last)
         self._since_last = 0
@@ -187,12 +189,15 @@ class Persister:
     def in_flight(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, outer_index: int, kind: str, coords: dict[str, int], payload: dict[str, Any],
-               stall_s: float, event: Any) -> None:
+    def submit(
+        self, outer_index: int, kind: str, coords: dict[str, int], payload: dict[str, Any], stall_s: float, event: Any
+    ) -> None:
         self.wait()
         self._thread = threading.Thread(
-            target=self._persist, args=(outer_index, kind, coords, payload, stall_s, event),
-            name="florql-checkpoint-persist", daemon=True,
+            target=self._persist,
+            args=(outer_index, kind, coords, payload, stall_s, event),
+            name="florql-checkpoint-persist",
+            daemon=True,
         )
         self._thread.start()
 

@@ -1,4 +1,5 @@
 """What the query side knows about runs: coordinates, logged and loggable names, checkpoints."""
+
 from __future__ import annotations
 
 import os
@@ -13,8 +14,16 @@ from florql.storage.manifest import Manifest
 from florql.storage.views import NameInfo
 
 BASE_TABLES = (
-    "runs", "logs", "checkpoints", "iterations", "run_args", "code_versions",
-    "replay_jobs", "replay_coverage", "replay_audit", "metrics",
+    "runs",
+    "logs",
+    "checkpoints",
+    "iterations",
+    "run_args",
+    "code_versions",
+    "replay_jobs",
+    "replay_coverage",
+    "replay_audit",
+    "metrics",
 )
 
 
@@ -62,17 +71,25 @@ def run_ids(conn: duckdb.DuckDBPyConnection) -> list[int]:
 def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
     from florql.storage.database import run_names
 
-    manifest = Manifest.from_json(conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchall()[0][0])
+    manifest = Manifest.from_json(
+        conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
+    )
     logged = {n.name: n for n in run_names(conn, run_id)}
-    original = {r[0] for r in conn.execute(
-        "SELECT DISTINCT name FROM logs WHERE run_id = ? AND source = 'logged'", [run_id]).fetchall()}
+    original = {
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT name FROM logs WHERE run_id = ? AND source = 'logged'", [run_id]
+        ).fetchall()
+    }
     info = RunInfo(run_id, manifest, logged, original)
     for n in logged.values():
         for depth in range(1, len(n.loop_path) + 1):
             info.loop_paths.setdefault(n.loop_path[depth - 1], n.loop_path[:depth])
-    info.code_files = dict(conn.execute(
-        "SELECT path, sha256 FROM code_versions WHERE code_version = ?", [manifest.code_version]
-    ).fetchall())
+    info.code_files = dict(
+        conn.execute(
+            "SELECT path, sha256 FROM code_versions WHERE code_version = ?", [manifest.code_version]
+        ).fetchall()
+    )
     root = manifest.project_root or ""
     for rel in info.code_files:
         if not rel.endswith(".py"):
