@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import sys
@@ -100,6 +101,7 @@ class Result:
 
     def arrow(self) -> pa.Table:
         if self._table is None:
+            assert self._sql is not None  # a Result holds a table or the query that makes it
             with self._conn._open() as db:
                 self._table = self._conn._execute(db, self._sql, self._params).to_arrow_table()
         return self._table
@@ -109,6 +111,7 @@ class Result:
         if self._table is not None:
             yield from self._table.to_batches(batch_size)
             return
+        assert self._sql is not None  # a Result holds a table or the query that makes it
         with self._conn._open() as db:
             reader = self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
             yield from reader
@@ -210,7 +213,7 @@ class Connection:
         assert result is not None
         return result
 
-    def _one(self, statement: exp.Expression, params: Sequence[Any] | None) -> Result:
+    def _one(self, statement: exp.Expr, params: Sequence[Any] | None) -> Result:
         setting = florql_setting(statement)
         if setting:
             self.set(*setting)
@@ -263,7 +266,7 @@ class Connection:
             raise FlorqlError(f"{type(err).__name__}: {err}") from None
         return result
 
-    def _check_budget(self, replay_plan: Plan, statement: exp.Expression) -> None:
+    def _check_budget(self, replay_plan: Plan, statement: exp.Expr) -> None:
         budget = self.settings["replay_budget"]
         if budget is not None and replay_plan.est_s > budget:
             raise ReplayBudgetExceeded(
@@ -287,7 +290,7 @@ class Connection:
             specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)
         return Planned(bound, sites, replay_plan, specs)
 
-    def _workers(self, bound: query.Bound, wanted: dict[int, set[str]]) -> int:
+    def _workers(self, bound: query.Bound, wanted: dict[int, builtins.set[str]]) -> int:  # `set` is a method here
         """Workers the plan may count on. Replays use the run's recorded thread count (for
         bit-identical float reductions), so by default a CPU machine fits cores // threads of them."""
         if self.settings["workers"]:

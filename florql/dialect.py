@@ -18,6 +18,7 @@ import sqlglot
 from sqlglot import exp
 from sqlglot.dialects.duckdb import DuckDB
 from sqlglot.errors import ParseError
+from sqlglot.parsers.duckdb import DuckDBParser
 from sqlglot.tokens import TokenType
 
 from florql.errors import ForbiddenAccess, ForbiddenStatement, ParameterError, QuerySyntaxError
@@ -31,7 +32,7 @@ _FILE_FUNCTIONS = re.compile(
     r"load_aws_credentials|copy_\w+|write_\w+|export_\w+|import_\w+|install_\w+|attach\w*|detach\w*)$",
     re.IGNORECASE,
 )
-_FILE_EXPRESSIONS: tuple[type[exp.Expression], ...] = tuple(
+_FILE_EXPRESSIONS: tuple[type[exp.Expr], ...] = tuple(
     getattr(exp, n) for n in ("ReadCSV", "ReadParquet", "ReadJSON") if hasattr(exp, n)
 )
 _UNPARSED_FORBIDDEN = frozenset(
@@ -68,8 +69,8 @@ _WRITES = (
 class Florql(DuckDB):
     """DuckDB's grammar; florql's tables are bound by `florql.query`, not by the dialect."""
 
-    class Parser(DuckDB.Parser):
-        def _parse_table_part(self, schema: bool = False) -> exp.Expression | None:
+    class Parser(DuckDBParser):  # DuckDB.Parser: a class attribute, which mypy does not take as a base
+        def _parse_table_part(self, schema: bool = False) -> exp.Expr | None:
             # DuckDB reads `FROM 'file.csv'` as a file; sqlglot would make it a quoted name, the same
             # as `FROM "file.csv"`. Keep the string a Literal so that `ensure_read_only` can refuse it.
             if not schema and self._curr is not None and self._curr.token_type == TokenType.STRING:
@@ -77,7 +78,7 @@ class Florql(DuckDB):
                 return exp.Literal.string(self._prev.text)
             return super()._parse_table_part(schema=schema)
 
-        def _parse_placeholder(self) -> exp.Expression | None:
+        def _parse_placeholder(self) -> exp.Expr | None:
             # Remember where each `?` stands: DuckDB numbers them in the order of the text.
             placeholder = super()._parse_placeholder()
             if isinstance(placeholder, exp.Placeholder) and not placeholder.args.get("this") and self._prev:
@@ -85,7 +86,7 @@ class Florql(DuckDB):
             return placeholder
 
 
-def parse(sql: str, read: str = "duckdb") -> list[exp.Expression]:
+def parse(sql: str, read: str = "duckdb") -> list[exp.Expr]:
     dialect = Florql if read in ("duckdb", "florql") else read
     keyword = sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
     if keyword in _UNPARSED_FORBIDDEN:
@@ -103,7 +104,7 @@ def parse(sql: str, read: str = "duckdb") -> list[exp.Expression]:
     return statements
 
 
-def florql_setting(statement: exp.Expression) -> tuple[str, str] | None:
+def florql_setting(statement: exp.Expr) -> tuple[str, str] | None:
     """`SET replay = 'never'` → ('replay', 'never'); None for any other statement."""
     if not isinstance(statement, exp.Set):
         return None
@@ -119,7 +120,7 @@ def florql_setting(statement: exp.Expression) -> tuple[str, str] | None:
     return name, value.name if isinstance(value, (exp.Literal, exp.Column, exp.Identifier)) else value.sql()
 
 
-def ensure_read_only(statement: exp.Expression) -> None:
+def ensure_read_only(statement: exp.Expr) -> None:
     """Refuse anything but reading florql's tables: the one guard of the Python API and the wire server.
 
     Writes, DDL and other commands raise `ForbiddenStatement` (SQLSTATE 25006); reading files or the
@@ -150,7 +151,7 @@ def ensure_read_only(statement: exp.Expression) -> None:
 
 
 # ---- parameters -------------------------------------------------------------------------------
-def bind_parameters(statement: exp.Expression, values: Sequence[Any] | None) -> exp.Expression:
+def bind_parameters(statement: exp.Expr, values: Sequence[Any] | None) -> exp.Expr:
     """Inline `?` (numbered in order) and `$n` parameters as typed literals, on a copy of `statement`.
 
     Named parameters (`$name`, `:name`) are left alone. A parameter without a value raises
@@ -166,7 +167,7 @@ def bind_parameters(statement: exp.Expression, values: Sequence[Any] | None) -> 
         positional.sort(key=lambda node: node.meta["start"])
     numbers_ = {id(node): i for i, node in enumerate(positional, 1)}
 
-    def substitute(node: exp.Expression) -> exp.Expression:
+    def substitute(node: exp.Expr) -> exp.Expr:
         kind = _parameter_kind(node) if isinstance(node, (exp.Placeholder, exp.Parameter)) else None
         if kind is None:
             return node
@@ -182,7 +183,7 @@ def bind_parameters(statement: exp.Expression, values: Sequence[Any] | None) -> 
     return statement.transform(substitute, copy=False)
 
 
-def _parameter_kind(node: exp.Expression) -> str | None:
+def _parameter_kind(node: exp.Expr) -> str | None:
     """'?' for a positional `?`, the digits of `$n`, None for a named parameter."""
     if isinstance(node, exp.Placeholder) and not node.args.get("this"):
         return "?"
@@ -194,7 +195,7 @@ def _ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
-def literal(value: Any) -> exp.Expression:
+def literal(value: Any) -> exp.Expr:
     """A bound parameter as a SQL literal; untyped text stays an untyped string literal."""
     if value is None:
         return exp.Null()
@@ -222,6 +223,6 @@ def literal(value: Any) -> exp.Expression:
     return exp.Literal.string(str(value))
 
 
-def _number(text: str, negative: bool) -> exp.Expression:
+def _number(text: str, negative: bool) -> exp.Expr:
     node = exp.Literal.number(text.lstrip("-"))
     return exp.Paren(this=exp.Neg(this=node)) if negative else node

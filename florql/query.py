@@ -53,13 +53,13 @@ class TableRef:
 
 @dataclass
 class Bound:
-    statement: exp.Expression
+    statement: exp.Expr
     refs: list[TableRef]
     runs: dict[int, RunInfo]
 
 
 # ---- bind -------------------------------------------------------------------------------------
-def bind(statement: exp.Expression, conn: duckdb.DuckDBPyConnection) -> Bound:
+def bind(statement: exp.Expr, conn: duckdb.DuckDBPyConnection) -> Bound:
     """Resolve the statement's run tables as SQL scopes do, and what each reference reads.
 
     The statement is qualified on a copy (stars expanded to every column, loggable ones
@@ -79,7 +79,8 @@ def bind(statement: exp.Expression, conn: duckdb.DuckDBPyConnection) -> Bound:
     schema = _schema(conn, runs, tables, existing)
     qualified = statement.copy()
     try:
-        qualify(qualified, schema=schema, dialect="duckdb", validate_qualify_columns=True)
+        # sqlglot annotates `schema` as dict[str, object] (invariant), though it only reads the mapping
+        qualify(qualified, schema=schema, dialect="duckdb", validate_qualify_columns=True)  # type: ignore[arg-type]
     except OptimizeError as err:
         if "could not be resolved" in str(err):
             raise _unknown_column(str(err), list(runs.values())) from None
@@ -156,7 +157,7 @@ def _scope_refs(scope: Scope, tables: list[exp.Table], existing: list[int], runs
     return refs
 
 
-def _bind_ranges(ref: TableRef, where: exp.Expression | None, alias: str, runs: dict[int, RunInfo]) -> None:
+def _bind_ranges(ref: TableRef, where: exp.Expr | None, alias: str, runs: dict[int, RunInfo]) -> None:
     """The runs (for metrics) and outer iterations the reference's own WHERE can select."""
     if where is not None and ref.is_metrics:
         selected, _ = _analyse(where, "run_id", alias, range(max(ref.run_ids, default=0) + 1))
@@ -187,7 +188,7 @@ def _widened(
     return refs
 
 
-def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> tuple[set[int], bool]:
+def _analyse(cond: exp.Expr, column: str, alias: str, universe: range) -> tuple[set[int], bool]:
     """A superset of the values of `column` in `universe` that satisfy `cond`, and whether it is exact.
 
     Literals compare exactly (as fractions, like DuckDB's decimals), never rounded through floats.
@@ -221,7 +222,14 @@ def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> 
         if not values or any(v is None for v in values):
             return everything
         return {i for i in universe if i in values}, True
-    comparisons = {exp.EQ: "=", exp.GT: ">", exp.GTE: ">=", exp.LT: "<", exp.LTE: "<=", exp.NEQ: "!="}
+    comparisons: dict[type[exp.Expr], str] = {
+        exp.EQ: "=",
+        exp.GT: ">",
+        exp.GTE: ">=",
+        exp.LT: "<",
+        exp.LTE: "<=",
+        exp.NEQ: "!=",
+    }
     op = comparisons.get(type(cond))
     if op is None:
         return everything
@@ -243,11 +251,11 @@ def _analyse(cond: exp.Expression, column: str, alias: str, universe: range) -> 
     return {i for i in universe if test(i)}, True
 
 
-def _is_col(node: exp.Expression | None, column: str, alias: str) -> bool:
+def _is_col(node: exp.Expr | None, column: str, alias: str) -> bool:
     return isinstance(node, exp.Column) and node.name.lower() == column.lower() and node.table in ("", alias)
 
 
-def _number(node: exp.Expression | None) -> Fraction | None:
+def _number(node: exp.Expr | None) -> Fraction | None:
     if isinstance(node, exp.Neg):
         inner = _number(node.this)
         return -inner if inner is not None else None
@@ -356,6 +364,7 @@ class Site:
 
 def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict[str, str], dict[str, Site]]:
     """The run's files with the hindsight statements propagated in, and each name's site there."""
+    assert info.manifest.code_version is not None  # loggable names come from the run's code version
     recorded = load_code_version(files, info.manifest.code_version)
     by_file: dict[str, set[str]] = {}
     for name in names:
@@ -409,6 +418,8 @@ def job_specs(
     for job in plan.jobs:
         info = bound.runs[job.run_id]
         m = info.manifest
+        # Replayed runs have a code version (patch_sources loaded it) and a script, which the worker runs.
+        assert m.code_version is not None and m.script_rel is not None
         job_id = f"{job.run_id}-{uuid.uuid4().hex[:12]}"
         audit = sorted(info.original)
         specs.append(
@@ -463,7 +474,7 @@ def _write_expected(
 
 
 # ---- rewrite ------------------------------------------------------------------------------------
-def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> exp.Expression:
+def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> exp.Expr:
     """Replace each run table reference with a subquery at the grain of the columns its scope reads.
 
     `versions` names, per run, the current version of each hindsight statement: replayed values
@@ -476,7 +487,7 @@ def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> exp.Expression
         if not parts:
             parts = ["SELECT NULL::INTEGER AS run_id WHERE FALSE"]
         sql = " UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in parts)
-        by_id[ref.ref_id].replace(sqlglot.parse_one(sql, read="duckdb").subquery(ref.alias))
+        by_id[ref.ref_id].replace(sqlglot.parse_one(sql, read="duckdb").assert_is(exp.Query).subquery(ref.alias))
     return statement
 
 

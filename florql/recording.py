@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import socket
@@ -10,7 +11,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -33,7 +34,7 @@ from florql.storage.segment_writer import SegmentWriter
 MAX_READ_FILE_BYTES = 1 << 20  # files the script reads (configs) join its code version up to this size
 HEARTBEAT_S = 2.0
 _OWN_PACKAGES = tuple(
-    os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules["florql"], storage, replay)
+    os.path.dirname(os.path.abspath(inspect.getfile(m))) + os.sep for m in (sys.modules["florql"], storage, replay)
 )
 
 
@@ -208,7 +209,7 @@ class RecordSession(TrainingSession):
 
     # ---- loops ------------------------------------------------------------------------------
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
-        planned = len(iterable) if hasattr(iterable, "__len__") else None
+        planned = len(iterable) if isinstance(iterable, Sized) else None
         self.update(outer_loop=lf.name, outer_planned=planned)
         self._capture_code_version()  # project modules are imported by now
         self.outer.frame = frame
@@ -294,7 +295,7 @@ class RecordSession(TrainingSession):
             self._report_policy()
             return
         started = now()
-        payload = {
+        payload: dict[str, Any] = {
             "objects": self.stager.stage(self.objects),
             "rng": capture_rng(),
             "modes": self.module_modes(),

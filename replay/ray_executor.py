@@ -13,6 +13,7 @@ the recorded code version. The spec itself travels as the task's argument.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -158,7 +159,7 @@ def _packages() -> list[str]:
     from florql import replay, storage
 
     package = os.path.dirname(os.path.abspath(florql.__file__))
-    layers = [os.path.dirname(os.path.abspath(m.__file__)) for m in (storage, replay)]
+    layers = [os.path.dirname(os.path.abspath(inspect.getfile(m))) for m in (storage, replay)]
     if all(os.path.dirname(layer) == package for layer in layers):
         return [package]
     staged = os.path.join(tempfile.mkdtemp(prefix="florql-ship-"), "florql")

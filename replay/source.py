@@ -18,6 +18,7 @@ import operator
 import re
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 __all__ = [
     "DynamicSite",
@@ -115,6 +116,10 @@ class _Aliases:
             if func.id in self.loops:
                 return "loop"
         return None
+
+    def is_call(self, node: ast.AST, kind: str) -> TypeGuard[ast.Call]:
+        """Whether `node` calls florql's `log` or `loop` (`kind`)."""
+        return self.call_kind(node) == kind
 
     def names(self) -> frozenset[str]:
         return self.modules | self.logs | self.loops
@@ -249,14 +254,14 @@ def _assigned(nodes: Iterable[ast.AST], roots: bool) -> frozenset[str]:
     return frozenset(out)
 
 
-def _scope_bound(scope: ast.AST) -> frozenset[str]:
+def _scope_bound(scope: ast.Module | ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) -> frozenset[str]:
     """Names bound in a module or function scope, parameters included."""
     params = {a.arg for a in _all_args(scope.args)} if isinstance(scope, _DEFS) else set()
     return _assigned(scope.body, roots=False) | params
 
 
 def _loop_call(iterable: ast.expr, aliases: _Aliases) -> ast.Call | None:
-    return next((n for n in ast.walk(iterable) if aliases.call_kind(n) == "loop"), None)
+    return next((n for n in ast.walk(iterable) if aliases.is_call(n, "loop")), None)
 
 
 # ---------------------------------------------------------------- analyze
@@ -467,7 +472,7 @@ def statement_inputs(source: str, name: str) -> frozenset[str]:
     scopes = [tree, *(n for n in ast.walk(tree) if isinstance(n, _DEFS))]
     for scope in scopes:
         call = next(
-            (n for n in _iter_scope(scope.body) if aliases.call_kind(n) == "log" and _literal_name(n) == name), None
+            (n for n in _iter_scope(scope.body) if aliases.is_call(n, "log") and _literal_name(n) == name), None
         )
         if call is not None:
             break
@@ -610,7 +615,7 @@ class _Source:
             node = steps[-1][0]
         return steps[::-1]
 
-    def indent_of(self, stmt: ast.AST) -> str | None:
+    def indent_of(self, stmt: ast.stmt) -> str | None:
         """The indentation of a statement, None when it shares its line with code before it."""
         prefix = self.lines[stmt.lineno - 1].encode()[: stmt.col_offset].decode()
         return prefix if not prefix.strip() else None
@@ -626,7 +631,7 @@ def _anchor_key(node: ast.AST, aliases: _Aliases) -> tuple[str, str] | None:
     return None
 
 
-def _describe(node: ast.AST, aliases: _Aliases) -> str:
+def _describe(node: ast.stmt, aliases: _Aliases) -> str:
     key = _anchor_key(node, aliases)
     if key is None:
         return f"'{type(node).__name__.lower()}' block (line {node.lineno})"
@@ -642,7 +647,7 @@ class _Insertion:
     order: int  # line in the current source: keeps its order among statements at one place
 
 
-_Edit = tuple[int, int, str]  # byte columns start, end and the replacement
+_Edit = tuple[int, int | None, str]  # byte columns start, end (as ast gives it: optional) and the replacement
 
 
 class _Planner:
@@ -794,7 +799,7 @@ class _Planner:
         self.collect_pairs(self.cur.tree.body, self.rec.tree.body, pairs, nested=False)
         for cur_node, rec_node in matched:
             self._zip_names(cur_node, rec_node, pairs)
-            if isinstance(cur_node, _DEFS):
+            if isinstance(cur_node, _DEFS) and isinstance(rec_node, _DEFS):  # matched by name: both defs
                 cur_params, rec_params = _all_args(cur_node.args), _all_args(rec_node.args)
                 if len(cur_params) == len(rec_params):
                     for x, y in zip(cur_params, rec_params):
@@ -888,7 +893,7 @@ class _Planner:
         """Text replacements by line: renamed variables and the recorded spelling of florql.log."""
         edits: dict[int, list[_Edit]] = {}
         for node in (n for s in unit for n in ast.walk(s)):
-            if self.cur.aliases.call_kind(node) == "log":
+            if self.cur.aliases.is_call(node, "log"):
                 func = node.func
                 edits.setdefault(func.lineno, []).append((func.col_offset, func.end_col_offset, spelling))
             elif isinstance(node, ast.Name) and node.id in renames:
@@ -934,12 +939,13 @@ def _is_simple_assign(stmt: ast.stmt) -> bool:
 
 def _log_statements(src: _Source, name: str) -> list[tuple[ast.Call, ast.stmt | None]]:
     exprs = {id(s.value): s for s in ast.walk(src.tree) if isinstance(s, ast.Expr)}
-    calls = [n for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log" and _literal_name(n) == name]
+    calls = [n for n in ast.walk(src.tree) if src.aliases.is_call(n, "log") and _literal_name(n) == name]
     return [(c, exprs.get(id(c))) for c in sorted(calls, key=lambda c: (c.lineno, c.col_offset))]
 
 
 def _logged_names(src: _Source) -> set[str]:
-    return {_literal_name(n) for n in ast.walk(src.tree) if src.aliases.call_kind(n) == "log"} - {None}
+    calls = (n for n in ast.walk(src.tree) if src.aliases.is_call(n, "log"))
+    return {name for name in map(_literal_name, calls) if name is not None}
 
 
 def propagate(recorded: str, current: str, names: Collection[str], filename: str = "<script>") -> str:

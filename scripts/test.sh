@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One command on a fresh machine: install florql with its test dependencies and run the test suite.
+# One command on a fresh machine: install florql with its test dependencies, lint and type-check, run the test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,4 +14,5 @@ if [ ${#need[@]} -gt 0 ] && command -v apt-get >/dev/null; then
 fi
 
 bash scripts/install.sh "test,ray,s3"
+bash scripts/lint.sh  # ruff and mypy come with the test extra
 exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider "$@"

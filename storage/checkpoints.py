@@ -6,6 +6,7 @@ it is complete; the record carries the payload's SHA-256, checked on every read.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import pickle
@@ -32,17 +33,17 @@ class CheckpointRecord:
     outer_index: int  # the outer-loop iteration it was taken in
     kind: str  # 'inner_end': after the iteration's first inner loop; 'iter_end': after the whole iteration
     coords: dict[str, int]
-    bytes: int
+    bytes: int  # the payload's size; in this class, annotations name the type `builtins.bytes`
     sha256: str
     stall_s: float  # time the training thread was held
     persist_s: float  # time the background writer took
     created_at: float
 
-    def to_json(self) -> bytes:
+    def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> CheckpointRecord:
+    def from_json(cls, data: builtins.bytes) -> CheckpointRecord:
         return cls(**json.loads(data))
 
 
@@ -82,7 +83,7 @@ def _raw(t: torch.Tensor) -> memoryview:
     import torch
 
     flat = t.detach().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+    return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")  # .data: the array's buffer
 
 
 def write_checkpoint(
@@ -106,7 +107,13 @@ def write_checkpoint(
     digest = hashlib.sha256()
     size = 0
     with files.writer(layout.checkpoint_data_path(run_id, name)) as f:
-        for chunk in (MAGIC, len(header).to_bytes(8, "little"), header, *(_raw(t) for t in tensors)):
+        chunks: tuple[bytes | memoryview, ...] = (
+            MAGIC,
+            len(header).to_bytes(8, "little"),
+            header,
+            *(_raw(t) for t in tensors),
+        )
+        for chunk in chunks:
             digest.update(chunk)
             f.write(chunk)
             size += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes

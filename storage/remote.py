@@ -14,6 +14,7 @@ Atomic visibility:
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -161,7 +162,7 @@ class FsspecRunFiles(RunFiles):
         found = (self._rel(p) for p in self.fs.find(base))
         return sorted(p for p in found if not _in_flight(p))
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:  # `list` is a method here
         base = self._abs(prefix).rstrip("/")
         self.fs.invalidate_cache(base)
         try:

@@ -7,6 +7,7 @@ Every write is atomic: a reader sees a whole file or no file, never a partial on
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import os
 import uuid
@@ -46,7 +47,7 @@ class RunFiles(ABC):
         """Relative paths of the files below the folder `prefix`, sorted, in-flight writes excluded."""
 
     @abstractmethod
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:  # `list` is a method here
         """Names of the immediate sub-folders of `prefix`, sorted."""
 
     @abstractmethod
@@ -121,7 +122,7 @@ class LocalRunFiles(RunFiles):
             out.extend(f"{rel}/{name}" for name in files if not name.startswith(TMP_PREFIX))
         return sorted(out)
 
-    def list_dirs(self, prefix: str) -> list[str]:
+    def list_dirs(self, prefix: str) -> builtins.list[str]:  # `list` is a method here
         try:
             with os.scandir(self._abs(prefix)) as entries:
                 return sorted(e.name for e in entries if e.is_dir())

@@ -482,7 +482,7 @@ class Catalog:
             self._signature = signature
         self._checked = time.monotonic()
 
-    def execute(self, ast: exp.Expression, session: SessionInfo) -> ArrowResult:
+    def execute(self, ast: exp.Expr, session: SessionInfo) -> ArrowResult:
         sql = rewrite_catalog_query(with_output_names(ast), session).sql("duckdb")
         return run_duckdb(self.connection(), sql)
 
@@ -496,7 +496,7 @@ def _function_name(node: exp.Func) -> str:
     return (node.name if isinstance(node, exp.Anonymous) else node.sql_name()).lower()
 
 
-def is_catalog_query(ast: exp.Expression) -> bool:
+def is_catalog_query(ast: exp.Expr) -> bool:
     """Whether a statement reads catalog relations or calls catalog functions."""
     for node in ast.walk():
         if isinstance(node, exp.Table) and _catalog_table(node):
@@ -517,13 +517,13 @@ def _catalog_table(table: exp.Table) -> bool:
     return db in CATALOG_SCHEMAS or (not db and table.name.lower() in PG_CATALOG)
 
 
-def rewrite_catalog_query(ast: exp.Expression, session: SessionInfo) -> exp.Expression:
+def rewrite_catalog_query(ast: exp.Expr, session: SessionInfo) -> exp.Expr:
     # Bottom-up, so that rebuilt nodes (operators) keep rewritten children; casts go
     # top-down afterwards because `x::regclass::text` must be seen whole.
     return _rewrite_casts(_bottom_up(ast.copy(), lambda node: _rewrite_node(node, session)))
 
 
-def _bottom_up(tree: exp.Expression, fn: Callable[[exp.Expression], exp.Expression]) -> exp.Expression:
+def _bottom_up(tree: exp.Expr, fn: Callable[[exp.Expr], exp.Expr]) -> exp.Expr:
     for node in reversed(list(tree.walk(bfs=False))):
         new = fn(node)
         if new is not node:
@@ -533,11 +533,11 @@ def _bottom_up(tree: exp.Expression, fn: Callable[[exp.Expression], exp.Expressi
     return tree
 
 
-def _rewrite_casts(tree: exp.Expression) -> exp.Expression:
+def _rewrite_casts(tree: exp.Expr) -> exp.Expr:
     return tree.transform(lambda node: _rewrite_cast(node) if isinstance(node, exp.Cast) else node)
 
 
-def _rewrite_node(node: exp.Expression, session: SessionInfo) -> exp.Expression:
+def _rewrite_node(node: exp.Expr, session: SessionInfo) -> exp.Expr:
     if isinstance(node, exp.Table):
         return _rewrite_table(node)
     if isinstance(node, exp.Column) and node.args.get("db") and node.text("db").lower() in CATALOG_SCHEMAS:
@@ -567,7 +567,7 @@ def _rewrite_node(node: exp.Expression, session: SessionInfo) -> exp.Expression:
     return node
 
 
-def _rewrite_table(table: exp.Table) -> exp.Expression:
+def _rewrite_table(table: exp.Table) -> exp.Expr:
     db, name = table.db.lower(), table.name.lower()
     if db not in CATALOG_SCHEMAS:
         return table
@@ -579,7 +579,7 @@ def _rewrite_table(table: exp.Table) -> exp.Expression:
     return new
 
 
-_OPERATORS: dict[str, Callable[[exp.Expression, exp.Expression], exp.Expression]] = {
+_OPERATORS: dict[str, Callable[[exp.Expr, exp.Expr], exp.Expr]] = {
     "~": lambda a, b: exp.RegexpLike(this=a, expression=b),
     "!~": lambda a, b: exp.not_(exp.RegexpLike(this=a, expression=b)),
     "~*": lambda a, b: exp.RegexpILike(this=a, expression=b),
@@ -596,7 +596,7 @@ _OPERATORS: dict[str, Callable[[exp.Expression, exp.Expression], exp.Expression]
 }
 
 
-def _rewrite_operator(node: exp.Operator) -> exp.Expression:
+def _rewrite_operator(node: exp.Operator) -> exp.Expr:
     op = str(node.args.get("operator", "")).split(".")[-1]
     build = _OPERATORS.get(op)
     if build is None:
@@ -613,7 +613,7 @@ def _type_name(to: exp.DataType) -> str:
     return to.this.name if isinstance(to.this, exp.DType) else str(to.this).upper()
 
 
-def _rewrite_cast(node: exp.Cast) -> exp.Expression:
+def _rewrite_cast(node: exp.Cast) -> exp.Expr:
     target = _type_name(node.to)
     inner = _rewrite_casts(node.this)
     if (
@@ -654,14 +654,14 @@ def _unqualified(name: str) -> str:
     return name.split(".")[-1].strip('"')
 
 
-def _lookup(table: str, want: str, key: str, value: exp.Expression) -> exp.Expression:
+def _lookup(table: str, want: str, key: str, value: exp.Expr) -> exp.Expr:
     query = exp.select(want).from_(table).where(exp.EQ(this=exp.column(key), expression=value)).limit(1)
     return exp.Subquery(this=query)
 
 
-def _session_value(node: exp.Expression, session: SessionInfo) -> exp.Expression:
+def _session_value(node: exp.Expr, session: SessionInfo) -> exp.Expr:
     name = type(node).__name__ if not isinstance(node, exp.Anonymous) else node.name.lower()
-    values: dict[str, exp.Expression] = {
+    values: dict[str, exp.Expr] = {
         "CurrentUser": exp.Literal.string(session.user),
         "current_user": exp.Literal.string(session.user),
         "session_user": exp.Literal.string(session.user),
@@ -675,7 +675,7 @@ def _session_value(node: exp.Expression, session: SessionInfo) -> exp.Expression
     return values.get(name, node)
 
 
-def with_output_names(ast: exp.Expression) -> exp.Expression:
+def with_output_names(ast: exp.Expr) -> exp.Expr:
     """Name unaliased result columns the way PostgreSQL does (`version()` -> "version")."""
     select = ast.copy()
     target = select if isinstance(select, exp.Select) else select.find(exp.Select)
@@ -685,13 +685,13 @@ def with_output_names(ast: exp.Expression) -> exp.Expression:
     return select
 
 
-def _named(e: exp.Expression) -> exp.Expression:
+def _named(e: exp.Expr) -> exp.Expr:
     if isinstance(e, (exp.Alias, exp.Column, exp.Star)):
         return e
     return exp.alias_(e, figure_column_name(e), quoted=True)
 
 
-def figure_column_name(e: exp.Expression) -> str:
+def figure_column_name(e: exp.Expr) -> str:
     """PostgreSQL's FigureColname: the name a result column gets without an alias."""
     if isinstance(e, exp.Column):
         return e.name

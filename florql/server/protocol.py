@@ -6,6 +6,7 @@ Pure functions over bytes so that the parser can be fuzzed without sockets.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PROTOCOL_V3 = 196608
@@ -196,7 +197,7 @@ def _kind_and_name(r: Reader) -> tuple[str, str]:
     return kind, r.cstr()
 
 
-_PARSERS = {
+_PARSERS: dict[bytes, Callable[[Reader], Message]] = {
     b"Q": lambda r: Query(r.cstr()),
     b"P": _parse,
     b"B": _bind,

@@ -46,7 +46,7 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host or None, None)
     except socket.gaierror:
         return False
-    return all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
 def check_listen_policy(host: str, password: str | None) -> None:

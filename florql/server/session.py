@@ -97,7 +97,7 @@ class Statement:
     sql: str
     command: str  # 'query', 'set', 'show', 'reset', 'begin', 'commit', 'rollback', 'noop', 'empty'
     tag: str = ""
-    ast: exp.Expression | None = None
+    ast: exp.Expr | None = None
     catalog: bool = False
     param_count: int = 0
     name: str = ""  # for set/show/reset
@@ -348,7 +348,9 @@ def _classify_query(sql: str) -> Statement:
 
 def _refuse_file_tables(sql: str) -> None:
     """DuckDB reads `FROM 'file.csv'`; sqlglot parses it like a quoted name, so look at tokens."""
-    depth, from_depths, previous = 0, [], None  # from_depths: parenthesis depths with an open FROM
+    depth = 0
+    from_depths: list[int] = []  # parenthesis depths with an open FROM
+    previous: TokenType | None = None
     for token in sqlglot.tokenize(sql, read="postgres"):
         kind = token.token_type
         if kind == TokenType.L_PAREN:
