@@ -495,8 +495,8 @@ def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run
     names = [n for n in info.columns() if n in ref.columns and n not in info.loop_paths]
     infos = [info.name_info(n) for n in names]
     coords = [info.loop_paths[n] for n in ref.columns if n in info.loop_paths]
-    if ref.finest:
-        pool = infos or [info.name_info(n) for n in info.columns() if n not in info.loop_paths]
+    if ref.finest:  # count(*) counts the run's own rows, whatever else the scope reads
+        pool = [info.name_info(n) for n in info.columns() if n not in info.loop_paths]
         coords.append(max((i.loop_path for i in pool), key=len, default=()))
     try:
         grain = grain_for(infos, coords)

@@ -1,0 +1,1 @@
+"""Differential testing of hindsight answers against stores that logged everything from the start."""
