@@ -24,9 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from florql.replay.executor import Executor, LocalExecutor  # noqa: E402
-
 import florql  # noqa: E402
+from florql.replay.executor import Executor, LocalExecutor  # noqa: E402
 
 LOGGED = '            florql.log("loss", loss.item())\n'
 GRAD_NORM = '            florql.log("grad_norm", sum(p.grad.norm() ** 2 for p in net.parameters()).sqrt().item())\n'

@@ -21,6 +21,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+
 from florql.storage import layout, segments
 from florql.storage.checkpoints import CheckpointRecord
 from florql.storage.code_versions import code_version_manifest

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
+
 from florql.storage.runfiles import RunFiles
 
 SCHEMA = pa.schema(

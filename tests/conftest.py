@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from store_support import Store
 
 import florql
+from store_support import Store
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from florql.storage import layout
-from florql.storage.checkpoints import CorruptCheckpoint, list_checkpoints, read_checkpoint, write_checkpoint
-from florql.storage.runfiles import TMP_PREFIX, LocalRunFiles
 
 import florql
 from florql.checkpoint_engine import AdaptivePolicy, Stager
 from florql.rng import capture_rng, restore_rng
+from florql.storage import layout
+from florql.storage.checkpoints import CorruptCheckpoint, list_checkpoints, read_checkpoint, write_checkpoint
+from florql.storage.runfiles import TMP_PREFIX, LocalRunFiles
 
 
 class SlowState:

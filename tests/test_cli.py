@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+
 from store_support import EXAMPLES, TRAIN, Store, record_then_add_grad_norm
 
 CRASH = """

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from florql.replay.executor import Executor, LocalExecutor
-from florql.replay.jobs import JobResult
-from florql.storage import layout
 
 import florql
 from florql.api import ReplayWarning
 from florql.errors import ReplayBudgetExceeded, ReplayFailed
+from florql.replay.executor import Executor, LocalExecutor
+from florql.replay.jobs import JobResult
+from florql.storage import layout
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = Path(__file__).resolve().parent / "hindsight_scripts"

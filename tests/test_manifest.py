@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 
+from florql.runinfo import load_run, run_facts
 from florql.storage import layout
 from florql.storage.database import open_store, sync
 from florql.storage.manifest import Env, Manifest
-
-from florql.runinfo import load_run, run_facts
 
 # As an older recorder wrote it: no heartbeat, inner times, checkpoint report, checkpoint objects,
 # uncaptured names or thread count; plus a field this florql does not know.

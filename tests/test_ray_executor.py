@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from florql.replay.executor import make_executor
-from florql.replay.jobs import JobResult, JobSpec
 
 import florql
+from florql.replay.executor import make_executor
+from florql.replay.jobs import JobResult, JobSpec
 
 ray = pytest.importorskip("ray", reason="the Ray executor tests need Ray: pip install 'florql[ray]'")
 

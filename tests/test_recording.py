@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from florql.storage import layout
 
 import florql
 from florql import args as florql_args
 from florql.errors import UsageError
+from florql.storage import layout
 
 TYPES_SCRIPT = """
 import enum

@@ -15,12 +15,12 @@ pytest.importorskip("s3fs", reason="run files on S3 need the 's3' extra: pip ins
 moto_server = pytest.importorskip("moto.server", reason="the S3 tests need moto[server]")
 
 import torch  # noqa: E402
+
+import florql  # noqa: E402
 from florql.storage.checkpoints import CorruptCheckpoint, read_checkpoint, write_checkpoint  # noqa: E402
 from florql.storage.remote import OPTIONS_ENV, FsspecRunFiles  # noqa: E402
 from florql.storage.runfiles import open_run_files  # noqa: E402
 from store_support import GRAD_NORM_QUERY, record_then_add_grad_norm  # noqa: E402
-
-import florql  # noqa: E402
 
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -7,6 +7,7 @@ import textwrap
 import types
 
 import pytest
+
 from florql.replay.source import DynamicSite, PropagationError, analyze, propagate
 
 

@@ -6,6 +6,7 @@ import shutil
 import time
 
 import pytest
+
 from florql.storage import layout
 from florql.storage.code_versions import load_code_version
 from florql.storage.database import open_store, rebuild, sync

@@ -30,10 +30,11 @@ import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -436,7 +437,7 @@ class _Answer:
         except FlorqlError as err:
             self.error = err
             self.replayed = isinstance(err, (ReplayFailed, MissingHindsight))
-        except Exception as err:  # noqa: BLE001 - anything but a FlorqlError is a failure
+        except Exception as err:
             tb = traceback.extract_tb(err.__traceback__)
             where = "; ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in tb[-3:])
             self.crash = f"{type(err).__name__}: {str(err)[:600]} (at {where})"
@@ -793,13 +794,11 @@ def _count(draw: Callable) -> Query:
     sel, star = draw(
         st.sampled_from(
             (
-                (
-                    ("count(*) AS n", True),
-                    (f"count(*) AS n, count({name}) AS c", True),
-                    (f"count({name}) AS c", False),
-                    ("count(DISTINCT epoch) AS e", False),
-                    (f"count(*) FILTER (WHERE {name} IS NULL) AS n", True),
-                )
+                ("count(*) AS n", True),
+                (f"count(*) AS n, count({name}) AS c", True),
+                (f"count({name}) AS c", False),
+                ("count(DISTINCT epoch) AS e", False),
+                (f"count(*) FILTER (WHERE {name} IS NULL) AS n", True),
             )
         )
     )
