@@ -247,7 +247,7 @@ class Connection:
         with self._open() as db:
             if ran is not None:
                 sync(db, self.files)
-                planned = self._plan(query.bind(statement.copy(), db), db)
+                planned = self._plan(query.bind(statement.copy(), db), db, runnable=False)
             gaps = query.describe_missing(planned.bound, db, planned.sites)
         if gaps and self.settings["replay"] != "never":
             raise MissingHindsight("hindsight values the answer needs are still missing after replay:\n" + gaps)
@@ -275,8 +275,10 @@ class Connection:
                 f'florql query "{statement.sql(dialect="duckdb")}"'
             )
 
-    def _plan(self, bound: query.Bound, db: duckdb.DuckDBPyConnection, reexecute: bool = False) -> Planned:
-        """Missing cells → replay plan → runnable jobs (none under replay = 'never')."""
+    def _plan(
+        self, bound: query.Bound, db: duckdb.DuckDBPyConnection, reexecute: bool = False, runnable: bool = True
+    ) -> Planned:
+        """Missing cells → replay plan → runnable jobs (only when `runnable`, and never under replay = 'never')."""
         patched: dict[int, dict[str, str]] = {}
         sites: dict[int, dict[str, query.Site]] = {}
         wanted = query.hindsight_names(bound)
@@ -286,7 +288,7 @@ class Connection:
         missing = any(need.indices for _, needs in cells for need in needs)
         replay_plan = plan(cells, self._workers(bound, wanted) if missing else 1)  # no executor unless needed
         specs: list[JobSpec] = []
-        if replay_plan.jobs and self.settings["replay"] != "never":
+        if runnable and replay_plan.jobs and self.settings["replay"] != "never":
             specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)
         return Planned(bound, sites, replay_plan, specs)
 
@@ -332,7 +334,7 @@ class Connection:
         statement = bind_parameters(statement, params)
         with self._open() as db:
             sync(db, self.files)
-            planned = self._plan(query.bind(statement.copy(), db), db)
+            planned = self._plan(query.bind(statement.copy(), db), db, runnable=False)
         return planned.plan.describe()
 
     # ---- catalog ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from differential import support as D
 from differential.support import Q, R
 
-EXAMPLES = int(os.environ.get("FLORQL_DIFF_EXAMPLES", "100"))
+EXAMPLES = int(os.environ.get("FLORQL_DIFF_EXAMPLES", "80"))
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +233,7 @@ def test_generated_queries(lab: D.Lab):
     budgeted per cycle (each starts a process that imports torch); past the budget, queries that
     would replay are skipped. Failures are collected and reported together, not shrunk: the
     store's state depends on every earlier example."""
-    session = D.Session(lab, restore_every=max(EXAMPLES // 2, 1), replays_per_cycle=4)
+    session = D.Session(lab, restore_every=max(EXAMPLES // 2, 1), replays_per_cycle=3)
 
     @settings(
         max_examples=EXAMPLES,

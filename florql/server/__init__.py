@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from .backend import Backend, DuckDBBackend
 from .server import BackgroundServer, Server, ServerConfigError, read_password_file, tls_context
@@ -52,17 +53,9 @@ def build_server(
     )
 
 
-def serve(
-    store_path: str | None = None,
-    host: str = "127.0.0.1",
-    port: int = 5433,
-    password_file: str | None = None,
-    tls_cert: str | None = None,
-    tls_key: str | None = None,
-    replay_budget: float | None = 60.0,
-) -> None:
-    """Serve the store until interrupted."""
-    server = build_server(store_path, host, port, password_file, tls_cert, tls_key, replay_budget)
+def serve(**options: Any) -> None:
+    """Serve the store until interrupted; `options` are `build_server`'s."""
+    server = build_server(**options)
     try:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:
@@ -86,13 +79,13 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         serve(
-            getattr(args, "store", None),
-            args.host,
-            args.port,
-            args.password_file,
-            args.tls_cert,
-            args.tls_key,
-            args.replay_budget,
+            store_path=getattr(args, "store", None),
+            host=args.host,
+            port=args.port,
+            password_file=args.password_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            replay_budget=args.replay_budget,
         )
     except (ServerConfigError, OSError) as e:
         logging.getLogger("florql.server").error("%s", e)
