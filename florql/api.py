@@ -17,6 +17,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from florql import query, reads
+from florql.binder import Bound, bind, unknown_column_error
 from florql.dialect import bind_parameters, ensure_read_only, florql_setting, parse
 from florql.errors import FlorqlError, MissingHindsight, ReplayBudgetExceeded, ReplayFailed, UsageError
 from florql.replay.executor import Executor, LocalExecutor, make_executor
@@ -35,7 +36,7 @@ class ReplayWarning(UserWarning):
 class Planned:
     """One pass of the query path up to the replay plan."""
 
-    bound: query.Bound
+    bound: Bound
     sites: dict[int, dict[str, query.Site]]  # per run, each hindsight name's site and version
     plan: Plan
     specs: list[JobSpec]
@@ -225,7 +226,7 @@ class Connection:
         notes: list[str] = []
         with self._open() as db:
             sync(db, self.files)
-            planned = self._plan(query.bind(statement.copy(), db), db)
+            planned = self._plan(bind(statement.copy(), db), db)
         ran: Plan | None = None
         if planned.plan.jobs and self.settings["replay"] == "never":
             notes.append(
@@ -240,14 +241,14 @@ class Connection:
                 sync(db, self.files)
                 # Cells a skip job did not produce (a statement reading state no checkpoint holds):
                 # re-execute exactly those.
-                again = self._plan(query.bind(statement.copy(), db), db, reexecute=True)
+                again = self._plan(bind(statement.copy(), db), db, reexecute=True)
             if again.plan.jobs:
                 self._run_jobs(again.specs)
                 ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes)
         with self._open() as db:
             if ran is not None:
                 sync(db, self.files)
-                planned = self._plan(query.bind(statement.copy(), db), db, runnable=False)
+                planned = self._plan(bind(statement.copy(), db), db, runnable=False)
             gaps = query.describe_missing(planned.bound, db, planned.sites)
         if gaps and self.settings["replay"] != "never":
             raise MissingHindsight("hindsight values the answer needs are still missing after replay:\n" + gaps)
@@ -260,7 +261,7 @@ class Connection:
         try:
             _ = result.schema  # binds the final query (errors surface here) without fetching rows
         except duckdb.Error as err:
-            better = query.unknown_column_error(str(err), planned.bound)
+            better = unknown_column_error(str(err), planned.bound)
             if better is not None:
                 raise better from None
             raise FlorqlError(f"{type(err).__name__}: {err}") from None
@@ -276,7 +277,7 @@ class Connection:
             )
 
     def _plan(
-        self, bound: query.Bound, db: duckdb.DuckDBPyConnection, reexecute: bool = False, runnable: bool = True
+        self, bound: Bound, db: duckdb.DuckDBPyConnection, reexecute: bool = False, runnable: bool = True
     ) -> Planned:
         """Missing cells → replay plan → runnable jobs (only when `runnable`, and never under replay = 'never')."""
         patched: dict[int, dict[str, str]] = {}
@@ -292,7 +293,7 @@ class Connection:
             specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)
         return Planned(bound, sites, replay_plan, specs)
 
-    def _workers(self, bound: query.Bound, wanted: dict[int, builtins.set[str]]) -> int:  # `set` is a method here
+    def _workers(self, bound: Bound, wanted: dict[int, builtins.set[str]]) -> int:  # `set` is a method here
         """Workers the plan may count on. Replays use the run's recorded thread count (for
         bit-identical float reductions), so by default a CPU machine fits cores // threads of them."""
         if self.settings["workers"]:
@@ -334,7 +335,7 @@ class Connection:
         statement = bind_parameters(statement, params)
         with self._open() as db:
             sync(db, self.files)
-            planned = self._plan(query.bind(statement.copy(), db), db, runnable=False)
+            planned = self._plan(bind(statement.copy(), db), db, runnable=False)
         return planned.plan.describe()
 
     # ---- catalog ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from florql.replay.source import analyze
+from florql.replay.analysis import analyze
 
 
 @dataclass(frozen=True)

@@ -8,8 +8,8 @@ from functools import lru_cache
 
 import duckdb
 
+from florql.replay.analysis import LogSite, ModuleAnalysis, analyze
 from florql.replay.planner import Checkpoint, RunFacts
-from florql.replay.source import LogSite, ModuleAnalysis, analyze
 from florql.storage.manifest import Manifest
 from florql.storage.views import NameInfo
 

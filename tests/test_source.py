@@ -1,4 +1,4 @@
-"""Tests for replay.source: log-site analysis and hindsight statement propagation."""
+"""Tests for florql.replay.analysis and florql.replay.propagation: log sites, statement propagation."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import types
 
 import pytest
 
-from florql.replay.source import DynamicSite, PropagationError, analyze, propagate
+from florql.replay.analysis import DynamicSite, analyze
+from florql.replay.propagation import PropagationError, propagate
 
 
 def src(text: str) -> str:
