@@ -7,9 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 import florql
 from store_support import Store
+
+# Tests assert behaviour, never timing: a first call that is slow because the machine is busy
+# (lazy imports, two other processes on both cores) must not fail a test.
+settings.register_profile("florql", deadline=None)
+settings.load_profile("florql")
 
 
 @pytest.fixture
