@@ -14,7 +14,7 @@ import torch
 import florql
 from florql import args as florql_args
 from florql.errors import UsageError
-from florql.storage import layout
+from florql.storage import layout, segments
 
 TYPES_SCRIPT = """
 import enum
@@ -284,6 +284,12 @@ for epoch in florql.loop("epoch", range(100000)):
 """
 
 
+def _flushed_records(store, run_id: int) -> int:
+    """Records in the run's complete segment files (the writer renames each into place whole)."""
+    paths = [p for p in store.files.list(layout.segments_dir(run_id)) if p.endswith(".arrow")]
+    return sum(segments.read_segment(store.files, p).num_rows for p in paths)
+
+
 def test_kill_9_keeps_every_record_flushed_before_it_and_marks_the_run_killed(store):
     proc = store.popen(store.write_script(KILL_SCRIPT))
     try:
@@ -291,7 +297,10 @@ def test_kill_9_keeps_every_record_flushed_before_it_and_marks_the_run_killed(st
             if int(line) >= 5:
                 break
         logged_before = (int(line) + 1) * 50
-        time.sleep(1.6)  # past the 1 s flush interval: those records must be on disk now
+        # Kill once the background writer has flushed them (about a second; longer on a busy machine).
+        deadline = time.monotonic() + 60
+        while _flushed_records(store, 1) < logged_before and time.monotonic() < deadline:
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
