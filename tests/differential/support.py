@@ -3,7 +3,8 @@
 Two kinds of store hold the same runs of the same deterministic training script:
 
 - a GROUND-TRUTH store recorded the *full* script (scripts/full.py), which logs every hindsight
-  name from the start; one such store per variant of the script (full.py, full_b.py);
+  name from the start; one such store per variant of the script (full.py, and full_b: full.py with
+  `w_norm` of the last layer);
 - the RECORDED store recorded scripts/minimal.py (only `loss` per step and `val_acc` per epoch);
   afterwards the project's current train.py is replaced by the full script, so the hindsight
   names are loggable and asking for them replays part of the recorded run.
@@ -67,9 +68,21 @@ def env_for(home: Path) -> dict[str, str]:
     return env
 
 
+W_NORM = 'florql.log("w_norm", float(net[0].weight.detach().norm()))'
+
+
+def script_source(script: str) -> str:
+    """The text of scripts/<script>; full_b.py is full.py with `w_norm` of the last layer instead."""
+    if script == "full_b.py":
+        source = (SCRIPTS / "full.py").read_text()
+        assert W_NORM in source
+        return source.replace(W_NORM, W_NORM.replace("net[0]", "net[-1]"))
+    return (SCRIPTS / script).read_text()
+
+
 def set_code(work: Path, script: str) -> None:
     """Make scripts/<script> the project's current train.py."""
-    (work / "train.py").write_text((SCRIPTS / script).read_text())
+    (work / "train.py").write_text(script_source(script))
 
 
 def record(work: Path, script: str, args: tuple[str, ...] = ()) -> None:
@@ -111,7 +124,7 @@ class Lab:
     def use_code(self, variant: str) -> None:
         """Make `variant` (full or full_b) the recorded project's current code."""
         assert variant in VARIANTS, variant
-        if variant != self.current or (self.work / "train.py").read_text() != (SCRIPTS / f"{variant}.py").read_text():
+        if variant != self.current or (self.work / "train.py").read_text() != script_source(f"{variant}.py"):
             set_code(self.work, f"{variant}.py")
         self.current = variant
 
