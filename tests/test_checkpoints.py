@@ -247,10 +247,11 @@ def test_cheap_checkpoints_are_taken_every_iteration_and_recorded(session, store
 def test_slow_checkpoints_grow_the_period_and_the_overhead_stays_within_budget(session, store):
     budget = 0.05
     with florql.checkpointing(budget=budget, state=SlowState(delay=0.01)):
-        for epoch in florql.loop("epoch", range(400)):
+        # Long enough for a second checkpoint even when a busy machine stretches the stall 3x.
+        for epoch in florql.loop("epoch", range(800)):
             time.sleep(0.002)
     policy = session.policy
-    assert 2 <= policy.taken <= 20
+    assert 2 <= policy.taken <= 40
     assert policy.period >= 20  # ~ stall / (budget × iteration) = 0.01 / (0.05 × 0.002) = 100
     assert policy.stall_s / policy.train_s <= budget + 0.01
     session.finish()
