@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import random
 import re
 import sys
 import time
@@ -19,13 +20,23 @@ from sqlglot import exp
 from florql import query, reads
 from florql.binder import Bound, bind, unknown_column_error
 from florql.dialect import bind_parameters, ensure_read_only, florql_setting, parse
-from florql.errors import FlorqlError, MissingHindsight, ReplayBudgetExceeded, ReplayFailed, UsageError
+from florql.errors import (
+    FlorqlError,
+    MissingHindsight,
+    ReplayBudgetExceeded,
+    ReplayFailed,
+    StoreConflict,
+    UsageError,
+    from_duckdb,
+)
 from florql.replay.executor import Executor, LocalExecutor, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
 from florql.runinfo import BASE_TABLES, load_run, run_ids
-from florql.storage.database import open_store, sync
 from florql.storage.layout import StoreLocation, locate_store
+from florql.storage.shared import DEFAULT_WAIT_S, shared_database
+
+CONFLICT_RETRIES = 3  # a query that met a concurrent change to the store runs again this many times
 
 
 class ReplayWarning(UserWarning):
@@ -91,20 +102,23 @@ class Result:
         self.plan = plan
         self.warnings = warnings_ or []
         self._table = table
+        self._schema: pa.Schema | None = None
         self.final_sql = sql
 
     @property
     def schema(self) -> pa.Schema:
         if self._table is not None:
             return self._table.schema
-        with self._conn._open() as db:
-            return self._conn._execute(db, f"SELECT * FROM ({self._sql}) LIMIT 0", self._params).to_arrow_table().schema
+        if self._schema is None:  # the server asks more than once per query
+            with self._conn._open() as db:
+                self._schema = self._conn._fetch(db, f"SELECT * FROM ({self._sql}) LIMIT 0", self._params).schema
+        return self._schema
 
     def arrow(self) -> pa.Table:
         if self._table is None:
             assert self._sql is not None  # a Result holds a table or the query that makes it
             with self._conn._open() as db:
-                self._table = self._conn._execute(db, self._sql, self._params).to_arrow_table()
+                self._table = self._conn._fetch(db, self._sql, self._params)
         return self._table
 
     def batches(self, batch_size: int = 10_000) -> Iterator[pa.RecordBatch]:
@@ -114,8 +128,10 @@ class Result:
             return
         assert self._sql is not None  # a Result holds a table or the query that makes it
         with self._conn._open() as db:
-            reader = self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
-            yield from reader
+            try:
+                yield from self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
+            except duckdb.Error as err:
+                raise from_duckdb(err) from err
 
     def df(self):
         return self.arrow().to_pandas()
@@ -140,7 +156,13 @@ class Result:
 
 
 class Connection:
-    """One user's view of a store. Holds no database lock between calls."""
+    """One user's view of a store; threads may share it.
+
+    Each call leases the process's one handle on the DuckDB file (`florql.storage.shared`), which
+    ingests new run files one thread at a time, keeps the file open for a second after the last
+    call and hands it to another process as soon as one waits for it. `busy_timeout`: how long a
+    call waits for the file before it fails with StoreBusy; `close()` lets go of it at once.
+    """
 
     def __init__(
         self,
@@ -150,10 +172,13 @@ class Connection:
         workers: int | None = None,
         executor: str | Executor | None = None,
         progress: bool | None = None,
+        busy_timeout: float = DEFAULT_WAIT_S,
         **executor_options: Any,
     ) -> None:
         self.location = location
         self.files = location.run_files()
+        self.database = shared_database(location.db_path)
+        self.busy_timeout = float(busy_timeout)
         self.settings: dict[str, Any] = {"replay": "auto", "replay_budget": None, "workers": workers}
         self.set("replay", replay)
         self.settings["replay_budget"] = parse_duration(replay_budget)
@@ -190,29 +215,45 @@ class Connection:
 
     # ---- plumbing -----------------------------------------------------------------------------
     def _open(self):
-        return open_store(self.location.db_path)
+        return self.database.lease(self.busy_timeout)
 
     @staticmethod
     def _execute(db: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None):
-        # Threads of one process share the database instance: lock it once, for every connection.
-        if not db.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
-            db.execute("SET enable_external_access = false")
-            db.execute("SET lock_configuration = true")
+        # The shared handle opened the file without external access and locked its configuration.
         return db.sql(sql, params=list(params)) if params else db.sql(sql)
 
+    def _fetch(self, db: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None) -> pa.Table:
+        try:
+            return self._execute(db, sql, params).to_arrow_table()
+        except duckdb.Error as err:
+            raise from_duckdb(err) from err
+
     def sync(self) -> None:
-        """Ingest new run files into the DuckDB tables."""
-        with self._open() as db:
-            sync(db, self.files)
+        """Ingest the run files that are complete now (one thread of the process at a time)."""
+        self.database.sync(self.files, self.busy_timeout)
 
     # ---- queries ------------------------------------------------------------------------------
     def sql(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> Result:
         statements = parse(sql, read=dialect)
         result: Result | None = None
         for statement in statements:
-            result = self._one(statement, params)
+            result = self._retrying(statement, params)
         assert result is not None
         return result
+
+    def _retrying(self, statement: exp.Expr, params: Sequence[Any] | None) -> Result:
+        """One statement; when it met a concurrent change to the store, again (a few times)."""
+        for attempt in range(CONFLICT_RETRIES + 1):
+            try:
+                try:
+                    return self._one(statement, params)
+                except duckdb.Error as err:
+                    raise from_duckdb(err) from err
+            except StoreConflict:
+                if attempt == CONFLICT_RETRIES:
+                    raise
+                time.sleep(0.01 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     def _one(self, statement: exp.Expr, params: Sequence[Any] | None) -> Result:
         setting = florql_setting(statement)
@@ -224,8 +265,8 @@ class Connection:
         ensure_read_only(statement)
         statement = bind_parameters(statement, params)
         notes: list[str] = []
+        self.sync()
         with self._open() as db:
-            sync(db, self.files)
             planned = self._plan(bind(statement.copy(), db), db)
         ran: Plan | None = None
         if planned.plan.jobs and self.settings["replay"] == "never":
@@ -237,17 +278,18 @@ class Connection:
             self._check_budget(planned.plan, statement)
             self._run_jobs(planned.specs)
             ran = planned.plan
+            self.sync()
             with self._open() as db:
-                sync(db, self.files)
                 # Cells a skip job did not produce (a statement reading state no checkpoint holds):
                 # re-execute exactly those.
                 again = self._plan(bind(statement.copy(), db), db, reexecute=True)
             if again.plan.jobs:
                 self._run_jobs(again.specs)
                 ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes)
+        if ran is not None:
+            self.sync()
         with self._open() as db:
             if ran is not None:
-                sync(db, self.files)
                 planned = self._plan(bind(statement.copy(), db), db, runnable=False)
             gaps = query.describe_missing(planned.bound, db, planned.sites)
         if gaps and self.settings["replay"] != "never":
@@ -260,11 +302,11 @@ class Connection:
         result = Result(self, final, None, plan=ran, warnings_=notes)
         try:
             _ = result.schema  # binds the final query (errors surface here) without fetching rows
-        except duckdb.Error as err:
+        except FlorqlError as err:
             better = unknown_column_error(str(err), planned.bound)
             if better is not None:
                 raise better from None
-            raise FlorqlError(f"{type(err).__name__}: {err}") from None
+            raise
         return result
 
     def _check_budget(self, replay_plan: Plan, statement: exp.Expr) -> None:
@@ -333,8 +375,8 @@ class Connection:
         statement = parse(sql, read=dialect)[-1]
         ensure_read_only(statement)
         statement = bind_parameters(statement, params)
+        self.sync()
         with self._open() as db:
-            sync(db, self.files)
             planned = self._plan(bind(statement.copy(), db), db, runnable=False)
         return planned.plan.describe()
 
@@ -342,8 +384,8 @@ class Connection:
     def tables(self) -> list[TableInfo]:
         """Every table a user can query, with loggable-but-unlogged names as columns of run_<id>."""
         out: list[TableInfo] = []
+        self.sync()
         with self._open() as db:
-            sync(db, self.files)
             for name in BASE_TABLES:
                 rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
                 # Everything is presented as a read-only table: BI tools list tables first (psql's \dt).
@@ -368,6 +410,7 @@ class Connection:
         if self._executor is not None:
             self._executor.close()
             self._executor = None
+        self.database.close(wait_s=0)  # let go of the file now, unless another thread is using it
 
     def __enter__(self) -> Connection:
         return self

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from florql.storage.errors import FlorqlError, StoreBusy, UsageError
+from florql.storage.errors import FlorqlError, StoreBusy, StoreConflict, UsageError
 
 __all__ = [
     "FlorqlError",
@@ -10,10 +10,12 @@ __all__ = [
     "ForbiddenStatement",
     "MissingHindsight",
     "ParameterError",
+    "QueryFailed",
     "QuerySyntaxError",
     "ReplayBudgetExceeded",
     "ReplayFailed",
     "StoreBusy",
+    "StoreConflict",
     "UnknownColumn",
     "UnknownTable",
     "UsageError",
@@ -66,3 +68,49 @@ class MissingHindsight(FlorqlError):
     """A hindsight value the answer needs is still missing after replay: never answered as NULL."""
 
     sqlstate = "55000"
+
+
+class QueryFailed(FlorqlError):
+    """DuckDB refused or failed a query; `sqlstate` says how, in PostgreSQL's terms."""
+
+    def __init__(self, message: str, sqlstate: str = "XX000") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+# DuckDB's exception classes (by name: `import florql` does not load DuckDB) → PostgreSQL SQLSTATEs.
+DUCKDB_SQLSTATES = {
+    "ParserException": "42601",
+    "SyntaxException": "42601",
+    "CatalogException": "42P01",
+    "BinderException": "42703",
+    "ConversionException": "22P02",
+    "OutOfRangeException": "22003",
+    "InvalidInputException": "22023",
+    "TypeMismatchException": "42804",
+    "InvalidTypeException": "42804",
+    "PermissionException": "42501",
+    "InterruptException": "57014",
+    "NotImplementedException": "0A000",
+    "TransactionException": "40001",
+    "ConstraintException": "40001",  # only ingest writes, idempotently: a collision is retried
+    "DependencyException": "40001",
+    "OutOfMemoryException": "53200",
+    "IOException": "58030",
+    "HTTPException": "58030",
+    "ConnectionException": "08006",
+}
+
+
+def from_duckdb(err: Exception) -> FlorqlError:
+    """A DuckDB exception as a florql error with a SQLSTATE; a retry-able one as StoreConflict."""
+    names = [cls.__name__ for cls in type(err).__mro__]
+    code = next((DUCKDB_SQLSTATES[n] for n in names if n in DUCKDB_SQLSTATES), "XX000")
+    text = str(err)
+    if code == "42P01" and "does not exist" in text and "Function" in text:
+        code = "42883"
+    if code == "40001":
+        return StoreConflict(f"the store changed under the query ({names[0]}); try again")
+    if code == "XX000":
+        return QueryFailed(f"the query engine failed ({names[0]}): {text}")
+    return QueryFailed(text, code)

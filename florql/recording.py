@@ -122,6 +122,7 @@ class RecordSession(TrainingSession):
             self.files,
             lambda seq: layout.segment_path(self.run_id, layout.MAIN_WRITER, seq),
             {"run_id": str(self.run_id), "writer": layout.MAIN_WRITER, "source": "logged"},
+            on_swap=self._manifest_snapshot,
             on_flush=self._heartbeat,
         )
 
@@ -139,9 +140,24 @@ class RecordSession(TrainingSession):
         self.files.put(layout.manifest_path(self.run_id), body)
         self._last_manifest = time.monotonic()
 
-    def _heartbeat(self) -> None:
-        if self._manifest_dirty or time.monotonic() - self._last_manifest > HEARTBEAT_S:
-            self._write_manifest()
+    def _manifest_snapshot(self) -> bytes | None:
+        """The manifest as it is just before the writer takes the buffered records (when due).
+
+        Whatever it reports (e.g. `outer_completed`) was logged before, so by the time `_heartbeat`
+        writes it, it is in a written segment: a reader never sees an iteration completed whose
+        records have not landed (a query would take them for hindsight values to replay).
+        """
+        with self._manifest_lock:
+            if not (self._manifest_dirty or time.monotonic() - self._last_manifest > HEARTBEAT_S):
+                return None
+            self.manifest.heartbeat_at = time.time()
+            self._manifest_dirty = False
+            return self.manifest.to_json().encode()
+
+    def _heartbeat(self, body: bytes | None) -> None:
+        if body is not None:
+            self.files.put(layout.manifest_path(self.run_id), body)
+            self._last_manifest = time.monotonic()
 
     # ---- code version -----------------------------------------------------------------------
     def _project_files(self) -> dict[str, bytes]:

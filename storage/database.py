@@ -1,10 +1,11 @@
 """The DuckDB store: schema, idempotent ingest of run files, and the one-writer discipline.
 
-DuckDB lets one process open a file read-write and then no other process at all, so nobody holds
-the file for long: every user of the store (CLI, notebook, BI server) opens it for one operation —
-ingest new run files, answer one query — and closes it. A process that finds it busy retries with
-backoff. Training and replay processes never open it: they write run files, which are the durable
-truth; `rebuild` recreates the database from them alone.
+DuckDB lets one process open a file read-write and then no other process at all, so no process
+holds the file for long: inside a process every thread shares one handle on it (`shared`), which
+opens the file on demand, lets one thread at a time ingest, and closes the file when it is idle or
+another process waits for it. A process that finds it busy retries with backoff. Training and
+replay processes never open it: they write run files, which are the durable truth; `rebuild`
+recreates the database from them alone.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import duckdb
@@ -25,7 +24,6 @@ import pyarrow as pa
 from florql.storage import layout, segments
 from florql.storage.checkpoints import CheckpointRecord
 from florql.storage.code_versions import code_version_manifest
-from florql.storage.errors import StoreBusy
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
 from florql.storage.views import NameInfo, grain_for, lit, q, wide_select
@@ -77,38 +75,46 @@ CREATE TABLE IF NOT EXISTS replay_audit (
     run_id INTEGER, job_id VARCHAR, name VARCHAR, loop_path VARCHAR, coords VARCHAR,
     logged VARCHAR, replayed VARCHAR, abs_diff DOUBLE, mismatches BIGINT, detected_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS _views (
+    name VARCHAR PRIMARY KEY, sql VARCHAR, part VARCHAR
+);
 """
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 
 
-@contextlib.contextmanager
-def open_store(db_path: str, wait_s: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the DuckDB file for one operation, retrying while another process holds it."""
+def is_lock_error(exc: BaseException) -> bool:
+    """DuckDB's answer when another process holds the file."""
+    return isinstance(exc, duckdb.Error) and any(m in str(exc) for m in LOCK_MARKERS)
+
+
+def open_file(db_path: str) -> duckdb.DuckDBPyConnection:
+    """A connection to the DuckDB file (created whole when missing), with this schema.
+
+    Raises DuckDB's lock error (`is_lock_error`) when another process holds the file. Queries and
+    ingest go through `open_store` instead, which shares one connection per process and waits.
+    """
     os.makedirs(os.path.dirname(db_path), exist_ok=True)
     _create_if_missing(db_path)
-    deadline = time.monotonic() + wait_s
-    delay = 0.01
-    while True:
-        try:
-            conn = duckdb.connect(db_path)
-            break
-        except duckdb.Error as exc:
-            if not any(m in str(exc) for m in LOCK_MARKERS):
-                raise
-            if time.monotonic() >= deadline:
-                raise StoreBusy(
-                    f"the store {db_path} stayed busy for {wait_s:.0f} s (another florql process held it: {exc}); "
-                    "try again, or stop the process holding it"
-                ) from exc
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 0.5)
+    conn = duckdb.connect(db_path)
     try:
         conn.execute(SCHEMA)
         _migrate(conn)
-        yield conn
-    finally:
+    except BaseException:
         conn.close()
+        raise
+    return conn
+
+
+def open_store(db_path: str, wait_s: float = 60.0) -> contextlib.AbstractContextManager[duckdb.DuckDBPyConnection]:
+    """A connection to the store for one operation: a lease on this process's shared handle.
+
+    Waits (with backoff) up to `wait_s` while another process holds the file, then raises StoreBusy
+    naming the holder. See `florql.storage.shared`.
+    """
+    from florql.storage.shared import shared_database
+
+    return shared_database(db_path).lease(wait_s)
 
 
 def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
@@ -153,43 +159,66 @@ def _create_if_missing(db_path: str) -> None:
 
 
 # ---- ingest -----------------------------------------------------------------------------------
-def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> None:
-    """Bring the tables up to date with the run files. Idempotent: each file lands exactly once."""
-    known = {row[0]: row[1] for row in conn.execute("SELECT run_id, sealed FROM _runs").fetchall()}
-    changed = False
+def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> set[int]:
+    """Bring the tables up to date with the run files. Idempotent: each file lands exactly once.
+
+    Returns the runs that changed. Nothing is written for a run whose files did not change, and a
+    view is re-created only when its SQL changes (see `refresh_views`). One writer at a time: in a
+    process, `SharedDatabase.sync` serialises callers.
+    """
+    known = {
+        row[0]: (row[1], row[2], row[3])
+        for row in conn.execute("SELECT run_id, sealed, manifest, status FROM _runs").fetchall()
+    }
+    touched: set[int] = set()
     for run_dir in files.list_dirs("runs"):
         if not run_dir.isdigit():
             continue
         run_id = int(run_dir)
-        if known.get(run_id):
-            changed |= ingest_replays(conn, files, run_id)
-            continue
-        changed |= ingest_run(conn, files, run_id)
-    if changed:
-        refresh_views(conn)
+        sealed, manifest, status = known.get(run_id, (False, None, None))
+        if sealed:
+            changed = ingest_replays(conn, files, run_id)
+        else:
+            changed = ingest_run(conn, files, run_id, (manifest, status) if run_id in known else None)
+        if changed:
+            touched.add(run_id)
+    refresh_views(conn, touched)
+    return touched
 
 
-def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> bool:
+def ingest_run(
+    conn: duckdb.DuckDBPyConnection,
+    files: RunFiles,
+    run_id: int,
+    stored: tuple[str | None, str | None] | None = None,
+) -> bool:
+    """Land a run's new segments, checkpoints and replays, and its manifest when it changed.
+
+    `stored` is the (manifest, status) `_runs` holds for the run, None when it holds none. Returns
+    whether anything changed.
+    """
     try:
         manifest = Manifest.from_json(files.get(layout.manifest_path(run_id)))
     except FileNotFoundError:
         return False  # claimed a moment ago; the manifest follows
     status = _effective_status(manifest)
+    record = manifest.to_json(indent=None)
+    new_manifest = stored != (record, status)
     conn.execute("BEGIN")
     try:
-        _ingest_segments(conn, files, run_id)
-        _upsert_run(conn, run_id, manifest, status)
-        _ingest_checkpoints(conn, files, run_id)
-        _ingest_code_version(conn, files, manifest.code_version)
-        done = status != "running"
-        if done:
+        rows = _ingest_segments(conn, files, run_id)
+        if new_manifest:
+            _upsert_run(conn, run_id, manifest, status, record)
+            _ingest_code_version(conn, files, manifest.code_version)
+        checkpoints = _ingest_checkpoints(conn, files, run_id)
+        if status != "running":
             conn.execute("UPDATE _runs SET sealed = TRUE WHERE run_id = ?", [run_id])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
         raise
-    ingest_replays(conn, files, run_id)
-    return True  # the manifest may have changed even without new rows: refresh the views
+    replays = ingest_replays(conn, files, run_id)
+    return new_manifest or rows > 0 or checkpoints > 0 or replays
 
 
 def _effective_status(manifest: Manifest) -> str:
@@ -221,7 +250,7 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, status: str) -> None:
+def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, status: str, record: str) -> None:
     env = m.env
     ckpt = m.checkpoints
     ended = m.ended_at
@@ -256,7 +285,7 @@ def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, statu
             ckpt.get("overhead"),
             m.checkpoint_budget,
             m.heartbeat_at,
-            m.to_json(indent=None),
+            record,
         ],
     )
     conn.execute("DELETE FROM run_args WHERE run_id = ?", [run_id])
@@ -358,14 +387,16 @@ def insert_records(
         conn.unregister("_segment_in")
 
 
-def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> None:
+def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
     have = {r[0] for r in conn.execute("SELECT name FROM checkpoints WHERE run_id = ?", [run_id]).fetchall()}
+    landed = 0
     for path in files.list(layout.checkpoints_dir(run_id)):
-        if not path.endswith(".json"):
-            continue
+        if not path.endswith(".json") or path.rsplit("/", 1)[-1][: -len(".json")] in have:
+            continue  # named <checkpoint>.json (layout.checkpoint_meta_path): no need to read it again
         rec = CheckpointRecord.from_json(files.get(path))
         if rec.name in have:
             continue
+        landed += 1
         conn.execute(
             "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
             [
@@ -381,6 +412,7 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
                 rec.created_at,
             ],
         )
+    return landed
 
 
 def _ingest_code_version(conn: duckdb.DuckDBPyConnection, files: RunFiles, version: str | None) -> None:
@@ -484,8 +516,54 @@ def full_view_sql(names: list[NameInfo], run_id: int, with_run_id: bool = False)
     return wide_select(run_id, grain_for(nested, []), nested, with_run_id)
 
 
-def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
-    """(Re)create `runs` (args as columns), `run_<id>` and `metrics` for direct DuckDB users."""
+def refresh_views(conn: duckdb.DuckDBPyConnection, touched: set[int] | None = None) -> None:
+    """(Re)create `runs` (args as columns), `run_<id>` and `metrics` for direct DuckDB users.
+
+    `touched`: the runs whose rows or manifest changed (None: all). A view is re-created only when
+    its SQL differs from the one `_views` records, so that a sync that brings no new name leaves
+    the catalog alone; all changes land in one transaction.
+    """
+    stored = {n: (sql, part) for n, sql, part in conn.execute("SELECT name, sql, part FROM _views").fetchall()}
+    present = {
+        r[0]
+        for r in conn.execute(
+            "SELECT view_name FROM duckdb_views() WHERE NOT internal AND schema_name = 'main'"
+        ).fetchall()
+    }
+
+    def stale(name: str) -> bool:
+        return touched is None or name not in stored or name not in present
+
+    run_ids = [r[0] for r in conn.execute("SELECT run_id FROM _runs ORDER BY run_id").fetchall()]
+    wanted: dict[str, tuple[str, str | None]] = {}
+    if touched or stale("runs"):
+        wanted["runs"] = (_runs_view_sql(conn), None)
+    for run_id in run_ids:
+        name = f"run_{run_id}"
+        if (touched and run_id in touched) or stale(name):
+            names = run_names(conn, run_id)
+            metrics_part = f"SELECT * FROM ({full_view_sql(names, run_id, with_run_id=True)})"
+            wanted[name] = (full_view_sql(names, run_id), metrics_part)
+    parts = [(wanted.get(f"run_{r}") or stored[f"run_{r}"])[1] for r in run_ids]
+    wanted["metrics"] = (" UNION ALL BY NAME ".join(p for p in parts if p) or EMPTY_METRICS, None)
+    changes = {n: v for n, v in wanted.items() if stored.get(n) != v or n not in present}
+    if not changes:
+        return
+    conn.execute("BEGIN")
+    try:
+        for name, (view, part) in changes.items():
+            conn.execute(f"CREATE OR REPLACE VIEW {q(name)} AS {view}")
+            conn.execute("INSERT OR REPLACE INTO _views VALUES (?, ?, ?)", [name, view, part])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+EMPTY_METRICS = "SELECT NULL::INTEGER AS run_id WHERE FALSE"
+
+
+def _runs_view_sql(conn: duckdb.DuckDBPyConnection) -> str:
     args = [r[0] for r in conn.execute("SELECT DISTINCT name FROM run_args ORDER BY name").fetchall()]
     fixed = {
         r[0]
@@ -498,16 +576,7 @@ def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
         f" AS {q(a if a not in fixed else 'arg_' + a)}"
         for a in args
     )
-    conn.execute(f"CREATE OR REPLACE VIEW runs AS SELECT r.* EXCLUDE (manifest, sealed){pivots} FROM _runs r")
-    parts = []
-    for (run_id,) in conn.execute("SELECT run_id FROM _runs ORDER BY run_id").fetchall():
-        names = run_names(conn, run_id)
-        conn.execute(f"CREATE OR REPLACE VIEW run_{run_id} AS {full_view_sql(names, run_id)}")
-        parts.append(f"SELECT * FROM ({full_view_sql(names, run_id, with_run_id=True)})")
-    conn.execute(
-        "CREATE OR REPLACE VIEW metrics AS "
-        + (" UNION ALL BY NAME ".join(parts) or "SELECT NULL::INTEGER AS run_id WHERE FALSE")
-    )
+    return f"SELECT r.* EXCLUDE (manifest, sealed){pivots} FROM _runs r"
 
 
 def _arg_value(conn: duckdb.DuckDBPyConnection, name: str) -> str:
@@ -520,16 +589,21 @@ def _arg_value(conn: duckdb.DuckDBPyConnection, name: str) -> str:
     return "coalesce(a.value_str, a.value_float::VARCHAR, a.value_int::VARCHAR, a.value_bool::VARCHAR)"
 
 
-def rebuild(db_path: str, files: RunFiles) -> None:
+def rebuild(db_path: str, files: RunFiles, wait_s: float = 60.0) -> None:
     """Recreate the database from the run files alone (the old file is replaced atomically)."""
+    from florql.storage.shared import shared_database
+
     tmp = db_path + ".rebuild"
     for leftover in (tmp, tmp + ".wal"):
         if os.path.exists(leftover):
             os.unlink(leftover)
-    with open_store(tmp) as conn:
+    conn = open_file(tmp)  # a private file: no other user knows it
+    try:
         sync(conn, files)
-    with open_store(db_path):  # wait for other users to let go of the old file
-        pass
-    os.replace(tmp, db_path)
-    if os.path.exists(db_path + ".wal"):
-        os.unlink(db_path + ".wal")
+    finally:
+        conn.close()
+    # Wait for every user of the old file, in this process and others, to let go of it.
+    with shared_database(db_path).exclusive(wait_s):
+        os.replace(tmp, db_path)
+        if os.path.exists(db_path + ".wal"):
+            os.unlink(db_path + ".wal")

@@ -18,6 +18,12 @@ class UsageError(FlorqlError, ValueError):
 
 
 class StoreBusy(FlorqlError):
-    """Another process held the DuckDB file for longer than we were willing to wait."""
+    """Another process held the DuckDB file for longer than we were willing to wait (object_in_use)."""
 
     sqlstate = "55006"
+
+
+class StoreConflict(FlorqlError):
+    """Two writers met in the DuckDB file: a retry is the answer (PostgreSQL's serialization_failure)."""
+
+    sqlstate = "40001"

@@ -40,10 +40,14 @@ class SegmentWriter:
         path_for: Callable[[int], str],
         metadata: dict[str, str],
         interval: float = 1.0,
-        on_flush: Callable[[], None] | None = None,
+        on_flush: Callable[[Any], None] | None = None,
+        on_swap: Callable[[], Any] | None = None,
     ) -> None:
+        """`on_swap()` runs on the writer thread just before it takes the buffered records, and
+        `on_flush(what on_swap returned)` once they are written: a manifest taken by `on_swap`
+        describes nothing that is not in a written segment when `on_flush` writes it."""
         self.files, self.path_for, self.metadata = files, path_for, metadata
-        self.interval, self.on_flush = interval, on_flush
+        self.interval, self.on_flush, self.on_swap = interval, on_flush, on_swap
         self.buffer: list[tuple] = []
         self.has_deferred = False
         self.records_written = 0
@@ -90,20 +94,26 @@ class SegmentWriter:
             self._wake.wait(self.interval)
             self._wake.clear()
             try:
-                self._flush_once()
+                state = self._flush_once(swap_hook=True)
                 if self.on_flush is not None:
-                    self.on_flush()
+                    self.on_flush(state)
             except BaseException as exc:  # keep training alive; report at close
                 self._error = exc
                 time.sleep(self.interval)
 
-    def _flush_once(self) -> None:
+    def _flush_once(self, swap_hook: bool = False) -> Any:
         with self._lock:
+            state = None
+            if swap_hook and self.on_swap is not None:
+                try:
+                    state = self.on_swap()
+                except Exception as exc:  # the records still land; reported at close
+                    self._error = exc
             records, self.buffer = self.buffer, []  # atomic under the GIL
             with self._drained:
                 self._drained.notify_all()
             if not records:
-                return
+                return state
             if self.has_deferred:
                 self.has_deferred = False
                 records = [_resolved(r) for r in records]
@@ -114,6 +124,7 @@ class SegmentWriter:
             segments.write_segment(self.files, path, batch, self.metadata)
             self.paths.append(path)
             self.segments_written += 1
+            return state
 
 
 def _resolved(record: tuple) -> tuple:

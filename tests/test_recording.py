@@ -327,3 +327,37 @@ def test_failed_run_records_the_exception(store):
     assert run.proc.returncode == 1
     assert store.sql("SELECT status, error FROM runs") == [("failed", "RuntimeError: diverged at epoch 1")]
     assert store.sql("SELECT count(*) FROM logs") == [(2,)]
+
+
+def test_the_manifest_a_flush_writes_never_runs_ahead_of_its_segment(tmp_path):
+    """The writer thread takes the manifest (`on_swap`) before the buffered records, so what the
+    manifest reports (an iteration completed) was logged before and is in the segment it writes
+    first: a reader never takes an iteration for complete while its records are still buffered."""
+    from florql.storage import segments
+    from florql.storage.runfiles import open_run_files
+    from florql.storage.segment_writer import SegmentWriter
+
+    files = open_run_files(tmp_path)
+    flushed: list[tuple[object, list[str]]] = []
+    writer: SegmentWriter
+
+    def on_swap() -> str | None:
+        if flushed or not writer.buffer:
+            return None
+        writer.buffer.append(("logged_after_the_snapshot", 1.0, ("",)))  # the training thread, just after
+        return "manifest"
+
+    def on_flush(state: object) -> None:
+        if state is not None:
+            names = [n for p in files.list("seg") for n in segments.read_segment(files, p).column("name").to_pylist()]
+            flushed.append((state, names))
+
+    writer = SegmentWriter(
+        files, lambda seq: f"seg/{seq:08d}.arrow", {}, interval=0.05, on_flush=on_flush, on_swap=on_swap
+    )
+    writer.buffer.append(("logged_before", 0.0, ("",)))
+    deadline = time.monotonic() + 30
+    while not flushed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    writer.close()
+    assert flushed[0] == ("manifest", ["logged_before", "logged_after_the_snapshot"])

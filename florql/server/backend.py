@@ -15,6 +15,7 @@ import pyarrow as pa
 import sqlglot
 
 from florql.api import ColumnInfo, TableInfo  # the query API's catalog records
+from florql.errors import from_duckdb
 
 
 class ResultLike(Protocol):
@@ -55,24 +56,10 @@ class EngineError(Exception):
         self.sqlstate = sqlstate
 
 
-_DUCKDB_SQLSTATES = [
-    (duckdb.ParserException, "42601"),
-    (duckdb.CatalogException, "42P01"),
-    (duckdb.BinderException, "42703"),
-    (duckdb.ConversionException, "22P02"),
-    (duckdb.OutOfRangeException, "22003"),
-    (duckdb.InvalidInputException, "22023"),
-    (duckdb.PermissionException, "42501"),
-    (duckdb.InterruptException, "57014"),
-    (duckdb.NotImplementedException, "0A000"),
-]
-
-
 def engine_error(e: duckdb.Error) -> EngineError:
-    code = next((state for cls, state in _DUCKDB_SQLSTATES if isinstance(e, cls)), "XX000")
-    if code == "42P01" and "does not exist" in str(e) and "Function" in str(e):
-        code = "42883"
-    return EngineError(str(e), code)
+    """DuckDB's error with the SQLSTATE a PostgreSQL client expects (florql's own mapping)."""
+    err = from_duckdb(e)
+    return EngineError(str(err), err.sqlstate)
 
 
 class ArrowResult:

@@ -22,7 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import duckdb
 import pyarrow as pa
+
+from florql.errors import from_duckdb
 
 from . import protocol as pg
 from .auth import MECHANISM, AuthFailed, ScramExchange, ScramVerifier
@@ -76,6 +79,14 @@ def error_fields(e: BaseException) -> tuple[str, str, int | None]:
     """SQLSTATE, message and position of any error, for an ErrorResponse."""
     if isinstance(e, SqlError):
         return e.sqlstate, str(e), e.position
+    if isinstance(e, duckdb.Error):  # a path that did not map it: still the client's SQLSTATE, never XX000 text
+        log.warning("unmapped DuckDB error: %s", "".join(traceback.format_exception(e)))
+        e = from_duckdb(e)
+    elif isinstance(e, OSError):  # reading run files
+        log.warning("I/O error: %s", "".join(traceback.format_exception(e)))
+        return "58030", f"I/O error: {e}", None
+    elif isinstance(e, MemoryError):
+        return "53200", "out of memory", None
     sqlstate = getattr(e, "sqlstate", None)
     if isinstance(sqlstate, str) and len(sqlstate) == 5:
         return sqlstate, str(e) or type(e).__name__, getattr(e, "position", None)

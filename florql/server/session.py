@@ -8,23 +8,27 @@ SELECT without file access, and catalog queries go to the emulated catalog.
 from __future__ import annotations
 
 import math
+import random
 import re
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import duckdb
 import pyarrow as pa
 import sqlglot
 from sqlglot import exp
 from sqlglot.tokens import TokenType
 
 from florql.dialect import bind_parameters, ensure_read_only
-from florql.errors import FlorqlError
+from florql.errors import FlorqlError, from_duckdb
 
 from .backend import Backend, ResultLike
 from .catalog import SERVER_VERSION, Catalog, SessionInfo, is_catalog_query
 
 SERVER_VERSION_TEXT = f"{SERVER_VERSION} (florql)"
+SERIALIZATION_RETRIES = 2  # a query failing with 40001 (serialization_failure) runs again before the client hears
 
 # Settings a client can SHOW/SET; those flagged True are reported with ParameterStatus.
 DEFAULT_SETTINGS: dict[str, tuple[str, bool]] = {
@@ -536,7 +540,17 @@ class WireSession:
             for table in (t for t in ast.find_all(exp.Table) if t.db.lower() == "public" and not t.catalog):
                 table.set("db", None)
         sql = ast.sql("postgres") if statement.param_count or public else statement.sql
-        return Outcome("SELECT", self.backend.sql(sql, dialect="postgres"))
+        for attempt in range(SERIALIZATION_RETRIES + 1):
+            try:
+                try:
+                    return Outcome("SELECT", self.backend.sql(sql, dialect="postgres"))
+                except duckdb.Error as err:  # a backend that let DuckDB's own error through
+                    raise from_duckdb(err) from err
+            except Exception as err:  # a statement that met a concurrent change runs again first
+                if getattr(err, "sqlstate", None) != "40001" or attempt == SERIALIZATION_RETRIES:
+                    raise
+                time.sleep(0.02 * 2**attempt * (0.5 + random.random()))
+        raise AssertionError("unreachable")
 
     def describe(self, statement: Statement) -> pa.Schema | None:
         """The result schema of a statement before its parameters are known."""

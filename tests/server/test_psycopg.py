@@ -167,3 +167,68 @@ def test_warnings_become_notices(store):
             c.add_notice_handler(lambda d: notices.append(d.message_primary))
             assert c.execute(f"SELECT count(*) FROM {store.run_table}").fetchone() == (store.rows,)
     assert notices == ["replay='never': 3 cells were not replayed"]
+
+
+def test_a_serialization_failure_is_retried_before_the_client_hears(store):
+    from florql.errors import StoreConflict
+    from florql.server import BackgroundServer, Server
+
+    class ConflictOnce:
+        """Fails each statement's first attempt as a concurrent change to the store would."""
+
+        def __init__(self, inner):
+            self.inner, self.settings, self.failed = inner, {}, set()
+
+        def sql(self, query, params=None, *, dialect="duckdb"):
+            if query not in self.failed:
+                self.failed.add(query)
+                raise StoreConflict("the store changed under the query (TransactionException); try again")
+            return self.inner.sql(query, params, dialect=dialect)
+
+        def tables(self):
+            return self.inner.tables()
+
+    with BackgroundServer(Server(lambda: ConflictOnce(store.factory()), port=0)) as running:
+        with psycopg.connect(f"host=127.0.0.1 port={running.port} user=florql dbname=florql", autocommit=True) as c:
+            assert c.execute(f"SELECT count(*) FROM {store.run_table}").fetchone() == (store.rows,)
+
+
+@pytest.mark.parametrize(
+    "error, sqlstate",
+    [
+        ("TransactionException", "40001"),  # retried first, then reported as serialization_failure
+        ("ConstraintException", "40001"),
+        ("IOException", "58030"),
+        ("OutOfMemoryException", "53200"),
+        ("BinderException", "42703"),
+    ],
+)
+def test_duckdb_errors_reach_clients_as_sqlstates_never_as_internal_errors(store, error, sqlstate):
+    import duckdb
+
+    from florql.server import BackgroundServer, Server
+
+    class Failing:
+        def __init__(self, inner):
+            self.inner, self.settings, self.calls = inner, {}, 0
+
+        def sql(self, query, params=None, *, dialect="duckdb"):
+            self.calls += 1
+            raise getattr(duckdb, error)(f"{error} raised by the test")
+
+        def tables(self):
+            return self.inner.tables()
+
+    backends: list[Failing] = []
+
+    def factory():
+        backends.append(Failing(store.factory()))
+        return backends[-1]
+
+    with BackgroundServer(Server(factory, port=0)) as running:
+        with psycopg.connect(f"host=127.0.0.1 port={running.port} user=florql dbname=florql", autocommit=True) as c:
+            with pytest.raises(psycopg.Error) as caught:
+                c.execute(f"SELECT count(*) FROM {store.run_table}")
+    assert caught.value.sqlstate == sqlstate
+    assert "internal error" not in str(caught.value)
+    assert backends[-1].calls == (3 if sqlstate == "40001" else 1)
