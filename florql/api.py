@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import re
 import sys
@@ -14,11 +15,20 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import sqlglot.errors
 from sqlglot import exp
 
 from florql import query, reads
 from florql.dialect import bind_parameters, ensure_read_only, florql_setting, parse
-from florql.errors import FlorqlError, MissingHindsight, ReplayBudgetExceeded, ReplayFailed, UsageError
+from florql.errors import (
+    FlorqlError,
+    MissingHindsight,
+    QueryFailed,
+    QuerySyntaxError,
+    ReplayBudgetExceeded,
+    ReplayFailed,
+    UsageError,
+)
 from florql.replay.executor import Executor, LocalExecutor, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
@@ -29,6 +39,56 @@ from florql.storage.layout import StoreLocation, locate_store
 
 class ReplayWarning(UserWarning):
     pass
+
+
+# The SQLSTATE PostgreSQL gives for each kind of DuckDB failure (the first class that matches).
+_ENGINE_SQLSTATES: list[tuple[type[duckdb.Error], str]] = [
+    (duckdb.ParserException, "42601"),
+    (duckdb.SyntaxException, "42601"),
+    (duckdb.CatalogException, "42P01"),
+    (duckdb.BinderException, "42703"),
+    (duckdb.ConversionException, "22P02"),
+    (duckdb.OutOfRangeException, "22003"),
+    (duckdb.InvalidInputException, "22023"),
+    (duckdb.TypeMismatchException, "42804"),
+    (duckdb.PermissionException, "42501"),
+    (duckdb.InterruptException, "57014"),
+    (duckdb.NotImplementedException, "0A000"),
+    (duckdb.OutOfMemoryException, "53200"),
+    (duckdb.ConstraintException, "23000"),
+    (duckdb.SequenceException, "2200H"),
+    (duckdb.TransactionException, "25000"),
+    (duckdb.IOException, "58030"),
+]
+
+
+def query_error(err: BaseException) -> FlorqlError:
+    """What the caller sees of an engine or parser error a query caused (raise it `from err`)."""
+    if isinstance(err, duckdb.Error):
+        state = next((state for cls, state in _ENGINE_SQLSTATES if isinstance(err, cls)), "XX000")
+        if state in ("42P01", "42703") and re.search(
+            r"no function matches|function with name .* does not exist", str(err), re.I
+        ):
+            state = "42883"  # undefined_function
+        return QueryFailed(str(err), state)
+    if isinstance(err, (sqlglot.errors.ParseError, sqlglot.errors.TokenError)):
+        return QuerySyntaxError(f"syntax error: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    if isinstance(err, sqlglot.errors.UnsupportedError):
+        return QueryFailed(f"not supported: {err}", "0A000")
+    if isinstance(err, RecursionError):
+        return QueryFailed("the query is nested too deeply to analyse; simplify it", "54001")
+    return QueryFailed(f"{type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def answering() -> Iterator[None]:
+    """Every error a query can cause reaches the caller as a `FlorqlError`, the original as `__cause__`."""
+    try:
+        yield
+    except FlorqlError:
+        raise
+    except (duckdb.Error, sqlglot.errors.SqlglotError, RecursionError) as err:
+        raise query_error(err) from err
 
 
 @dataclass
@@ -63,6 +123,8 @@ def parse_duration(text: str | float | int | None) -> float | None:
     """'10 min', '90 s', '1.5h', '30' (seconds) → seconds; None/'none'/'unlimited' → no budget."""
     if text is None or isinstance(text, (int, float)):
         return None if text is None else float(text)
+    if not isinstance(text, str):
+        raise UsageError(f"cannot read the duration {text!r}; write e.g. '90 s', '10 min' or '1 h'")
     t = text.strip().lower()
     if t in ("", "none", "unlimited", "inf"):
         return None
@@ -96,13 +158,13 @@ class Result:
     def schema(self) -> pa.Schema:
         if self._table is not None:
             return self._table.schema
-        with self._conn._open() as db:
+        with answering(), self._conn._open() as db:
             return self._conn._execute(db, f"SELECT * FROM ({self._sql}) LIMIT 0", self._params).to_arrow_table().schema
 
     def arrow(self) -> pa.Table:
         if self._table is None:
             assert self._sql is not None  # a Result holds a table or the query that makes it
-            with self._conn._open() as db:
+            with answering(), self._conn._open() as db:
                 self._table = self._conn._execute(db, self._sql, self._params).to_arrow_table()
         return self._table
 
@@ -112,7 +174,7 @@ class Result:
             yield from self._table.to_batches(batch_size)
             return
         assert self._sql is not None  # a Result holds a table or the query that makes it
-        with self._conn._open() as db:
+        with answering(), self._conn._open() as db:
             reader = self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
             yield from reader
 
@@ -172,7 +234,15 @@ class Connection:
         elif name == "replay_budget":
             value = parse_duration(value)
         elif name == "workers":
-            value = int(value) if value not in (None, "", "auto") else None
+            if value in (None, "", "auto"):
+                value = None
+            else:
+                try:
+                    value = int(value)
+                except (TypeError, ValueError):
+                    value = 0
+                if value < 1:
+                    raise UsageError(f"SET workers = {value!r}: use a number of worker processes (1 or more) or 'auto'")
             self._executor = None
         else:
             raise UsageError(f"unknown florql setting {name!r}; settings: replay, replay_budget, workers")
@@ -201,17 +271,19 @@ class Connection:
 
     def sync(self) -> None:
         """Ingest new run files into the DuckDB tables."""
-        with self._open() as db:
+        with answering(), self._open() as db:
             sync(db, self.files)
 
     # ---- queries ------------------------------------------------------------------------------
     def sql(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> Result:
-        statements = parse(sql, read=dialect)
-        result: Result | None = None
-        for statement in statements:
-            result = self._one(statement, params)
-        assert result is not None
-        return result
+        _check_query(sql, params)
+        with answering():
+            statements = parse(sql, read=dialect)
+            result: Result | None = None
+            for statement in statements:
+                result = self._one(statement, params)
+            assert result is not None
+            return result
 
     def _one(self, statement: exp.Expr, params: Sequence[Any] | None) -> Result:
         setting = florql_setting(statement)
@@ -259,11 +331,11 @@ class Connection:
         result = Result(self, final, None, plan=ran, warnings_=notes)
         try:
             _ = result.schema  # binds the final query (errors surface here) without fetching rows
-        except duckdb.Error as err:
+        except QueryFailed as err:
             better = query.unknown_column_error(str(err), planned.bound)
             if better is not None:
-                raise better from None
-            raise FlorqlError(f"{type(err).__name__}: {err}") from None
+                raise better from err.__cause__
+            raise
         return result
 
     def _check_budget(self, replay_plan: Plan, statement: exp.Expr) -> None:
@@ -327,19 +399,21 @@ class Connection:
 
     def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:
         """The replay plan a query would run, without running it."""
-        statement = parse(sql, read=dialect)[-1]
-        ensure_read_only(statement)
-        statement = bind_parameters(statement, params)
-        with self._open() as db:
-            sync(db, self.files)
-            planned = self._plan(query.bind(statement.copy(), db), db)
-        return planned.plan.describe()
+        _check_query(sql, params)
+        with answering():
+            statement = parse(sql, read=dialect)[-1]
+            ensure_read_only(statement)
+            statement = bind_parameters(statement, params)
+            with self._open() as db:
+                sync(db, self.files)
+                planned = self._plan(query.bind(statement.copy(), db), db)
+            return planned.plan.describe()
 
     # ---- catalog ------------------------------------------------------------------------------
     def tables(self) -> list[TableInfo]:
         """Every table a user can query, with loggable-but-unlogged names as columns of run_<id>."""
         out: list[TableInfo] = []
-        with self._open() as db:
+        with answering(), self._open() as db:
             sync(db, self.files)
             for name in BASE_TABLES:
                 rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
@@ -371,6 +445,13 @@ class Connection:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _check_query(sql: Any, params: Any) -> None:
+    if not isinstance(sql, str):
+        raise UsageError(f"the query must be a string of SQL, not a {type(sql).__name__}")
+    if params is not None and (isinstance(params, (str, bytes, dict)) or not isinstance(params, Sequence)):
+        raise UsageError(f"query parameters are a list of values, e.g. [5] for one ?, not a {type(params).__name__}")
 
 
 def _sql_type(types: frozenset[str]) -> str:

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
-from florql.storage.errors import FlorqlError, StoreBusy, UsageError
+from florql.storage.errors import (
+    CorruptCheckpoint,
+    CorruptRunFile,
+    CorruptSegment,
+    FlorqlError,
+    StoreBusy,
+    UsageError,
+    WriteFailed,
+)
 
 __all__ = [
+    "CorruptCheckpoint",
+    "CorruptRunFile",
+    "CorruptSegment",
     "FlorqlError",
     "ForbiddenAccess",
     "ForbiddenStatement",
     "MissingHindsight",
     "ParameterError",
+    "QueryFailed",
     "QuerySyntaxError",
     "ReplayBudgetExceeded",
     "ReplayFailed",
@@ -17,6 +29,7 @@ __all__ = [
     "UnknownColumn",
     "UnknownTable",
     "UsageError",
+    "WriteFailed",
 ]
 
 
@@ -26,6 +39,16 @@ class QuerySyntaxError(FlorqlError):
     def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
         super().__init__(message)
         self.line, self.column = line, column
+
+
+class QueryFailed(FlorqlError):
+    """The database could not answer a query (a failed cast, an out-of-range value, a function's
+    error…); the SQLSTATE is the one PostgreSQL gives for the same failure, the engine's error
+    is the `__cause__`."""
+
+    def __init__(self, message: str, sqlstate: str = "XX000") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
 class UnknownTable(FlorqlError):

@@ -83,7 +83,7 @@ def bind(statement: exp.Expr, conn: duckdb.DuckDBPyConnection) -> Bound:
         qualify(qualified, schema=schema, dialect="duckdb", validate_qualify_columns=True)  # type: ignore[arg-type]
     except OptimizeError as err:
         if "could not be resolved" in str(err):
-            raise _unknown_column(str(err), list(runs.values())) from None
+            raise _unknown_column(str(err), list(runs.values())) from err
         return Bound(statement, _widened(tables, existing, shadowed, runs), runs)
     refs = []
     for scope in traverse_scope(qualified):
@@ -393,7 +393,7 @@ def _propagated(run_id: int, old: str, current: str, names: frozenset[str], rel:
     try:
         return propagate(old, current, set(names), filename=rel)
     except PropagationError as err:
-        raise ReplayFailed(f"run {run_id}: {err}; this run cannot answer it by replay") from None
+        raise ReplayFailed(f"run {run_id}: {err}; this run cannot answer it by replay") from err
 
 
 @lru_cache(maxsize=256)
@@ -468,9 +468,7 @@ def _write_expected(
         params=[info.run_id, job.log_from, job.stop],
     ).to_arrow_table()
     table = table.cast(segments.SCHEMA)
-    path = layout.replay_expected_path(info.run_id, job_id)
-    files.put(path, segments.encode(table.to_batches(), {}))
-    return path
+    return segments.write_table(files, layout.replay_expected_path(info.run_id, job_id), table.to_batches(), {})
 
 
 # ---- rewrite ------------------------------------------------------------------------------------
@@ -501,7 +499,7 @@ def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run
     try:
         grain = grain_for(infos, coords)
     except ValueError as err:
-        raise FlorqlError(f"run_{info.run_id}: {err}") from None
+        raise FlorqlError(f"run_{info.run_id}: {err}") from err
     return wide_select(info.run_id, grain, infos, with_run_id, versions)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from florql.storage import layout, segments
-from florql.storage.checkpoints import CheckpointRecord
+from florql.storage.checkpoints import read_record
 from florql.storage.code_versions import code_version_manifest
 from florql.storage.errors import StoreBusy
 from florql.storage.manifest import Manifest
@@ -72,6 +72,7 @@ CREATE TABLE IF NOT EXISTS replay_coverage (
     run_id INTEGER, name VARCHAR, version VARCHAR, outer_index INTEGER, job_id VARCHAR,
     PRIMARY KEY (run_id, name, version, outer_index)
 );
+CREATE TABLE IF NOT EXISTS _stale_views (stale BOOLEAN);
 CREATE TABLE IF NOT EXISTS replay_audit (
     run_id INTEGER, job_id VARCHAR, name VARCHAR, loop_path VARCHAR, coords VARCHAR,
     logged VARCHAR, replayed VARCHAR, abs_diff DOUBLE, mismatches BIGINT, detected_at TIMESTAMP
@@ -164,7 +165,9 @@ def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> None:
             changed |= ingest_replays(conn, files, run_id)
             continue
         changed |= ingest_run(conn, files, run_id)
-    if changed:
+    # The views follow the tables: ingest marks them stale in its own transaction, and only a
+    # completed refresh clears the mark, so a process killed in between leaves them to the next sync.
+    if changed or conn.execute("SELECT count(*) FROM _stale_views").fetchall()[0][0]:
         refresh_views(conn)
 
 
@@ -183,6 +186,7 @@ def ingest_run(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) ->
         done = status != "running"
         if done:
             conn.execute("UPDATE _runs SET sealed = TRUE WHERE run_id = ?", [run_id])
+        conn.execute("INSERT INTO _stale_views VALUES (TRUE)")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -362,7 +366,7 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
     for path in files.list(layout.checkpoints_dir(run_id)):
         if not path.endswith(".json"):
             continue
-        rec = CheckpointRecord.from_json(files.get(path))
+        rec = read_record(files, path)
         if rec.name in have:
             continue
         conn.execute(
@@ -435,6 +439,7 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
                     summary["committed_at"],
                 ],
             )
+            conn.execute("INSERT INTO _stale_views VALUES (TRUE)")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -507,6 +512,7 @@ def refresh_views(conn: duckdb.DuckDBPyConnection) -> None:
         "CREATE OR REPLACE VIEW metrics AS "
         + (" UNION ALL BY NAME ".join(parts) or "SELECT NULL::INTEGER AS run_id WHERE FALSE")
     )
+    conn.execute("DELETE FROM _stale_views")
 
 
 def _arg_value(conn: duckdb.DuckDBPyConnection, name: str) -> str:

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from florql.storage import layout
+from florql.storage import layout, segments
 
 import florql
 from florql import args as florql_args
@@ -284,6 +284,10 @@ for epoch in florql.loop("epoch", range(100000)):
 """
 
 
+def _rows_on_disk(store, run_id: int) -> int:
+    return sum(segments.read_segment(store.files, p).num_rows for p in store.files.list(layout.segments_dir(run_id)))
+
+
 def test_kill_9_keeps_every_record_flushed_before_it_and_marks_the_run_killed(store):
     proc = store.popen(store.write_script(KILL_SCRIPT))
     try:
@@ -291,7 +295,12 @@ def test_kill_9_keeps_every_record_flushed_before_it_and_marks_the_run_killed(st
             if int(line) >= 5:
                 break
         logged_before = (int(line) + 1) * 50
-        time.sleep(1.6)  # past the 1 s flush interval: those records must be on disk now
+        # Kill once those records are observably on disk (the writer flushes every second; on a
+        # busy machine later): what was flushed before the kill must all be there afterwards.
+        deadline = time.monotonic() + 60
+        while _rows_on_disk(store, 1) < logged_before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _rows_on_disk(store, 1) >= logged_before, "the writer flushed nothing in 60 s"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:

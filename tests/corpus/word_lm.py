@@ -6,6 +6,8 @@ hidden state is carried across steps (truncated BPTT). Lines starting with `# +`
 of the ground-truth variant.
 """
 
+import math  # noqa: F401  (used by the ground-truth variant's `# +` lines)
+
 import torch
 from torch import nn
 
