@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,8 @@ from florql.storage.layout import StoreLocation, locate_store
 class ReplayWarning(UserWarning):
     pass
 
+
+_CONFIGURING = threading.Lock()  # see Connection._execute
 
 # The SQLSTATE PostgreSQL gives for each kind of DuckDB failure (the first class that matches).
 _ENGINE_SQLSTATES: list[tuple[type[duckdb.Error], str]] = [
@@ -264,9 +267,12 @@ class Connection:
     @staticmethod
     def _execute(db: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None):
         # Threads of one process share the database instance: lock it once, for every connection.
-        if not db.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
-            db.execute("SET enable_external_access = false")
-            db.execute("SET lock_configuration = true")
+        # The check and the two SETs go together: a thread finding it unlocked must not set it after
+        # another thread has locked it in between.
+        with _CONFIGURING:
+            if not db.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
+                db.execute("SET enable_external_access = false")
+                db.execute("SET lock_configuration = true")
         return db.sql(sql, params=list(params)) if params else db.sql(sql)
 
     def sync(self) -> None:
