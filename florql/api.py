@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import contextlib
 import os
 import random
 import re
@@ -15,6 +16,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import sqlglot.errors
 from sqlglot import exp
 
 from florql import query, reads
@@ -23,6 +25,8 @@ from florql.dialect import bind_parameters, ensure_read_only, florql_setting, pa
 from florql.errors import (
     FlorqlError,
     MissingHindsight,
+    QueryFailed,
+    QuerySyntaxError,
     ReplayBudgetExceeded,
     ReplayFailed,
     StoreConflict,
@@ -41,6 +45,30 @@ CONFLICT_RETRIES = 3  # a query that met a concurrent change to the store runs a
 
 class ReplayWarning(UserWarning):
     pass
+
+
+def query_error(err: BaseException) -> FlorqlError:
+    """What the caller sees of an engine or parser error a query caused (raise it `from err`)."""
+    if isinstance(err, duckdb.Error):
+        return from_duckdb(err)
+    if isinstance(err, (sqlglot.errors.ParseError, sqlglot.errors.TokenError)):
+        return QuerySyntaxError(f"syntax error: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    if isinstance(err, sqlglot.errors.UnsupportedError):
+        return QueryFailed(f"not supported: {err}", "0A000")
+    if isinstance(err, RecursionError):
+        return QueryFailed("the query is nested too deeply to analyse; simplify it", "54001")
+    return QueryFailed(f"{type(err).__name__}: {err}")
+
+
+@contextlib.contextmanager
+def answering() -> Iterator[None]:
+    """Every error a query can cause reaches the caller as a `FlorqlError`, the original as `__cause__`."""
+    try:
+        yield
+    except FlorqlError:
+        raise
+    except (duckdb.Error, sqlglot.errors.SqlglotError, RecursionError) as err:
+        raise query_error(err) from err
 
 
 @dataclass
@@ -75,6 +103,8 @@ def parse_duration(text: str | float | int | None) -> float | None:
     """'10 min', '90 s', '1.5h', '30' (seconds) → seconds; None/'none'/'unlimited' → no budget."""
     if text is None or isinstance(text, (int, float)):
         return None if text is None else float(text)
+    if not isinstance(text, str):
+        raise UsageError(f"cannot read the duration {text!r}; write e.g. '90 s', '10 min' or '1 h'")
     t = text.strip().lower()
     if t in ("", "none", "unlimited", "inf"):
         return None
@@ -110,14 +140,14 @@ class Result:
         if self._table is not None:
             return self._table.schema
         if self._schema is None:  # the server asks more than once per query
-            with self._conn._open() as db:
+            with answering(), self._conn._open() as db:
                 self._schema = self._conn._fetch(db, f"SELECT * FROM ({self._sql}) LIMIT 0", self._params).schema
         return self._schema
 
     def arrow(self) -> pa.Table:
         if self._table is None:
             assert self._sql is not None  # a Result holds a table or the query that makes it
-            with self._conn._open() as db:
+            with answering(), self._conn._open() as db:
                 self._table = self._conn._fetch(db, self._sql, self._params)
         return self._table
 
@@ -127,11 +157,8 @@ class Result:
             yield from self._table.to_batches(batch_size)
             return
         assert self._sql is not None  # a Result holds a table or the query that makes it
-        with self._conn._open() as db:
-            try:
-                yield from self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
-            except duckdb.Error as err:
-                raise from_duckdb(err) from err
+        with answering(), self._conn._open() as db:
+            yield from self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
 
     def df(self):
         return self.arrow().to_pandas()
@@ -198,7 +225,15 @@ class Connection:
         elif name == "replay_budget":
             value = parse_duration(value)
         elif name == "workers":
-            value = int(value) if value not in (None, "", "auto") else None
+            if value in (None, "", "auto"):
+                value = None
+            else:
+                try:
+                    value = int(value)
+                except (TypeError, ValueError):
+                    value = 0
+                if value < 1:
+                    raise UsageError(f"SET workers = {value!r}: use a number of worker processes (1 or more) or 'auto'")
             self._executor = None
         else:
             raise UsageError(f"unknown florql setting {name!r}; settings: replay, replay_budget, workers")
@@ -230,16 +265,19 @@ class Connection:
 
     def sync(self) -> None:
         """Ingest the run files that are complete now (one thread of the process at a time)."""
-        self.database.sync(self.files, self.busy_timeout)
+        with answering():
+            self.database.sync(self.files, self.busy_timeout)
 
     # ---- queries ------------------------------------------------------------------------------
     def sql(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> Result:
-        statements = parse(sql, read=dialect)
-        result: Result | None = None
-        for statement in statements:
-            result = self._retrying(statement, params)
-        assert result is not None
-        return result
+        _check_query(sql, params)
+        with answering():
+            statements = parse(sql, read=dialect)
+            result: Result | None = None
+            for statement in statements:
+                result = self._retrying(statement, params)
+            assert result is not None
+            return result
 
     def _retrying(self, statement: exp.Expr, params: Sequence[Any] | None) -> Result:
         """One statement; when it met a concurrent change to the store, again (a few times)."""
@@ -302,10 +340,10 @@ class Connection:
         result = Result(self, final, None, plan=ran, warnings_=notes)
         try:
             _ = result.schema  # binds the final query (errors surface here) without fetching rows
-        except FlorqlError as err:
+        except QueryFailed as err:
             better = unknown_column_error(str(err), planned.bound)
             if better is not None:
-                raise better from None
+                raise better from err.__cause__
             raise
         return result
 
@@ -372,20 +410,22 @@ class Connection:
 
     def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:
         """The replay plan a query would run, without running it."""
-        statement = parse(sql, read=dialect)[-1]
-        ensure_read_only(statement)
-        statement = bind_parameters(statement, params)
-        self.sync()
-        with self._open() as db:
-            planned = self._plan(bind(statement.copy(), db), db, runnable=False)
-        return planned.plan.describe()
+        _check_query(sql, params)
+        with answering():
+            statement = parse(sql, read=dialect)[-1]
+            ensure_read_only(statement)
+            statement = bind_parameters(statement, params)
+            self.sync()
+            with self._open() as db:
+                planned = self._plan(bind(statement.copy(), db), db, runnable=False)
+            return planned.plan.describe()
 
     # ---- catalog ------------------------------------------------------------------------------
     def tables(self) -> list[TableInfo]:
         """Every table a user can query, with loggable-but-unlogged names as columns of run_<id>."""
         out: list[TableInfo] = []
         self.sync()
-        with self._open() as db:
+        with answering(), self._open() as db:
             for name in BASE_TABLES:
                 rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
                 # Everything is presented as a read-only table: BI tools list tables first (psql's \dt).
@@ -417,6 +457,13 @@ class Connection:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _check_query(sql: Any, params: Any) -> None:
+    if not isinstance(sql, str):
+        raise UsageError(f"the query must be a string of SQL, not a {type(sql).__name__}")
+    if params is not None and (isinstance(params, (str, bytes, dict)) or not isinstance(params, Sequence)):
+        raise UsageError(f"query parameters are a list of values, e.g. [5] for one ?, not a {type(params).__name__}")
 
 
 def _sql_type(types: frozenset[str]) -> str:

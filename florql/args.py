@@ -52,11 +52,11 @@ def coerce(name: str, text: str, default: Any) -> Any:
             return float(text)
         if default is None or isinstance(default, str):
             return text
-    except ValueError:
+    except ValueError as err:
         raise UsageError(
             f"florql.arg({name!r}): the override {text!r} is not a valid {type(default).__name__} "
             f"(the default is {default!r})"
-        ) from None
+        ) from err
     raise UsageError(
         f"florql.arg({name!r}): defaults must be int, float, bool, str or None, got {type(default).__name__}"
     )

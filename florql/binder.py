@@ -70,7 +70,7 @@ def bind(statement: exp.Expr, conn: duckdb.DuckDBPyConnection) -> Bound:
         qualify(qualified, schema=schema, dialect="duckdb", validate_qualify_columns=True)  # type: ignore[arg-type]
     except OptimizeError as err:
         if "could not be resolved" in str(err):
-            raise _unknown_column(str(err), list(runs.values())) from None
+            raise _unknown_column(str(err), list(runs.values())) from err
         return Bound(statement, _widened(tables, existing, shadowed, runs), runs)
     refs = []
     for scope in traverse_scope(qualified):

@@ -11,6 +11,8 @@ Three separate parts, as in torch.distributed.checkpoint:
 from __future__ import annotations
 
 import copy
+import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ from typing import Any
 
 import torch
 
-from florql.storage.checkpoints import CheckpointRecord, write_checkpoint
+from florql.errors import UsageError
+from florql.storage.checkpoints import CheckpointRecord, checkpoint_name, write_checkpoint
 from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
@@ -106,6 +109,31 @@ class AdaptivePolicy:
         return (self.stall_s + self.interference_s) / self.train_s if self.train_s else 0.0
 
 
+class EveryOpportunity(AdaptivePolicy):
+    """A checkpoint at every opportunity; the next one waits for the previous persist to finish.
+
+    Chosen with `FLORQL_CHECKPOINTS=every`: which checkpoints a run holds then depends on its code
+    alone, never on the machine's load (tests, and runs where fast replays matter more than overhead).
+    """
+
+    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool) -> bool:
+        self.considered += 1
+        self._since_last += 1
+        return True
+
+
+POLICY_ENV = "FLORQL_CHECKPOINTS"
+POLICIES: dict[str, type[AdaptivePolicy]] = {"adaptive": AdaptivePolicy, "every": EveryOpportunity}
+
+
+def make_policy(budget: float) -> AdaptivePolicy:
+    """The policy `$FLORQL_CHECKPOINTS` names: `adaptive` (the default) or `every`."""
+    name = os.environ.get(POLICY_ENV, "").strip().lower() or "adaptive"
+    if name not in POLICIES:
+        raise UsageError(f"{POLICY_ENV}={name!r}: use 'adaptive' (the default) or 'every'")
+    return POLICIES[name](budget=budget)
+
+
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -183,7 +211,8 @@ class Persister:
     def __init__(self, files: RunFiles, run_id: int, on_done: Callable[[CheckpointRecord], None]) -> None:
         self.files, self.run_id, self.on_done = files, run_id, on_done
         self._thread: threading.Thread | None = None
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last failure
+        self.failed = 0  # checkpoints that could not be written (nothing of them is visible)
 
     @property
     def in_flight(self) -> bool:
@@ -213,4 +242,12 @@ class Persister:
             record = write_checkpoint(self.files, self.run_id, outer_index, kind, coords, payload, stall_s)
             self.on_done(record)
         except BaseException as exc:  # a failed checkpoint must not kill training
+            if self.error is None or str(exc) != str(self.error):
+                print(
+                    f"florql: run {self.run_id}: checkpoint {checkpoint_name(outer_index, kind)} could not be "
+                    f"written ({exc}); nothing of it is visible, training goes on and later checkpoints are tried",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self.error = exc
+            self.failed += 1

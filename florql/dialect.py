@@ -98,7 +98,7 @@ def parse(sql: str, read: str = "duckdb") -> list[exp.Expr]:
         line, col = first.get("line"), first.get("col")
         where = f" at line {line}, column {col}" if line else ""
         detail = first.get("description") or str(err).splitlines()[0]
-        raise QuerySyntaxError(f"syntax error{where}: {detail}", line, col) from None
+        raise QuerySyntaxError(f"syntax error{where}: {detail}", line, col) from err
     if not statements:
         raise QuerySyntaxError("empty query: write a SELECT, e.g. SELECT * FROM runs")
     return statements

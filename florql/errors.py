@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
-from florql.storage.errors import FlorqlError, StoreBusy, StoreConflict, UsageError
+import re
+
+from florql.storage.errors import (
+    CorruptCheckpoint,
+    CorruptRunFile,
+    CorruptSegment,
+    FlorqlError,
+    StoreBusy,
+    StoreConflict,
+    UsageError,
+    WriteFailed,
+)
 
 __all__ = [
+    "CorruptCheckpoint",
+    "CorruptRunFile",
+    "CorruptSegment",
     "FlorqlError",
     "ForbiddenAccess",
     "ForbiddenStatement",
@@ -19,6 +33,7 @@ __all__ = [
     "UnknownColumn",
     "UnknownTable",
     "UsageError",
+    "WriteFailed",
 ]
 
 
@@ -28,6 +43,16 @@ class QuerySyntaxError(FlorqlError):
     def __init__(self, message: str, line: int | None = None, column: int | None = None) -> None:
         super().__init__(message)
         self.line, self.column = line, column
+
+
+class QueryFailed(FlorqlError):
+    """The database could not answer a query (a failed cast, an out-of-range value, a function's
+    error…); the SQLSTATE is the one PostgreSQL gives for the same failure, the engine's error
+    is the `__cause__`."""
+
+    def __init__(self, message: str, sqlstate: str = "XX000") -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
 
 
 class UnknownTable(FlorqlError):
@@ -70,14 +95,6 @@ class MissingHindsight(FlorqlError):
     sqlstate = "55000"
 
 
-class QueryFailed(FlorqlError):
-    """DuckDB refused or failed a query; `sqlstate` says how, in PostgreSQL's terms."""
-
-    def __init__(self, message: str, sqlstate: str = "XX000") -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-
-
 # DuckDB's exception classes (by name: `import florql` does not load DuckDB) → PostgreSQL SQLSTATEs.
 DUCKDB_SQLSTATES = {
     "ParserException": "42601",
@@ -107,8 +124,10 @@ def from_duckdb(err: Exception) -> FlorqlError:
     names = [cls.__name__ for cls in type(err).__mro__]
     code = next((DUCKDB_SQLSTATES[n] for n in names if n in DUCKDB_SQLSTATES), "XX000")
     text = str(err)
-    if code == "42P01" and "does not exist" in text and "Function" in text:
-        code = "42883"
+    if code in ("42P01", "42703") and re.search(
+        r"no function matches|function with name .* does not exist", text, re.I
+    ):
+        code = "42883"  # undefined_function
     if code == "40001":
         return StoreConflict(f"the store changed under the query ({names[0]}); try again")
     if code == "XX000":

@@ -153,7 +153,7 @@ def _propagated(run_id: int, old: str, current: str, names: frozenset[str], rel:
     try:
         return propagate(old, current, set(names), filename=rel)
     except PropagationError as err:
-        raise ReplayFailed(f"run {run_id}: {err}; this run cannot answer it by replay") from None
+        raise ReplayFailed(f"run {run_id}: {err}; this run cannot answer it by replay") from err
 
 
 @lru_cache(maxsize=256)
@@ -228,9 +228,7 @@ def _write_expected(
         params=[info.run_id, job.log_from, job.stop],
     ).to_arrow_table()
     table = table.cast(segments.SCHEMA)
-    path = layout.replay_expected_path(info.run_id, job_id)
-    files.put(path, segments.encode(table.to_batches(), {}))
-    return path
+    return segments.write_table(files, layout.replay_expected_path(info.run_id, job_id), table.to_batches(), {})
 
 
 # ---- rewrite ------------------------------------------------------------------------------------
@@ -261,5 +259,5 @@ def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run
     try:
         grain = grain_for(infos, coords)
     except ValueError as err:
-        raise FlorqlError(f"run_{info.run_id}: {err}") from None
+        raise FlorqlError(f"run_{info.run_id}: {err}") from err
     return wide_select(info.run_id, grain, infos, with_run_id, versions)

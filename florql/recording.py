@@ -18,15 +18,16 @@ import torch
 
 from florql import args as florql_args
 from florql import replay, storage
-from florql.checkpoint_engine import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager
+from florql.checkpoint_engine import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager, make_policy
 from florql.names import check_name
 from florql.reads import READ_FILES
 from florql.rng import capture_rng
 from florql.scope import baseline_of, capture_scope
-from florql.session import LoopFrame, TrainingSession, now
+from florql.session import LoopFrame, TrainingSession
 from florql.storage import layout
 from florql.storage.checkpoints import CheckpointRecord
 from florql.storage.code_versions import save_code_version
+from florql.storage.errors import WriteFailed
 from florql.storage.layout import locate_store
 from florql.storage.manifest import Env, Manifest
 from florql.storage.segment_writer import SegmentWriter
@@ -116,8 +117,11 @@ class RecordSession(TrainingSession):
             status="running",
             checkpoints={"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},
         )
-        self._capture_code_version(wait=True)  # the manifest names its code version from the start
-        self._write_manifest()
+        try:
+            self._capture_code_version(wait=True)  # the manifest names its code version from the start
+            self._write_manifest()
+        except OSError as exc:
+            raise WriteFailed(f"florql cannot start recording run {self.run_id} in {self.files.url}: {exc}") from exc
         self.writer = SegmentWriter(
             self.files,
             lambda seq: layout.segment_path(self.run_id, layout.MAIN_WRITER, seq),
@@ -137,7 +141,11 @@ class RecordSession(TrainingSession):
             self.manifest.heartbeat_at = time.time()
             body = self.manifest.to_json().encode()
             self._manifest_dirty = False
-        self.files.put(layout.manifest_path(self.run_id), body)
+        try:
+            self.files.put(layout.manifest_path(self.run_id), body)
+        except BaseException:
+            self._manifest_dirty = True  # written again at the next heartbeat
+            raise
         self._last_manifest = time.monotonic()
 
     def _manifest_snapshot(self) -> bytes | None:
@@ -196,18 +204,28 @@ class RecordSession(TrainingSession):
         return rel
 
     def _capture_code_version(self, wait: bool = False) -> None:
-        """Read the sources now; store them (fsync'd blobs) off the training thread."""
+        """Read the sources now; store them (fsync'd blobs) off the training thread.
+
+        With `wait`, a failure to store them is raised here; otherwise the run keeps the code
+        version it had (the one stored at its start).
+        """
         sources = self._project_files()
         if self._code_thread is not None:
             self._code_thread.join()
-        self._code_thread = threading.Thread(
-            target=lambda: self.update(code_version=save_code_version(self.files, sources)),
-            name="florql-code-version",
-            daemon=True,
-        )
+        failed: list[OSError] = []
+
+        def save() -> None:
+            try:
+                self.update(code_version=save_code_version(self.files, sources))
+            except OSError as exc:
+                failed.append(exc)
+
+        self._code_thread = threading.Thread(target=save, name="florql-code-version", daemon=True)
         self._code_thread.start()
         if wait:
             self._code_thread.join()
+            if failed:
+                raise failed[0]
 
     # ---- args -------------------------------------------------------------------------------
     def arg(self, name: str, default: Any) -> Any:
@@ -241,7 +259,7 @@ class RecordSession(TrainingSession):
                 self.outer.observed_s = 0.0
                 self.outer.overlapped = self.persister.in_flight
                 self.enter_iteration(lf, index)
-                self.outer.started = now()
+                self.outer.started = self.clock()
                 yield item
                 self._end_outer_iteration(index)
             completed = True
@@ -253,7 +271,7 @@ class RecordSession(TrainingSession):
             self.outer.frame = None
 
     def _end_outer_iteration(self, index: int) -> None:
-        elapsed = now() - self.outer.started - self.outer.stall_s
+        elapsed = self.clock() - self.outer.started - self.outer.stall_s
         if self.policy is not None:
             self.policy.iteration(elapsed, self.outer.overlapped or self.persister.in_flight)
         if not self.outer.inner_point_done:
@@ -268,7 +286,7 @@ class RecordSession(TrainingSession):
 
     def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
         point = self.is_checkpoint_point(lf, frame)
-        started = now()
+        started = self.clock()
         finished = False
         try:
             for index, item in enumerate(iterable):
@@ -279,8 +297,8 @@ class RecordSession(TrainingSession):
             # A `break` out of the inner loop ends it too (the generator is closed).
             if point and (finished or sys.exc_info()[0] in (None, GeneratorExit)):
                 self.outer.inner_point_done = True
-                self.outer.inner_s = now() - started
-                self.outer.observed_s = now() - self.outer.started - self.outer.stall_s
+                self.outer.inner_s = self.clock() - started
+                self.outer.observed_s = self.clock() - self.outer.started - self.outer.stall_s
                 self.maybe_checkpoint(self.outer.index, "inner_end", self.outer.observed_s)
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -289,7 +307,7 @@ class RecordSession(TrainingSession):
         # The writer's one-time warm-up would slow the first iterations and be charged to the first
         # checkpoint's persist; scripts usually cover it with their own set-up.
         self.writer.warmed.wait(timeout=2.0)
-        self.policy = AdaptivePolicy(budget=self.budget)
+        self.policy = make_policy(self.budget)
         self.update(checkpoint_budget=self.budget, checkpoint_objects=sorted(objects))
 
     def unregister(self) -> None:
@@ -310,7 +328,10 @@ class RecordSession(TrainingSession):
         if not self.policy.should_checkpoint(estimate, self.persister.in_flight):
             self._report_policy()
             return
-        started = now()
+        started = self.clock()
+        # The staging buffers are reused: never overwrite them while a persist still reads them.
+        # (The adaptive policy skips such opportunities; `every` waits here, and that is a stall.)
+        self.persister.wait()
         payload: dict[str, Any] = {
             "objects": self.stager.stage(self.objects),
             "rng": capture_rng(),
@@ -323,7 +344,7 @@ class RecordSession(TrainingSession):
             "position": {"outer_index": outer_index, "kind": kind},
             "args": dict(self.args),
         }
-        stall = now() - started
+        stall = self.clock() - started
         uncaptured = set((payload["scope"] or {}).get("uncaptured", ())) - set(self.manifest.uncaptured)
         if uncaptured:  # statements reading these are answered by re-execution, never by skipping
             self.update(uncaptured=sorted(uncaptured | set(self.manifest.uncaptured)))
@@ -344,7 +365,7 @@ class RecordSession(TrainingSession):
             return
         self.update(
             checkpoints={
-                "taken": p.taken,
+                "taken": p.taken - self.persister.failed,
                 "considered": p.considered,
                 "stall_s": round(p.stall_s, 6),
                 "train_s": round(p.train_s, 6),
@@ -352,6 +373,7 @@ class RecordSession(TrainingSession):
                 "skipped_in_flight": p.skipped_in_flight,
                 "period": p.period if p.gaps else None,
                 "interference_s": round(p.interference_s, 6),
+                "failed": self.persister.failed,
             }
         )
 
@@ -365,17 +387,30 @@ class RecordSession(TrainingSession):
         self.update(**fields)
 
     def finish(self) -> None:
+        """Called at interpreter exit: write what is left. Failures end in one clear line each."""
         self.persister.wait()
-        if self.persister.error is not None:
-            print(f"florql: a checkpoint of run {self.run_id} failed: {self.persister.error!r}", file=sys.stderr)
         self._report_policy()
-        self.writer.close()
-        self._capture_code_version(wait=True)
         fields: dict[str, Any] = {"ended_at": time.time()}
-        if self.manifest.status == "running":
+        try:
+            self.writer.close()
+        except WriteFailed as exc:
+            print(f"florql: run {self.run_id}: {exc}", file=sys.stderr, flush=True)
+            fields.update(status="failed", error=str(exc))
+        try:
+            self._capture_code_version(wait=True)
+        except OSError as exc:  # the run keeps the code version stored at its start
+            print(f"florql: run {self.run_id}: could not store its final code version: {exc}", file=sys.stderr)
+        if self.manifest.status == "running" and "status" not in fields:
             fields["status"] = "finished"
         self.update(**fields)
-        self._write_manifest()
+        try:
+            self._write_manifest()
+        except OSError as exc:
+            print(
+                f"florql: run {self.run_id}: could not write its manifest ({exc}); the run will show as killed",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def describe(self) -> str:
         return f"run {self.run_id}"

@@ -22,7 +22,7 @@ from florql.rng import restore_rng
 from florql.scope import restore_scope
 from florql.session import LoopFrame, TrainingSession
 from florql.storage import layout, segments
-from florql.storage.checkpoints import CheckpointRecord, read_checkpoint
+from florql.storage.checkpoints import read_checkpoint, read_record
 from florql.storage.runfiles import open_run_files
 from florql.storage.segment_writer import SegmentWriter
 
@@ -163,7 +163,7 @@ class ReplaySession(TrainingSession):
             self.outer.inner_point_done = True
 
     def _restore(self, name: str) -> None:
-        record = CheckpointRecord.from_json(self.files.get(layout.checkpoint_meta_path(self.run_id, name)))
+        record = read_record(self.files, layout.checkpoint_meta_path(self.run_id, name))
         payload = read_checkpoint(self.files, record)
         for key, obj in self.objects.items():
             obj.load_state_dict(payload["objects"][key])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +56,8 @@ class TrainingSession:
         self.outer = OuterState()
         self._names: set[str] = set()
         self.args: dict[str, Any] = {}
+        # Where iteration, stall and training times come from; tests inject a clock of their own.
+        self.clock: Callable[[], float] = now
 
     # ---- logging (the hot path) -------------------------------------------------------------
     def log(self, name: str, value: Any) -> None:

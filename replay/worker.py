@@ -18,6 +18,7 @@ from florql.replay.jobs import JobResult, JobSpec, ReplayDiverged, ReplayFinishe
 from florql.replay.launcher import result_path
 from florql.storage import layout
 from florql.storage.code_versions import load_code_version, materialize
+from florql.storage.errors import FlorqlError
 from florql.storage.runfiles import open_run_files
 
 EXIT_DIVERGED = 3
@@ -48,6 +49,9 @@ def run(spec_path: str) -> JobResult:
             pass
         except ReplayDiverged as exc:
             return JobResult(spec.job_id, ok=False, divergence=exc.detail, error="diverged")
+        except FlorqlError as exc:  # florql's own (a corrupt checkpoint, a full disk…): its message says it all
+            if not files.exists(committed):
+                return JobResult(spec.job_id, ok=False, error=f"{type(exc).__name__}: {exc}")
         except BaseException as exc:  # the script failed: report it with the job, unless it failed after the commit
             if not files.exists(committed):
                 return JobResult(spec.job_id, ok=False, error="".join(traceback.format_exception(exc))[-4000:])

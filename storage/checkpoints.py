@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from florql.storage import layout
+from florql.storage.errors import CorruptCheckpoint
 from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
@@ -22,8 +23,7 @@ if TYPE_CHECKING:  # torch loads only in processes that read or write checkpoint
     import torch
 
 
-class CorruptCheckpoint(RuntimeError):
-    """A checkpoint whose bytes do not match the checksum recorded when it was written."""
+__all__ = ["CheckpointRecord", "CorruptCheckpoint", "list_checkpoints", "read_checkpoint", "write_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -102,11 +102,12 @@ def write_checkpoint(
     """
     started = time.perf_counter()
     name = checkpoint_name(outer_index, kind)
+    data_path = layout.checkpoint_data_path(run_id, name)
     tensors: list[torch.Tensor] = []
     header = pickle.dumps(_strip(payload, tensors), protocol=pickle.HIGHEST_PROTOCOL)
     digest = hashlib.sha256()
     size = 0
-    with files.writer(layout.checkpoint_data_path(run_id, name)) as f:
+    with files.writer(data_path) as f:
         chunks: tuple[bytes | memoryview, ...] = (
             MAGIC,
             len(header).to_bytes(8, "little"),
@@ -129,7 +130,11 @@ def write_checkpoint(
         persist_s=time.perf_counter() - started,
         created_at=time.time(),
     )
-    files.put(layout.checkpoint_meta_path(run_id, name), record.to_json())
+    try:
+        files.put(layout.checkpoint_meta_path(run_id, name), record.to_json())
+    except BaseException:
+        files.delete(data_path)  # without its record the payload is invisible: do not leave it taking space
+        raise
     return record
 
 
@@ -181,20 +186,48 @@ def _load(data: bytes) -> dict[str, Any]:
     return tree_map(build, skeleton)
 
 
+def read_record(files: RunFiles, path: str) -> CheckpointRecord:
+    """The record at `path` (`…/<name>.json`); `CorruptCheckpoint` naming the file when it cannot be read."""
+    try:
+        record = CheckpointRecord.from_json(files.get(path))
+    except (ValueError, TypeError) as err:  # JSONDecodeError, missing or unexpected fields
+        raise CorruptCheckpoint(f"the checkpoint record {path} cannot be read ({err}); {_REMEDY}") from err
+    if path.rsplit("/", 1)[-1] != f"{record.name}.json" or record.name != checkpoint_name(
+        record.outer_index, record.kind
+    ):
+        raise CorruptCheckpoint(f"the checkpoint record {path} does not describe its own checkpoint; {_REMEDY}")
+    return record
+
+
 def list_checkpoints(files: RunFiles, run_id: int) -> list[CheckpointRecord]:
     """Complete checkpoints of a run (those whose record was written), in order."""
     records = []
     for path in files.list(layout.checkpoints_dir(run_id)):
         if path.endswith(".json"):
-            records.append(CheckpointRecord.from_json(files.get(path)))
+            records.append(read_record(files, path))
     return sorted(records, key=lambda r: (r.outer_index, r.kind != "inner_end"))
 
 
 def read_checkpoint(files: RunFiles, record: CheckpointRecord) -> dict[str, Any]:
-    data = files.get(layout.checkpoint_data_path(record.run_id, record.name))
+    """The payload, its size and SHA-256 checked against the record; `CorruptCheckpoint` naming the file."""
+    path = layout.checkpoint_data_path(record.run_id, record.name)
+    data = files.get(path)
     if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+        why = f"{len(data)} bytes, {record.bytes} written" if len(data) != record.bytes else "checksum mismatch"
         raise CorruptCheckpoint(
-            f"checkpoint {record.name} of run {record.run_id} is corrupt (checksum mismatch); "
-            "delete it and the planner will replay from an earlier one"
+            f"checkpoint {record.name} of run {record.run_id} is corrupt ({why}): {path}; {_REMEDY}"
         )
-    return _load(data)
+    try:
+        payload = _load(data)
+    except CorruptCheckpoint as err:
+        raise CorruptCheckpoint(f"checkpoint {record.name} of run {record.run_id} ({path}): {err}; {_REMEDY}") from err
+    position = payload.get("position") if isinstance(payload, dict) else None
+    if position is not None and position != {"outer_index": record.outer_index, "kind": record.kind}:
+        raise CorruptCheckpoint(
+            f"checkpoint {record.name} of run {record.run_id} ({path}) holds the state of {position}, "
+            f"not of its record; {_REMEDY}"
+        )
+    return payload
+
+
+_REMEDY = "delete its .ckpt and .json files and run `florql rebuild`: replays then start from an earlier checkpoint"

@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from florql.storage import layout, segments
-from florql.storage.checkpoints import CheckpointRecord
+from florql.storage.checkpoints import read_record
 from florql.storage.code_versions import code_version_manifest
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
@@ -71,6 +71,7 @@ CREATE TABLE IF NOT EXISTS replay_coverage (
     run_id INTEGER, name VARCHAR, version VARCHAR, outer_index INTEGER, job_id VARCHAR,
     PRIMARY KEY (run_id, name, version, outer_index)
 );
+CREATE TABLE IF NOT EXISTS _stale_views (run_id INTEGER);
 CREATE TABLE IF NOT EXISTS replay_audit (
     run_id INTEGER, job_id VARCHAR, name VARCHAR, loop_path VARCHAR, coords VARCHAR,
     logged VARCHAR, replayed VARCHAR, abs_diff DOUBLE, mismatches BIGINT, detected_at TIMESTAMP
@@ -182,6 +183,9 @@ def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> set[int]:
             changed = ingest_run(conn, files, run_id, (manifest, status) if run_id in known else None)
         if changed:
             touched.add(run_id)
+    # The views follow the tables: ingest marks a run's views stale in its own transaction, and only
+    # a completed refresh clears the mark, so a process killed in between leaves them to the next sync.
+    touched |= {r[0] for r in conn.execute("SELECT DISTINCT run_id FROM _stale_views").fetchall()}
     refresh_views(conn, touched)
     return touched
 
@@ -213,6 +217,8 @@ def ingest_run(
         checkpoints = _ingest_checkpoints(conn, files, run_id)
         if status != "running":
             conn.execute("UPDATE _runs SET sealed = TRUE WHERE run_id = ?", [run_id])
+        if new_manifest or rows or checkpoints:
+            conn.execute("INSERT INTO _stale_views VALUES (?)", [run_id])
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -393,7 +399,7 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
     for path in files.list(layout.checkpoints_dir(run_id)):
         if not path.endswith(".json") or path.rsplit("/", 1)[-1][: -len(".json")] in have:
             continue  # named <checkpoint>.json (layout.checkpoint_meta_path): no need to read it again
-        rec = CheckpointRecord.from_json(files.get(path))
+        rec = read_record(files, path)
         if rec.name in have:
             continue
         landed += 1
@@ -468,6 +474,7 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
                     summary["committed_at"],
                 ],
             )
+            conn.execute("INSERT INTO _stale_views VALUES (?)", [run_id])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -548,12 +555,14 @@ def refresh_views(conn: duckdb.DuckDBPyConnection, touched: set[int] | None = No
     wanted["metrics"] = (" UNION ALL BY NAME ".join(p for p in parts if p) or EMPTY_METRICS, None)
     changes = {n: v for n, v in wanted.items() if stored.get(n) != v or n not in present}
     if not changes:
+        conn.execute("DELETE FROM _stale_views")
         return
     conn.execute("BEGIN")
     try:
         for name, (view, part) in changes.items():
             conn.execute(f"CREATE OR REPLACE VIEW {q(name)} AS {view}")
             conn.execute("INSERT OR REPLACE INTO _views VALUES (?, ?, ?)", [name, view, part])
+        conn.execute("DELETE FROM _stale_views")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")

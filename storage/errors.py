@@ -27,3 +27,26 @@ class StoreConflict(FlorqlError):
     """Two writers met in the DuckDB file: a retry is the answer (PostgreSQL's serialization_failure)."""
 
     sqlstate = "40001"
+
+
+class CorruptRunFile(FlorqlError):
+    """A run file whose bytes are not what was written (a checksum mismatch, a truncated file).
+
+    The message names the file; nothing is answered from it.
+    """
+
+    sqlstate = "XX001"  # data_corrupted
+
+
+class CorruptSegment(CorruptRunFile):
+    """A log segment that fails its checksum or is not a readable Arrow file."""
+
+
+class CorruptCheckpoint(CorruptRunFile, RuntimeError):
+    """A checkpoint whose bytes do not match the checksum recorded when it was written."""
+
+
+class WriteFailed(FlorqlError):
+    """Run files could not be written (a full disk, a read-only or unreachable store)."""
+
+    sqlstate = "53100"  # disk_full, the usual cause

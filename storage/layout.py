@@ -82,7 +82,7 @@ def replay_segment_path(run_id: int, job_id: str, seq: int, attempt: str = "a") 
 # The files of a replay job's folder.
 REPLAY_COMMITTED = "COMMITTED.json"  # the job's summary, written last: the job's rows are complete
 REPLAY_DIVERGED = "DIVERGED.json"  # a re-logged value differed from the recorded one
-REPLAY_EXPECTED = "expected.arrow"  # the recorded values the job audits its re-logged ones against
+REPLAY_EXPECTED = "expected.arrow"  # the recorded values the job audits against (written with its checksum in the name)
 
 
 def replay_commit_path(run_id: int, job_id: str) -> str:

@@ -74,16 +74,29 @@ class LocalRunFiles(RunFiles):
             f.write(data)
 
     def create(self, path: str, data: bytes) -> bool:
+        # Written whole to a temporary file, then hard-linked into place: the link fails when the
+        # target exists, and a reader never sees a partial file (a full disk fails before the link).
         target = self._abs(path)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        try:
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
+        if os.path.exists(target):
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: exclusive creation in place
+                return _create_in_place(target, data)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _fsync_dir(folder)
         return True
 
     @contextlib.contextmanager
@@ -99,12 +112,14 @@ class LocalRunFiles(RunFiles):
             os.fsync(f.fileno())
             f.close()
             os.replace(tmp, target)
-            _fsync_dir(folder)
         except BaseException:
-            f.close()
+            with contextlib.suppress(OSError):  # closing flushes: on a full disk that fails again
+                f.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        # Visible and complete from here on: reporting a failure now would make a caller write it again.
+        _fsync_dir(folder)
 
     def get(self, path: str) -> bytes:
         with open(self._abs(path), "rb") as f:
@@ -138,12 +153,28 @@ class LocalRunFiles(RunFiles):
 
 
 def _fsync_dir(folder: str) -> None:
-    # The rename is durable only once the directory entry is on disk.
-    fd = os.open(folder, os.O_RDONLY)
+    # The rename is durable only once the directory entry is on disk. Best effort: the file is
+    # already visible and complete, and reporting a failure would make the caller write it again.
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _create_in_place(target: str, data: bytes) -> bool:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 def open_run_files(location: str | os.PathLike) -> RunFiles:

@@ -1,17 +1,27 @@
 """The background thread that turns buffered log records into segment files.
 
-The training thread only appends tuples to `buffer`; this thread swaps the list out at least
-every `interval` seconds (or sooner under pressure), converts it to Arrow and writes one segment.
+The hand-off is race-free by construction. The training thread only appends tuples to `buffer`,
+one list that is never replaced. The writer takes the prefix that is there (`buffer[:n]`, one
+atomic copy under the GIL), writes it as one segment, and only then deletes that prefix
+(`del buffer[:n]`, one atomic step). Nothing else ever removes from the list, so a record appended
+at any moment is either in the prefix taken or still there for the next flush: none is lost, none
+is written twice, and they land in the order they were logged.
+
+A write that fails (a full disk) keeps its records in memory: the same bytes go to the same path
+at the next attempt, at least every `interval` seconds, so a retried segment never lands twice.
+Past `HARD_LIMIT` buffered records the training thread waits for the writer; while writes keep
+failing it stops with `WriteFailed` instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
 from florql.storage import segments
+from florql.storage.errors import WriteFailed
 from florql.storage.runfiles import RunFiles
 
 SOFT_LIMIT = 200_000  # records: wake the writer early
@@ -48,27 +58,40 @@ class SegmentWriter:
         describes nothing that is not in a written segment when `on_flush` writes it."""
         self.files, self.path_for, self.metadata = files, path_for, metadata
         self.interval, self.on_flush, self.on_swap = interval, on_flush, on_swap
-        self.buffer: list[tuple] = []
+        self.buffer: list[tuple] = []  # only ever appended to (training) and cut at the front (writer)
+        # Set by the training thread *before* it appends a Deferred, never cleared: a flush that
+        # finds a Deferred in its prefix always sees the flag, whatever the interleaving.
         self.has_deferred = False
         self.records_written = 0
         self.segments_written = 0
         self.paths: list[str] = []
         self._segment_seq = 0
+        self._pending: tuple[str, bytes, int] | None = None  # a segment encoded but not yet written
         self._wake = threading.Event()
+        self._closing = threading.Event()
         self.warmed = threading.Event()  # set once pyarrow's one-time costs are paid
         self._drained = threading.Condition()
         self._stop = False
-        self._error: BaseException | None = None
+        self._error: BaseException | None = None  # the last write failure, until a write succeeds
         self._lock = threading.Lock()  # one flush at a time (thread or an explicit flush())
         self._thread = threading.Thread(target=self._run, name="florql-segment-writer", daemon=True)
         self._thread.start()
 
     def pressure(self) -> None:
         """Called by the hot path when the buffer is large: wake the writer, wait when too large."""
-        self._wake.set()
+        if not self._wake.is_set():
+            self._wake.set()
         if len(self.buffer) >= HARD_LIMIT:
             with self._drained:
-                self._drained.wait_for(lambda: len(self.buffer) < HARD_LIMIT or self._stop, timeout=30)
+                self._drained.wait_for(
+                    lambda: len(self.buffer) < HARD_LIMIT or self._stop or self._error is not None, timeout=30
+                )
+            if self._error is not None and len(self.buffer) >= HARD_LIMIT:
+                raise WriteFailed(
+                    f"florql cannot write log records to {self.files.url} ({self._error}); "
+                    f"{len(self.buffer):,} records wait in memory, the most it keeps: stopping. "
+                    "Free some space (or fix the store) and run again."
+                ) from self._error
 
     def flush_soon(self) -> None:
         self._wake.set()
@@ -78,12 +101,17 @@ class SegmentWriter:
         self._flush_once()
 
     def close(self) -> None:
+        """Stop the thread and write what is left; `WriteFailed` when that cannot be written."""
         self._stop = True
+        self._closing.set()
         self._wake.set()
         self._thread.join()
-        self._flush_once()
-        if self._error is not None:
-            raise RuntimeError("florql could not write log segments") from self._error
+        try:
+            self._flush_once()
+        except Exception as exc:
+            raise WriteFailed(
+                f"could not write the last {len(self.buffer):,} log records to {self.files.url}: {exc}"
+            ) from exc
 
     def _run(self) -> None:
         # pyarrow's first conversion and encoding cost ~0.15 s of GIL-held work: pay it now, while
@@ -95,36 +123,59 @@ class SegmentWriter:
             self._wake.clear()
             try:
                 state = self._flush_once(swap_hook=True)
-                if self.on_flush is not None:
-                    self.on_flush(state)
-            except BaseException as exc:  # keep training alive; report at close
+            except Exception as exc:  # keep training alive and the records in memory; retry
+                if self._error is None:
+                    self._say(
+                        f"could not write log records ({exc}); they stay in memory and the write is "
+                        f"retried every {self.interval:g} s"
+                    )
                 self._error = exc
-                time.sleep(self.interval)
+                with self._drained:
+                    self._drained.notify_all()
+                self._closing.wait(self.interval)  # not a busy loop while the hot path keeps waking us
+                continue
+            if self._error is not None:
+                self._error = None
+                self._say("writing log records works again; none was lost")
+            if self.on_flush is not None:
+                try:
+                    self.on_flush(state)
+                except Exception:  # the heartbeat is rewritten at the next flush
+                    pass
+
+    def _say(self, message: str) -> None:
+        run = self.metadata.get("run_id")
+        print(f"florql: run {run}: {message}" if run else f"florql: {message}", file=sys.stderr, flush=True)
 
     def _flush_once(self, swap_hook: bool = False) -> Any:
         with self._lock:
-            state = None
-            if swap_hook and self.on_swap is not None:
-                try:
-                    state = self.on_swap()
-                except Exception as exc:  # the records still land; reported at close
-                    self._error = exc
-            records, self.buffer = self.buffer, []  # atomic under the GIL
+            state = self.on_swap() if swap_hook and self.on_swap is not None else None
+            if self._pending is not None:  # a segment an earlier attempt could not write: first
+                self._write_pending()
+            buffer = self.buffer
+            n = len(buffer)
+            if n:
+                records = buffer[:n]  # the prefix: appends after this point stay for the next flush
+                if self.has_deferred:
+                    records = [_resolved(r) for r in records]
+                batch = segments.records_to_batch(self.records_written, records)
+                data = segments.encode([batch], self.metadata)
+                self._pending = (segments.checked_path(self.path_for(self._segment_seq), data), data, n)
+                self._write_pending()
             with self._drained:
                 self._drained.notify_all()
-            if not records:
-                return state
-            if self.has_deferred:
-                self.has_deferred = False
-                records = [_resolved(r) for r in records]
-            batch = segments.records_to_batch(self.records_written, records)
-            self.records_written += len(records)
-            path = self.path_for(self._segment_seq)
-            self._segment_seq += 1
-            segments.write_segment(self.files, path, batch, self.metadata)
-            self.paths.append(path)
-            self.segments_written += 1
             return state
+
+    def _write_pending(self) -> None:
+        assert self._pending is not None
+        path, data, n = self._pending
+        self.files.put(path, data)  # atomic; raises (the records kept) when it cannot be written
+        self._pending = None
+        del self.buffer[:n]
+        self.records_written += n
+        self._segment_seq += 1
+        self.paths.append(path)
+        self.segments_written += 1
 
 
 def _resolved(record: tuple) -> tuple:

@@ -3,16 +3,23 @@
 A segment holds the records one writer (a trainer or a replay job) buffered since its last flush.
 Records are `(seq, name, loop_path, coords, typed value)`; `coords` are the iteration indices of
 the enclosing loops, outermost first, named by `loop_path` ("epoch/step").
+
+A segment's name carries the SHA-256 of its bytes (`00000003.<32 hex digits>.arrow`): the file
+stays a plain Arrow IPC file, and every read checks it, so a truncated or bit-flipped segment is
+reported by name and never answered from. Segments of older florql versions have no checksum.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
 
+from florql.storage.errors import CorruptSegment
 from florql.storage.runfiles import RunFiles
 
 SCHEMA = pa.schema(
@@ -99,13 +106,53 @@ def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes
     return sink.getvalue()
 
 
-def write_segment(files: RunFiles, path: str, batch: pa.RecordBatch, metadata: dict[str, str]) -> None:
-    files.put(path, encode([batch], metadata))
+_CHECKED = re.compile(r"\.([0-9a-f]{32})\.arrow$")
+
+
+def checked_path(path: str, data: bytes) -> str:
+    """`…/00000003.arrow` → `…/00000003.<first 32 hex digits of the SHA-256 of data>.arrow`."""
+    assert path.endswith(".arrow") and not _CHECKED.search(path), path
+    return f"{path.removesuffix('.arrow')}.{hashlib.sha256(data).hexdigest()[:32]}.arrow"
+
+
+def write_segment(files: RunFiles, path: str, batch: pa.RecordBatch, metadata: dict[str, str]) -> str:
+    """Write one batch as a segment; returns its path, `path` with the checksum in the name."""
+    return write_table(files, path, [batch], metadata)
+
+
+def write_table(files: RunFiles, path: str, batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> str:
+    data = encode(batches, metadata)
+    final = checked_path(path, data)
+    files.put(final, data)
+    return final
 
 
 def read_segment(files: RunFiles, path: str) -> pa.Table:
-    """A whole segment; a truncated or foreign file raises `pa.ArrowInvalid`."""
+    """A whole segment, its checksum verified; `CorruptSegment` (naming the file) when it is not intact."""
     local = files.local_path(path)
-    source: Any = pa.memory_map(local) if local else pa.BufferReader(files.get(path))
-    with pa.ipc.open_file(source) as reader:
-        return reader.read_all()
+    try:
+        buffer = pa.memory_map(local).read_buffer() if local else pa.py_buffer(files.get(path))
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise CorruptSegment(f"log segment {path} cannot be read: {err}") from err
+    checked = _CHECKED.search(path)
+    if checked and hashlib.sha256(buffer).hexdigest()[:32] != checked.group(1):
+        raise CorruptSegment(
+            f"log segment {path} is corrupt: its {buffer.size} bytes do not match the checksum in its name "
+            f"(truncated or altered since it was written). {_REMEDY}"
+        )
+    try:
+        with pa.ipc.open_file(buffer) as reader:
+            table = reader.read_all()
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
+        raise CorruptSegment(f"log segment {path} is not a readable Arrow file ({err}). {_REMEDY}") from err
+    if not table.schema.equals(SCHEMA, check_metadata=False):
+        raise CorruptSegment(f"log segment {path} does not hold florql log records (schema {table.schema}). {_REMEDY}")
+    return table
+
+
+_REMEDY = (
+    "Restore it from a copy, or delete it to go on without its rows (a replay job's folder can be deleted "
+    "whole: the next query that needs it replays it)."
+)

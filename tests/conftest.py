@@ -1,20 +1,30 @@
-"""Shared fixtures: real stores in temporary folders, training scripts run as real processes."""
+"""Shared fixtures: real stores in temporary folders, training scripts run as real processes.
+
+The suite must pass the same way on an idle machine and on one whose cores are busy, so no test
+of behaviour depends on wall-clock timing:
+- every training run of the suite (in-process, and the scripts it starts, which inherit the
+  environment) checkpoints at every opportunity (`FLORQL_CHECKPOINTS=every`), so which checkpoints
+  a run holds depends on its code, never on the load; the tests of the adaptive policy itself
+  choose it explicitly and inject a clock (tests/test_checkpoints.py);
+- hypothesis has no deadline: a slow example on a busy machine is not a failure.
+Tests of timing belong in benchmarks/.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 import florql
 from store_support import Store
 
-# Tests assert behaviour, never timing: a first call that is slow because the machine is busy
-# (lazy imports, two other processes on both cores) must not fail a test.
-settings.register_profile("florql", deadline=None)
+os.environ["FLORQL_CHECKPOINTS"] = "every"
+settings.register_profile("florql", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("florql")
 
 

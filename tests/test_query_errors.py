@@ -307,3 +307,31 @@ def test_set_of_an_unknown_florql_value_is_an_error(db):
         db.sql("SET replay = 'sometimes'")
     with pytest.raises(FlorqlError):
         db.sql("SET replay_budget = 'soon'")
+
+
+def test_threads_opening_the_store_at_once_all_answer(db):
+    """A fresh database instance has its configuration locked by the first query that opens it;
+    threads racing to do that must all answer (a check-then-set race the many-clients server
+    test ran into). Concurrent ingest is another matter: the store is synced first."""
+    import threading
+
+    home = db.location.home
+    db.sync()
+
+    def client(barrier: threading.Barrier, errors: list[BaseException]) -> None:
+        conn = florql.connect(home, progress=False)
+        barrier.wait(timeout=60)
+        try:
+            assert conn.sql("SELECT count(*) FROM runs").fetchall() == [(len(RUNS),)]
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    for _ in range(10):  # each round opens a fresh instance: every connection closes between rounds
+        errors: list[BaseException] = []
+        barrier = threading.Barrier(8)
+        threads = [threading.Thread(target=client, args=(barrier, errors)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors[:3]

@@ -284,7 +284,7 @@ for epoch in florql.loop("epoch", range(100000)):
 """
 
 
-def _flushed_records(store, run_id: int) -> int:
+def _rows_on_disk(store, run_id: int) -> int:
     """Records in the run's complete segment files (the writer renames each into place whole)."""
     paths = [p for p in store.files.list(layout.segments_dir(run_id)) if p.endswith(".arrow")]
     return sum(segments.read_segment(store.files, p).num_rows for p in paths)
@@ -297,10 +297,12 @@ def test_kill_9_keeps_every_record_flushed_before_it_and_marks_the_run_killed(st
             if int(line) >= 5:
                 break
         logged_before = (int(line) + 1) * 50
-        # Kill once the background writer has flushed them (about a second; longer on a busy machine).
+        # Kill once those records are observably on disk (the writer flushes every second; on a
+        # busy machine later): what was flushed before the kill must all be there afterwards.
         deadline = time.monotonic() + 60
-        while _flushed_records(store, 1) < logged_before and time.monotonic() < deadline:
+        while _rows_on_disk(store, 1) < logged_before and time.monotonic() < deadline:
             time.sleep(0.05)
+        assert _rows_on_disk(store, 1) >= logged_before, "the writer flushed nothing in 60 s"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:

@@ -1,0 +1,206 @@
+"""The hand-off between the training thread and the segment writer loses and duplicates nothing.
+
+The stress tests force many hand-offs: a switch interval of a microsecond (the interpreter changes
+threads as often as it can), a writer that flushes every 0.1 ms, and a third thread calling
+`flush()` as well (as checkpoints and replay commits do). Every record must land exactly once, in
+the order it was logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from florql.session import TrainingSession
+from florql.storage import segments
+from florql.storage.errors import WriteFailed
+from florql.storage.runfiles import LocalRunFiles
+from florql.storage.segment_writer import Deferred, SegmentWriter
+
+RECORDS = 100_000
+
+
+@pytest.fixture
+def busy_switching() -> Iterator[None]:
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
+
+
+class Session(TrainingSession):
+    """The real hot path (`TrainingSession.log`) writing to `writer`."""
+
+    def __init__(self, writer: SegmentWriter) -> None:
+        super().__init__()
+        self.writer = writer
+        self.position = ("epoch", 0)
+
+
+class CudaLike(Session):
+    """Values of `Lazy` are deferred the way CUDA tensors are (`TrainingSession._convert`: the flag
+    first, then a `Deferred` resolved on the writer thread), without needing a GPU."""
+
+    def _convert(self, name, value):
+        if isinstance(value, Lazy):
+            self.writer.has_deferred = True
+            return Deferred(torch.tensor(value.v), None)
+        return super()._convert(name, value)
+
+
+class Lazy:
+    def __init__(self, v: int) -> None:
+        self.v = v
+
+
+class MemoryRunFiles(LocalRunFiles):
+    """Run files kept in memory: the stress tests are about the hand-off, not the disk (no fsync)."""
+
+    def __init__(self) -> None:
+        self.url = "memory://"
+        self.data: dict[str, bytes] = {}
+
+    def put(self, path: str, data: bytes) -> None:
+        self.data[path] = bytes(data)
+
+    def get(self, path: str) -> bytes:
+        return self.data[path]
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(p for p in self.data if p.startswith(prefix + "/"))
+
+    def local_path(self, path: str) -> None:
+        return None
+
+
+def _writer(files, interval: float = 1e-4) -> SegmentWriter:
+    writer = SegmentWriter(
+        files, lambda seq: f"runs/1/segments/main/{seq:08d}.arrow", {"run_id": "1"}, interval=interval
+    )
+    writer.warmed.wait(timeout=30)
+    return writer
+
+
+def _landed(files) -> list[tuple[int, int]]:
+    rows: list[tuple[int, int]] = []
+    for path in files.list("runs/1/segments"):
+        table = segments.read_segment(files, path)
+        rows.extend(zip(table.column("seq").to_pylist(), table.column("value_int").to_pylist()))
+    return rows
+
+
+def _flusher(writer: SegmentWriter, stop: threading.Event) -> threading.Thread:
+    def run() -> None:
+        while not stop.is_set():
+            writer.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.parametrize("kind", [Session, CudaLike])
+def test_every_record_lands_exactly_once_under_many_hand_offs(busy_switching, kind):
+    files = MemoryRunFiles()
+    writer = _writer(files)
+    session = kind(writer)
+    stop = threading.Event()
+    flusher = _flusher(writer, stop)
+    make = Lazy if kind is CudaLike else int
+    for i in range(RECORDS):
+        session.log("x", make(i) if i % 3 == 0 else i)
+        if i % 32 == 0:
+            time.sleep(0)  # let the writers run: small segments, many hand-offs
+    stop.set()
+    flusher.join()
+    writer.close()
+    rows = _landed(files)
+    assert len(rows) == RECORDS
+    assert rows == [(i, i) for i in range(RECORDS)]  # each once, in order, deferred values resolved
+    assert writer.segments_written > 50, "the test did not force many hand-offs"
+    print(f"{kind.__name__}: {RECORDS} records in {writer.segments_written} segments")
+
+
+class FullDisk(LocalRunFiles):
+    """Local run files whose writes fail with ENOSPC while `full` is set (a disk filling up and
+    emptying again; the file-system version of this is in test_faults.py)."""
+
+    def __init__(self, root) -> None:
+        super().__init__(root)
+        self.full = threading.Event()
+        self.refused = 0
+
+    def put(self, path: str, data: bytes) -> None:
+        if self.full.is_set():
+            self.refused += 1
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        super().put(path, data)
+
+
+def test_a_failed_write_keeps_its_records_and_retries_them(tmp_path, capfd):
+    files = FullDisk(tmp_path)
+    writer = _writer(files, interval=0.01)
+    session = Session(writer)
+    for i in range(1000):
+        session.log("x", i)
+    writer.flush()
+    files.full.set()
+    for i in range(1000, 3000):
+        session.log("x", i)
+        if i == 2000:
+            with pytest.raises(OSError):
+                writer.flush()
+    while files.refused < 3:  # the writer thread has tried, and failed, a few times
+        threading.Event().wait(0.01)
+    files.full.clear()
+    while writer.records_written < 3000:  # the writer thread retries and catches up
+        threading.Event().wait(0.01)
+    for i in range(3000, 4000):
+        session.log("x", i)
+    writer.close()
+    assert _landed(files) == [(i, i) for i in range(4000)]
+    err = capfd.readouterr().err
+    assert "could not write log records" in err and "No space left on device" in err
+    assert "works again; none was lost" in err
+
+
+def test_records_that_cannot_be_written_at_the_end_fail_the_close_clearly(tmp_path):
+    files = FullDisk(tmp_path)
+    writer = _writer(files, interval=10)
+    session = Session(writer)
+    for i in range(10):
+        session.log("x", i)
+    files.full.set()
+    with pytest.raises(WriteFailed, match="could not write the last 10 log records .*No space left on device"):
+        writer.close()
+    assert files.list("runs") == []  # nothing half-written is visible
+
+
+def test_training_stops_with_a_clear_message_when_memory_fills_and_writes_keep_failing(tmp_path, monkeypatch):
+    """Records wait in memory while the disk is full, up to HARD_LIMIT (made small here); past it
+    `florql.log` raises `WriteFailed` rather than waiting forever or growing without bound."""
+    from florql import session as session_module
+    from florql.storage import segment_writer
+
+    monkeypatch.setattr(segment_writer, "HARD_LIMIT", 500)
+    monkeypatch.setattr(session_module, "SOFT_LIMIT", 100)
+    files = FullDisk(tmp_path)
+    files.full.set()
+    writer = _writer(files, interval=0.01)
+    session = Session(writer)
+    with pytest.raises(WriteFailed, match=r"cannot write log records .*No space left on device.* 500 records wait"):
+        for i in range(10_000):
+            session.log("x", i)
+    kept = len(writer.buffer)
+    assert 500 <= kept < 10_000
+    files.full.clear()  # space again: what was kept is written, once
+    writer.close()
+    assert _landed(files) == [(i, i) for i in range(kept)]
