@@ -21,7 +21,7 @@ from sqlglot import exp
 
 from florql import query, reads
 from florql.binder import Bound, bind, unknown_column_error
-from florql.dialect import bind_parameters, ensure_read_only, florql_setting, parse
+from florql.dialect import bind_parameters, ensure_read_only, florql_setting, in_user_terms, parse
 from florql.errors import (
     FlorqlError,
     MissingHindsight,
@@ -61,14 +61,23 @@ def query_error(err: BaseException) -> FlorqlError:
 
 
 @contextlib.contextmanager
-def answering() -> Iterator[None]:
-    """Every error a query can cause reaches the caller as a `FlorqlError`, the original as `__cause__`."""
+def answering(user_sql: str | None = None) -> Iterator[None]:
+    """Every error a query can cause reaches the caller as a `FlorqlError`, the original as `__cause__`.
+
+    With `user_sql`, an engine error about florql's rewrite is told about the user's own SQL.
+    """
     try:
-        yield
-    except FlorqlError:
-        raise
-    except (duckdb.Error, sqlglot.errors.SqlglotError, RecursionError) as err:
-        raise query_error(err) from err
+        try:
+            yield
+        except FlorqlError:
+            raise
+        except (duckdb.Error, sqlglot.errors.SqlglotError, RecursionError) as err:
+            raise query_error(err) from err
+    except QueryFailed as failed:
+        told = in_user_terms(str(failed), user_sql) if user_sql else str(failed)
+        if told == str(failed):
+            raise
+        raise QueryFailed(told, failed.sqlstate) from failed.__cause__
 
 
 @dataclass
@@ -134,20 +143,21 @@ class Result:
         self._table = table
         self._schema: pa.Schema | None = None
         self.final_sql = sql
+        self.user_sql: str | None = None  # the SQL the user wrote: errors point into it
 
     @property
     def schema(self) -> pa.Schema:
         if self._table is not None:
             return self._table.schema
         if self._schema is None:  # the server asks more than once per query
-            with answering(), self._conn._open() as db:
+            with answering(self.user_sql), self._conn._open() as db:
                 self._schema = self._conn._fetch(db, f"SELECT * FROM ({self._sql}) LIMIT 0", self._params).schema
         return self._schema
 
     def arrow(self) -> pa.Table:
         if self._table is None:
             assert self._sql is not None  # a Result holds a table or the query that makes it
-            with answering(), self._conn._open() as db:
+            with answering(self.user_sql), self._conn._open() as db:
                 self._table = self._conn._fetch(db, self._sql, self._params)
         return self._table
 
@@ -157,7 +167,7 @@ class Result:
             yield from self._table.to_batches(batch_size)
             return
         assert self._sql is not None  # a Result holds a table or the query that makes it
-        with answering(), self._conn._open() as db:
+        with answering(self.user_sql), self._conn._open() as db:
             yield from self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
 
     def df(self):
@@ -271,12 +281,13 @@ class Connection:
     # ---- queries ------------------------------------------------------------------------------
     def sql(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> Result:
         _check_query(sql, params)
-        with answering():
+        with answering(sql):
             statements = parse(sql, read=dialect)
             result: Result | None = None
             for statement in statements:
                 result = self._retrying(statement, params)
             assert result is not None
+            result.user_sql = sql
             return result
 
     def _retrying(self, statement: exp.Expr, params: Sequence[Any] | None) -> Result:
@@ -411,7 +422,7 @@ class Connection:
     def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:
         """The replay plan a query would run, without running it."""
         _check_query(sql, params)
-        with answering():
+        with answering(sql):
             statement = parse(sql, read=dialect)[-1]
             ensure_read_only(statement)
             statement = bind_parameters(statement, params)

@@ -97,7 +97,9 @@ def parse(sql: str, read: str = "duckdb") -> list[exp.Expr]:
         first = err.errors[0] if err.errors else {}
         line, col = first.get("line"), first.get("col")
         where = f" at line {line}, column {col}" if line else ""
-        detail = first.get("description") or str(err).splitlines()[0]
+        detail = plain_syntax_error(first.get("description") or str(err).splitlines()[0])
+        if first.get("highlight") and "Unexpected token" in detail:
+            detail = f"unexpected {first['highlight']!r}"
         raise QuerySyntaxError(f"syntax error{where}: {detail}", line, col) from err
     if not statements:
         raise QuerySyntaxError("empty query: write a SELECT, e.g. SELECT * FROM runs")
@@ -226,3 +228,37 @@ def literal(value: Any) -> exp.Expr:
 def _number(text: str, negative: bool) -> exp.Expr:
     node = exp.Literal.number(text.lstrip("-"))
     return exp.Paren(this=exp.Neg(this=node)) if negative else node
+
+
+_ENGINE_CONTEXT = re.compile(r"\n*LINE (\d+): (.*)\n( *)(\^+)\s*$")
+_MISSING_KEYWORD = re.compile(r"Required keyword: '(\w+)' missing for <class '[\w.]*\.(\w+)'>")
+
+
+def plain_syntax_error(detail: str) -> str:
+    """sqlglot's description of a parse error, in the words of SQL rather than of its classes."""
+    match = _MISSING_KEYWORD.search(detail)
+    if match:
+        clause = re.sub(r"(?<!^)(?=[A-Z])", " ", match.group(2)).upper()
+        return f"{clause} is incomplete: something is missing after it"
+    return re.sub(r"<class '[\w.]*\.(\w+)'>", r"\1", detail)
+
+
+def in_user_terms(message: str, user_sql: str) -> str:
+    """An engine error about the rewritten query, told about the user's own SQL.
+
+    DuckDB quotes the SQL it ran (florql's rewrite of the user's) and underlines the culprit.
+    The quote goes; where the underlined text also stands in the user's SQL, the error says where.
+    """
+    match = _ENGINE_CONTEXT.search(message)
+    if match is None:
+        return message
+    head = message[: match.start()].rstrip()
+    quoted, start = f"LINE {match.group(1)}: {match.group(2)}", len(match.group(3))
+    culprit = quoted[start : start + len(match.group(4))]
+    at = user_sql.find(culprit) if culprit.strip() else -1
+    if at < 0:
+        return head
+    line = user_sql.count("\n", 0, at) + 1
+    column = at - (user_sql.rfind("\n", 0, at) + 1) + 1
+    text = user_sql.splitlines()[line - 1]
+    return f"{head}\nat line {line}, column {column}:\n  {text}\n  {' ' * (column - 1)}{'^' * len(culprit)}"

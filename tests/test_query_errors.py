@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
@@ -21,6 +22,7 @@ from florql.errors import (
     ForbiddenAccess,
     ForbiddenStatement,
     ParameterError,
+    QueryFailed,
     QuerySyntaxError,
     UnknownColumn,
     UnknownTable,
@@ -80,6 +82,39 @@ def test_syntax_error_on_first_line(db):
         db.sql("SELECT epoch loss loss FROM run_1")
     assert err.value.line == 1
     assert "line 1" in str(err.value)
+
+
+def test_an_incomplete_clause_is_named_in_sql_words(db):
+    with pytest.raises(QuerySyntaxError) as err:
+        db.sql("SELECT loss FROM run_1 WHERE")
+    assert "WHERE is incomplete" in str(err.value)
+    assert "<class" not in str(err.value) and "sqlglot" not in str(err.value)
+
+
+def test_an_unexpected_token_is_quoted(db):
+    with pytest.raises(QuerySyntaxError) as err:
+        db.sql("SELECT loss FROM run_1 WHERE epoch > 1 GROUP")
+    assert "unexpected 'GROUP'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("sql", "culprit", "column"),
+    [
+        ("SELECT loss FROM run_1 WHERE epoch > 'abc'", "'abc'", 38),
+        ("SELECT loss + 'x' FROM run_1", "'x'", 15),
+        ("SELECT epoch,\n  loss FROM run_1 WHERE loss > 'y'", "'y'", 32),
+    ],
+)
+def test_engine_errors_point_into_the_users_sql_not_the_rewrite(db, sql, culprit, column):
+    with pytest.raises(QueryFailed) as err:
+        db.sql(sql).fetchall()
+    message = str(err.value)
+    assert err.value.sqlstate == "22P02", message
+    assert f"column {column}:" in message and culprit in message
+    assert ("line 2," in message) == ("\n" in sql)
+    # florql's rewrite of the query (its subqueries and aliases) never shows
+    assert "t0." not in message and "LINE " not in message and "SELECT *" not in message
+    assert isinstance(err.value.__cause__, duckdb.Error)
 
 
 def test_empty_query_is_a_syntax_error(db):
