@@ -35,7 +35,7 @@ HINDSIGHT = "SELECT epoch, step, grad_norm FROM run_1 WHERE epoch = 1 ORDER BY s
 def florql_cli(store: Store, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """`florql ARGS` as its own process, with FLORQL_HOME naming the store."""
     return subprocess.run(
-        [sys.executable, "-m", "florql.cli", *args],
+        [sys.executable, "-m", "florql", *args],
         cwd=cwd or store.workdir,
         env=store.env(),
         capture_output=True,
