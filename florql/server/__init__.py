@@ -74,6 +74,9 @@ def serve(**options: Any) -> None:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:
         pass
+    finally:
+        if server.served is not None:
+            server.served.queue.close()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

@@ -149,6 +149,17 @@ class ReplayQueue:
                 if job.process is not None:
                     _kill(job.process)
 
+    def close(self) -> None:
+        """Stop: queued jobs leave the queue, running workers are killed (their jobs never commit)."""
+        with self._lock:
+            for job in self._pending:
+                job.result.set_result(JobResult(job.spec.job_id, ok=False, error="the server stopped"))
+            self._pending.clear()
+            for job in self._inflight.values():
+                job.withdrawn = True
+                if job.process is not None:
+                    _kill(job.process)
+
     # the slots
 
     def _start_slots(self) -> None:

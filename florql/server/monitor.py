@@ -11,7 +11,9 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
-from .access import Identity, OverLimit, Role
+from florql.errors import QueryFailed
+
+from .access import Identity, Role
 from .admission import Activity
 
 SERVER_TABLES = ("florql_activity", "florql_replay_accounting")
@@ -79,8 +81,9 @@ class ServerTables:
         self.identity = identity
         self._sessions, self._accounting, self._cancel = sessions, accounting, cancel
 
-    def execute(self, ast: exp.Expr) -> pa.Table:
-        ast = ast.copy().transform(self._call_cancel)
+    def execute(self, ast: exp.Expr, describing: bool = False) -> pa.Table:
+        """Answer `ast`; `describing` only finds the result's columns (pg_cancel_backend cancels nothing)."""
+        ast = ast.copy().transform(lambda node: self._call_cancel(node, describing))
         con = duckdb.connect(":memory:")
         try:
             con.register("florql_activity", self.activity())
@@ -90,12 +93,14 @@ class ServerTables:
         finally:
             con.close()
 
-    def _call_cancel(self, node: exp.Expr) -> exp.Expr:
+    def _call_cancel(self, node: exp.Expr, describing: bool) -> exp.Expr:
         if not (isinstance(node, exp.Anonymous) and node.name.lower() in CANCEL_FUNCTIONS):
             return node
         args = node.expressions
+        if describing:
+            return exp.Boolean(this=False)
         if len(args) != 1 or not (isinstance(args[0], exp.Literal) and args[0].is_int):
-            raise OverLimit(f"{node.name}(pid) takes one literal process id, as florql_activity shows it")
+            raise QueryFailed(f"{node.name}(pid) takes one literal process id, as florql_activity shows it", "22023")
         return exp.Boolean(this=self._cancel(int(args[0].name), self.identity))
 
     def _sees(self, user: str) -> bool:

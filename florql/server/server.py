@@ -219,6 +219,8 @@ class Server:
             await self._server.wait_closed()
         for conn in list(self.connections.values()):
             conn.writer.close()
+        if self.served is not None:
+            self.served.queue.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

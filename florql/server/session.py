@@ -566,6 +566,8 @@ class WireSession:
             return self._cursor(statement.name).schema
         if statement.command != "query":
             return None
+        if self.server_tables is not None and statement.ast is not None and is_server_query(statement.ast):
+            return self.server_tables.execute(statement.ast, describing=True).schema  # cancels nobody
         outcome = self._run_query(statement, [None] * statement.param_count)
         assert outcome.result is not None
         try:

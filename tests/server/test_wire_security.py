@@ -84,8 +84,18 @@ def test_tls_sslmode_require(certificate):
         with psycopg.connect(dsn + " sslmode=require") as c:
             assert c.pgconn.ssl_in_use
             assert c.execute("SELECT 40 + 2").fetchone() == (42,)
+            with pytest.raises(psycopg.Error) as err:  # the password file's user is an analyst, under the ceiling
+                c.execute("SET replay_budget = '2 min'")
+            assert err.value.sqlstate == "42501" and "limit of 60 s" in str(err.value)
         with psycopg.connect(dsn + " sslmode=disable") as c:  # plain connections stay possible
             assert not c.pgconn.ssl_in_use
+
+
+def test_password_file_and_users_file_do_not_go_together(tmp_path):
+    (tmp_path / "pw").write_text("pw\n")
+    (tmp_path / "users").write_text("")
+    with pytest.raises(ServerConfigError, match="do not go together"):
+        build_server(str(tmp_path), port=0, password_file=str(tmp_path / "pw"), users_file=str(tmp_path / "users"))
 
 
 def test_no_tls_answers_n(server):
