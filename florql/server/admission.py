@@ -110,6 +110,8 @@ class ReplayQueue:
         key = job_key(spec)
         with self._lock:
             job = self._inflight.get(key)
+            if job is not None and job.withdrawn:  # being killed: this ask needs a job of its own
+                job = None
             shared = job is not None
             if job is None:
                 job = QueuedJob(key, spec, time.time())
@@ -179,7 +181,8 @@ class ReplayQueue:
             started = time.time()
             result = self._run(job, slot)
             with self._lock:
-                self._inflight.pop(job.key, None)
+                if self._inflight.get(job.key) is job:
+                    del self._inflight[job.key]
                 if result.ok:
                     self._committed[job.key] = result
                     while len(self._committed) > REMEMBERED_JOBS:
