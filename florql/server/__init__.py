@@ -1,17 +1,24 @@
 """A PostgreSQL-wire server over a florql store, for BI tools and psql.
 
-florql serve --host 127.0.0.1 --port 5433 [--password-file F] [--tls-cert C --tls-key K]
+florql serve --host 127.0.0.1 --port 5433 [--users-file F | --password-file F] [--tls-cert C --tls-key K]
+             [--replay-budget S] [--session-budget S] [--max-workers N] [--no-replay]
+florql serve --users-file F --add-user NAME [--role reader|analyst|admin]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import logging
-from collections.abc import Callable, Sequence
+import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
+from .access import Limits, Role, UsersFileError, add_user
 from .backend import Backend, DuckDBBackend
+from .served import ServedStore
 from .server import BackgroundServer, Server, ServerConfigError, read_password_file, tls_context
 
 __all__ = [
@@ -21,18 +28,10 @@ __all__ = [
     "Server",
     "ServerConfigError",
     "add_serve_arguments",
-    "florql_backend_factory",
     "main_args",
     "run_serve",
     "serve",
 ]
-
-
-def florql_backend_factory(store_path: str | None, replay_budget: float | None) -> Callable[[], Backend]:
-    """One florql connection per client session, so that `SET replay` stays per session."""
-    import florql
-
-    return lambda: florql.connect(store_path, replay_budget=replay_budget)
 
 
 def build_server(
@@ -43,13 +42,28 @@ def build_server(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     replay_budget: float | None = 60.0,
+    users_file: str | None = None,
+    session_budget: float | None = None,
+    max_workers: int | None = None,
+    no_replay: bool = False,
 ) -> Server:
     if (tls_cert is None) != (tls_key is None):
         raise ServerConfigError("--tls-cert and --tls-key go together")
+    if max_workers is not None and max_workers < 1:
+        raise ServerConfigError(f"--max-workers {max_workers}: give 1 or more replay slots")
+    if users_file is not None and not os.path.exists(users_file):
+        raise ServerConfigError(f"users file {users_file} does not exist; create it with: florql serve --add-user NAME")
     password = read_password_file(password_file) if password_file else None
     context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
+    served = ServedStore(store_path, Limits(replay_budget, session_budget, max_workers, no_replay))
     return Server(
-        florql_backend_factory(store_path, replay_budget), host=host, port=port, password=password, ssl_context=context
+        served.catalog_backend,
+        host=host,
+        port=port,
+        password=password,
+        ssl_context=context,
+        served=served,
+        users_file=users_file,
     )
 
 
@@ -60,6 +74,9 @@ def serve(**options: Any) -> None:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:
         pass
+    finally:
+        if server.served is not None:
+            server.served.queue.close()
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,12 +88,68 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-cert", help="PEM certificate for TLS (sslmode=require)")
     parser.add_argument("--tls-key", help="PEM private key for TLS")
     parser.add_argument(
-        "--replay-budget", type=float, default=60.0, help="seconds of replay a query may trigger (default 60)"
+        "--replay-budget",
+        type=_duration,
+        default=60.0,
+        help="ceiling on the replay a query may trigger, e.g. 60, '10 min', 'unlimited' (default 60 s); SET may only lower it",
     )
+    parser.add_argument(
+        "--session-budget",
+        type=_duration,
+        default=None,
+        help="every session's starting budget (default: --replay-budget); analysts may lower it, admins raise it up to --replay-budget",
+    )
+    parser.add_argument(
+        "--max-workers", type=int, help="replay slots shared by all sessions; no session may SET workers above it"
+    )
+    parser.add_argument(
+        "--no-replay", action="store_true", help="serve stored values only; a NOTICE names what a replay would compute"
+    )
+    parser.add_argument("--users-file", help="users, roles and SCRAM verifiers (write one with --add-user)")
+    parser.add_argument("--add-user", metavar="NAME", help="add or replace NAME in --users-file, then exit")
+    parser.add_argument(
+        "--role", choices=[r.value for r in Role], default=Role.ANALYST.value, help="the role --add-user gives"
+    )
+
+
+def _duration(text: str) -> float | None:
+    from florql.api import parse_duration
+    from florql.errors import UsageError
+
+    try:
+        return parse_duration(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def read_new_password(name: str) -> str:
+    """Without echo from a terminal (asked twice), else the first line of standard input."""
+    if not sys.stdin.isatty():
+        return sys.stdin.readline().rstrip("\r\n")
+    password = getpass.getpass(f"password for {name}: ")
+    if getpass.getpass("again: ") != password:
+        raise UsersFileError("the passwords differ")
+    return password
+
+
+def run_add_user(args: argparse.Namespace) -> int:
+    log = logging.getLogger("florql.server")
+    if not args.users_file:
+        log.error("--add-user needs --users-file FILE (the file to write)")
+        return 2
+    try:
+        add_user(args.users_file, args.add_user, Role(args.role), read_new_password(args.add_user))
+    except (UsersFileError, OSError) as e:
+        log.error("%s", e)
+        return 2
+    print(f"{args.add_user} ({args.role}) written to {args.users_file}")
+    return 0
 
 
 def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.add_user:
+        return run_add_user(args)
     try:
         serve(
             store_path=getattr(args, "store", None),
@@ -86,6 +159,10 @@ def run_serve(args: argparse.Namespace) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             replay_budget=args.replay_budget,
+            users_file=args.users_file,
+            session_budget=args.session_budget,
+            max_workers=args.max_workers,
+            no_replay=args.no_replay,
         )
     except (ServerConfigError, OSError) as e:
         logging.getLogger("florql.server").error("%s", e)

@@ -18,8 +18,10 @@ from florql.api import ColumnInfo, TableInfo  # the query API's catalog records
 from florql.errors import from_duckdb
 
 
-class ResultLike(Protocol):
-    schema: pa.Schema
+class ResultLike(Protocol):  # read-only properties: florql's Result computes its schema on demand
+    @property
+    def schema(self) -> pa.Schema: ...
+
     warnings: list[str]
 
     def batches(self, batch_size: int = ...) -> Iterator[pa.RecordBatch]: ...
@@ -28,22 +30,29 @@ class ResultLike(Protocol):
 
 
 class ColumnLike(Protocol):
-    name: str
-    type: pa.DataType
-    nullable: bool
-    comment: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def type(self) -> pa.DataType: ...
+    @property
+    def nullable(self) -> bool: ...
+    @property
+    def comment(self) -> str: ...
 
 
 class TableLike(Protocol):
-    name: str
-    kind: str  # 'table' | 'view'
-    columns: Sequence[ColumnLike]
+    @property
+    def name(self) -> str: ...
+    @property
+    def kind(self) -> str: ...  # 'table' | 'view'
+    @property
+    def columns(self) -> Sequence[ColumnLike]: ...
 
 
 class Backend(Protocol):
     settings: dict[str, Any]
 
-    def sql(self, query: str, params: Sequence[Any] | None = None, *, dialect: str = ...) -> ResultLike: ...
+    def sql(self, query: str, params: Sequence[Any] | None = None, /, *, dialect: str = ...) -> ResultLike: ...
 
     def tables(self) -> Sequence[TableLike]: ...
 

@@ -28,10 +28,14 @@ import pyarrow as pa
 from florql.errors import from_duckdb
 
 from . import protocol as pg
+from .access import Identity, Role, UsersFileError, read_users
+from .admission import Activity
 from .auth import MECHANISM, AuthFailed, ScramExchange, ScramVerifier
 from .backend import Backend, ResultLike
 from .catalog import Catalog, SessionInfo
+from .monitor import ServerTables
 from .protocol import Field, ProtocolError
+from .served import ServedStore
 from .session import DEFAULT_SETTINGS, SqlError, Statement, WireSession, classify, split_statements
 from .types import decode_param, encode_batch, fields_for
 
@@ -44,6 +48,11 @@ class ServerConfigError(Exception):
     """The server refuses to start with this configuration."""
 
 
+class PermissionDenied(SqlError):
+    def __init__(self, message: str) -> None:
+        super().__init__("42501", message)
+
+
 def is_loopback(host: str) -> bool:
     try:
         infos = socket.getaddrinfo(host or None, None)
@@ -52,11 +61,11 @@ def is_loopback(host: str) -> bool:
     return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
 
 
-def check_listen_policy(host: str, password: str | None) -> None:
-    if password is None and not is_loopback(host):
+def check_listen_policy(host: str, has_password: bool) -> None:
+    if not has_password and not is_loopback(host):
         raise ServerConfigError(
             f"refusing to listen on {host!r} without a password: anyone who can reach it could read the store. "
-            "Pass --password-file FILE, or listen on 127.0.0.1 only."
+            "Pass --users-file FILE or --password-file FILE, or listen on 127.0.0.1 only."
         )
 
 
@@ -162,11 +171,22 @@ class Server:
         password: str | None = None,
         ssl_context: ssl.SSLContext | None = None,
         workers: int = 64,
+        served: ServedStore | None = None,
+        users_file: str | None = None,
     ) -> None:
-        check_listen_policy(host, password)
+        """Sessions query `served` (limits, roles, the shared replay queue) when given, else
+        `backend_factory()`. Users log in from `users_file`, else with `password` as analysts."""
+        if password is not None and users_file is not None:
+            raise ServerConfigError(
+                "--password-file and --users-file do not go together: put every user in the users file"
+            )
+        check_listen_policy(host, password is not None or users_file is not None)
         self.backend_factory = backend_factory
+        self.served = served
+        self.users_file = users_file
         self.host, self.port = host, port
         self.verifier = ScramVerifier.from_password(password) if password is not None else None
+        self._unknown_user = ScramVerifier.from_password(secrets.token_hex(16))  # fails every proof
         self.ssl_context = ssl_context
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="florql-pg")
         defaults = {name.lower(): value for name, (value, _) in DEFAULT_SETTINGS.items()}
@@ -199,6 +219,8 @@ class Server:
             await self._server.wait_closed()
         for conn in list(self.connections.values()):
             conn.writer.close()
+        if self.served is not None:
+            self.served.queue.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -217,10 +239,36 @@ class Server:
                 conn.session.close()
             writer.close()
 
+    def login(self, user: str) -> tuple[ScramVerifier | None, Role]:
+        """The verifier `user` must prove (None: no password asked) and the role it then has."""
+        if self.users_file is None:
+            return self.verifier, Role.ANALYST
+        try:
+            known = read_users(self.users_file).get(user)
+        except (OSError, UsersFileError) as e:
+            log.error("cannot read the users file: %s", e)
+            known = None
+        return (known.verifier, known.role) if known else (self._unknown_user, Role.READER)
+
     def cancel(self, pid: int, secret: int) -> None:
         conn = self.connections.get((pid, secret))
         if conn is not None:
-            conn.cancelled = True
+            conn.cancel()
+
+    def cancel_pid(self, pid: int, by: Identity) -> bool:
+        """pg_cancel_backend: a user cancels their own sessions' queries, an admin anyone's."""
+        conn = next((c for (p, _), c in self.connections.items() if p == pid), None)
+        if conn is None or conn.activity is None:
+            return False
+        if by.role is not Role.ADMIN and conn.activity.user != by.user:
+            raise PermissionDenied(
+                f"must be an admin or the user of session {pid} ({conn.activity.user}) to cancel its query"
+            )
+        conn.cancel()
+        return True
+
+    def activities(self) -> list[Activity]:
+        return [c.activity for c in list(self.connections.values()) if c.activity is not None]
 
 
 class ClientConnection:
@@ -237,6 +285,13 @@ class ClientConnection:
         self.portals: dict[str, Portal] = {}
         self.skip_until_sync = False
         self.cancelled = False
+        self.activity: Activity | None = None
+
+    def cancel(self) -> None:
+        """A cancel request: stop streaming, and stop the query's replay jobs."""
+        self.cancelled = True
+        if self.activity is not None:
+            self.activity.cancel()
 
     async def blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.server.pool, fn, *args)
@@ -251,11 +306,11 @@ class ClientConnection:
         if startup is None:
             return
         user = startup.params.get("user", "florql")
-        if self.server.verifier is not None and not await self._authenticate(user):
+        verifier, role = self.server.login(user)
+        if verifier is not None and not await self._authenticate(user, verifier):
             return
-        backend = await self.blocking(self.server.backend_factory)
         info = SessionInfo(user=user, database=startup.params.get("database", user), pid=self.pid)
-        self.session = WireSession(backend, self.server.catalog, info)
+        self.session = await self.blocking(self._open_session, Identity(user, role), info)
         try:
             self.session.startup_settings(startup.params)
         except SqlError as e:
@@ -284,6 +339,16 @@ class ClientConnection:
             else:
                 return msg
 
+    def _open_session(self, identity: Identity, info: SessionInfo) -> WireSession:
+        served = self.server.served
+        if served is None:
+            return WireSession(self.server.backend_factory(), self.server.catalog, info)
+        self.activity = Activity(self.pid, identity.user, identity.role.value)
+        tables = ServerTables(
+            identity, self.server.activities, lambda: list(served.queue.accounting), self.server.cancel_pid
+        )
+        return WireSession(served.open(identity, self.activity), self.server.catalog, info, tables)
+
     async def _ssl_request(self) -> None:
         if self.server.ssl_context is None or self.writer.get_extra_info("ssl_object") is not None:
             self.send(b"N")
@@ -292,9 +357,8 @@ class ClientConnection:
         await self.writer.drain()
         await self.writer.start_tls(self.server.ssl_context)
 
-    async def _authenticate(self, user: str) -> bool:
-        assert self.server.verifier is not None
-        exchange = ScramExchange(self.server.verifier)
+    async def _authenticate(self, user: str, verifier: ScramVerifier) -> bool:
+        exchange = ScramExchange(verifier)
         self.send(pg.auth(10, pg.cstr(MECHANISM) + b"\0"))
         try:
             mechanism, first = pg.parse_sasl_initial(await self._password_message())
@@ -359,6 +423,8 @@ class ClientConnection:
         assert self.session is not None
         if not self.session.in_transaction:
             self.close_portals(unnamed_only=False)
+        if self.activity is not None:
+            self.activity.finish()
         status = "E" if self.session.failed else "T" if self.session.in_transaction else "I"
         self.send(pg.ready_for_query(status))
         await self.writer.drain()
@@ -472,6 +538,8 @@ class ClientConnection:
         if portal.opened:
             return
         self.cancelled = False
+        if self.activity is not None:
+            self.activity.begin(portal.statement.sql)
         await self.blocking(portal.open)
         for name, value in portal.reported.items():
             self.send(pg.parameter_status(name, value))

@@ -26,6 +26,7 @@ from florql.errors import FlorqlError, from_duckdb
 
 from .backend import Backend, ResultLike
 from .catalog import SERVER_VERSION, Catalog, SessionInfo, is_catalog_query
+from .monitor import ServerTables, is_server_query
 
 SERVER_VERSION_TEXT = f"{SERVER_VERSION} (florql)"
 SERIALIZATION_RETRIES = 2  # a query failing with 40001 (serialization_failure) runs again before the client hears
@@ -393,9 +394,12 @@ def _error_position(sql: str, e: sqlglot.errors.ParseError) -> int | None:
 class WireSession:
     """Settings and statement execution for one connection (called from worker threads)."""
 
-    def __init__(self, backend: Backend, catalog: Catalog, info: SessionInfo) -> None:
+    def __init__(
+        self, backend: Backend, catalog: Catalog, info: SessionInfo, server_tables: ServerTables | None = None
+    ) -> None:
         self.backend = backend
         self.catalog = catalog
+        self.server_tables = server_tables
         self.info = info
         self.settings = {name.lower(): value for name, (value, _) in DEFAULT_SETTINGS.items()}
         self.settings["session_authorization"] = info.user
@@ -532,6 +536,8 @@ class WireSession:
             ast = bind_parameters(statement.ast, params) if statement.param_count else statement.ast
         except FlorqlError as err:  # ParameterError: 08P01
             raise SqlError(err.sqlstate, str(err)) from err
+        if self.server_tables is not None and is_server_query(ast):
+            return Outcome("SELECT", TableResult(self.server_tables.execute(ast)))
         if statement.catalog:
             return Outcome("SELECT", self.catalog.execute(ast, self.info))
         public = [t for t in ast.find_all(exp.Table) if t.db.lower() == "public" and not t.catalog]
@@ -560,6 +566,8 @@ class WireSession:
             return self._cursor(statement.name).schema
         if statement.command != "query":
             return None
+        if self.server_tables is not None and statement.ast is not None and is_server_query(statement.ast):
+            return self.server_tables.execute(statement.ast, describing=True).schema  # cancels nobody
         outcome = self._run_query(statement, [None] * statement.param_count)
         assert outcome.result is not None
         try:

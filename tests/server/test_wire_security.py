@@ -31,9 +31,9 @@ def test_password_required_for_password_server(password_server):
 def test_no_password_on_non_loopback_bind_is_refused(store):
     with pytest.raises(ServerConfigError, match="without a password"):
         Server(store.factory, host="0.0.0.0", port=0)
-    check_listen_policy("127.0.0.1", None)
-    check_listen_policy("localhost", None)
-    check_listen_policy("0.0.0.0", "pw")
+    check_listen_policy("127.0.0.1", False)
+    check_listen_policy("localhost", False)
+    check_listen_policy("0.0.0.0", True)
 
 
 def test_cli_refuses_non_loopback_without_password(tmp_path):
@@ -71,10 +71,7 @@ def certificate(tmp_path_factory):
     return folder
 
 
-def test_tls_sslmode_require(store, certificate, monkeypatch):
-    import florql.server as server_module
-
-    monkeypatch.setattr(server_module, "florql_backend_factory", lambda path, budget: store.factory)
+def test_tls_sslmode_require(certificate):
     server = build_server(
         str(certificate),
         port=0,
@@ -86,9 +83,19 @@ def test_tls_sslmode_require(store, certificate, monkeypatch):
         dsn = f"host=127.0.0.1 port={running.port} user=florql dbname=florql password=tls-pw"
         with psycopg.connect(dsn + " sslmode=require") as c:
             assert c.pgconn.ssl_in_use
-            assert c.execute(f"SELECT count(*) FROM {store.run_table}").fetchone() == (store.rows,)
+            assert c.execute("SELECT 40 + 2").fetchone() == (42,)
+            with pytest.raises(psycopg.Error) as err:  # the password file's user is an analyst, under the ceiling
+                c.execute("SET replay_budget = '2 min'")
+            assert err.value.sqlstate == "42501" and "limit of 60 s" in str(err.value)
         with psycopg.connect(dsn + " sslmode=disable") as c:  # plain connections stay possible
             assert not c.pgconn.ssl_in_use
+
+
+def test_password_file_and_users_file_do_not_go_together(tmp_path):
+    (tmp_path / "pw").write_text("pw\n")
+    (tmp_path / "users").write_text("")
+    with pytest.raises(ServerConfigError, match="do not go together"):
+        build_server(str(tmp_path), port=0, password_file=str(tmp_path / "pw"), users_file=str(tmp_path / "users"))
 
 
 def test_no_tls_answers_n(server):
