@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import ssl
+import warnings
 
 __all__ = ["add_ui_arguments", "run_ui"]  # the server is florql.ui.server, the chart model florql.ui.charts
 
@@ -41,10 +42,13 @@ def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 
 def run_ui(args: argparse.Namespace) -> int:
+    from florql.api import ReplayWarning
     from florql.ui.data import StoreView
     from florql.ui.server import UIConfigError, UIServer, read_password_file
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Pages show what is stored; a replayed name stored for part of a run is not worth a warning per view.
+    warnings.filterwarnings("ignore", category=ReplayWarning)
     context = _tls(args.tls_cert, args.tls_key)
     password = read_password_file(args.password_file) if args.password_file else None
     view = StoreView(getattr(args, "store", None), replay_budget=args.replay_budget)

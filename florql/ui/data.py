@@ -13,12 +13,11 @@ import itertools
 import math
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import florql
-from florql.api import Connection, ReplayWarning, TableInfo
+from florql.api import Connection, TableInfo
 from florql.errors import FlorqlError, UsageError
 from florql.storage.code_versions import load_code_version
 from florql.ui.charts import Chart, Series, chart_of, loop_positions
@@ -88,8 +87,7 @@ class StoreView:
     """The store as the UI sees it."""
 
     def __init__(self, store: str | None, replay_budget: float | None = 60.0) -> None:
-        # Browsing tells which values are missing; it never starts a replay.
-        warnings.filterwarnings("ignore", category=ReplayWarning)
+        # Browsing never starts a replay: a replayed name stored for part of a run shows that part.
         self.store = store
         self.replay_budget = replay_budget
         self.browse = florql.connect(store, replay="never", progress=False)
@@ -143,7 +141,11 @@ class StoreView:
             for c in table.columns
             if c.comment != "loop coordinate"
         ]
-        charts = [self._name_chart(run_id, n["name"], n["loop_path"], n["kind"] == "replayed") for n in names]
+        charts = [
+            self._name_chart(run_id, n["name"], n["loop_path"], n["kind"] == "replayed")
+            for n in names
+            if n["kind"] != "loggable"  # nothing stored yet: the page offers to replay it
+        ]
         return json_safe(
             {
                 "run": run,

@@ -69,7 +69,7 @@ function drawChart(parent, chart, id) {
       dash: s.replayed ? [6, 3] : undefined,
       spanGaps: true,
       points: { show: chart.x.length <= 200, size: 5, fill: colour },
-      value: (u, v) => fmt(v),
+      value: (u, v) => (v === null ? "–" : fmt(v)),
     });
   }
   const opts = {
