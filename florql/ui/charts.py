@@ -88,22 +88,20 @@ class Chart:
 def loop_positions(coords: Sequence[Sequence[int | None]]) -> list[float | None]:
     """Nested loop coordinates laid out on one axis, in units of the outer loop: step 2 of the 4
     steps of epoch 3 is 3.5. Each inner loop's length is read per enclosing iteration."""
+    complete = [tuple(int(v) for v in c) if all(v is not None for v in c) else None for c in coords]  # type: ignore[arg-type]
     lengths: dict[tuple[int, ...], int] = {}
-    for c in coords:
-        if any(v is None for v in c):
-            continue
-        for depth in range(1, len(c)):
-            prefix = tuple(c[:depth])  # type: ignore[arg-type]
-            lengths[prefix] = max(lengths.get(prefix, 0), int(c[depth]) + 1)  # type: ignore[arg-type]
+    for row in filter(None, complete):
+        for depth in range(1, len(row)):
+            lengths[row[:depth]] = max(lengths.get(row[:depth], 0), row[depth] + 1)
     out: list[float | None] = []
-    for c in coords:
-        if any(v is None for v in c):
+    for c in complete:
+        if c is None:
             out.append(None)
             continue
         fraction = 0.0
         for depth in range(len(c) - 1, 0, -1):
-            fraction = (int(c[depth]) + fraction) / lengths[tuple(c[:depth])]  # type: ignore[arg-type]
-        out.append(int(c[0]) + fraction)  # type: ignore[arg-type]
+            fraction = (c[depth] + fraction) / lengths[c[:depth]]
+        out.append(c[0] + fraction)
     return out
 
 
@@ -142,7 +140,11 @@ def chart_of(
     coordinates, hindsight = set(coordinates), set(hindsight)
     columns = {n: table.column(n).to_pylist() for n in names}
     # run_id names lines (one per run), never an axis or a line of its own
-    numeric = [n for n in names if n != "run_id" and (_is_numeric(table.schema.field(n).type) or _is_decimal(table.schema.field(n).type))]
+    numeric = [
+        n
+        for n in names
+        if n != "run_id" and (_is_numeric(table.schema.field(n).type) or _is_decimal(table.schema.field(n).type))
+    ]
     group = "run_id" if "run_id" in names and len(set(columns["run_id"])) > 1 else None
 
     leading = []

@@ -136,7 +136,7 @@ class StoreView:
     def run(self, run_id: int) -> dict[str, Any]:
         table = self.run_table(run_id)
         (run,) = self._rows("SELECT * FROM runs WHERE run_id = ?", [run_id])
-        names = [
+        names: list[dict[str, Any]] = [
             {"name": c.name, "kind": c.comment.split(":")[0], "loop_path": list(c.loop_path)}
             for c in table.columns
             if c.comment != "loop coordinate"
@@ -284,7 +284,10 @@ class StoreView:
         except FlorqlError as err:
             task.error, task.state = error_json(err), "error"
         except Exception as err:  # a bug of ours: still a message on the page, not a hung spinner
-            task.error, task.state = {"error": f"internal error: {type(err).__name__}: {err}", "sqlstate": "XX000"}, "error"
+            task.error, task.state = (
+                {"error": f"internal error: {type(err).__name__}: {err}", "sqlstate": "XX000"},
+                "error",
+            )
         finally:
             task.finished = time.monotonic()
             db.close()

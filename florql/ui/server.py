@@ -100,7 +100,7 @@ class UIServer(ThreadingHTTPServer):
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]
         scheme = "https" if isinstance(self.socket, ssl.SSLSocket) else "http"
         shown = f"[{host}]" if ":" in str(host) else host
         return f"{scheme}://{shown}:{port}"
@@ -110,7 +110,7 @@ class Handler(BaseHTTPRequestHandler):
     server: UIServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     # ---- dispatch -----------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class Handler(BaseHTTPRequestHandler):
     # ---- responses ----------------------------------------------------------------------------
     def _sql(self) -> str:
         if "json" not in (self.headers.get("Content-Type") or ""):  # a cross-site form cannot send JSON
-            raise UsageError("send the query as JSON: {\"sql\": \"SELECT …\"}")
+            raise UsageError('send the query as JSON: {"sql": "SELECT …"}')
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY:
             raise UsageError(f"the request is {length} bytes; a query may be at most {MAX_BODY}")
@@ -230,7 +230,9 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'")
+        self.send_header(
+            "Content-Security-Policy", "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'"
+        )
         self.end_headers()
         self.wfile.write(body)
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from ui_support import ARTIFACTS, logged_grad_norm
 
 from florql.ui.server import BackgroundUI
-from ui_support import ARTIFACTS, logged_grad_norm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
