@@ -5,6 +5,9 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -165,3 +168,19 @@ def test_password_required_off_loopback(recorded, tmp_path: Path) -> None:
         right = base64.b64encode(b"me:pw-123").decode()
         status, body = request(url, "/api/runs", headers={"Authorization": f"Basic {right}"})
         assert status == 200 and len(body["runs"]) == 2
+
+
+def test_florql_ui_command_serves_the_store_and_refuses_an_open_address_without_password(recorded) -> None:
+    command = [sys.executable, "-m", "florql.cli", "--store", str(recorded.home), "ui"]
+    refused = subprocess.run([*command, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--password-file" in refused.stderr
+    server = subprocess.Popen([*command, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        banner = server.stdout.readline()  # florql ui: http://127.0.0.1:PORT/  (Ctrl-C stops it)
+        url = banner.split()[2].rstrip("/")
+        status, body = request(url, "/api/runs")
+        assert status == 200 and [r["run_id"] for r in body["runs"]] == [1, 2]
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=60) == 0
