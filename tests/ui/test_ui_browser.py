@@ -6,13 +6,16 @@ Screenshots of each step are kept in tmp/artifacts/ at the repository root.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from ui_support import ARTIFACTS, logged_grad_norm
 
+import florql
 from florql.ui.server import BackgroundUI
+from store_support import Store
+from ui_support import ARTIFACTS, logged_grad_norm
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
@@ -127,3 +130,37 @@ def test_bad_sql_and_unknown_run_are_messages_on_the_page(page: Any, ui: Backgro
     assert response.status == 404
     assert "there is no run 99" in page.inner_text("#message")
     shoot(page, "8-unknown-run")
+
+
+# Logs epoch 0, then waits for the test's go-ahead file before epoch 1: the run is `running` meanwhile.
+WAITING_TRAINER = """
+import os, time
+import florql
+for epoch in florql.loop("epoch", range(2)):
+    florql.log("acc", 0.5 + epoch)
+    while epoch == 0 and not os.path.exists("go"):
+        time.sleep(0.05)
+"""
+
+
+def test_a_running_runs_chart_grows_live(page: Any, store: Store) -> None:
+    trainer = store.popen(store.write_script(WAITING_TRAINER))
+    try:
+        db = florql.connect(store.home)
+        deadline = time.monotonic() + WAIT_MS / 1000  # a safety net, not a timing assertion
+        while db.sql("SELECT status FROM runs WHERE run_id = 1").fetchall() != [("running",)]:
+            assert time.monotonic() < deadline and trainer.poll() is None, "the trainer did not start"
+            time.sleep(0.1)
+        with BackgroundUI(str(store.home)) as ui:
+            open_page(page, ui.url + "/runs/1")
+            acc = "window.florqlCharts.acc && window.florqlCharts.acc.data[1].filter((v) => v !== null).length"
+            page.wait_for_function(f"({acc}) === 1")
+            assert "running" in page.inner_text("h2")
+            shoot(page, "9-live-running")
+            (store.workdir / "go").touch()
+            page.wait_for_function(f"({acc}) === 2")  # drawn by the page's own refresh, no reload
+            assert points(page, "acc") == [0.5, 1.5]
+        assert trainer.wait(timeout=120) == 0
+    finally:
+        trainer.kill()
+        trainer.communicate()

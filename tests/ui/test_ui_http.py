@@ -14,10 +14,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from ui_support import logged_grad_norm
 
 import florql
 from florql.ui.server import BackgroundUI, UIConfigError
+from ui_support import logged_grad_norm
 
 
 def request(
