@@ -10,9 +10,9 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
@@ -39,6 +39,9 @@ from florql.replay.planner import Plan, plan
 from florql.runinfo import BASE_TABLES, load_run, run_ids
 from florql.storage.layout import StoreLocation, locate_store
 from florql.storage.shared import DEFAULT_WAIT_S, shared_database
+
+if TYPE_CHECKING:
+    from florql.ui.charts import Chart
 
 CONFLICT_RETRIES = 3  # a query that met a concurrent change to the store runs again this many times
 
@@ -99,6 +102,7 @@ class ColumnInfo:
     type: pa.DataType
     nullable: bool = True
     comment: str = ""
+    loop_path: tuple[str, ...] = ()  # the loops around the name: its grain
 
 
 @dataclass
@@ -144,6 +148,8 @@ class Result:
         self._schema: pa.Schema | None = None
         self.final_sql = sql
         self.user_sql: str | None = None  # the SQL the user wrote: errors point into it
+        self.coordinates: set[str] = set()  # loop-coordinate columns of the runs the query read
+        self.hindsight: set[str] = set()  # names the query asked for that the runs did not log
 
     @property
     def schema(self) -> pa.Schema:
@@ -191,6 +197,28 @@ class Result:
     def __repr__(self) -> str:
         return self.arrow().to_pandas().to_string(max_rows=40)
 
+    def chart(self, title: str = "") -> Chart | None:
+        """The automatic chart of this answer (loop coordinates on x, values as lines), or None."""
+        from florql.ui.charts import chart_of
+
+        return chart_of(self.arrow(), self.coordinates, self.hindsight, title)
+
+    def plot(self, path: str | None = None, title: str = "") -> Chart:
+        """The answer as a line chart; shown inline in a notebook, or written to `path` (.svg or .png)."""
+        chart = self.chart(title)
+        if chart is None:
+            raise UsageError(
+                f"nothing to plot: the answer has no numeric column beside its x axis (columns: {', '.join(self.arrow().column_names)})"
+            )
+        if path is not None:
+            chart.save(path)
+        return chart
+
+    def _repr_html_(self) -> str:
+        from florql.ui.notebook import result_html
+
+        return result_html(self)
+
 
 class Connection:
     """One user's view of a store; threads may share it.
@@ -210,6 +238,7 @@ class Connection:
         executor: str | Executor | None = None,
         progress: bool | None = None,
         busy_timeout: float = DEFAULT_WAIT_S,
+        on_progress: Callable[[int, int], None] | None = None,
         **executor_options: Any,
     ) -> None:
         self.location = location
@@ -223,6 +252,7 @@ class Connection:
         self._executor_options = executor_options
         self._executor: Executor | None = None
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.on_progress = on_progress  # called with (jobs done, jobs in all) as replay jobs finish
         self.last_jobs: list[tuple[JobSpec, JobResult]] = []
 
     # ---- settings -----------------------------------------------------------------------------
@@ -349,6 +379,8 @@ class Connection:
             warnings.warn(note, ReplayWarning, stacklevel=3)
         final = query.rewrite(planned.bound, planned.versions()).sql(dialect="duckdb")
         result = Result(self, final, None, plan=ran, warnings_=notes)
+        result.coordinates = {loop for info in planned.bound.runs.values() for loop in info.loop_paths}
+        result.hindsight = {name for names in planned.sites.values() for name in names}
         try:
             _ = result.schema  # binds the final query (errors surface here) without fetching rows
         except QueryFailed as err:
@@ -398,9 +430,13 @@ class Connection:
     def _run_jobs(self, specs: list[JobSpec]) -> None:
         done = [0]
         started = time.monotonic()
+        if self.on_progress is not None:
+            self.on_progress(0, len(specs))
 
         def progress(spec: JobSpec, result: JobResult) -> None:
             done[0] += 1
+            if self.on_progress is not None:
+                self.on_progress(done[0], len(specs))
             if self.progress:
                 width = 30
                 filled = int(width * done[0] / len(specs))
@@ -421,6 +457,10 @@ class Connection:
 
     def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:
         """The replay plan a query would run, without running it."""
+        return self.replay_plan(sql, params, dialect=dialect).describe()
+
+    def replay_plan(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> Plan:
+        """The replay plan a query would run (its jobs and estimate `est_s`), without running it."""
         _check_query(sql, params)
         with answering(sql):
             statement = parse(sql, read=dialect)[-1]
@@ -428,8 +468,7 @@ class Connection:
             statement = bind_parameters(statement, params)
             self.sync()
             with self._open() as db:
-                planned = self._plan(bind(statement.copy(), db), db, runnable=False)
-            return planned.plan.describe()
+                return self._plan(bind(statement.copy(), db), db, runnable=False).plan
 
     # ---- catalog ------------------------------------------------------------------------------
     def tables(self) -> list[TableInfo]:
@@ -441,21 +480,15 @@ class Connection:
                 rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
                 # Everything is presented as a read-only table: BI tools list tables first (psql's \dt).
                 out.append(TableInfo(name, "table", [ColumnInfo(f.name, f.type) for f in rel.schema]))
-            for run_id in run_ids(db):
-                info = load_run(db, run_id)
-                cols = []
-                for n in info.columns():
-                    if n in info.loop_paths:
-                        cols.append(ColumnInfo(n, pa.int64(), comment="loop coordinate"))
-                    elif n in info.logged:
-                        dtype = {"BIGINT": pa.int64(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}.get(
-                            _sql_type(info.logged[n].value_types), pa.float64()
-                        )
-                        cols.append(ColumnInfo(n, dtype, comment="logged" if n in info.original else "replayed"))
-                    else:
-                        cols.append(ColumnInfo(n, pa.float64(), comment="loggable: replayed on demand"))
-                out.append(TableInfo(f"run_{run_id}", "table", cols))
+            out += [_run_table(db, run_id) for run_id in run_ids(db)]
         return out
+
+    def run_table(self, run_id: int) -> TableInfo | None:
+        """The columns of run_<id> (each with its loop path and whether it was logged, replayed or
+        is loggable), or None when there is no such run."""
+        self.sync()
+        with answering(), self._open() as db:
+            return _run_table(db, run_id) if run_id in run_ids(db) else None
 
     def close(self) -> None:
         if self._executor is not None:
@@ -468,6 +501,24 @@ class Connection:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _run_table(db: duckdb.DuckDBPyConnection, run_id: int) -> TableInfo:
+    info = load_run(db, run_id)
+    cols = []
+    for n in info.columns():
+        if n in info.loop_paths:
+            cols.append(ColumnInfo(n, pa.int64(), comment="loop coordinate", loop_path=info.loop_paths[n]))
+        elif n in info.logged:
+            dtype = {"BIGINT": pa.int64(), "BOOLEAN": pa.bool_(), "VARCHAR": pa.string()}.get(
+                _sql_type(info.logged[n].value_types), pa.float64()
+            )
+            comment = "logged" if n in info.original else "replayed"
+            cols.append(ColumnInfo(n, dtype, comment=comment, loop_path=info.logged[n].loop_path))
+        else:
+            site = info.loggable[n][1]
+            cols.append(ColumnInfo(n, pa.float64(), comment="loggable: replayed on demand", loop_path=site.loop_path))
+    return TableInfo(f"run_{run_id}", "table", cols)
 
 
 def _check_query(sql: Any, params: Any) -> None:

@@ -1,4 +1,4 @@
-"""The `florql` command: runs, show, query, explain, serve, check, rebuild, demo."""
+"""The `florql` command: runs, show, query, explain, serve, ui, check, rebuild, demo."""
 
 from __future__ import annotations
 
@@ -89,7 +89,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     result = db.sql(args.sql)
     table = result.arrow()
     fmt = args.format
-    if args.output:
+    if fmt in ("svg", "png") or (fmt == "table" and args.output and _format_of(args.output) in ("svg", "png")):
+        _write_chart(result, fmt if fmt != "table" else _format_of(args.output), args.output)
+    elif args.output:
         _write(table, fmt if fmt != "table" else _format_of(args.output), args.output)
         print(f"wrote {table.num_rows} rows to {args.output}", file=sys.stderr)
     elif fmt == "table":
@@ -105,9 +107,23 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def _format_of(path: str) -> str:
     ext = os.path.splitext(path)[1].lstrip(".").lower()
-    if ext not in ("csv", "json", "parquet"):
-        raise FlorqlError(f"cannot tell the format of {path!r}; pass --format csv|json|parquet")
+    if ext not in ("csv", "json", "parquet", "svg", "png"):
+        raise FlorqlError(f"cannot tell the format of {path!r}; pass --format csv|json|parquet|svg|png")
     return ext
+
+
+def _write_chart(result, fmt: str, path: str | None) -> None:
+    """The answer's automatic chart (loop coordinates on x) as an SVG or PNG file."""
+    chart = result.plot(title=os.path.basename(path) if path else "")
+    if fmt == "svg" and path is None:
+        sys.stdout.write(chart.svg() + "\n")
+        return
+    if path is None:
+        raise UsageError("--format png needs -o FILE.png")
+    picture = chart.svg().encode() if fmt == "svg" else chart.png()
+    with open(path, "wb") as f:
+        f.write(picture)
+    print(f"wrote a chart of {chart.points()} points in {len(chart.series)} line(s) to {path}", file=sys.stderr)
 
 
 def _write(table, fmt: str, path: str | None) -> None:
@@ -174,6 +190,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args)
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    from florql.ui import run_ui
+
+    return run_ui(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="florql", description="Hindsight logging for PyTorch training.")
     parser.add_argument("--store", default=None, help="store folder (default: $FLORQL_HOME or ./.florql)")
@@ -194,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ray-address", default=None)
         p.set_defaults(func=func)
         if name == "query":
-            p.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table")
+            p.add_argument("--format", choices=["table", "csv", "json", "parquet", "svg", "png"], default="table")
             p.add_argument("-o", "--output", default=None, help="write the result to a file")
             p.add_argument("--max-rows", type=int, default=60)
     sub.add_parser("rebuild", help="recreate the DuckDB file from the run files").set_defaults(func=cmd_rebuild)
@@ -209,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("ui", help="serve a web page of charts: runs, hindsight values, query answers")
+    from florql.ui import add_ui_arguments
+
+    add_ui_arguments(p)
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

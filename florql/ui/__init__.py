@@ -1,0 +1,67 @@
+"""`florql ui`: charts of runs and of query answers in a local web page.
+
+florql ui [--host 127.0.0.1] [--port 8765] [--store PATH] [--password-file F] [--tls-cert C --tls-key K]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import ssl
+import warnings
+
+__all__ = ["add_ui_arguments", "run_ui"]  # the server is florql.ui.server, the chart model florql.ui.charts
+
+
+def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: `florql --store X ui` must keep the global option's value.
+    parser.add_argument("--store", default=argparse.SUPPRESS, help="store directory (default .florql/ or $FLORQL_HOME)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
+    parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
+    parser.add_argument("--tls-cert", help="PEM certificate for HTTPS")
+    parser.add_argument("--tls-key", help="PEM private key for HTTPS")
+    parser.add_argument(
+        "--replay-budget", type=float, default=60.0, help="seconds of replay a query may trigger (default 60)"
+    )
+
+
+def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    from florql.ui.server import UIConfigError
+
+    if (cert is None) != (key is None):
+        raise UIConfigError("--tls-cert and --tls-key go together")
+    if cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise UIConfigError(f"cannot load the TLS certificate {cert} and key {key}: {e}") from e
+    return context
+
+
+def run_ui(args: argparse.Namespace) -> int:
+    from florql.api import ReplayWarning
+    from florql.ui.data import StoreView
+    from florql.ui.server import UIConfigError, UIServer, read_password_file
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # Pages show what is stored; a replayed name stored for part of a run is not worth a warning per view.
+    warnings.filterwarnings("ignore", category=ReplayWarning)
+    context = _tls(args.tls_cert, args.tls_key)
+    password = read_password_file(args.password_file) if args.password_file else None
+    view = StoreView(getattr(args, "store", None), replay_budget=args.replay_budget)
+    try:
+        server = UIServer(view, args.host, args.port, password=password, ssl_context=context)
+    except OSError as e:
+        raise UIConfigError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from e
+    print(f"florql ui: {server.url}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        view.close()
+    return 0
