@@ -52,7 +52,8 @@ def check(load: Load, clients: int) -> None:
     assert not failed, f"{len(failed)} of {len(obs.samples)} queries failed, e.g.:\n" + "\n".join(
         f"  {s.kind}: {s.error}" for s in failed[:10]
     )
-    total = FIRST[0] + load.epochs  # the metrics query reads only epoch_loss: a row per epoch
+    # count(*) counts each run's own rows at its finest loop: a row per step
+    total = FIRST[0] * FIRST[1] + load.epochs * load.steps
     final_run = [(e, load.steps, load.steps) for e in range(load.epochs)]
     by_client = defaultdict(list)
     for s in sorted(obs.samples, key=lambda s: s.started):
