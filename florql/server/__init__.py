@@ -2,6 +2,7 @@
 
 florql serve --host 127.0.0.1 --port 5433 [--users-file F | --password-file F] [--tls-cert C --tls-key K]
              [--replay-budget S] [--session-budget S] [--max-workers N] [--no-replay]
+             [--max-connections N] [--statement-timeout S]
 florql serve --users-file F --add-user NAME [--role reader|analyst|admin]
 """
 
@@ -46,9 +47,13 @@ def build_server(
     session_budget: float | None = None,
     max_workers: int | None = None,
     no_replay: bool = False,
+    max_connections: int = 64,
+    statement_timeout: float | None = None,
 ) -> Server:
     if (tls_cert is None) != (tls_key is None):
         raise ServerConfigError("--tls-cert and --tls-key go together")
+    if max_connections < 1:
+        raise ServerConfigError(f"--max-connections {max_connections}: give 1 or more")
     if max_workers is not None and max_workers < 1:
         raise ServerConfigError(f"--max-workers {max_workers}: give 1 or more replay slots")
     if users_file is not None and not os.path.exists(users_file):
@@ -64,6 +69,8 @@ def build_server(
         ssl_context=context,
         served=served,
         users_file=users_file,
+        max_connections=max_connections,
+        statement_timeout=statement_timeout,
     )
 
 
@@ -104,6 +111,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--no-replay", action="store_true", help="serve stored values only; a NOTICE names what a replay would compute"
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="clients connected at once (default 64); one more is refused with SQLSTATE 53300",
+    )
+    parser.add_argument(
+        "--statement-timeout",
+        type=_duration,
+        default=None,
+        help="ceiling on one statement's time, replay included, e.g. '10 min' (default none); "
+        "a client's SET statement_timeout may only lower it",
     )
     parser.add_argument("--users-file", help="users, roles and SCRAM verifiers (write one with --add-user)")
     parser.add_argument("--add-user", metavar="NAME", help="add or replace NAME in --users-file, then exit")
@@ -163,6 +183,8 @@ def run_serve(args: argparse.Namespace) -> int:
             session_budget=args.session_budget,
             max_workers=args.max_workers,
             no_replay=args.no_replay,
+            max_connections=args.max_connections,
+            statement_timeout=args.statement_timeout,
         )
     except (ServerConfigError, OSError) as e:
         logging.getLogger("florql.server").error("%s", e)

@@ -36,7 +36,7 @@ from .catalog import Catalog, SessionInfo
 from .monitor import ServerTables
 from .protocol import Field, ProtocolError
 from .served import ServedStore
-from .session import DEFAULT_SETTINGS, SqlError, Statement, WireSession, classify, split_statements
+from .session import DEFAULT_SETTINGS, SqlError, Statement, WireSession, classify, pg_duration_s, split_statements
 from .types import decode_param, encode_batch, fields_for
 
 log = logging.getLogger("florql.server")
@@ -173,9 +173,13 @@ class Server:
         workers: int = 64,
         served: ServedStore | None = None,
         users_file: str | None = None,
+        max_connections: int = 64,
+        statement_timeout: float | None = None,
     ) -> None:
         """Sessions query `served` (limits, roles, the shared replay queue) when given, else
-        `backend_factory()`. Users log in from `users_file`, else with `password` as analysts."""
+        `backend_factory()`. Users log in from `users_file`, else with `password` as analysts.
+        At most `max_connections` clients at once; no statement runs longer than
+        `statement_timeout` seconds (a client's `statement_timeout` may only be shorter)."""
         if password is not None and users_file is not None:
             raise ServerConfigError(
                 "--password-file and --users-file do not go together: put every user in the users file"
@@ -184,6 +188,7 @@ class Server:
         self.backend_factory = backend_factory
         self.served = served
         self.users_file = users_file
+        self.max_connections, self.statement_timeout = max_connections, statement_timeout
         self.host, self.port = host, port
         self.verifier = ScramVerifier.from_password(password) if password is not None else None
         self._unknown_user = ScramVerifier.from_password(secrets.token_hex(16))  # fails every proof
@@ -267,6 +272,9 @@ class Server:
         conn.cancel()
         return True
 
+    def sessions(self) -> list[ClientConnection]:
+        return [c for c in list(self.connections.values()) if c.started]
+
     def activities(self) -> list[Activity]:
         return [c.activity for c in list(self.connections.values()) if c.activity is not None]
 
@@ -285,6 +293,8 @@ class ClientConnection:
         self.portals: dict[str, Portal] = {}
         self.skip_until_sync = False
         self.cancelled = False
+        self.started = False  # past the startup packet: a session, not a cancel request
+        self.deadline: float | None = None  # when the running statement times out (event-loop time)
         self.activity: Activity | None = None
 
     def cancel(self) -> None:
@@ -305,6 +315,17 @@ class ClientConnection:
         startup = await self._negotiate()
         if startup is None:
             return
+        if len(self.server.sessions()) >= self.server.max_connections:
+            self.send(
+                pg.error_response(
+                    "53300",
+                    f"sorry, too many clients already: this server takes {self.server.max_connections} "
+                    "connections at once (florql serve --max-connections)",
+                )
+            )
+            await self.writer.drain()
+            return
+        self.started = True
         user = startup.params.get("user", "florql")
         verifier, role = self.server.login(user)
         if verifier is not None and not await self._authenticate(user, verifier):
@@ -534,13 +555,35 @@ class ClientConnection:
 
     # running a portal
 
+    def _timeout_s(self) -> float | None:
+        """The statement time limit: the client's `statement_timeout` under the server's ceiling."""
+        limits = [self.server.statement_timeout]
+        if self.session is not None:
+            limits.append(pg_duration_s(self.session.settings.get("statement_timeout", "0")))
+        chosen = [t for t in limits if t]
+        return min(chosen) if chosen else None
+
+    async def _within_deadline(self, portal: Portal, fn: Callable[..., T], *args: Any) -> T:
+        """`fn` on the worker pool; past the statement's deadline, the statement is cancelled."""
+        if self.deadline is None:
+            return await self.blocking(fn, *args)
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        try:
+            return await asyncio.wait_for(self.blocking(fn, *args), max(remaining, 0.0))
+        except TimeoutError:
+            self.cancel()  # stops its replay jobs; what the thread still does is never sent
+            portal.done = True
+            raise SqlError("57014", f"canceling statement due to statement timeout ({self._timeout_s():g} s)") from None
+
     async def _open(self, portal: Portal) -> None:
         if portal.opened:
             return
         self.cancelled = False
+        timeout = self._timeout_s()
+        self.deadline = asyncio.get_running_loop().time() + timeout if timeout else None
         if self.activity is not None:
             self.activity.begin(portal.statement.sql)
-        await self.blocking(portal.open)
+        await self._within_deadline(portal, portal.open)
         for name, value in portal.reported.items():
             self.send(pg.parameter_status(name, value))
         for warning in getattr(portal.result, "warnings", None) or []:
@@ -553,7 +596,7 @@ class ClientConnection:
             if self.cancelled:
                 portal.close()
                 raise SqlError("57014", "canceling statement due to user request")
-            chunk, n = await self.blocking(portal.next_chunk, max_rows - sent if max_rows else 0)
+            chunk, n = await self._within_deadline(portal, portal.next_chunk, max_rows - sent if max_rows else 0)
             sent += n
             if chunk:
                 self.send(chunk)

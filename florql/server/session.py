@@ -63,6 +63,18 @@ DEFAULT_SETTINGS: dict[str, tuple[str, bool]] = {
     "row_security": ("on", False),
     "enable_seqscan": ("on", False),
 }
+_PG_UNITS = {"ms": 0.001, "s": 1.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def pg_duration_s(value: str) -> float | None:
+    """A PostgreSQL time setting (`5000` is milliseconds, `'5s'`, `'1min'`) in seconds; None for 0."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(ms|s|min|h|d)?\s*", str(value))
+    if match is None:
+        raise SqlError("22023", f"invalid value for statement_timeout: {value!r} (write e.g. 5000, '5s' or '1min')")
+    seconds = float(match.group(1)) * _PG_UNITS[match.group(2) or "ms"]
+    return seconds or None
+
+
 CANONICAL = {name.lower(): name for name in DEFAULT_SETTINGS}
 ALIASES = {
     "transaction isolation level": "transaction_isolation",
@@ -424,6 +436,8 @@ class WireSession:
             raise SqlError("55P02", f'parameter "{name}" cannot be changed')
         if value is None:
             value = DEFAULT_SETTINGS[CANONICAL[name]][0] if name in CANONICAL else ""
+        if name == "statement_timeout":
+            pg_duration_s(value)  # refused now, not at the next query
         if name == "client_encoding":
             if value.lower() not in UTF8_NAMES:
                 raise SqlError("22023", f"florql supports only client_encoding UTF8, not {value!r}")

@@ -426,3 +426,45 @@ def test_no_replay_serves_stored_values_and_names_the_replay(served, tmp_path):
     finally:
         stop_server(proc)
     assert committed_jobs(served, 7) == 0
+
+
+# -- time and connection limits (kept last: they replay epoch 0, which the role tests need unreplayed)
+
+
+def test_statement_timeout_stops_the_replay_and_the_next_ask_answers(served):
+    expected = truth(served, 0)
+    with served.gate_closed(), served.connect("ann") as c:
+        with pytest.raises(psycopg.Error) as err:
+            c.execute("SET statement_timeout = 'soon'")
+        assert err.value.sqlstate == "22023"
+        c.execute("SET statement_timeout = '2s'")
+        with pytest.raises(psycopg.errors.QueryCanceled) as err:
+            grad_norms(c, 1, 0)  # the gate holds the replay: the limit must end it
+        assert "statement timeout" in str(err.value)
+        assert c.execute("SELECT 1").fetchone() == (1,)  # the session goes on
+        with served.connect("ada") as admin:
+            accounted = "SELECT outcome FROM florql_replay_accounting WHERE first_iteration = 0"
+            wait_until(lambda: admin.execute(accounted).fetchall() == [("cancelled",)], "the job to be cancelled")
+    assert committed_jobs(served, 0) == 0
+    with served.connect("ann") as c:
+        assert grad_norms(c, 1, 0) == expected
+
+
+def test_server_limits_a_client_cannot_lift(served):
+    env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_RUNS",)}
+    env["FLORQL_TEST_GATE"] = str(served.gate)
+    proc, port = start_server(served.home, "--max-connections", "2", "--statement-timeout", "1s", env=env)
+    dsn = f"host=127.0.0.1 port={port} dbname=florql user=x connect_timeout=10"
+    try:
+        first, second = psycopg.connect(dsn, autocommit=True), psycopg.connect(dsn, autocommit=True)
+        with pytest.raises(psycopg.OperationalError, match="too many clients"):
+            psycopg.connect(dsn, autocommit=True)
+        second.close()
+        with psycopg.connect(dsn, autocommit=True) as again:  # a freed slot is taken again
+            assert again.execute("SELECT 1").fetchone() == (1,)
+        first.execute("SET statement_timeout = 0")  # 0 means "no limit" to PostgreSQL: not past the server's
+        with served.gate_closed(), pytest.raises(psycopg.errors.QueryCanceled, match="statement timeout"):
+            grad_norms(first, 1, 3)
+        first.close()
+    finally:
+        stop_server(proc)
