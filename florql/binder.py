@@ -72,9 +72,12 @@ def bind(statement: exp.Expr, conn: duckdb.DuckDBPyConnection) -> Bound:
         if "could not be resolved" in str(err):
             raise _unknown_column(str(err), list(runs.values())) from err
         return Bound(statement, _widened(tables, existing, shadowed, runs), runs)
-    refs = []
-    for scope in traverse_scope(qualified):
-        refs.extend(_scope_refs(scope, tables, existing, runs))
+    except Exception:  # sqlglot's own assertion on a statement it cannot qualify: DuckDB will judge it
+        return Bound(statement, _widened(tables, existing, shadowed, runs), runs)
+    try:
+        refs = [ref for scope in traverse_scope(qualified) for ref in _scope_refs(scope, tables, existing, runs)]
+    except Exception:  # the same, in the scope analysis
+        return Bound(statement, _widened(tables, existing, shadowed, runs), runs)
     return Bound(statement, refs, runs)
 
 

@@ -11,6 +11,7 @@ Replay is off (`replay='never'`): a replay would write run files, legitimately.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -334,7 +335,13 @@ def _state(db) -> tuple:
             name: conn.execute(f"SELECT count(*), sum(hash(COLUMNS(*))) FROM {name}").fetchall()
             for (name,) in conn.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()
         }
-        views = conn.execute("SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY 1").fetchall()
+        # DuckDB re-serializes a view's SQL when it reopens the file, listing an EXCLUDE set in any order
+        views = [
+            (name, re.sub(r"EXCLUDE \(([^)]*)\)", lambda m: "EXCLUDE " + ",".join(sorted(m.group(1).split(", "))), sql))
+            for name, sql in conn.execute(
+                "SELECT view_name, sql FROM duckdb_views() WHERE NOT internal ORDER BY 1"
+            ).fetchall()
+        ]
     work = sorted(str(p.relative_to(db.work)) for p in db.work.rglob("*") if not p.name.startswith("florql.duckdb"))
     return tables, views, db.files.list("runs"), db.files.list("code"), work
 
