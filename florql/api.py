@@ -24,6 +24,7 @@ from florql.binder import Bound, bind, unknown_column_error
 from florql.dialect import bind_parameters, ensure_read_only, florql_setting, parse
 from florql.errors import (
     FlorqlError,
+    InputChanged,
     MissingHindsight,
     QueryFailed,
     QuerySyntaxError,
@@ -406,6 +407,9 @@ class Connection:
         failures = [(s, r) for s, r in self.last_jobs if not r.ok]
         if failures:
             self.sync()
+            changed = [r.error.split(": ", 1)[1] for _, r in failures if (r.error or "").startswith("InputChanged: ")]
+            if changed:  # the run's data changed: no replay of it can be exact
+                raise InputChanged("\n".join(dict.fromkeys(changed)))
             raise ReplayFailed(_failure_message(failures))
 
     def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:
