@@ -407,7 +407,9 @@ class Connection:
         failures = [(s, r) for s, r in self.last_jobs if not r.ok]
         if failures:
             self.sync()
-            changed = [r.error.split(": ", 1)[1] for _, r in failures if (r.error or "").startswith("InputChanged: ")]
+            prefix = f"{InputChanged.__name__}: "
+            errors = [r.error or "" for _, r in failures]
+            changed = [e.removeprefix(prefix) for e in errors if e.startswith(prefix)]
             if changed:  # the run's data changed: no replay of it can be exact
                 raise InputChanged("\n".join(dict.fromkeys(changed)))
             raise ReplayFailed(_failure_message(failures))

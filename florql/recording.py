@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 from florql import args as florql_args
-from florql import reads
-from florql import replay, storage
+from florql import reads, replay, storage
 from florql.checkpoint_engine import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager, make_policy
-from florql.names import check_name
 from florql.inputs import InputRecorder
+from florql.names import check_name
 from florql.rng import capture_rng
 from florql.scope import baseline_of, capture_scope
 from florql.session import LoopFrame, TrainingSession

@@ -27,6 +27,7 @@ from florql.storage.inputs import InputFile, opens_for_writing, problem_with
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
 
+
 def lay_out(files: RunFiles, spec: JobSpec, manifest: Manifest, sandbox: str) -> tuple[str, str]:
     """Lay the run's files out in `sandbox`; returns (the script's path, the working folder)."""
     root = mirrored(sandbox, manifest.project_root)
@@ -52,7 +53,7 @@ def mirrored(sandbox: str, project_root: str | None) -> str:
     """Where the project root goes in the sandbox: at its own absolute path below it."""
     if not project_root:
         return sandbox
-    drive, rest = os.path.splitdrive(os.path.abspath(project_root))
+    _drive, rest = os.path.splitdrive(os.path.abspath(project_root))
     return os.path.join(sandbox, rest.lstrip("\\/"))
 
 
@@ -93,7 +94,7 @@ def _guard(files: RunFiles, run_id: int, sandbox: str, stored: list[InputFile]) 
         elif path.startswith(fence) and os.path.islink(path):
             target = os.path.realpath(path)
             os.unlink(path)
-            truncates = isinstance(flags, int) and flags & os.O_TRUNC or (isinstance(mode, str) and "w" in mode)
+            truncates = (isinstance(flags, int) and flags & os.O_TRUNC) or (isinstance(mode, str) and "w" in mode)
             if not truncates and os.path.isfile(target):
                 shutil.copyfile(target, path)
 
