@@ -45,7 +45,10 @@ def _audit(event: str, payload: tuple) -> None:
     path = payload[0]
     if path.endswith((".py", ".pyc")):
         return
-    absolute = os.path.abspath(path)
+    try:
+        absolute = os.path.abspath(path)
+    except OSError:  # the working folder is gone (e.g. being removed): no file of the script's
+        return
     if opens_for_writing(payload[1] if len(payload) > 1 else None, payload[2] if len(payload) > 2 else None):
         WRITTEN_FILES.add(absolute)
     elif absolute not in WRITTEN_FILES:

@@ -86,7 +86,10 @@ def _guard(files: RunFiles, run_id: int, sandbox: str, stored: list[InputFile]) 
         if event != "open" or not payload or not isinstance(payload[0], str):
             return
         mode, flags = (payload[1], payload[2]) if len(payload) > 2 else (None, None)
-        path = os.path.abspath(payload[0])
+        try:
+            path = os.path.abspath(payload[0])
+        except OSError:  # the working folder is gone: the sandbox is being removed
+            return
         if not opens_for_writing(mode, flags):
             record = outside.pop(path, None)  # checked once
             if record is not None:
