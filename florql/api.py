@@ -7,7 +7,6 @@ import contextlib
 import os
 import random
 import re
-import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,6 +33,7 @@ from florql.errors import (
     UsageError,
     from_duckdb,
 )
+from florql.progress import ReplayProgress
 from florql.replay.executor import Executor, LocalExecutor, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
@@ -213,7 +213,8 @@ class Connection:
         self._executor_arg = executor
         self._executor_options = executor_options
         self._executor: Executor | None = None
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        # A line per replay job as it starts and ends, terminal or not; FLORQL_QUIET=1 silences it.
+        self.progress = os.environ.get("FLORQL_QUIET", "") in ("", "0") if progress is None else progress
         self.last_jobs: list[tuple[JobSpec, JobResult]] = []
 
     # ---- settings -----------------------------------------------------------------------------
@@ -386,23 +387,12 @@ class Connection:
         return max(1, min(executor.workers, (os.cpu_count() or 1) // threads))
 
     def _run_jobs(self, specs: list[JobSpec]) -> None:
-        done = [0]
-        started = time.monotonic()
-
-        def progress(spec: JobSpec, result: JobResult) -> None:
-            done[0] += 1
-            if self.progress:
-                width = 30
-                filled = int(width * done[0] / len(specs))
-                print(
-                    f"\rflorql replay [{'#' * filled}{'.' * (width - filled)}] {done[0]}/{len(specs)} jobs "
-                    f"{time.monotonic() - started:5.1f}s",
-                    end="" if done[0] < len(specs) else "\n",
-                    file=sys.stderr,
-                    flush=True,
-                )
-
-        results = self.executor.run(specs, progress)
+        if self.progress:
+            reporter = ReplayProgress(specs, self.executor.workers)
+            reporter.begin()
+            results = self.executor.run(specs, reporter.job_done, on_start=reporter.job_started)
+        else:
+            results = self.executor.run(specs)
         self.last_jobs = list(zip(specs, results))
         failures = [(s, r) for s, r in self.last_jobs if not r.ok]
         if failures:
