@@ -6,10 +6,12 @@ Lines are printed whether or not stderr is a terminal; FLORQL_QUIET=1 silences t
 from __future__ import annotations
 
 import io
+import json
 
 import florql
 from florql.progress import ReplayProgress
 from florql.replay.jobs import JobResult, JobSpec
+from florql.storage import layout
 
 SCRIPT = """
 import florql
@@ -73,3 +75,20 @@ def test_run_id_at_start_job_lines_without_a_terminal_and_quiet(store, capfd, mo
     db = florql.connect(store.home, workers=1)
     db.sql(f"SELECT epoch, y FROM run_{quiet.run_id}").fetchall()
     assert capfd.readouterr().err == ""
+
+
+def test_a_network_connection_is_named_as_not_recorded(store):
+    """What a run fetched over the network is not recorded: the run says so, and its manifest too."""
+    run = store.run(
+        """
+        import socket
+        import florql
+        server = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(server.getsockname())
+        for epoch in florql.loop("epoch", range(2)):
+            florql.log("x", epoch)
+        """
+    )
+    assert "used a network connection to 127.0.0.1:" in run.proc.stderr
+    manifest = json.loads(store.files.get(layout.manifest_path(run.run_id)))
+    assert [n.startswith("a network connection to 127.0.0.1:") for n in manifest["unrecorded"]] == [True]
