@@ -7,7 +7,6 @@ import contextlib
 import os
 import random
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +23,7 @@ from florql.binder import Bound, bind, unknown_column_error
 from florql.dialect import bind_parameters, ensure_read_only, florql_setting, in_user_terms, parse
 from florql.errors import (
     FlorqlError,
+    InputChanged,
     MissingHindsight,
     QueryFailed,
     QuerySyntaxError,
@@ -33,6 +33,7 @@ from florql.errors import (
     UsageError,
     from_duckdb,
 )
+from florql.progress import ReplayProgress
 from florql.replay.executor import Executor, LocalExecutor, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
@@ -251,7 +252,8 @@ class Connection:
         self._executor_arg = executor
         self._executor_options = executor_options
         self._executor: Executor | None = None
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        # A line per replay job as it starts and ends, terminal or not; FLORQL_QUIET=1 silences it.
+        self.progress = os.environ.get("FLORQL_QUIET", "") in ("", "0") if progress is None else progress
         self.on_progress = on_progress  # called with (jobs done, jobs in all) as replay jobs finish
         self.last_jobs: list[tuple[JobSpec, JobResult]] = []
 
@@ -428,31 +430,32 @@ class Connection:
         return max(1, min(executor.workers, (os.cpu_count() or 1) // threads))
 
     def _run_jobs(self, specs: list[JobSpec]) -> None:
+        reporter = ReplayProgress(specs, self.executor.workers) if self.progress else None
         done = [0]
-        started = time.monotonic()
         if self.on_progress is not None:
             self.on_progress(0, len(specs))
 
-        def progress(spec: JobSpec, result: JobResult) -> None:
+        def finished(spec: JobSpec, result: JobResult) -> None:
             done[0] += 1
+            if reporter is not None:
+                reporter.job_done(spec, result)
             if self.on_progress is not None:
                 self.on_progress(done[0], len(specs))
-            if self.progress:
-                width = 30
-                filled = int(width * done[0] / len(specs))
-                print(
-                    f"\rflorql replay [{'#' * filled}{'.' * (width - filled)}] {done[0]}/{len(specs)} jobs "
-                    f"{time.monotonic() - started:5.1f}s",
-                    end="" if done[0] < len(specs) else "\n",
-                    file=sys.stderr,
-                    flush=True,
-                )
 
-        results = self.executor.run(specs, progress)
+        if reporter is not None:
+            reporter.begin()
+            results = self.executor.run(specs, finished, on_start=reporter.job_started)
+        else:
+            results = self.executor.run(specs, finished)
         self.last_jobs = list(zip(specs, results))
         failures = [(s, r) for s, r in self.last_jobs if not r.ok]
         if failures:
             self.sync()
+            prefix = f"{InputChanged.__name__}: "
+            errors = [r.error or "" for _, r in failures]
+            changed = [e.removeprefix(prefix) for e in errors if e.startswith(prefix)]
+            if changed:  # the run's data changed: no replay of it can be exact
+                raise InputChanged("\n".join(dict.fromkeys(changed)))
             raise ReplayFailed(_failure_message(failures))
 
     def explain(self, sql: str, params: Sequence[Any] | None = None, *, dialect: str = "duckdb") -> str:

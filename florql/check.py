@@ -11,8 +11,10 @@ A static pass over one script (no import, nothing runs). It reports, with line n
   helper-function calls): it cannot be replayed, so it cannot be asked for in hindsight.
 - ``dynamic-name``: a ``florql.log``/``florql.loop`` whose name is not a string literal: hindsight
   queries find statements by name, so such values cannot be asked for.
-- ``absolute-path``: a file read by absolute path: only files inside the project join a run's
-  recorded code version, so a replay reads whatever that file holds by then.
+- ``absolute-path``: a file read by absolute path: a replay reads it where it is, and a hindsight
+  query refuses once it has changed (relative paths get the copy recorded with the run).
+- ``network-download``: a download (``download=True``, ``urlopen``, ``requests.get``…): what a run
+  fetched is not recorded; a replay fetches it again.
 
 It is deliberately conservative in what it names: objects are recognised by how they are built
 (``torch.optim.X(...)``, ``nn.X(...)``, a class of the script deriving from ``nn.Module``,
@@ -204,6 +206,17 @@ def _scope_statements(body: list[ast.stmt]):
                 )
 
 
+def _unconditional(body: list[ast.stmt]) -> set[int]:
+    """The statements of a scope that run on every path through it (ids): its own statements and
+    those of the `with` blocks among them, not those under an if, loop, try or match."""
+    out: set[int] = set()
+    for stmt in body:
+        out.add(id(stmt))
+        if isinstance(stmt, (ast.With, ast.AsyncWith)):
+            out |= _unconditional(stmt.body)
+    return out
+
+
 def _function_body(tree: ast.Module, qualname: str | None) -> list[ast.stmt]:
     if qualname is None:
         return tree.body
@@ -235,6 +248,16 @@ def _checkpointing_names(tree: ast.Module) -> set[str] | None:
     return registered
 
 
+_DOWNLOADERS = frozenset({"urlopen", "urlretrieve", "download_url", "hf_hub_download", "snapshot_download"})
+
+
+def _downloads(node: ast.Call, func: str, last: str) -> bool:
+    """`MNIST(..., download=True)`, `urlopen(...)`, `requests.get(...)`, `hf_hub_download(...)`."""
+    if any(k.arg == "download" and _literal(k.value) is True for k in node.keywords):
+        return True
+    return last in _DOWNLOADERS or (func.startswith(("requests.", "httpx.")) and last in ("get", "post", "stream"))
+
+
 def _literal(node: ast.AST | None):
     return node.value if isinstance(node, ast.Constant) else None
 
@@ -257,7 +280,10 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
         kinds = _Kinds(tree)
         known: dict[str, str] = {}
         created: dict[str, tuple[int, str]] = {}
-        for stmt in _scope_statements(_function_body(tree, outer.function)):
+        body = _function_body(tree, outer.function)
+        every_path = _unconditional(body)
+        conditional: set[str] = set()
+        for stmt in _scope_statements(body):
             if stmt.lineno >= outer.lineno:
                 break
             if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and isinstance(stmt.value, ast.Call):
@@ -272,8 +298,26 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
                     else:
                         known[name] = "model" if kind in ("model", "EMA model", "EMA copy of a model") else kind
                         created[name] = (stmt.lineno, kind)
+                        if id(stmt) in every_path:
+                            conditional.discard(name)
+                        else:
+                            conditional.add(name)
         for name, (lineno, kind) in sorted(created.items(), key=lambda kv: kv[1][0]):
-            if name not in registered:
+            if name in registered:
+                continue
+            if name in conditional:
+                findings.append(
+                    Finding(
+                        lineno,
+                        f"'{name}' ({kind}) is created before the outer florql.loop only on some paths (under a "
+                        f"condition) and is not passed to florql.checkpointing(...): replays from checkpoints would "
+                        f"start it from its initial state. Register it on the paths that create it, e.g. "
+                        f"objects = dict(model=model); objects['{name}'] = {name} under the same condition; "
+                        f"florql.checkpointing(**objects)",
+                        "unregistered-state",
+                    )
+                )
+            else:
                 findings.append(
                     Finding(
                         lineno,
@@ -290,6 +334,15 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
             continue
         func = _dotted(node.func)
         last = func.split(".")[-1] if func else (node.func.attr if isinstance(node.func, ast.Attribute) else "")
+        if _downloads(node, func, last):
+            findings.append(
+                Finding(
+                    node.lineno,
+                    "downloads over the network: a run records the files it reads, not what it fetched; a replay "
+                    "downloads again (into its sandbox) and gets whatever the server sends then",
+                    "network-download",
+                )
+            )
         if last == "DataLoader":
             kw = {k.arg: k.value for k in node.keywords if k.arg}
             workers = _literal(kw.get("num_workers"))
@@ -328,9 +381,9 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
                 findings.append(
                     Finding(
                         node.lineno,
-                        f"reads {path!r} by absolute path: only files inside the project join a run's "
-                        "recorded code version, so a replay reads whatever that file holds then; keep the file in the "
-                        "project and use a relative path",
+                        f"reads {path!r} by absolute path: a replay reads that file where it is, and a hindsight "
+                        "query refuses once it has changed; a relative path lets replays use the copy recorded "
+                        "with the run (files up to 1 MiB)",
                         "absolute-path",
                     )
                 )
@@ -343,6 +396,16 @@ def check_source(source: str, filename: str = "<script>") -> list[Finding]:
                     site.lineno,
                     f"florql.log({site.name!r}) runs outside any florql.loop: it cannot be replayed, "
                     "so it cannot be asked for in hindsight",
+                    "log-outside-loop",
+                )
+            )
+        elif () in site.loop_paths:
+            findings.append(
+                Finding(
+                    site.lineno,
+                    f"florql.log({site.name!r}) in {site.function}() also runs outside every florql.loop (it is "
+                    "called before or after the loop too): the values logged there cannot be replayed or asked "
+                    "for in hindsight; log them under another name if you need them",
                     "log-outside-loop",
                 )
             )

@@ -144,7 +144,7 @@ def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict
             site = analysis.get(name)
             alone = _propagated(info.run_id, old, current, frozenset([name]), rel)
             digest = hashlib.sha256(f"{info.manifest.code_version}\0{rel}\0{alone}".encode()).hexdigest()[:16]
-            sites[name] = Site(site.loop_path if site else (), digest, _inputs(new, name))
+            sites[name] = Site(info.place(rel, site) if site else (), digest, _inputs(new, name))
     return patched, sites
 
 

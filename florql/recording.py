@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from florql import args as florql_args
-from florql import replay, storage
+from florql import reads, replay, storage
 from florql.checkpoint_engine import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager, make_policy
+from florql.inputs import InputRecorder
 from florql.names import check_name
-from florql.reads import READ_FILES
 from florql.rng import capture_rng
 from florql.scope import baseline_of, capture_scope
 from florql.session import LoopFrame, TrainingSession
@@ -32,7 +32,6 @@ from florql.storage.layout import locate_store
 from florql.storage.manifest import Env, Manifest
 from florql.storage.segment_writer import SegmentWriter
 
-MAX_READ_FILE_BYTES = 1 << 20  # files the script reads (configs) join its code version up to this size
 HEARTBEAT_S = 2.0
 _OWN_PACKAGES = tuple(
     os.path.dirname(os.path.abspath(inspect.getfile(m))) + os.sep for m in (sys.modules["florql"], storage, replay)
@@ -70,6 +69,12 @@ def _git_commit(root: str) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def say(line: str) -> None:
+    """One line on stderr about the run, unless FLORQL_QUIET is set."""
+    if os.environ.get("FLORQL_QUIET", "") in ("", "0"):
+        print(line, file=sys.stderr, flush=True)
+
+
 def environment() -> Env:
     env = Env(
         python=platform.python_version(),
@@ -103,6 +108,11 @@ class RecordSession(TrainingSession):
         self.persister = Persister(self.files, self.run_id, self._checkpoint_done)
         self.scope_warned: set[str] = set()
         self._code_thread: threading.Thread | None = None
+        self.inputs = InputRecorder(
+            self.files, self.root, (self.location.home + os.sep, *_OWN_PACKAGES), self._inputs_hashed
+        )
+        self._announced: set[str] = set()
+        self._reads_collected = 0
         self.manifest = Manifest(
             run_id=self.run_id,
             script=self.script,
@@ -116,6 +126,7 @@ class RecordSession(TrainingSession):
             heartbeat_at=time.time(),
             status="running",
             checkpoints={"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},
+            folders=self.inputs.folders(),
         )
         try:
             self._capture_code_version(wait=True)  # the manifest names its code version from the start
@@ -129,6 +140,7 @@ class RecordSession(TrainingSession):
             on_swap=self._manifest_snapshot,
             on_flush=self._heartbeat,
         )
+        say(f"florql: recording run {self.run_id} in {self.files.url}")
 
     # ---- manifest ---------------------------------------------------------------------------
     def update(self, **fields: Any) -> None:
@@ -176,15 +188,12 @@ class RecordSession(TrainingSession):
             path = getattr(module, "__file__", None)
             if path and path.endswith(".py"):
                 candidates.add(os.path.abspath(path))
-        candidates.update(list(READ_FILES))
         sources: dict[str, bytes] = {}
         for path in candidates:
             rel = self._relative_source(path)
             if rel is None:
                 continue
             try:
-                if os.path.getsize(path) > MAX_READ_FILE_BYTES:
-                    continue
                 with open(path, "rb") as f:
                     sources[rel] = f.read()
             except OSError:
@@ -209,7 +218,9 @@ class RecordSession(TrainingSession):
         With `wait`, a failure to store them is raised here; otherwise the run keeps the code
         version it had (the one stored at its start).
         """
-        sources = self._project_files()
+        self.inputs.collect()
+        sources = {**self.inputs.contents, **self._project_files()}
+        self._record_inputs()
         if self._code_thread is not None:
             self._code_thread.join()
         failed: list[OSError] = []
@@ -226,6 +237,17 @@ class RecordSession(TrainingSession):
             self._code_thread.join()
             if failed:
                 raise failed[0]
+
+    def _record_inputs(self) -> None:
+        unrecorded = self.inputs.unrecorded()
+        for note in unrecorded:
+            if note not in self._announced:
+                self._announced.add(note)
+                say(f"florql: run {self.run_id} used {note}: not recorded, a replay cannot get it back as it was")
+        self.update(inputs=self.inputs.entries(), unrecorded=unrecorded)
+
+    def _inputs_hashed(self) -> None:
+        self.update(inputs=self.inputs.entries())
 
     # ---- args -------------------------------------------------------------------------------
     def arg(self, name: str, default: Any) -> Any:
@@ -278,6 +300,10 @@ class RecordSession(TrainingSession):
             self.maybe_checkpoint(index, "iter_end", elapsed)
         else:
             self.policy_observe(elapsed - self.outer.observed_s)
+        if len(reads.READ_FILES) != self._reads_collected:  # a data file first opened in this iteration
+            self._reads_collected = len(reads.READ_FILES)
+            self.inputs.collect()
+            self._record_inputs()
         with self._manifest_lock:
             self.manifest.iteration_s.append(round(elapsed, 6))
             self.manifest.inner_s.append(round(self.outer.inner_s, 6))
@@ -396,6 +422,7 @@ class RecordSession(TrainingSession):
         except WriteFailed as exc:
             print(f"florql: run {self.run_id}: {exc}", file=sys.stderr, flush=True)
             fields.update(status="failed", error=str(exc))
+        self.inputs.wait()  # the hashes of the large files it read
         try:
             self._capture_code_version(wait=True)
         except OSError as exc:  # the run keeps the code version stored at its start

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -36,6 +37,8 @@ class RunInfo:
     loggable: dict[str, tuple[str, LogSite]] = field(default_factory=dict)  # name → (file, site), current code
     loop_paths: dict[str, tuple[str, ...]] = field(default_factory=dict)  # loop name → its path
     code_files: dict[str, str] = field(default_factory=dict)  # rel path → sha256 (recorded)
+    # (file, function) → the loops it ran inside, from the coordinates of what it logged
+    contexts: dict[tuple[str, str | None], tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def outer_loop(self) -> str | None:
@@ -56,6 +59,13 @@ class RunInfo:
             return (1, False, "", 0, order[name])
 
         return loops + sorted(names, key=place)
+
+    def place(self, rel: str, site: LogSite) -> tuple[str, ...]:
+        """Where a statement runs: the static guess, unless what the run logged from the same
+        function says where that function ran (closures, hooks and callbacks run where they are
+        called, not where they are written)."""
+        context = self.contexts.get((rel, site.function))
+        return site.loop_path if context is None else context + site.lex_path
 
     def name_info(self, name: str) -> NameInfo:
         if name in self.logged:
@@ -101,7 +111,22 @@ def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
             info.loggable.setdefault(site.name, (rel, site))
         for loop in analysis.loops:
             info.loop_paths.setdefault(loop.name, loop.loop_path)
+    _confirm_places(info)
     return info
+
+
+def _confirm_places(info: RunInfo) -> None:
+    """Correct the static loop paths of loggable names by the coordinates the run recorded."""
+    for name in info.original & info.loggable.keys():
+        rel, site = info.loggable[name]
+        recorded = info.logged[name].loop_path if name in info.logged else ()
+        depth = len(recorded) - len(site.lex_path)
+        if site.function is not None and depth >= 0 and recorded[depth:] == site.lex_path:
+            info.contexts.setdefault((rel, site.function), recorded[:depth])
+    for name, (rel, site) in info.loggable.items():
+        path = info.place(rel, site)
+        if path != site.loop_path:
+            info.loggable[name] = (rel, dataclasses.replace(site, loop_path=path))
 
 
 def _analyze_file(path: str) -> ModuleAnalysis | None:

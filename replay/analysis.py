@@ -41,6 +41,7 @@ class LogSite:
     loop_path: tuple[str, ...]
     loop_paths: tuple[tuple[str, ...], ...]
     reads: frozenset[str]
+    lex_path: tuple[str, ...] = ()  # the loops around it inside its own function
 
 
 @dataclass(frozen=True)
@@ -276,6 +277,13 @@ class _CallSite:
     lex: tuple[str, ...]
     method_class: str | None
     key: tuple[str, str]  # ("name", f) for f(...), ("self", m) for self.m(...)
+    # A function handed to a registration (`register_forward_hook(hook)`, `callbacks=[cb]`) runs
+    # later, wherever the object it was given to runs: possibly in any loop below this place.
+    deferred: bool = False
+
+
+# Calls that keep a function to call it later (hooks, callbacks), unlike `opt.step(closure)`.
+_REGISTERS = ("register", "hook", "callback", "connect", "subscribe")
 
 
 @dataclass
@@ -344,7 +352,26 @@ class _Collector(ast.NodeVisitor):
             self._log(node)
         elif kind is None and (key := _call_key(node)):
             self.calls.append(_CallSite(self.func, self.lex, self.method_class, key))
+        if kind is None:
+            self._passed_functions(node)
         self.generic_visit(node)
+
+    def _passed_functions(self, node: ast.Call) -> None:
+        """A function passed as an argument (`opt.step(closure)`, `m.register_forward_hook(hook)`)
+        runs where the call that receives it runs: it counts as called there."""
+        callee = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for keyword in node.keywords:
+            deferred = any(r in f"{callee} {keyword.arg or ''}".lower() for r in _REGISTERS)
+            self._passed(keyword.value, deferred)
+        deferred = any(r in callee.lower() for r in _REGISTERS)
+        for arg in node.args:
+            self._passed(arg, deferred)
+
+    def _passed(self, value: ast.expr, deferred: bool) -> None:
+        values = value.elts if isinstance(value, (ast.List, ast.Tuple)) else [value]
+        for v in values:
+            if key := _callee_key(v):
+                self.calls.append(_CallSite(self.func, self.lex, self.method_class, key, deferred))
 
     def _log(self, node: ast.Call) -> None:
         name = _literal_name(node)
@@ -366,6 +393,12 @@ class _CallGraph:
             for callee in self._resolve(call):
                 self.callers.setdefault(callee, []).append(call)
         self.memo: dict[str, frozenset[tuple[str, ...]]] = {}
+        self.loop_paths: frozenset[tuple[str, ...]] = frozenset()
+
+    def reach_loops(self, loop_paths: Iterable[tuple[str, ...]]) -> None:
+        """Let functions registered as hooks or callbacks reach every loop nested where they were registered."""
+        self.loop_paths = frozenset(loop_paths)
+        self.memo.clear()
 
     def _resolve(self, call: _CallSite) -> list[str]:
         kind, ident = call.key
@@ -395,13 +428,16 @@ class _CallGraph:
         active.add(func)
         for site in sites:
             if site.caller is None:
-                out.add(site.lex)
+                here = {site.lex}
             elif site.caller in active:
                 cut = True
+                continue
             else:
                 outer, outer_cut = self._contexts(site.caller, active)
                 cut |= outer_cut
-                out.update(p + site.lex for p in outer)
+                here = {p + site.lex for p in outer}
+            below = {lp for lp in self.loop_paths for p in here if lp[: len(p)] == p} if site.deferred else set()
+            out.update(below or here)
         active.discard(func)
         result = frozenset(out) if out else frozenset({()})  # never called here: an entry point
         if not cut:
@@ -411,7 +447,10 @@ class _CallGraph:
 
 def _call_key(node: ast.Call) -> tuple[str, str] | None:
     """Calls that can be resolved statically: f(...) and self.f(...)/cls.f(...)."""
-    func = node.func
+    return _callee_key(node.func)
+
+
+def _callee_key(func: ast.expr) -> tuple[str, str] | None:
     if isinstance(func, ast.Name):
         return ("name", func.id)
     if isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name) and func.value.id in ("self", "cls"):
@@ -429,6 +468,7 @@ def analyze(source: str, filename: str = "<script>") -> ModuleAnalysis:
     col = _Collector(_aliases(tree))
     col.visit(tree)
     graph = _CallGraph(col)
+    graph.reach_loops(p + raw.lex for raw in col.sites if raw.kind == "loop" for p in graph.contexts(raw.function))
     # builtins are not variables, unless the script rebinds them
     scopes = [tree] + [n for n in ast.walk(tree) if isinstance(n, (*_DEFS, ast.ClassDef))]
     hidden = _BUILTINS - frozenset().union(*(_scope_bound(s) for s in scopes))
@@ -437,7 +477,7 @@ def analyze(source: str, filename: str = "<script>") -> ModuleAnalysis:
         paths = _ordered(p + raw.lex for p in graph.contexts(raw.function))
         deepest = max(paths, key=len)
         if raw.kind == "log":
-            logs.append(LogSite(raw.name, raw.lineno, raw.function, deepest, paths, raw.reads - hidden))
+            logs.append(LogSite(raw.name, raw.lineno, raw.function, deepest, paths, raw.reads - hidden, raw.lex))
         else:
             nested = len(raw.lex) > 1
             loops.append(LoopSite(raw.name, raw.lineno, raw.function, deepest, paths, raw.assigned, nested))

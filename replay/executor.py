@@ -16,6 +16,7 @@ from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import launch_worker, worker_env
 
 ProgressFn = Callable[[JobSpec, JobResult], None]
+StartFn = Callable[[JobSpec], None]
 
 
 class Executor(ABC):
@@ -24,7 +25,9 @@ class Executor(ABC):
     workers: int
 
     @abstractmethod
-    def run(self, jobs: list[JobSpec], on_done: ProgressFn | None = None) -> list[JobResult]: ...
+    def run(
+        self, jobs: list[JobSpec], on_done: ProgressFn | None = None, on_start: StartFn | None = None
+    ) -> list[JobResult]: ...
 
     def close(self) -> None:  # noqa: B027  (optional: most executors hold nothing)
         """Release what the executor started."""
@@ -50,13 +53,17 @@ class LocalExecutor(Executor):
     def threads_per_job(self) -> int:
         return max(1, (os.cpu_count() or 1) // self.workers)
 
-    def run(self, jobs: list[JobSpec], on_done: ProgressFn | None = None) -> list[JobResult]:
+    def run(
+        self, jobs: list[JobSpec], on_done: ProgressFn | None = None, on_start: StartFn | None = None
+    ) -> list[JobResult]:
         slots: queue.Queue[int] = queue.Queue()
         for slot in range(self.workers):
             slots.put(slot)
 
         def one(spec: JobSpec) -> JobResult:
             slot = slots.get()
+            if on_start:
+                on_start(spec)
             try:
                 result = self._run_one(spec, slot)
             finally:

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from florql.replay.executor import Executor, ProgressFn
+from florql.replay.executor import Executor, ProgressFn, StartFn
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import launch_worker, worker_env
 from florql.storage.errors import UsageError
@@ -68,7 +68,9 @@ class RayExecutor(Executor):
         self.workers = max(1, workers or (int(ray.cluster_resources().get("GPU", 0)) if gpus else cpus) or cpus)
         self.threads = threads or max(1, cpus // self.workers)
 
-    def run(self, jobs: list[JobSpec], on_done: ProgressFn | None = None) -> list[JobResult]:
+    def run(
+        self, jobs: list[JobSpec], on_done: ProgressFn | None = None, on_start: StartFn | None = None
+    ) -> list[JobResult]:
         for spec in jobs:
             spec.threads = spec.threads or self.threads
         unfit = self._unschedulable(jobs)
@@ -89,6 +91,9 @@ class RayExecutor(Executor):
             ).remote(spec.to_json()): spec
             for spec in jobs
         }
+        for spec in jobs:  # handed to the cluster, which starts each when it has room
+            if on_start:
+                on_start(spec)
         results: dict[str, JobResult] = {}
         waiting = list(pending)
         while waiting:

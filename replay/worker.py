@@ -1,8 +1,9 @@
 """A replay worker process: `python -m florql.replay.worker SPEC.json`.
 
-It lays the run's recorded code version (with the hindsight statements propagated into it) in a
-sandbox folder, so the script's own side effects never touch the user's files, and runs the
-script there as `__main__` under a `ReplaySession`.
+It lays the run's recorded code version (with the hindsight statements propagated into it) and
+the files the run read out in a sandbox folder (`florql.replay.sandbox`), so the script's own
+side effects never touch the user's files, and runs the script there as `__main__` under a
+`ReplaySession`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ import traceback
 
 from florql.replay.jobs import JobResult, JobSpec, ReplayDiverged, ReplayFinished
 from florql.replay.launcher import result_path
+from florql.replay.sandbox import lay_out
 from florql.storage import layout
-from florql.storage.code_versions import load_code_version, materialize
 from florql.storage.errors import FlorqlError
+from florql.storage.manifest import Manifest
 from florql.storage.runfiles import open_run_files
 
 EXIT_DIVERGED = 3
@@ -33,13 +35,12 @@ def run(spec_path: str) -> JobResult:
     os.environ["FLORQL_REPLAY_JOB"] = spec_path  # the script's first florql call starts a replay session
     files = open_run_files(spec.runs_url)
     committed = layout.replay_commit_path(spec.run_id, spec.job_id)
-    sources = load_code_version(files, spec.code_version)
-    sources.update({rel: text.encode() for rel, text in spec.patched.items()})
+    manifest = Manifest.from_json(files.get(layout.manifest_path(spec.run_id)))
     with tempfile.TemporaryDirectory(prefix=f"florql-replay-{spec.run_id}-") as sandbox:
-        materialize(sources, sandbox)
-        script = os.path.join(sandbox, spec.script_rel)
-        workdir = os.path.normpath(os.path.join(sandbox, spec.cwd_rel))
-        os.makedirs(workdir, exist_ok=True)
+        try:
+            script, workdir = lay_out(files, spec, manifest, sandbox)
+        except FlorqlError as exc:  # a data file changed: say which
+            return JobResult(spec.job_id, ok=False, error=f"{type(exc).__name__}: {exc}")
         os.chdir(workdir)
         sys.argv = [script, *spec.argv]
         sys.path.insert(0, os.path.dirname(script))

@@ -35,12 +35,14 @@ def load_code_version(files: RunFiles, version: str) -> dict[str, bytes]:
     return {rel: files.get(layout.code_blob_path(d)) for rel, d in code_version_manifest(files, version).items()}
 
 
-def materialize(sources: dict[str, bytes], dest: str) -> None:
-    """Write `sources` under `dest`, refusing paths that would escape it."""
+def materialize(sources: dict[str, bytes], dest: str, boundary: str | None = None) -> None:
+    """Write `sources` under `dest` (paths relative to it, `../` included), refusing any that would
+    land outside `boundary` (by default `dest` itself)."""
     dest = os.path.abspath(dest)
+    fence = os.path.abspath(boundary or dest)
     for rel, data in sources.items():
         target = os.path.abspath(os.path.join(dest, rel))
-        if not target.startswith(dest + os.sep):
+        if not target.startswith(fence + os.sep):
             raise ValueError(f"code version path {rel!r} escapes the sandbox")
         os.makedirs(os.path.dirname(target), exist_ok=True)
         with open(target, "wb") as f:

@@ -50,3 +50,9 @@ class WriteFailed(FlorqlError):
     """Run files could not be written (a full disk, a read-only or unreachable store)."""
 
     sqlstate = "53100"  # disk_full, the usual cause
+
+
+class InputChanged(FlorqlError):
+    """A data file the run read is gone or its content changed since: a replay would not be exact."""
+
+    sqlstate = "55000"  # object_not_in_prerequisite_state

@@ -7,6 +7,7 @@ them elsewhere (a shared filesystem or an object store).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -107,3 +108,8 @@ def code_blob_path(digest: str) -> str:
 
 def code_version_path(version: str) -> str:
     return f"code/versions/{version}.json"
+
+
+def input_hash_path(path: str) -> str:
+    """The cached digest of the data file at absolute `path` (see `storage.inputs`)."""
+    return f"code/inputs/{hashlib.sha256(path.encode()).hexdigest()[:32]}.json"

@@ -82,6 +82,9 @@ class Manifest:
     checkpoints: dict[str, Any] = field(default_factory=dict)  # the adaptive policy's report
     last_checkpoint: str | None = None
     uncaptured: list[str] = field(default_factory=list)  # names checkpoints could not capture
+    inputs: list[dict[str, Any]] = field(default_factory=list)  # data files read (storage.inputs.InputFile)
+    folders: list[str] = field(default_factory=list)  # folders below project_root at start (relative)
+    unrecorded: list[str] = field(default_factory=list)  # what the run used that a replay cannot get back
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from florql.errors import FlorqlError, ReplayBudgetExceeded
-from florql.replay.executor import Executor, LocalExecutor, ProgressFn, default_workers, make_executor
+from florql.replay.executor import Executor, LocalExecutor, ProgressFn, StartFn, default_workers, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import OUTPUT_TAIL, SPEC_FILE, result_path, worker_env
 
@@ -294,7 +294,11 @@ class SessionReplays(Executor):
         notes, self.notes = self.notes, []
         return notes
 
-    def run(self, jobs: list[JobSpec], on_done: ProgressFn | None = None) -> list[JobResult]:
+    def run(
+        self, jobs: list[JobSpec], on_done: ProgressFn | None = None, on_start: StartFn | None = None
+    ) -> list[JobResult]:
+        # `on_start` goes unused: the queue starts jobs for every session, and the server shows
+        # a query's progress in florql_activity rather than in start lines.
         activity = self.activity
         if activity.cancel_request.done():
             raise QueryCanceled("canceling statement due to user request")
