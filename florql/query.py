@@ -28,7 +28,7 @@ from florql.runinfo import RunInfo, run_facts
 from florql.storage import layout, segments
 from florql.storage.code_versions import load_code_version
 from florql.storage.runfiles import RunFiles
-from florql.storage.views import grain_for, q, wide_select
+from florql.storage.views import grain_for, q, tables_select, wide_select
 
 
 # ---- what is missing --------------------------------------------------------------------------
@@ -260,4 +260,22 @@ def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run
         grain = grain_for(infos, coords)
     except ValueError as err:
         raise FlorqlError(f"run_{info.run_id}: {err}") from err
-    return wide_select(info.run_id, grain, infos, with_run_id, versions)
+    grain, empty = _grain_with_rows(info, grain)
+    if all(versions.get(n, info.shown_versions.get(n)) == info.shown_versions.get(n) for n in names):
+        fast = tables_select(info.run_id, grain, infos, info.tables, with_run_id, empty)
+        if fast is not None:
+            return fast
+    return wide_select(info.run_id, grain, infos, with_run_id, versions, empty)
+
+
+def _grain_with_rows(info: RunInfo, grain: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The grain without its innermost loops that hold no rows in this run, and those loops.
+
+    A loop of the code that logged nothing (a per-epoch-only run's `step`) is still a column:
+    NULL at the grain of the rows there are.
+    """
+    stored = set(info.tables) | {"/".join(n.loop_path) for n in info.logged.values()}
+    keep = len(grain)
+    while keep and "/".join(grain[:keep]) not in stored:
+        keep -= 1
+    return grain[:keep], grain[keep:]
