@@ -73,7 +73,7 @@ def epoch_batch(epoch: int, steps: int, first_seq: int, rng: np.random.Generator
     )
     wide = {"epoch": np.full(steps, epoch, np.int64), "step": np.arange(steps, dtype=np.int64)}
     for k, name in enumerate(NAMES):
-        wide[name] = (ints if name == "tok" else floats)[k::len(NAMES)]
+        wide[name] = (ints if name == "tok" else floats)[k :: len(NAMES)]
     return batch, wide
 
 
@@ -114,9 +114,10 @@ def cli_runs_time(home: Path) -> tuple[float, float]:
     runs = [sys.executable, "-m", "florql.cli", "runs"]
     imports = [sys.executable, "-c", "import duckdb, pyarrow, sqlglot"]
     pairs = [
-        (timed(lambda: subprocess.run(runs, env=env, check=True, capture_output=True)), timed(
-            lambda: subprocess.run(imports, check=True, capture_output=True)
-        ))
+        (
+            timed(lambda: subprocess.run(runs, env=env, check=True, capture_output=True)),
+            timed(lambda: subprocess.run(imports, check=True, capture_output=True)),
+        )
         for _ in range(3)
     ]
     return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
@@ -157,18 +158,22 @@ def main() -> None:
     times: dict[str, list[tuple[float, float]]] = {q: [] for q in queries}
     for round_ in range(opts.repeat + 1):
         for q in queries:
-            ours = timed(lambda: db.sql(q).arrow())
-            theirs = timed(lambda: plain.sql(q).to_arrow_table())
+            ours = timed(lambda q=q: db.sql(q).arrow())
+            theirs = timed(lambda q=q: plain.sql(q).to_arrow_table())
             if round_:  # the first round warms both up
                 times[q].append((ours, theirs))
         for q in queries:  # the same answers (float sums may differ in the last bits: summation order)
             assert same(db.sql(q).fetchall(), plain.sql(q).fetchall()), q
     runs_s, import_s = cli_runs_time(home)
 
-    print(f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
-          f"{platform.python_version()}, DuckDB {duckdb.__version__}, pyarrow {pa.__version__}")
-    print(f"run_1: {opts.epochs} epochs x {opts.steps} steps x {len(NAMES)} names = {big_values:,} values; "
-          f"{opts.runs} more runs of 20 x {opts.small_steps} x {len(NAMES)}; {values:,} values in all\n")
+    print(
+        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
+        f"{platform.python_version()}, DuckDB {duckdb.__version__}, pyarrow {pa.__version__}"
+    )
+    print(
+        f"run_1: {opts.epochs} epochs x {opts.steps} steps x {len(NAMES)} names = {big_values:,} values; "
+        f"{opts.runs} more runs of 20 x {opts.small_steps} x {len(NAMES)}; {values:,} values in all\n"
+    )
     print("| query | florql ms | DuckDB wide table ms | ratio | target (2x + 20 ms) |")
     print("|---|---|---|---|---|")
     for q in queries:
@@ -178,10 +183,14 @@ def main() -> None:
         print(f"| `{q}` | {ours:.1f} | {theirs:.1f} | {ours / theirs:.1f} | {verdict} |")
     print(f"\ningest (first query, all runs): {values / ingest_s / 1e6:.2f}M values/s ({ingest_s:.2f} s)")
     print(f"run files of run_1: {big_run_bytes / big_values:.1f} bytes/value ({big_run_bytes / 1e6:.0f} MB)")
-    print(f"florql's DuckDB file: {db_bytes / values:.1f} bytes/value ({db_bytes / 1e6:.0f} MB); "
-          f"hand-built wide tables: {os.path.getsize(work / 'plain.duckdb') / values:.1f} bytes/value")
-    print(f"`florql runs`: {runs_s:.2f} s; importing duckdb+pyarrow+sqlglot: {import_s:.2f} s "
-          f"(difference {runs_s - import_s:.2f} s)")
+    print(
+        f"florql's DuckDB file: {db_bytes / values:.1f} bytes/value ({db_bytes / 1e6:.0f} MB); "
+        f"hand-built wide tables: {os.path.getsize(work / 'plain.duckdb') / values:.1f} bytes/value"
+    )
+    print(
+        f"`florql runs`: {runs_s:.2f} s; importing duckdb+pyarrow+sqlglot: {import_s:.2f} s "
+        f"(difference {runs_s - import_s:.2f} s)"
+    )
     print(json.dumps({"work": str(work)}), file=sys.stderr)
 
 

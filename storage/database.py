@@ -625,18 +625,22 @@ EMPTY_METRICS = "SELECT NULL::INTEGER AS run_id WHERE FALSE"
 
 def _runs_view_sql(conn: duckdb.DuckDBPyConnection) -> str:
     args = [r[0] for r in conn.execute("SELECT DISTINCT name FROM run_args ORDER BY name").fetchall()]
-    fixed = {
+    fixed = [
         r[0]
         for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = '_runs'"
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = '_runs' AND schema_name = 'main' "
+            "ORDER BY column_index"
         ).fetchall()
-    }
+    ]
+    # Columns named one by one: DuckDB renders `* EXCLUDE (a, b)` in no fixed order, and BI tools
+    # compare a view's SQL between calls.
+    shown = ", ".join(f"r.{q(c)}" for c in fixed if c not in ("manifest", "sealed"))
     pivots = "".join(
         f", (SELECT {_arg_value(conn, a)} FROM run_args a WHERE a.run_id = r.run_id AND a.name = {lit(a)})"
         f" AS {q(a if a not in fixed else 'arg_' + a)}"
         for a in args
     )
-    return f"SELECT r.* EXCLUDE (manifest, sealed){pivots} FROM _runs r"
+    return f"SELECT {shown}{pivots} FROM _runs r"
 
 
 def _arg_value(conn: duckdb.DuckDBPyConnection, name: str) -> str:

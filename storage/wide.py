@@ -140,7 +140,7 @@ def rebuild_grain(conn: duckdb.DuckDBPyConnection, run_id: int, path: str) -> No
         ).fetchall()
     ]
     for longer in deeper:  # coordinates of deeper rows
-        cols = ", ".join(q(c) for c in loops(longer))
+        cols = ", ".join(q(c) for c in loops(path))
         source = f"SELECT DISTINCT {cols} FROM logs WHERE run_id = {run_id} AND loop_path = {lit(longer)}"
         _add_coordinates(conn, run_id, path, source)
 
@@ -213,7 +213,10 @@ def _merge(conn: duckdb.DuckDBPyConnection, run_id: int, path: str, source: str,
     merge it into the path's table: present coordinates are updated, new ones inserted."""
     catalog = {n: c for (n, p), c in columns(conn, run_id).items() if p == path and n in names}
     table = _table(conn, run_id, path)
-    present = {r[0] for r in conn.execute(f"SELECT column_name FROM duckdb_columns() WHERE table_name = {lit(table)}").fetchall()}
+    present = {
+        r[0]
+        for r in conn.execute(f"SELECT column_name FROM duckdb_columns() WHERE table_name = {lit(table)}").fetchall()
+    }
     for name in names:
         if name not in present:
             conn.execute(f"ALTER TABLE {q(table)} ADD COLUMN {q(name)} {sql_type(catalog[name].types)}")
