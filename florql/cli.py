@@ -205,11 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="florql-demo", help="where the demo project goes (default ./florql-demo)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("serve", help="serve the store to BI tools over the PostgreSQL protocol")
-    from florql.server import add_serve_arguments
-
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
     return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`florql serve`'s options; here so that other commands never import the server."""
+    # SUPPRESS: `florql --store X serve` must keep the global option's value.
+    parser.add_argument("--store", default=argparse.SUPPRESS, help="store directory (default .florql/ or $FLORQL_HOME)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5433, help="port to listen on (default 5433)")
+    parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
+    parser.add_argument("--tls-cert", help="PEM certificate for TLS (sslmode=require)")
+    parser.add_argument("--tls-key", help="PEM private key for TLS")
+    parser.add_argument(
+        "--replay-budget", type=float, default=60.0, help="seconds of replay a query may trigger (default 60)"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

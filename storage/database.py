@@ -190,6 +190,7 @@ def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> set[int]:
         row[0]: (row[1], row[2], row[3])
         for row in conn.execute("SELECT run_id, sealed, manifest, status FROM _runs").fetchall()
     }
+    landed = _landed_jobs(conn)
     touched: set[int] = set()
     for run_dir in files.list_dirs("runs"):
         if not run_dir.isdigit():
@@ -197,7 +198,7 @@ def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> set[int]:
         run_id = int(run_dir)
         sealed, manifest, status = known.get(run_id, (False, None, None))
         if sealed:
-            changed = ingest_replays(conn, files, run_id)
+            changed = ingest_replays(conn, files, run_id, landed.get(run_id, (set(), set())))
         else:
             changed = ingest_run(conn, files, run_id, (manifest, status) if run_id in known else None)
         if changed:
@@ -465,14 +466,32 @@ def _ingest_code_version(conn: duckdb.DuckDBPyConnection, files: RunFiles, versi
         conn.execute("INSERT INTO code_versions VALUES (?, ?, ?)", [version, rel, digest])
 
 
-def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> bool:
-    """Committed replay jobs land whole; uncommitted ones stay invisible."""
-    have = {r[0] for r in conn.execute("SELECT job_id FROM replay_jobs WHERE run_id = ?", [run_id]).fetchall()}
-    audited = {
-        r[0] for r in conn.execute("SELECT DISTINCT job_id FROM replay_audit WHERE run_id = ?", [run_id]).fetchall()
-    }
+def _landed_jobs(conn: duckdb.DuckDBPyConnection) -> dict[int, tuple[set[str], set[str]]]:
+    """Per run, the replay jobs ingested and those whose divergence is recorded (one read for all runs)."""
+    out: dict[int, tuple[set[str], set[str]]] = {}
+    for kind, run_id, job_id in conn.execute(
+        "SELECT 0, run_id, job_id FROM replay_jobs UNION ALL SELECT DISTINCT 1, run_id, job_id FROM replay_audit"
+    ).fetchall():
+        out.setdefault(run_id, (set(), set()))[kind].add(job_id)
+    return out
+
+
+def ingest_replays(
+    conn: duckdb.DuckDBPyConnection,
+    files: RunFiles,
+    run_id: int,
+    known: tuple[set[str], set[str]] | None = None,
+) -> bool:
+    """Committed replay jobs land whole; uncommitted ones stay invisible.
+
+    `known`: the run's jobs already ingested and already audited (`_landed_jobs`), read here when None.
+    """
+    jobs = files.list_dirs(layout.replays_dir(run_id))
+    if not jobs:
+        return False
+    have, audited = known if known is not None else _landed_jobs(conn).get(run_id, (set(), set()))
     landed = False
-    for job_id in files.list_dirs(layout.replays_dir(run_id)):
+    for job_id in jobs:
         if job_id in have:
             continue
         diverged = layout.replay_divergence_path(run_id, job_id)

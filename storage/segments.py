@@ -1,4 +1,4 @@
-"""Append-only log segments: Arrow IPC files, each written whole and atomically.
+"""Append-only log segments: Arrow IPC files (zstd-compressed), each written whole and atomically.
 
 A segment holds the records one writer (a trainer or a replay job) buffered since its last flush.
 Records are `(seq, name, loop_path, coords, typed value)`; `coords` are the iteration indices of
@@ -97,10 +97,15 @@ def _typed_columns(values: list[Any]) -> tuple[pa.Array, list[pa.Array]]:
     ]
 
 
+# Buffers compressed with zstd (Arrow IPC's own compression: every Arrow reader opens them). Segments
+# written before were uncompressed and read the same way.
+WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
 def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes:
     sink = io.BytesIO()
     schema = SCHEMA.with_metadata(metadata)
-    with pa.ipc.new_file(sink, schema) as writer:
+    with pa.ipc.new_file(sink, schema, options=WRITE_OPTIONS) as writer:
         for batch in batches:
             writer.write_batch(batch)
     return sink.getvalue()

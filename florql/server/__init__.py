@@ -11,6 +11,8 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from florql.cli import add_serve_arguments
+
 from .backend import Backend, DuckDBBackend
 from .server import BackgroundServer, Server, ServerConfigError, read_password_file, tls_context
 
@@ -60,19 +62,6 @@ def serve(**options: Any) -> None:
         asyncio.run(server.serve_forever())
     except KeyboardInterrupt:
         pass
-
-
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: `florql --store X serve` must keep the global option's value.
-    parser.add_argument("--store", default=argparse.SUPPRESS, help="store directory (default .florql/ or $FLORQL_HOME)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5433, help="port to listen on (default 5433)")
-    parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
-    parser.add_argument("--tls-cert", help="PEM certificate for TLS (sslmode=require)")
-    parser.add_argument("--tls-key", help="PEM private key for TLS")
-    parser.add_argument(
-        "--replay-budget", type=float, default=60.0, help="seconds of replay a query may trigger (default 60)"
-    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
