@@ -379,7 +379,7 @@ class Connection:
             notes.append("these hindsight values are NULL in the answer (not replayed):\n" + gaps)
         for note in notes:
             warnings.warn(note, ReplayWarning, stacklevel=5)
-        final = query.rewrite(planned.bound, planned.versions()).sql(dialect="duckdb")
+        final = query.rewrite(planned.bound, planned.versions())
         try:
             reader = self._execute(db, final, None).to_arrow_reader(BATCH_ROWS)
         except duckdb.Error as err:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import duckdb
-import sqlglot
 from sqlglot import exp
 
 from florql.binder import REF_KEY, Bound, TableRef
@@ -232,21 +231,28 @@ def _write_expected(
 
 
 # ---- rewrite ------------------------------------------------------------------------------------
-def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> exp.Expr:
-    """Replace each run table reference with a subquery at the grain of the columns its scope reads.
+def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> str:
+    """The statement's SQL with each run table reference replaced by a subquery at the grain of the
+    columns its scope reads.
 
     `versions` names, per run, the current version of each hindsight statement: replayed values
-    of other versions stay in `logs` but are invisible here.
+    of other versions stay in `logs` but are invisible here. The subqueries (one per run: many for
+    `metrics`) are put in as text, not parsed and printed again.
     """
     statement = bound.statement
     by_id = {t.meta.get(REF_KEY): t for t in statement.find_all(exp.Table) if REF_KEY in t.meta}
+    subqueries: dict[str, str] = {}
     for ref in bound.refs:
         parts = [_run_select(bound.runs[r], ref, versions.get(r, {}), with_run_id=ref.is_metrics) for r in ref.run_ids]
         if not parts:
             parts = ["SELECT NULL::INTEGER AS run_id WHERE FALSE"]
-        sql = " UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in parts)
-        by_id[ref.ref_id].replace(sqlglot.parse_one(sql, read="duckdb").assert_is(exp.Query).subquery(ref.alias))
-    return statement
+        marker = f"__florql_ref_{ref.ref_id}_{uuid.uuid4().hex}"
+        subqueries[q(marker)] = "(" + " UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in parts) + ")"
+        by_id[ref.ref_id].replace(exp.Table(this=exp.to_identifier(marker, quoted=True)).as_(ref.alias))
+    sql = statement.sql(dialect="duckdb")
+    for marker, subquery in subqueries.items():
+        sql = sql.replace(marker, subquery)
+    return sql
 
 
 def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run_id: bool) -> str:

@@ -97,17 +97,22 @@ def _typed_columns(values: list[Any]) -> tuple[pa.Array, list[pa.Array]]:
     ]
 
 
-# Buffers compressed with zstd (Arrow IPC's own compression: every Arrow reader opens them). Segments
-# written before were uncompressed and read the same way.
+# On disk the repetitive strings are dictionary-encoded and buffers zstd-compressed (Arrow IPC's own
+# encodings: every Arrow reader opens them); readers get SCHEMA back. Segments written before,
+# plain and uncompressed, read the same way.
+_DICTIONARY = ("name", "loop_path", "value_type")
+STORED_SCHEMA = pa.schema(
+    [pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in _DICTIONARY else f for f in SCHEMA]
+)
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
 def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes:
     sink = io.BytesIO()
-    schema = SCHEMA.with_metadata(metadata)
+    schema = STORED_SCHEMA.with_metadata(metadata)
     with pa.ipc.new_file(sink, schema, options=WRITE_OPTIONS) as writer:
         for batch in batches:
-            writer.write_batch(batch)
+            writer.write_batch(batch.cast(STORED_SCHEMA))
     return sink.getvalue()
 
 
@@ -152,6 +157,8 @@ def read_segment(files: RunFiles, path: str) -> pa.Table:
             table = reader.read_all()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
         raise CorruptSegment(f"log segment {path} is not a readable Arrow file ({err}). {_REMEDY}") from err
+    if table.schema.equals(STORED_SCHEMA, check_metadata=False):
+        return table.cast(SCHEMA.with_metadata(table.schema.metadata))
     if not table.schema.equals(SCHEMA, check_metadata=False):
         raise CorruptSegment(f"log segment {path} does not hold florql log records (schema {table.schema}). {_REMEDY}")
     return table
