@@ -210,7 +210,7 @@ class Stream:
         self.close()
 
 
-HELD_BYTES = 64 << 20  # an answer up to this size is read whole while the query runs; larger ones stream
+HELD_BYTES = 4 << 20  # an answer up to this size is read whole while the query runs; larger ones stream
 BATCH_ROWS = 65_536
 
 

@@ -27,7 +27,7 @@ from florql.runinfo import RunInfo, run_facts
 from florql.storage import layout, segments
 from florql.storage.code_versions import load_code_version
 from florql.storage.runfiles import RunFiles
-from florql.storage.views import grain_for, q, tables_select, wide_select
+from florql.storage.views import grain_for, q, sql_type, tables_select, wide_select
 
 
 # ---- what is missing --------------------------------------------------------------------------
@@ -267,6 +267,11 @@ def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run
     except ValueError as err:
         raise FlorqlError(f"run_{info.run_id}: {err}") from err
     grain, empty = _grain_with_rows(info, grain)
+    if empty and not grain:  # nothing stored in these loops yet (a run that just started): no rows
+        columns = [f"{info.run_id} AS run_id"] if with_run_id else []
+        columns += [f"NULL::BIGINT AS {q(c)}" for c in empty]
+        columns += [f"NULL::{sql_type(i.value_types)} AS {q(i.name)}" for i in infos]
+        return f"SELECT {', '.join(columns)} WHERE FALSE"
     if all(versions.get(n, info.shown_versions.get(n)) == info.shown_versions.get(n) for n in names):
         fast = tables_select(info.run_id, grain, infos, info.tables, with_run_id, empty)
         if fast is not None:

@@ -63,7 +63,7 @@ def tables_select(
     select += [f"g.{q(c)}" for c in grain] + [f"NULL::BIGINT AS {q(c)}" for c in null_coords]
     joins: dict[tuple[str, ...], str] = {}
     for info in names:
-        if not info.value_types:  # loggable, never replayed
+        if not info.value_types or len(info.loop_path) > len(grain):  # never logged, or in a loop without rows
             select.append(f"NULL::{sql_type(info.value_types)} AS {q(info.name)}")
             continue
         if not info.loop_path:
@@ -101,6 +101,9 @@ def wide_select(
     select += [f"b.{q(c)}" for c in grain] + [f"NULL::BIGINT AS {q(c)}" for c in null_coords]
     joins = []
     for i, info in enumerate(names):
+        if len(info.loop_path) > len(grain):  # in a loop with no rows in this run (see null_coords)
+            select.append(f"NULL::{sql_type(info.value_types)} AS {q(info.name)}")
+            continue
         alias = f"t{i}"
         keys = info.loop_path
         key_cols = ", ".join(q(c) for c in keys)

@@ -107,6 +107,19 @@ def test_a_per_epoch_only_run_binds_every_column_the_catalog_lists(store: Store)
     db.close()
 
 
+def test_a_run_without_rows_yet_answers_no_rows_with_every_column(store: Store):
+    """A run that just started: its code's loops and names are columns, and there are no rows."""
+    store.run(PER_EPOCH_ONLY)
+    manifest = Manifest.from_json(store.files.get(layout.manifest_path(1)))
+    manifest.update(run_id=2, status="running", outer_completed=0, heartbeat_at=time.time())  # same code as run 1
+    store.files.put(layout.manifest_path(2), manifest.to_json().encode())
+    db = florql.connect(store.home, replay="never")
+    result = db.sql("SELECT epoch, step, val_acc FROM run_2")
+    assert result.schema.names == ["epoch", "step", "val_acc"] and result.fetchall() == []
+    assert db.sql("SELECT count(*) FROM metrics").fetchall() == [(3,)]
+    db.close()
+
+
 def test_a_store_without_wide_tables_gets_them_when_opened(store: Store):
     """A store written by an older florql (no catalog, no wide tables) is upgraded in place."""
     batches = [[r for r in records if r[2][0] != "epoch/eval"] for records in random_batches(random.Random(3))]
@@ -138,7 +151,7 @@ def test_a_large_answer_streams_and_a_small_one_is_held(store: Store, monkeypatc
     with pytest.raises(florql.UsageError, match="streamed already"):
         list(streamed.batches())
     assert db.database.close(wait_s=0)  # the stream gave its lease back: the file can close
-    monkeypatch.setattr(api, "HELD_BYTES", 64 << 20)
+    monkeypatch.setattr(api, "HELD_BYTES", 4 << 20)
     held = db.sql("SELECT epoch, step, loss FROM run_1 ORDER BY epoch, step")
     assert held.arrow().num_rows == held.arrow().num_rows == 1500
     db.close()
