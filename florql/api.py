@@ -211,7 +211,7 @@ class Stream:
 
 
 HELD_BYTES = 4 << 20  # an answer up to this size is read whole while the query runs; larger ones stream
-BATCH_ROWS = 65_536
+BATCH_ROWS = 10_000
 
 
 class Connection:
