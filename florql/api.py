@@ -37,7 +37,7 @@ from florql.progress import ReplayProgress
 from florql.replay.executor import Executor, LocalExecutor, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
-from florql.runinfo import BASE_TABLES, load_run, run_ids
+from florql.runinfo import BASE_TABLES, RunInfo, load_run, load_runs, run_ids
 from florql.storage.layout import StoreLocation, locate_store
 from florql.storage.shared import DEFAULT_WAIT_S, shared_database
 
@@ -131,51 +131,49 @@ def parse_duration(text: str | float | int | None) -> float | None:
 
 
 class Result:
-    """A query's answer: Arrow, pandas, polars or rows. `plan` and `warnings` tell what replay did."""
+    """A query's answer: Arrow, pandas, polars or rows. `plan` and `warnings` tell what replay did.
+
+    The query ran once. A small answer is held whole; a large one is streamed from the store,
+    which stays leased to it until it is read to the end or closed.
+    """
 
     def __init__(
         self,
-        conn: Connection,
-        sql: str | None,
-        params: Sequence[Any] | None,
         plan: Plan | None = None,
         warnings_: list[str] | None = None,
         table: pa.Table | None = None,
+        stream: Stream | None = None,
+        final_sql: str | None = None,
     ) -> None:
-        self._conn, self._sql, self._params = conn, sql, list(params) if params else None
+        assert (table is None) != (stream is None), "a Result holds a table or a stream"
         self.plan = plan
         self.warnings = warnings_ or []
         self._table = table
-        self._schema: pa.Schema | None = None
-        self.final_sql = sql
+        self._stream = stream
+        self.final_sql = final_sql
         self.user_sql: str | None = None  # the SQL the user wrote: errors point into it
         self.coordinates: set[str] = set()  # loop-coordinate columns of the runs the query read
         self.hindsight: set[str] = set()  # names the query asked for that the runs did not log
 
     @property
     def schema(self) -> pa.Schema:
-        if self._table is not None:
-            return self._table.schema
-        if self._schema is None:  # the server asks more than once per query
-            with answering(self.user_sql), self._conn._open() as db:
-                self._schema = self._conn._fetch(db, f"SELECT * FROM ({self._sql}) LIMIT 0", self._params).schema
-        return self._schema
+        return self._table.schema if self._table is not None else self._stream.schema  # type: ignore[union-attr]
 
     def arrow(self) -> pa.Table:
         if self._table is None:
-            assert self._sql is not None  # a Result holds a table or the query that makes it
-            with answering(self.user_sql), self._conn._open() as db:
-                self._table = self._conn._fetch(db, self._sql, self._params)
+            self._table = pa.Table.from_batches(list(self.batches()), schema=self.schema)
         return self._table
 
     def batches(self, batch_size: int = 10_000) -> Iterator[pa.RecordBatch]:
-        """Stream the result; the store is held only while the stream is being read."""
+        """The answer batch by batch (a streamed answer can be read once)."""
         if self._table is not None:
             yield from self._table.to_batches(batch_size)
             return
-        assert self._sql is not None  # a Result holds a table or the query that makes it
-        with answering(self.user_sql), self._conn._open() as db:
-            yield from self._conn._execute(db, self._sql, self._params).to_arrow_reader(batch_size)
+        stream, self._stream = self._stream, None
+        if stream is None:
+            raise UsageError("this result was streamed already: run the query again to read it again")
+        with answering(self.user_sql):
+            yield from stream.read()
 
     def df(self):
         return self.arrow().to_pandas()
@@ -194,6 +192,8 @@ class Result:
 
     def close(self) -> None:
         self._table = None
+        if self._stream is not None:
+            self._stream.close()
 
     def __repr__(self) -> str:
         return self.arrow().to_pandas().to_string(max_rows=40)
@@ -219,6 +219,38 @@ class Result:
         from florql.ui.notebook import result_html
 
         return result_html(self)
+
+
+class Stream:
+    """The rest of a large answer: its batches and the lease on the store they are read under."""
+
+    def __init__(self, head: list[pa.RecordBatch], reader: pa.RecordBatchReader, lease: contextlib.ExitStack) -> None:
+        self.head, self.reader, self.schema = head, reader, reader.schema
+        self._lease: contextlib.ExitStack | None = lease
+
+    def read(self) -> Iterator[pa.RecordBatch]:
+        try:
+            yield from self.head
+            self.head = []
+            while True:
+                try:
+                    yield self.reader.read_next_batch()
+                except StopIteration:
+                    return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            lease.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+HELD_BYTES = 4 << 20  # an answer up to this size is read whole while the query runs; larger ones stream
+BATCH_ROWS = 10_000
 
 
 class Connection:
@@ -299,12 +331,6 @@ class Connection:
         # The shared handle opened the file without external access and locked its configuration.
         return db.sql(sql, params=list(params)) if params else db.sql(sql)
 
-    def _fetch(self, db: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None) -> pa.Table:
-        try:
-            return self._execute(db, sql, params).to_arrow_table()
-        except duckdb.Error as err:
-            raise from_duckdb(err) from err
-
     def sync(self) -> None:
         """Ingest the run files that are complete now (one thread of the process at a time)."""
         with answering():
@@ -340,57 +366,81 @@ class Connection:
         setting = florql_setting(statement)
         if setting:
             self.set(*setting)
-            return Result(
-                self, None, None, table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]})
-            )
+            return Result(table=pa.table({"setting": [setting[0]], "value": [str(self.settings[setting[0]])]}))
         ensure_read_only(statement)
         statement = bind_parameters(statement, params)
         notes: list[str] = []
         self.sync()
-        with self._open() as db:
+        lease = contextlib.ExitStack()
+        try:
+            db = lease.enter_context(self._open())
             planned = self._plan(bind(statement.copy(), db), db)
-        ran: Plan | None = None
-        if planned.plan.jobs and self.settings["replay"] == "never":
-            notes.append(
-                "replay = 'never': values that were never logged are NULL; a replay would run:\n"
-                + planned.plan.describe()
-            )
-        elif planned.plan.jobs:
-            self._check_budget(planned.plan, statement)
-            self._run_jobs(planned.specs)
-            ran = planned.plan
-            self.sync()
-            with self._open() as db:
-                # Cells a skip job did not produce (a statement reading state no checkpoint holds):
-                # re-execute exactly those.
-                again = self._plan(bind(statement.copy(), db), db, reexecute=True)
-            if again.plan.jobs:
-                self._run_jobs(again.specs)
-                ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes)
-        if ran is not None:
-            self.sync()
-        with self._open() as db:
-            if ran is not None:
+            if planned.plan.jobs and self.settings["replay"] != "never":
+                lease.close()
+                ran = self._replay(statement, planned)
+                db = lease.enter_context(self._open())
                 planned = self._plan(bind(statement.copy(), db), db, runnable=False)
-            gaps = query.describe_missing(planned.bound, db, planned.sites)
+            else:
+                ran = None
+                if planned.plan.jobs:
+                    notes.append(
+                        "replay = 'never': values that were never logged are NULL; a replay would run:\n"
+                        + planned.plan.describe()
+                    )
+            return self._answer(db, planned, ran, notes, lease)
+        finally:
+            lease.close()  # unless the answer streams: then `_answer` took it
+
+    def _replay(self, statement: exp.Expr, planned: Planned) -> Plan:
+        """Run the plan's jobs, then re-execute the cells a skip job did not produce (a statement
+        reading state no checkpoint holds); the store is synced after."""
+        self._check_budget(planned.plan, statement)
+        self._run_jobs(planned.specs)
+        ran = planned.plan
+        self.sync()
+        with self._open() as db:
+            again = self._plan(bind(statement.copy(), db), db, reexecute=True)
+        if again.plan.jobs:
+            self._run_jobs(again.specs)
+            ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes)
+        self.sync()
+        return ran
+
+    def _answer(
+        self,
+        db: duckdb.DuckDBPyConnection,
+        planned: Planned,
+        ran: Plan | None,
+        notes: list[str],
+        lease: contextlib.ExitStack,
+    ) -> Result:
+        """Execute the final query once. A large answer keeps the lease and streams."""
+        gaps = query.describe_missing(planned.bound, db, planned.sites)
         if gaps and self.settings["replay"] != "never":
             raise MissingHindsight("hindsight values the answer needs are still missing after replay:\n" + gaps)
         if gaps:
             notes.append("these hindsight values are NULL in the answer (not replayed):\n" + gaps)
         for note in notes:
-            warnings.warn(note, ReplayWarning, stacklevel=3)
-        final = query.rewrite(planned.bound, planned.versions()).sql(dialect="duckdb")
-        result = Result(self, final, None, plan=ran, warnings_=notes)
-        result.coordinates = {loop for info in planned.bound.runs.values() for loop in info.loop_paths}
-        result.hindsight = {name for names in planned.sites.values() for name in names}
+            warnings.warn(note, ReplayWarning, stacklevel=5)
+        final = query.rewrite(planned.bound, planned.versions())
         try:
-            _ = result.schema  # binds the final query (errors surface here) without fetching rows
-        except QueryFailed as err:
+            reader = self._execute(db, final, None).to_arrow_reader(BATCH_ROWS)
+        except duckdb.Error as err:
             better = unknown_column_error(str(err), planned.bound)
-            if better is not None:
-                raise better from err.__cause__
-            raise
-        return result
+            raise (better or from_duckdb(err)) from err
+        head: list[pa.RecordBatch] = []
+        held = 0
+        while held <= HELD_BYTES:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                table = pa.Table.from_batches(head, schema=reader.schema)
+                return _described(Result(ran, notes, table=table, final_sql=final), planned)
+            except duckdb.Error as err:
+                raise from_duckdb(err) from err
+            head.append(batch)
+            held += batch.nbytes
+        return _described(Result(ran, notes, stream=Stream(head, reader, lease.pop_all()), final_sql=final), planned)
 
     def _check_budget(self, replay_plan: Plan, statement: exp.Expr) -> None:
         budget = self.settings["replay_budget"]
@@ -483,7 +533,7 @@ class Connection:
                 rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
                 # Everything is presented as a read-only table: BI tools list tables first (psql's \dt).
                 out.append(TableInfo(name, "table", [ColumnInfo(f.name, f.type) for f in rel.schema]))
-            out += [_run_table(db, run_id) for run_id in run_ids(db)]
+            out += [_run_table(info) for info in load_runs(db, run_ids(db)).values()]
         return out
 
     def run_table(self, run_id: int) -> TableInfo | None:
@@ -491,7 +541,7 @@ class Connection:
         is loggable), or None when there is no such run."""
         self.sync()
         with answering(), self._open() as db:
-            return _run_table(db, run_id) if run_id in run_ids(db) else None
+            return _run_table(load_run(db, run_id)) if run_id in run_ids(db) else None
 
     def close(self) -> None:
         if self._executor is not None:
@@ -506,8 +556,15 @@ class Connection:
         self.close()
 
 
-def _run_table(db: duckdb.DuckDBPyConnection, run_id: int) -> TableInfo:
-    info = load_run(db, run_id)
+def _described(result: Result, planned: Planned) -> Result:
+    """What charts of the answer need: which columns are loop coordinates, which were never logged."""
+    result.coordinates = {loop for info in planned.bound.runs.values() for loop in info.loop_paths}
+    result.hindsight = {name for names in planned.sites.values() for name in names}
+    return result
+
+
+def _run_table(info: RunInfo) -> TableInfo:
+    run_id = info.run_id
     cols = []
     for n in info.columns():
         if n in info.loop_paths:

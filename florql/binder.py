@@ -20,7 +20,7 @@ from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from florql.errors import FlorqlError, UnknownColumn, UnknownTable
-from florql.runinfo import BASE_TABLES, RunInfo, load_run, run_ids
+from florql.runinfo import BASE_TABLES, RunInfo, load_runs, run_ids
 
 _RUN_TABLE = re.compile(r"^run_(\d+)$", re.IGNORECASE)
 REF_KEY = "florql_ref"  # meta key tagging each table node of the user's statement
@@ -59,10 +59,8 @@ def bind(statement: exp.Expr, conn: duckdb.DuckDBPyConnection) -> Bound:
     tables = [t for t in statement.find_all(exp.Table) if isinstance(t.this, exp.Identifier)]
     for ref_id, table in enumerate(tables):
         table.meta[REF_KEY] = ref_id
-    runs: dict[int, RunInfo] = {}
-    for table in tables:
-        for run_id in _table_runs(table, existing, shadowed):
-            runs.setdefault(run_id, load_run(conn, run_id))
+    wanted = {run_id: None for table in tables for run_id in _table_runs(table, existing, shadowed)}
+    runs = load_runs(conn, sorted(wanted))
     schema = _schema(conn, runs, tables, existing)
     qualified = statement.copy()
     try:

@@ -227,8 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="florql-demo", help="where the demo project goes (default ./florql-demo)")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("serve", help="serve the store to BI tools over the PostgreSQL protocol")
-    from florql.server import add_serve_arguments
-
     add_serve_arguments(p)
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("ui", help="serve a web page of charts: runs, hindsight values, query answers")
@@ -237,6 +235,62 @@ def build_parser() -> argparse.ArgumentParser:
     add_ui_arguments(p)
     p.set_defaults(func=cmd_ui)
     return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`florql serve`'s options; here so that other commands never import the server."""
+    # SUPPRESS: `florql --store X serve` must keep the global option's value.
+    parser.add_argument("--store", default=argparse.SUPPRESS, help="store directory (default .florql/ or $FLORQL_HOME)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=5433, help="port to listen on (default 5433)")
+    parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
+    parser.add_argument("--tls-cert", help="PEM certificate for TLS (sslmode=require)")
+    parser.add_argument("--tls-key", help="PEM private key for TLS")
+    parser.add_argument(
+        "--replay-budget",
+        type=_duration,
+        default=60.0,
+        help="ceiling on the replay a query may trigger, e.g. 60, '10 min', 'unlimited' (default 60 s); SET may only lower it",
+    )
+    parser.add_argument(
+        "--session-budget",
+        type=_duration,
+        default=None,
+        help="every session's starting budget (default: --replay-budget); analysts may lower it, admins raise it up to --replay-budget",
+    )
+    parser.add_argument(
+        "--max-workers", type=int, help="replay slots shared by all sessions; no session may SET workers above it"
+    )
+    parser.add_argument(
+        "--no-replay", action="store_true", help="serve stored values only; a NOTICE names what a replay would compute"
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="clients connected at once (default 64); one more is refused with SQLSTATE 53300",
+    )
+    parser.add_argument(
+        "--statement-timeout",
+        type=_duration,
+        default=None,
+        help="ceiling on one statement's time, replay included, e.g. '10 min' (default none); "
+        "a client's SET statement_timeout may only lower it",
+    )
+    parser.add_argument("--users-file", help="users, roles and SCRAM verifiers (write one with --add-user)")
+    parser.add_argument("--add-user", metavar="NAME", help="add or replace NAME in --users-file, then exit")
+    parser.add_argument(
+        "--role", choices=("reader", "analyst", "admin"), default="analyst", help="the role --add-user gives"
+    )
+
+
+def _duration(text: str) -> float | None:
+    from florql.api import parse_duration
+
+    try:
+        return parse_duration(text)
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import duckdb
-import sqlglot
 from sqlglot import exp
 
 from florql.binder import REF_KEY, Bound, TableRef
@@ -28,7 +27,7 @@ from florql.runinfo import RunInfo, run_facts
 from florql.storage import layout, segments
 from florql.storage.code_versions import load_code_version
 from florql.storage.runfiles import RunFiles
-from florql.storage.views import grain_for, q, wide_select
+from florql.storage.views import grain_for, q, sql_type, tables_select, wide_select
 
 
 # ---- what is missing --------------------------------------------------------------------------
@@ -232,21 +231,28 @@ def _write_expected(
 
 
 # ---- rewrite ------------------------------------------------------------------------------------
-def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> exp.Expr:
-    """Replace each run table reference with a subquery at the grain of the columns its scope reads.
+def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> str:
+    """The statement's SQL with each run table reference replaced by a subquery at the grain of the
+    columns its scope reads.
 
     `versions` names, per run, the current version of each hindsight statement: replayed values
-    of other versions stay in `logs` but are invisible here.
+    of other versions stay in `logs` but are invisible here. The subqueries (one per run: many for
+    `metrics`) are put in as text, not parsed and printed again.
     """
     statement = bound.statement
     by_id = {t.meta.get(REF_KEY): t for t in statement.find_all(exp.Table) if REF_KEY in t.meta}
+    subqueries: dict[str, str] = {}
     for ref in bound.refs:
         parts = [_run_select(bound.runs[r], ref, versions.get(r, {}), with_run_id=ref.is_metrics) for r in ref.run_ids]
         if not parts:
             parts = ["SELECT NULL::INTEGER AS run_id WHERE FALSE"]
-        sql = " UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in parts)
-        by_id[ref.ref_id].replace(sqlglot.parse_one(sql, read="duckdb").assert_is(exp.Query).subquery(ref.alias))
-    return statement
+        marker = f"__florql_ref_{ref.ref_id}_{uuid.uuid4().hex}"
+        subqueries[q(marker)] = "(" + " UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in parts) + ")"
+        by_id[ref.ref_id].replace(exp.Table(this=exp.to_identifier(marker, quoted=True)).as_(ref.alias))
+    sql = statement.sql(dialect="duckdb")
+    for marker, subquery in subqueries.items():
+        sql = sql.replace(marker, subquery)
+    return sql
 
 
 def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run_id: bool) -> str:
@@ -260,4 +266,27 @@ def _run_select(info: RunInfo, ref: TableRef, versions: dict[str, str], with_run
         grain = grain_for(infos, coords)
     except ValueError as err:
         raise FlorqlError(f"run_{info.run_id}: {err}") from err
-    return wide_select(info.run_id, grain, infos, with_run_id, versions)
+    grain, empty = _grain_with_rows(info, grain)
+    if empty and not grain:  # nothing stored in these loops yet (a run that just started): no rows
+        columns = [f"{info.run_id} AS run_id"] if with_run_id else []
+        columns += [f"NULL::BIGINT AS {q(c)}" for c in empty]
+        columns += [f"NULL::{sql_type(i.value_types)} AS {q(i.name)}" for i in infos]
+        return f"SELECT {', '.join(columns)} WHERE FALSE"
+    if all(versions.get(n, info.shown_versions.get(n)) == info.shown_versions.get(n) for n in names):
+        fast = tables_select(info.run_id, grain, infos, info.tables, with_run_id, empty)
+        if fast is not None:
+            return fast
+    return wide_select(info.run_id, grain, infos, with_run_id, versions, empty)
+
+
+def _grain_with_rows(info: RunInfo, grain: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The grain without its innermost loops that hold no rows in this run, and those loops.
+
+    A loop of the code that logged nothing (a per-epoch-only run's `step`) is still a column:
+    NULL at the grain of the rows there are.
+    """
+    stored = set(info.tables) | {"/".join(n.loop_path) for n in info.logged.values()}
+    keep = len(grain)
+    while keep and "/".join(grain[:keep]) not in stored:
+        keep -= 1
+    return grain[:keep], grain[keep:]

@@ -39,6 +39,8 @@ class RunInfo:
     code_files: dict[str, str] = field(default_factory=dict)  # rel path → sha256 (recorded)
     # (file, function) → the loops it ran inside, from the coordinates of what it logged
     contexts: dict[tuple[str, str | None], tuple[str, ...]] = field(default_factory=dict)
+    tables: dict[str, str] = field(default_factory=dict)  # loop path → its wide table
+    shown_versions: dict[str, str] = field(default_factory=dict)  # replayed name → version its table shows
 
     @property
     def outer_loop(self) -> str | None:
@@ -79,28 +81,56 @@ def run_ids(conn: duckdb.DuckDBPyConnection) -> list[int]:
 
 
 def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
-    from florql.storage.database import run_names
+    return load_runs(conn, [run_id])[run_id]
 
-    manifest = Manifest.from_json(
-        conn.execute("SELECT manifest FROM _runs WHERE run_id = ?", [run_id]).fetchall()[0][0]
-    )
-    logged = {n.name: n for n in run_names(conn, run_id)}
-    original = {
-        r[0]
-        for r in conn.execute(
-            "SELECT DISTINCT name FROM logs WHERE run_id = ? AND source = 'logged'", [run_id]
-        ).fetchall()
+
+def load_runs(conn: duckdb.DuckDBPyConnection, ids: list[int]) -> dict[int, RunInfo]:
+    """What binding needs of these runs, from the catalog tables: a few reads for any number of runs."""
+    from florql.storage.database import runs_names
+
+    if not ids:
+        return {}
+    manifests = {
+        r: Manifest.from_json(m)
+        for r, m in conn.execute("SELECT run_id, manifest FROM _runs WHERE list_contains(?, run_id)", [ids]).fetchall()
     }
-    info = RunInfo(run_id, manifest, logged, original)
-    for n in logged.values():
+    names = runs_names(conn, ids)
+    catalog: dict[int, list[tuple]] = {}
+    for run_id, *row in conn.execute(
+        "SELECT run_id, name, logged, version FROM _names WHERE list_contains(?, run_id)", [ids]
+    ).fetchall():
+        catalog.setdefault(run_id, []).append(tuple(row))
+    tables: dict[int, dict[str, str]] = {}
+    for run_id, path, table in conn.execute(
+        "SELECT run_id, loop_path, table_name FROM _grains WHERE list_contains(?, run_id)", [ids]
+    ).fetchall():
+        tables.setdefault(run_id, {})[path] = table
+    versions = [m.code_version for m in manifests.values()]
+    code: dict[str, dict[str, str]] = {}
+    for version, path, digest in conn.execute(
+        "SELECT code_version, path, sha256 FROM code_versions WHERE list_contains(?, code_version)",
+        [[v for v in versions if v]],
+    ).fetchall():
+        code.setdefault(version, {})[path] = digest
+    runs = {}
+    for run_id in ids:
+        manifest = manifests[run_id]
+        info = RunInfo(run_id, manifest, {n.name: n for n in names.get(run_id, [])})
+        info.original = {n for n, logged, _ in catalog.get(run_id, []) if logged}
+        info.shown_versions = {n: v for n, _, v in catalog.get(run_id, []) if v is not None}
+        info.tables = tables.get(run_id, {})
+        info.code_files = code.get(manifest.code_version or "", {})
+        _add_code(info)
+        runs[run_id] = info
+    return runs
+
+
+def _add_code(info: RunInfo) -> None:
+    """Loop paths from the stored rows, then loggable names and loops from the current code."""
+    for n in info.logged.values():
         for depth in range(1, len(n.loop_path) + 1):
             info.loop_paths.setdefault(n.loop_path[depth - 1], n.loop_path[:depth])
-    info.code_files = dict(
-        conn.execute(
-            "SELECT path, sha256 FROM code_versions WHERE code_version = ?", [manifest.code_version]
-        ).fetchall()
-    )
-    root = manifest.project_root or ""
+    root = info.manifest.project_root or ""
     for rel in info.code_files:
         if not rel.endswith(".py"):
             continue
@@ -112,7 +142,6 @@ def load_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> RunInfo:
         for loop in analysis.loops:
             info.loop_paths.setdefault(loop.name, loop.loop_path)
     _confirm_places(info)
-    return info
 
 
 def _confirm_places(info: RunInfo) -> None:

@@ -21,12 +21,12 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from florql.storage import layout, segments
+from florql.storage import layout, segments, wide
 from florql.storage.checkpoints import read_record
 from florql.storage.code_versions import code_version_manifest
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
-from florql.storage.views import NameInfo, grain_for, lit, q, wide_select
+from florql.storage.views import NameInfo, grain_for, lit, q, tables_select, wide_select
 
 HEARTBEAT_TIMEOUT_S = 30.0
 
@@ -80,6 +80,7 @@ CREATE TABLE IF NOT EXISTS _views (
     name VARCHAR PRIMARY KEY, sql VARCHAR, part VARCHAR
 );
 """
+SCHEMA += wide.CATALOG
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 
@@ -136,6 +137,24 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
     if ("replay_coverage", "version") not in columns:
         conn.execute("DROP TABLE replay_coverage")
         conn.execute(SCHEMA)
+    if conn.execute("SELECT count(*) FROM _names").fetchall()[0][0] == 0:
+        _build_wide_tables(conn)
+
+
+def _build_wide_tables(conn: duckdb.DuckDBPyConnection) -> None:
+    """A store written before the wide tables existed: build them from `logs` (once)."""
+    runs = [r[0] for r in conn.execute("SELECT DISTINCT run_id FROM logs ORDER BY run_id").fetchall()]
+    if not runs:
+        return
+    conn.execute("BEGIN")
+    try:
+        for run_id in runs:
+            wide.rebuild_run(conn, run_id)
+            conn.execute("INSERT INTO _stale_views VALUES (?)", [run_id])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def _create_if_missing(db_path: str) -> None:
@@ -171,6 +190,7 @@ def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> set[int]:
         row[0]: (row[1], row[2], row[3])
         for row in conn.execute("SELECT run_id, sealed, manifest, status FROM _runs").fetchall()
     }
+    landed = _landed_jobs(conn)
     touched: set[int] = set()
     for run_dir in files.list_dirs("runs"):
         if not run_dir.isdigit():
@@ -178,7 +198,7 @@ def sync(conn: duckdb.DuckDBPyConnection, files: RunFiles) -> set[int]:
         run_id = int(run_dir)
         sealed, manifest, status = known.get(run_id, (False, None, None))
         if sealed:
-            changed = ingest_replays(conn, files, run_id)
+            changed = ingest_replays(conn, files, run_id, landed.get(run_id, (set(), set())))
         else:
             changed = ingest_run(conn, files, run_id, (manifest, status) if run_id in known else None)
         if changed:
@@ -319,27 +339,45 @@ def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, statu
         conn.unregister("_iterations_in")
 
 
+STAGE_ROWS = 4_000_000  # records merged into the wide tables at a time (bounds memory)
+
+
 def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
+    """Land the run's new segments in `logs` and merge them into its wide tables, in order."""
     prefix = f"{layout.segments_dir(run_id)}/{layout.MAIN_WRITER}"
     done = {r[0] for r in conn.execute("SELECT path FROM segments_ingested WHERE run_id = ?", [run_id]).fetchall()}
+    new = [p for p in files.list(prefix) if p not in done and p.endswith(".arrow")]
     rows = 0
-    for path in files.list(prefix):
-        if path in done or not path.endswith(".arrow"):
-            continue
+    staged: list[pa.Table] = []
+    for k, path in enumerate(new):
         table = segments.read_segment(files, path)
         insert_records(conn, run_id, table, source="logged", job_id=None, segment=path)
         conn.execute(
             "INSERT INTO segments_ingested (path, run_id, rows) VALUES (?, ?, ?)", [path, run_id, table.num_rows]
         )
         rows += table.num_rows
+        staged.append(table)
+        if sum(t.num_rows for t in staged) >= STAGE_ROWS or k == len(new) - 1:
+            _merge_staged(conn, run_id, pa.concat_tables(staged))
+            staged = []
     return rows
+
+
+def _merge_staged(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table) -> None:
+    if table.num_rows == 0:
+        return
+    conn.register("_staged", table)
+    try:
+        wide.merge_logged(conn, run_id, "_staged")
+    finally:
+        conn.unregister("_staged")
 
 
 def ensure_loop_columns(conn: duckdb.DuckDBPyConnection, loop_names: set[str]) -> None:
     existing = {
         r[0]
         for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'logs' AND table_schema = 'main'"
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'logs' AND schema_name = 'main'"
         ).fetchall()
     }
     for name in sorted(loop_names - existing):
@@ -428,14 +466,32 @@ def _ingest_code_version(conn: duckdb.DuckDBPyConnection, files: RunFiles, versi
         conn.execute("INSERT INTO code_versions VALUES (?, ?, ?)", [version, rel, digest])
 
 
-def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> bool:
-    """Committed replay jobs land whole; uncommitted ones stay invisible."""
-    have = {r[0] for r in conn.execute("SELECT job_id FROM replay_jobs WHERE run_id = ?", [run_id]).fetchall()}
-    audited = {
-        r[0] for r in conn.execute("SELECT DISTINCT job_id FROM replay_audit WHERE run_id = ?", [run_id]).fetchall()
-    }
+def _landed_jobs(conn: duckdb.DuckDBPyConnection) -> dict[int, tuple[set[str], set[str]]]:
+    """Per run, the replay jobs ingested and those whose divergence is recorded (one read for all runs)."""
+    out: dict[int, tuple[set[str], set[str]]] = {}
+    for kind, run_id, job_id in conn.execute(
+        "SELECT 0, run_id, job_id FROM replay_jobs UNION ALL SELECT DISTINCT 1, run_id, job_id FROM replay_audit"
+    ).fetchall():
+        out.setdefault(run_id, (set(), set()))[kind].add(job_id)
+    return out
+
+
+def ingest_replays(
+    conn: duckdb.DuckDBPyConnection,
+    files: RunFiles,
+    run_id: int,
+    known: tuple[set[str], set[str]] | None = None,
+) -> bool:
+    """Committed replay jobs land whole; uncommitted ones stay invisible.
+
+    `known`: the run's jobs already ingested and already audited (`_landed_jobs`), read here when None.
+    """
+    jobs = files.list_dirs(layout.replays_dir(run_id))
+    if not jobs:
+        return False
+    have, audited = known if known is not None else _landed_jobs(conn).get(run_id, (set(), set()))
     landed = False
-    for job_id in files.list_dirs(layout.replays_dir(run_id)):
+    for job_id in jobs:
         if job_id in have:
             continue
         diverged = layout.replay_divergence_path(run_id, job_id)
@@ -474,6 +530,7 @@ def ingest_replays(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int
                     summary["committed_at"],
                 ],
             )
+            wide.refresh_replayed(conn, run_id, list(summary["names"]))
             conn.execute("INSERT INTO _stale_views VALUES (?)", [run_id])
             conn.execute("COMMIT")
         except BaseException:
@@ -503,24 +560,36 @@ def _ingest_divergence(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str
 
 # ---- views ------------------------------------------------------------------------------------
 def run_names(conn: duckdb.DuckDBPyConnection, run_id: int) -> list[NameInfo]:
+    """The run's stored names (logged, or replayed since), in the order first logged, from the catalog."""
+    return runs_names(conn, [run_id]).get(run_id, [])
+
+
+def runs_names(conn: duckdb.DuckDBPyConnection, run_ids: list[int]) -> dict[int, list[NameInfo]]:
+    """`run_names` of many runs in one read of the catalog. A name logged in more than one loop is
+    shown at its deepest."""
     rows = conn.execute(
-        "SELECT name, loop_path, list(DISTINCT value_type) FROM logs WHERE run_id = ? GROUP BY name, loop_path"
-        " ORDER BY min(seq), name",
-        [run_id],
+        "SELECT run_id, name, loop_path, value_types FROM _names WHERE list_contains(?, run_id) "
+        "ORDER BY run_id, first_seq, name",
+        [run_ids],
     ).fetchall()
-    chosen: dict[str, NameInfo] = {}
-    for name, path, types in rows:
+    chosen: dict[int, dict[str, NameInfo]] = {}
+    for run_id, name, path, types in rows:
         info = NameInfo(name, tuple(p for p in path.split("/") if p), frozenset(types))
-        if name not in chosen or len(info.loop_path) > len(chosen[name].loop_path):
-            chosen[name] = info
-    return list(chosen.values())
+        names = chosen.setdefault(run_id, {})
+        if name not in names or len(info.loop_path) > len(names[name].loop_path):
+            names[name] = info
+    return {r: list(names.values()) for r, names in chosen.items()}
 
 
-def full_view_sql(names: list[NameInfo], run_id: int, with_run_id: bool = False) -> str:
+def full_view_sql(
+    names: list[NameInfo], run_id: int, tables: dict[str, str] | None = None, with_run_id: bool = False
+) -> str:
     """The run's wide view at its finest grain, keeping the names whose loops nest with it."""
     deepest = max((n.loop_path for n in names), key=len, default=())
     nested = [n for n in names if deepest[: len(n.loop_path)] == n.loop_path]
-    return wide_select(run_id, grain_for(nested, []), nested, with_run_id)
+    grain = grain_for(nested, [])
+    fast = tables_select(run_id, grain, nested, tables or {}, with_run_id)
+    return fast if fast is not None else wide_select(run_id, grain, nested, with_run_id)
 
 
 def refresh_views(conn: duckdb.DuckDBPyConnection, touched: set[int] | None = None) -> None:
@@ -549,8 +618,9 @@ def refresh_views(conn: duckdb.DuckDBPyConnection, touched: set[int] | None = No
         name = f"run_{run_id}"
         if (touched and run_id in touched) or stale(name):
             names = run_names(conn, run_id)
-            metrics_part = f"SELECT * FROM ({full_view_sql(names, run_id, with_run_id=True)})"
-            wanted[name] = (full_view_sql(names, run_id), metrics_part)
+            tables = wide.grain_tables(conn, run_id)
+            metrics_part = f"SELECT * FROM ({full_view_sql(names, run_id, tables, with_run_id=True)})"
+            wanted[name] = (full_view_sql(names, run_id, tables), metrics_part)
     parts = [(wanted.get(f"run_{r}") or stored[f"run_{r}"])[1] for r in run_ids]
     wanted["metrics"] = (" UNION ALL BY NAME ".join(p for p in parts if p) or EMPTY_METRICS, None)
     changes = {n: v for n, v in wanted.items() if stored.get(n) != v or n not in present}
@@ -574,18 +644,22 @@ EMPTY_METRICS = "SELECT NULL::INTEGER AS run_id WHERE FALSE"
 
 def _runs_view_sql(conn: duckdb.DuckDBPyConnection) -> str:
     args = [r[0] for r in conn.execute("SELECT DISTINCT name FROM run_args ORDER BY name").fetchall()]
-    fixed = {
+    fixed = [
         r[0]
         for r in conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = '_runs'"
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = '_runs' AND schema_name = 'main' "
+            "ORDER BY column_index"
         ).fetchall()
-    }
+    ]
+    # Columns named one by one: DuckDB renders `* EXCLUDE (a, b)` in no fixed order, and BI tools
+    # compare a view's SQL between calls.
+    shown = ", ".join(f"r.{q(c)}" for c in fixed if c not in ("manifest", "sealed"))
     pivots = "".join(
         f", (SELECT {_arg_value(conn, a)} FROM run_args a WHERE a.run_id = r.run_id AND a.name = {lit(a)})"
         f" AS {q(a if a not in fixed else 'arg_' + a)}"
         for a in args
     )
-    return f"SELECT r.* EXCLUDE (manifest, sealed){pivots} FROM _runs r"
+    return f"SELECT {shown}{pivots} FROM _runs r"
 
 
 def _arg_value(conn: duckdb.DuckDBPyConnection, name: str) -> str:

@@ -1,4 +1,4 @@
-"""Append-only log segments: Arrow IPC files, each written whole and atomically.
+"""Append-only log segments: Arrow IPC files (zstd-compressed), each written whole and atomically.
 
 A segment holds the records one writer (a trainer or a replay job) buffered since its last flush.
 Records are `(seq, name, loop_path, coords, typed value)`; `coords` are the iteration indices of
@@ -97,12 +97,22 @@ def _typed_columns(values: list[Any]) -> tuple[pa.Array, list[pa.Array]]:
     ]
 
 
+# On disk the repetitive strings are dictionary-encoded and buffers zstd-compressed (Arrow IPC's own
+# encodings: every Arrow reader opens them); readers get SCHEMA back. Segments written before,
+# plain and uncompressed, read the same way.
+_DICTIONARY = ("name", "loop_path", "value_type")
+STORED_SCHEMA = pa.schema(
+    [pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in _DICTIONARY else f for f in SCHEMA]
+)
+WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
+
+
 def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes:
     sink = io.BytesIO()
-    schema = SCHEMA.with_metadata(metadata)
-    with pa.ipc.new_file(sink, schema) as writer:
+    schema = STORED_SCHEMA.with_metadata(metadata)
+    with pa.ipc.new_file(sink, schema, options=WRITE_OPTIONS) as writer:
         for batch in batches:
-            writer.write_batch(batch)
+            writer.write_batch(batch.cast(STORED_SCHEMA))
     return sink.getvalue()
 
 
@@ -147,6 +157,8 @@ def read_segment(files: RunFiles, path: str) -> pa.Table:
             table = reader.read_all()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
         raise CorruptSegment(f"log segment {path} is not a readable Arrow file ({err}). {_REMEDY}") from err
+    if table.schema.equals(STORED_SCHEMA, check_metadata=False):
+        return table.cast(SCHEMA.with_metadata(table.schema.metadata))
     if not table.schema.equals(SCHEMA, check_metadata=False):
         raise CorruptSegment(f"log segment {path} does not hold florql log records (schema {table.schema}). {_REMEDY}")
     return table

@@ -42,17 +42,54 @@ def sql_type(types: frozenset[str]) -> str:
     )
 
 
+def tables_select(
+    run_id: int,
+    grain: tuple[str, ...],
+    names: list[NameInfo],
+    tables: dict[str, str],
+    with_run_id: bool = False,
+    null_coords: tuple[str, ...] = (),
+) -> str | None:
+    """The same SELECT as `wide_select`, read from the run's wide tables (`florql.storage.wide`):
+    the grain's table joined with its enclosing loops' tables. None when they cannot answer (no
+    rows at the grain, or a name logged outside every loop): then `wide_select` does.
+
+    The tables show each replayed name's current version; the caller checks that is the one it wants.
+    """
+    base = tables.get("/".join(grain)) if grain else None
+    if base is None:
+        return None
+    select = [f"{run_id} AS run_id"] if with_run_id else []
+    select += [f"g.{q(c)}" for c in grain] + [f"NULL::BIGINT AS {q(c)}" for c in null_coords]
+    joins: dict[tuple[str, ...], str] = {}
+    for info in names:
+        if not info.value_types or len(info.loop_path) > len(grain):  # never logged, or in a loop without rows
+            select.append(f"NULL::{sql_type(info.value_types)} AS {q(info.name)}")
+            continue
+        if not info.loop_path:
+            return None
+        alias = "g" if info.loop_path == grain else joins.setdefault(info.loop_path, f"p{len(joins)}")
+        select.append(f"{alias}.{q(info.name)}")
+    sql = f"SELECT {', '.join(select)} FROM {q(base)} g"
+    for path, alias in joins.items():
+        on = " AND ".join(f"g.{q(c)} = {alias}.{q(c)}" for c in path)
+        sql += f" LEFT JOIN {q(tables['/'.join(path)])} {alias} ON {on}"
+    return sql
+
+
 def wide_select(
     run_id: int,
     grain: tuple[str, ...],
     names: list[NameInfo],
     with_run_id: bool = False,
     versions: dict[str, str] | None = None,
+    null_coords: tuple[str, ...] = (),
 ) -> str:
-    """A SELECT with columns [run_id,] *grain, *names at `grain` for one run.
+    """A SELECT with columns [run_id,] *grain, *null_coords, *names at `grain` for one run, from `logs`.
 
     Replayed values show only for the statement version `versions` names (by default the version
-    replayed last): a changed statement's old values never mix with its new ones.
+    replayed last): a changed statement's old values never mix with its new ones. `null_coords`:
+    loops deeper than the grain that have no rows in this run (NULL, so that they stay selectable).
     """
     path = "/".join(grain)
     coords = ", ".join(q(c) for c in grain)
@@ -61,9 +98,12 @@ def wide_select(
         f"SELECT DISTINCT {coords} FROM logs WHERE run_id = {run_id} AND {where_path}" if grain else "SELECT 1 AS _one"
     )
     select = [f"{run_id} AS run_id"] if with_run_id else []
-    select += [f"b.{q(c)}" for c in grain]
+    select += [f"b.{q(c)}" for c in grain] + [f"NULL::BIGINT AS {q(c)}" for c in null_coords]
     joins = []
     for i, info in enumerate(names):
+        if len(info.loop_path) > len(grain):  # in a loop with no rows in this run (see null_coords)
+            select.append(f"NULL::{sql_type(info.value_types)} AS {q(info.name)}")
+            continue
         alias = f"t{i}"
         keys = info.loop_path
         key_cols = ", ".join(q(c) for c in keys)

@@ -1,0 +1,198 @@
+"""The log store against plain DuckDB on the same data: queries, ingest, bytes per value.
+
+Builds a store holding one large run (epochs x steps x 5 names, written as a trainer writes it: a
+segment per epoch) plus `--runs` small ones, and a hand-built DuckDB file holding the same values in
+wide tables (`run_1`, and `metrics` with every run). Then, side by side and interleaved (medians
+after a warm-up): each query through `florql.connect().sql()` and on the hand-built tables;
+the first query's ingest in values/s; bytes per value of the run files and of florql's DuckDB file.
+
+    python benchmarks/bench_store.py                       # 100 x 20,000 x 5 = 10M values, 200 small runs
+    python benchmarks/bench_store.py --epochs 10 --runs 20 # smaller
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+import florql
+from florql.storage import layout, segments
+from florql.storage.layout import locate_store
+from florql.storage.manifest import Manifest
+from florql.storage.runfiles import RunFiles
+
+NAMES = ("loss", "acc", "gn", "lr", "tok")  # tok is an int, the rest floats
+QUERIES = [
+    "SELECT epoch, avg(loss), max(gn) FROM run_1 GROUP BY epoch ORDER BY epoch",
+    "SELECT step, loss, acc FROM run_1 WHERE epoch = {last} AND step < 5 ORDER BY step",
+    "SELECT count(*) FROM run_1",
+    "SELECT avg(acc) FROM run_1 WHERE epoch > {late} AND tok % 2 = 0",
+    "SELECT run_id, max(acc), avg(loss) FROM metrics GROUP BY run_id ORDER BY run_id",
+]
+
+
+def epoch_batch(epoch: int, steps: int, first_seq: int, rng: np.random.Generator) -> tuple[pa.RecordBatch, dict]:
+    """One epoch's records in the order a training loop logs them (per step, the five names)."""
+    n = steps * len(NAMES)
+    step = np.repeat(np.arange(steps, dtype=np.int64), len(NAMES))
+    name_index = np.tile(np.arange(len(NAMES)), steps)
+    floats = rng.random(n)
+    is_tok = name_index == NAMES.index("tok")
+    ints = rng.integers(0, 50_000, n)
+    coords = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
+        pa.array(np.column_stack([np.full(n, epoch, np.int64), step]).ravel()),
+    )
+    names = pa.DictionaryArray.from_arrays(pa.array(name_index.astype(np.int32)), pa.array(NAMES)).cast(pa.string())
+    batch = pa.RecordBatch.from_arrays(
+        [
+            pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
+            names,
+            pa.array(["epoch/step"] * n, pa.string()),
+            coords,
+            pa.array(np.where(is_tok, "int", "float").tolist(), pa.string()),
+            pa.array(floats, mask=is_tok),
+            pa.array(ints, mask=~is_tok),
+            pa.nulls(n, pa.bool_()),
+            pa.nulls(n, pa.string()),
+        ],
+        schema=segments.SCHEMA,
+    )
+    wide = {"epoch": np.full(steps, epoch, np.int64), "step": np.arange(steps, dtype=np.int64)}
+    for k, name in enumerate(NAMES):
+        wide[name] = (ints if name == "tok" else floats)[k :: len(NAMES)]
+    return batch, wide
+
+
+def write_run(files: RunFiles, run_id: int, epochs: int, steps: int, rng: np.random.Generator) -> pa.Table:
+    """A finished run's manifest and segments; returns its values as a wide table."""
+    now = time.time()
+    manifest = Manifest(run_id=run_id, status="finished", started_at=now, ended_at=now, heartbeat_at=now)
+    manifest.update(outer_loop="epoch", outer_planned=epochs, outer_completed=epochs, iteration_s=[1.0] * epochs)
+    wides = []
+    for epoch in range(epochs):
+        batch, wide = epoch_batch(epoch, steps, epoch * steps * len(NAMES), rng)
+        segments.write_segment(files, layout.segment_path(run_id, layout.MAIN_WRITER, epoch), batch, {})
+        wides.append(pa.table({"run_id": pa.array(np.full(steps, run_id, np.int32)), **wide}))
+    files.put(layout.manifest_path(run_id), manifest.to_json().encode())
+    return pa.concat_tables(wides)
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def same(rows: list[tuple], expected: list[tuple]) -> bool:
+    return len(rows) == len(expected) and all(
+        len(r) == len(e) and all(a == b or math.isclose(a, b, rel_tol=1e-9) for a, b in zip(r, e))
+        for r, e in zip(rows, expected)
+    )
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def cli_runs_time(home: Path) -> tuple[float, float]:
+    """`florql runs` against importing duckdb, pyarrow and sqlglot alone, each a fresh process."""
+    env = {**os.environ, "FLORQL_HOME": str(home)}
+    runs = [sys.executable, "-m", "florql.cli", "runs"]
+    imports = [sys.executable, "-c", "import duckdb, pyarrow, sqlglot"]
+    pairs = [
+        (
+            timed(lambda: subprocess.run(runs, env=env, check=True, capture_output=True)),
+            timed(lambda: subprocess.run(imports, check=True, capture_output=True)),
+        )
+        for _ in range(3)
+    ]
+    return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--runs", type=int, default=200, help="small runs besides the large one")
+    parser.add_argument("--small-steps", type=int, default=1_000, help="steps per epoch of a small run (20 epochs)")
+    parser.add_argument("--repeat", type=int, default=3)
+    opts = parser.parse_args()
+    rng = np.random.default_rng(0)
+    work = Path(tempfile.mkdtemp(prefix="florql-bench-store-"))
+    home = work / "store"
+    files = locate_store(home).run_files()
+    print(f"building the store in {work} ...", file=sys.stderr)
+    wide = [write_run(files, 1, opts.epochs, opts.steps, rng)]
+    big_values = opts.epochs * opts.steps * len(NAMES)
+    big_run_bytes = dir_bytes(home / "runs" / "1")
+    wide += [write_run(files, 2 + k, 20, opts.small_steps, rng) for k in range(opts.runs)]
+    values = big_values + opts.runs * 20 * opts.small_steps * len(NAMES)
+
+    plain = duckdb.connect(str(work / "plain.duckdb"))
+    plain.register("_wide", pa.concat_tables(wide))
+    plain.execute("CREATE TABLE metrics AS SELECT * FROM _wide")
+    plain.execute("CREATE TABLE run_1 AS SELECT * EXCLUDE (run_id) FROM metrics WHERE run_id = 1")
+    plain.unregister("_wide")
+    plain.execute("CHECKPOINT")
+
+    db = florql.connect(home)
+    ingest_s = timed(db.sync)
+    db.close()
+    db_bytes = os.path.getsize(locate_store(home).db_path)
+
+    queries = [q.format(last=opts.epochs - 1, late=int(opts.epochs * 0.9)) for q in QUERIES]
+    times: dict[str, list[tuple[float, float]]] = {q: [] for q in queries}
+    for round_ in range(opts.repeat + 1):
+        for q in queries:
+            ours = timed(lambda q=q: db.sql(q).arrow())
+            theirs = timed(lambda q=q: plain.sql(q).to_arrow_table())
+            if round_:  # the first round warms both up
+                times[q].append((ours, theirs))
+        for q in queries:  # the same answers (float sums may differ in the last bits: summation order)
+            assert same(db.sql(q).fetchall(), plain.sql(q).fetchall()), q
+    runs_s, import_s = cli_runs_time(home)
+
+    print(
+        f"\nMachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
+        f"{platform.python_version()}, DuckDB {duckdb.__version__}, pyarrow {pa.__version__}"
+    )
+    print(
+        f"run_1: {opts.epochs} epochs x {opts.steps} steps x {len(NAMES)} names = {big_values:,} values; "
+        f"{opts.runs} more runs of 20 x {opts.small_steps} x {len(NAMES)}; {values:,} values in all\n"
+    )
+    print("| query | florql ms | DuckDB wide table ms | ratio | target (2x + 20 ms) |")
+    print("|---|---|---|---|---|")
+    for q in queries:
+        ours = statistics.median(t[0] for t in times[q]) * 1e3
+        theirs = statistics.median(t[1] for t in times[q]) * 1e3
+        verdict = "met" if ours <= 2 * theirs + 20 else "missed"
+        print(f"| `{q}` | {ours:.1f} | {theirs:.1f} | {ours / theirs:.1f} | {verdict} |")
+    print(f"\ningest (first query, all runs): {values / ingest_s / 1e6:.2f}M values/s ({ingest_s:.2f} s)")
+    print(f"run files of run_1: {big_run_bytes / big_values:.1f} bytes/value ({big_run_bytes / 1e6:.0f} MB)")
+    print(
+        f"florql's DuckDB file: {db_bytes / values:.1f} bytes/value ({db_bytes / 1e6:.0f} MB); "
+        f"hand-built wide tables: {os.path.getsize(work / 'plain.duckdb') / values:.1f} bytes/value"
+    )
+    print(
+        f"`florql runs`: {runs_s:.2f} s; importing duckdb+pyarrow+sqlglot: {import_s:.2f} s "
+        f"(difference {runs_s - import_s:.2f} s)"
+    )
+    print(json.dumps({"work": str(work)}), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The physical wide tables and the catalog that describes them, maintained at ingest.
+
+Per run and loop path (`epoch/step`) one table (`_w<run>_<k>`): a row per coordinate of that loop
+and a column per name logged there, holding the value shown (the last one logged at that
+coordinate; for a replayed name, the last one of its current statement version). A table also
+holds every coordinate of deeper loops' rows (`epoch` gets a row for each epoch that has steps), so
+a query at a loop's grain reads that loop's table joined with its enclosing loops' tables on
+their coordinates, and never scans `logs` (which keeps every record, in long form).
+
+The catalog, small and read by binding and planning:
+- `_names`: per run, name and loop path: the value types, the first sequence number (column
+  order), whether the run itself logged it, and the statement version a replayed name shows.
+- `_grains`: per run and loop path, the wide table that holds it.
+
+Everything here runs inside the ingest's transaction: tables and catalog change with the rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+
+from florql.storage.views import lit, q, sql_type, value_expr
+
+CATALOG = """
+CREATE TABLE IF NOT EXISTS _names (
+    run_id INTEGER, name VARCHAR, loop_path VARCHAR, value_types VARCHAR[], first_seq BIGINT,
+    logged BOOLEAN, version VARCHAR, PRIMARY KEY (run_id, name, loop_path)
+);
+CREATE TABLE IF NOT EXISTS _grains (
+    run_id INTEGER, loop_path VARCHAR, table_name VARCHAR, PRIMARY KEY (run_id, loop_path)
+);
+"""
+
+
+@dataclass
+class Column:
+    """What the catalog holds of one name at one loop path of a run."""
+
+    types: frozenset[str]
+    first_seq: int
+    logged: bool
+    version: str | None
+
+
+def loops(path: str) -> list[str]:
+    return [n for n in path.split("/") if n]
+
+
+def grain_tables(conn: duckdb.DuckDBPyConnection, run_id: int) -> dict[str, str]:
+    return dict(conn.execute("SELECT loop_path, table_name FROM _grains WHERE run_id = ?", [run_id]).fetchall())
+
+
+def columns(conn: duckdb.DuckDBPyConnection, run_id: int) -> dict[tuple[str, str], Column]:
+    rows = conn.execute(
+        "SELECT name, loop_path, value_types, first_seq, logged, version FROM _names WHERE run_id = ?", [run_id]
+    ).fetchall()
+    return {(n, p): Column(frozenset(t), s, bool(lg), v) for n, p, t, s, lg, v in rows}
+
+
+# ---- ingest ---------------------------------------------------------------------------------------
+def merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, staged: str) -> None:
+    """Merge the run's new logged records (the relation `staged`, segment schema) into its tables.
+
+    The records are already in `logs`. Their sequence numbers follow every stored one, so they
+    win over what a table holds at the same coordinates.
+    """
+    summary = conn.execute(
+        f"SELECT name, loop_path, list(DISTINCT value_type), min(seq) FROM {staged} GROUP BY name, loop_path"
+    ).fetchall()
+    catalog = columns(conn, run_id)
+    tables = grain_tables(conn, run_id)
+    retyped: set[str] = set()
+    changed: dict[tuple[str, str], Column] = {}
+    for name, path, types, first_seq in summary:
+        old = catalog.get((name, path))
+        merged = frozenset(types) | (old.types if old else frozenset())
+        if old and merged != old.types and path in tables:
+            retyped.add(path)  # the column's type changes: the table is rebuilt from `logs`
+        column = Column(merged, min(first_seq, old.first_seq) if old else first_seq, True, old.version if old else None)
+        if column != old:
+            changed[(name, path)] = column
+    _store_columns(conn, run_id, changed)
+    for path in sorted({p for _, p, _, _ in summary} - retyped, key=len, reverse=True):
+        if not loops(path):
+            continue  # names outside every loop are read from `logs` (views.wide_select)
+        names = sorted({n for n, p, _, _ in summary if p == path})
+        coords = ", ".join(f"coords[{i + 1}] AS {q(c)}" for i, c in enumerate(loops(path)))
+        source = f"SELECT name, seq, value_type, value_float, value_int, value_bool, value_str, {coords} FROM {staged} WHERE loop_path = {lit(path)}"
+        _merge(conn, run_id, path, source, names)
+    for path in retyped:
+        rebuild_grain(conn, run_id, path)
+
+
+def refresh_replayed(conn: duckdb.DuckDBPyConnection, run_id: int, names: list[str]) -> None:
+    """After a replay job landed: each name shows the values of the version whose replay committed
+    last, recomputed from `logs` (replays are rare; their columns are small next to the run's)."""
+    rows = conn.execute(
+        "SELECT l.name, l.loop_path, list(DISTINCT l.value_type), min(l.seq) FROM logs l WHERE l.run_id = ? "
+        "AND list_contains(?, l.name) GROUP BY l.name, l.loop_path",
+        [run_id, names],
+    ).fetchall()
+    versions = dict(
+        conn.execute(
+            "SELECT c.name, arg_max(c.version, j.committed_at) FROM replay_coverage c JOIN replay_jobs j USING (job_id) "
+            "WHERE c.run_id = ? AND list_contains(?, c.name) GROUP BY c.name",
+            [run_id, names],
+        ).fetchall()
+    )
+    catalog = columns(conn, run_id)
+    tables = grain_tables(conn, run_id)
+    for name, path, types, first_seq in rows:
+        old = catalog.get((name, path))
+        column = Column(frozenset(types), first_seq, bool(old and old.logged), versions.get(name))
+        _store_columns(conn, run_id, {(name, path): column})
+        if not loops(path):
+            continue
+        if old and old.types != column.types and path in tables:
+            rebuild_grain(conn, run_id, path)
+            continue
+        if path in tables and old:
+            conn.execute(f"UPDATE {q(tables[path])} SET {q(name)} = NULL")
+        _merge(conn, run_id, path, _logs_source(run_id, path, {name: column}), [name])
+
+
+def rebuild_grain(conn: duckdb.DuckDBPyConnection, run_id: int, path: str) -> None:
+    """Recreate one loop path's table from `logs` (a name's type changed, or an older store)."""
+    table = grain_tables(conn, run_id).get(path)
+    if table:
+        conn.execute(f"DROP TABLE {q(table)}")
+        conn.execute("DELETE FROM _grains WHERE run_id = ? AND loop_path = ?", [run_id, path])
+    at_path = {n: c for (n, p), c in columns(conn, run_id).items() if p == path}
+    if at_path:
+        _merge(conn, run_id, path, _logs_source(run_id, path, at_path), sorted(at_path))
+    deeper = [
+        r[0]
+        for r in conn.execute(
+            "SELECT DISTINCT loop_path FROM _names WHERE run_id = ? AND starts_with(loop_path, ?)", [run_id, path + "/"]
+        ).fetchall()
+    ]
+    for longer in deeper:  # coordinates of deeper rows
+        cols = ", ".join(q(c) for c in loops(path))
+        source = f"SELECT DISTINCT {cols} FROM logs WHERE run_id = {run_id} AND loop_path = {lit(longer)}"
+        _add_coordinates(conn, run_id, path, source)
+
+
+def rebuild_run(conn: duckdb.DuckDBPyConnection, run_id: int) -> None:
+    """Recreate a run's catalog and tables from `logs` (stores written before they existed)."""
+    for (table,) in conn.execute("SELECT table_name FROM _grains WHERE run_id = ?", [run_id]).fetchall():
+        conn.execute(f"DROP TABLE IF EXISTS {q(table)}")
+    conn.execute("DELETE FROM _grains WHERE run_id = ?", [run_id])
+    conn.execute("DELETE FROM _names WHERE run_id = ?", [run_id])
+    conn.execute(
+        "INSERT INTO _names SELECT run_id, name, loop_path, list(DISTINCT value_type), min(seq), "
+        "bool_or(source = 'logged'), NULL FROM logs WHERE run_id = ? GROUP BY run_id, name, loop_path",
+        [run_id],
+    )
+    conn.execute(
+        "UPDATE _names n SET version = v.version FROM (SELECT c.name, arg_max(c.version, j.committed_at) AS version "
+        "FROM replay_coverage c JOIN replay_jobs j USING (job_id) WHERE c.run_id = ? GROUP BY c.name) v "
+        "WHERE n.run_id = ? AND n.name = v.name",
+        [run_id, run_id],
+    )
+    paths = {r[0] for r in conn.execute("SELECT DISTINCT loop_path FROM _names WHERE run_id = ?", [run_id]).fetchall()}
+    for path in sorted(paths, key=len, reverse=True):
+        if loops(path):
+            rebuild_grain(conn, run_id, path)
+
+
+# ---- building blocks ------------------------------------------------------------------------------
+def _store_columns(conn: duckdb.DuckDBPyConnection, run_id: int, changed: dict[tuple[str, str], Column]) -> None:
+    """Write catalog entries of (name, loop path) in one statement."""
+    if not changed:
+        return
+    rows = [(n, p, sorted(c.types), c.first_seq, c.logged, c.version) for (n, p), c in changed.items()]
+    conn.execute(
+        "INSERT OR REPLACE INTO _names SELECT ?, r.* FROM (SELECT unnest(?, max_depth := 2)) r",
+        [run_id, [dict(zip(("name", "loop_path", "value_types", "first_seq", "logged", "version"), r)) for r in rows]],
+    )
+
+
+def _logs_source(run_id: int, path: str, shown: dict[str, Column]) -> str:
+    """Rows of `logs` the tables show for these names at this path: logged ones, and replayed ones
+    of the name's current version."""
+    coords = ", ".join(q(c) for c in loops(path))
+    version = "CASE name " + " ".join(f"WHEN {lit(n)} THEN {lit(c.version or '')} " for n, c in shown.items()) + "END"
+    names = ", ".join(lit(n) for n in shown)
+    return (
+        f"SELECT name, seq, value_type, value_float, value_int, value_bool, value_str, {coords} FROM logs "
+        f"WHERE run_id = {run_id} AND loop_path = {lit(path)} AND name IN ({names}) "
+        f"AND (source = 'logged' OR version = {version})"
+    )
+
+
+def _table(conn: duckdb.DuckDBPyConnection, run_id: int, path: str) -> str:
+    """The path's table, created (coordinates only) when missing."""
+    found = grain_tables(conn, run_id)
+    if path in found:
+        return found[path]
+    taken = set(found.values())
+    k = len(found)
+    while f"_w{run_id}_{k}" in taken:
+        k += 1
+    table = f"_w{run_id}_{k}"
+    conn.execute(f"CREATE TABLE {q(table)} ({', '.join(f'{q(c)} BIGINT' for c in loops(path))})")
+    conn.execute("INSERT INTO _grains VALUES (?, ?, ?)", [run_id, path, table])
+    return table
+
+
+def _merge(conn: duckdb.DuckDBPyConnection, run_id: int, path: str, source: str, names: list[str]) -> None:
+    """Pivot `source` (long rows at `path`) to one row per coordinate, the last value per name, and
+    merge it into the path's table: present coordinates are updated, new ones inserted."""
+    catalog = {n: c for (n, p), c in columns(conn, run_id).items() if p == path and n in names}
+    table = _table(conn, run_id, path)
+    present = {
+        r[0]
+        for r in conn.execute(f"SELECT column_name FROM duckdb_columns() WHERE table_name = {lit(table)}").fetchall()
+    }
+    for name in names:
+        if name not in present:
+            conn.execute(f"ALTER TABLE {q(table)} ADD COLUMN {q(name)} {sql_type(catalog[name].types)}")
+    coords = [q(c) for c in loops(path)]
+    values = ", ".join(
+        f"arg_max({value_expr(catalog[n].types)}, seq) FILTER (WHERE name = {lit(n)})::{sql_type(catalog[n].types)} AS {q(n)}"
+        for n in names
+    )
+    conn.execute(
+        f"CREATE OR REPLACE TEMP TABLE _pivot AS SELECT {', '.join(coords)}, {values} FROM ({source}) "
+        f"GROUP BY {', '.join(coords)} ORDER BY {', '.join(coords)}"  # clustered: zone maps skip the rest
+    )
+    try:
+        outer = coords[0]
+        low = conn.execute(f"SELECT min({outer}) FROM _pivot").fetchall()[0][0]
+        if low is None:
+            return
+        match = " AND ".join(f"w.{c} = p.{c}" for c in coords) + f" AND w.{outer} >= {int(low)}"
+        overlap = conn.execute(f"SELECT 1 FROM {q(table)} WHERE {outer} >= {int(low)} LIMIT 1").fetchall()
+        if overlap:
+            updates = ", ".join(f"{q(n)} = coalesce(p.{q(n)}, w.{q(n)})" for n in names)
+            conn.execute(f"UPDATE {q(table)} w SET {updates} FROM _pivot p WHERE {match}")
+            conn.execute(
+                f"INSERT INTO {q(table)} BY NAME SELECT p.* FROM _pivot p "
+                f"WHERE NOT EXISTS (SELECT 1 FROM {q(table)} w WHERE {match})"
+            )
+        else:
+            conn.execute(f"INSERT INTO {q(table)} BY NAME SELECT * FROM _pivot")
+        parts = loops(path)
+        for depth in range(len(parts) - 1, 0, -1):
+            prefix = "/".join(parts[:depth])
+            cols = ", ".join(q(c) for c in parts[:depth])
+            _add_coordinates(conn, run_id, prefix, f"SELECT DISTINCT {cols} FROM _pivot")
+    finally:
+        conn.execute("DROP TABLE IF EXISTS _pivot")
+
+
+def _add_coordinates(conn: duckdb.DuckDBPyConnection, run_id: int, path: str, source: str) -> None:
+    """Insert the coordinates of `source` (columns: the path's loops) that the path's table lacks."""
+    table = _table(conn, run_id, path)
+    coords = [q(c) for c in loops(path)]
+    match = " AND ".join(f"w.{c} = s.{c}" for c in coords)
+    conn.execute(
+        f"INSERT INTO {q(table)} BY NAME SELECT s.* FROM ({source}) s WHERE NOT EXISTS "
+        f"(SELECT 1 FROM {q(table)} w WHERE {match})"
+    )

@@ -1,0 +1,190 @@
+"""The wide tables kept at ingest answer exactly what the long form (`logs`) says, whatever order
+segments arrive in; every column the catalog lists is selectable; the query side stays torch-free."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from typing import Any
+
+import duckdb
+import pytest
+
+import florql
+from florql.runinfo import load_runs
+from florql.storage import layout, segments
+from florql.storage.database import open_store
+from florql.storage.manifest import Manifest
+from florql.storage.views import grain_for, wide_select
+from store_support import Store
+
+PER_EPOCH_ONLY = """
+import florql
+for epoch in florql.loop("epoch", range(3)):
+    for step in florql.loop("step", range(4)):
+        pass
+    florql.log("val_acc", 0.5 + epoch / 10)
+"""
+
+
+def write_run(store: Store, run_id: int, batches: list[list[tuple[str, Any, tuple]]], status: str = "finished") -> None:
+    """A run's manifest and one segment per batch of (name, value, (loop_path, *coords)) records."""
+    files = store.files
+    now = time.time()
+    manifest = Manifest(run_id=run_id, status=status, started_at=now, heartbeat_at=now, outer_loop="epoch")
+    manifest.update(outer_completed=3, outer_planned=3)
+    seq = 0
+    for k, records in enumerate(batches):
+        batch = segments.records_to_batch(seq, records)
+        segments.write_segment(files, layout.segment_path(run_id, layout.MAIN_WRITER, k), batch, {})
+        seq += len(records)
+    files.put(layout.manifest_path(run_id), manifest.to_json().encode())
+
+
+def random_batches(rng: random.Random) -> list[list[tuple[str, Any, tuple]]]:
+    """Records at two loop paths with repeats at one coordinate (within and across segments), a
+    name whose type changes midway, and a loop (`epoch/eval`) beside `epoch/step`."""
+    records: list[tuple[str, Any, tuple]] = []
+    for epoch in range(3):
+        for step in range(rng.randint(0, 4)):
+            at = ("epoch/step", epoch, step)
+            for _ in range(rng.randint(1, 2)):
+                records.append(("loss", rng.random(), at))
+            if rng.random() < 0.5:
+                records.append(("tokens", rng.choice([rng.randint(0, 9), rng.random()]) if epoch == 2 else 7, at))
+        if rng.random() < 0.7:
+            records.append(("val_acc", rng.random(), ("epoch", epoch)))
+        if rng.random() < 0.3:
+            records.append(("eval_loss", rng.random(), ("epoch/eval", epoch, 0)))
+    cuts = sorted(rng.sample(range(len(records) + 1), k=min(3, len(records) + 1)))
+    return [records[a:b] for a, b in zip([0, *cuts], [*cuts, len(records)]) if b > a]
+
+
+def long_form_answer(conn: duckdb.DuckDBPyConnection, run_id: int, grain: tuple[str, ...]) -> list[tuple]:
+    """The run at `grain` computed from `logs` alone (the definition the wide tables must match)."""
+    info = load_runs(conn, [run_id])[run_id]
+    names = sorted((n for n in info.logged.values() if grain[: len(n.loop_path)] == n.loop_path), key=lambda n: n.name)
+    sql = wide_select(run_id, grain_for(names, [grain]), names)
+    return sorted(conn.execute(sql).fetchall(), key=repr)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_wide_tables_equal_the_long_form_with_segments_ingested_one_by_one_or_at_once(store: Store, seed: int):
+    batches = random_batches(random.Random(seed))
+    write_run(store, 1, batches)
+    write_run(store, 2, [], status="running")  # run 2 receives the same segments one sync at a time
+    db = florql.connect(store.home, replay="never")
+    for k, records in enumerate(batches):
+        batch = segments.records_to_batch(sum(map(len, batches[:k])), records)
+        segments.write_segment(store.files, layout.segment_path(2, layout.MAIN_WRITER, k), batch, {})
+        db.sync()
+    with open_store(store.location.db_path) as conn:
+        for grain in [("epoch",), ("epoch", "step"), ("epoch", "eval")]:
+            for run_id in (1, 2):
+                info = load_runs(conn, [run_id])[run_id]
+                if "/".join(grain) not in info.tables:
+                    assert not any(n.loop_path[: len(grain)] == grain for n in info.logged.values())
+                    continue
+                names = sorted(n for n, i in info.logged.items() if grain[: len(i.loop_path)] == i.loop_path)
+                columns = ", ".join([*grain, *names])
+                ours = sorted(db.sql(f"SELECT {columns} FROM run_{run_id}").fetchall(), key=repr)
+                assert ours == long_form_answer(conn, run_id, grain), (grain, run_id)
+    db.close()
+
+
+def test_a_per_epoch_only_run_binds_every_column_the_catalog_lists(store: Store):
+    store.run(PER_EPOCH_ONLY)
+    db = florql.connect(store.home, replay="never")
+    table = next(t for t in db.tables() if t.name == "run_1")
+    assert [c.name for c in table.columns] == ["epoch", "step", "val_acc"]
+    for column in table.columns:  # each alone, as a BI tool's column browser asks
+        assert len(db.sql(f'SELECT "{column.name}" FROM run_1').fetchall()) == 3
+    rows = db.sql("SELECT * FROM run_1 ORDER BY epoch").fetchall()
+    assert rows == [(0, None, 0.5), (1, None, 0.6), (2, None, 0.7)]
+    assert db.sql("SELECT count(*), count(step) FROM run_1").fetchall() == [(3, 0)]
+    db.close()
+
+
+def test_a_run_without_rows_yet_answers_no_rows_with_every_column(store: Store):
+    """A run that just started: its code's loops and names are columns, and there are no rows."""
+    store.run(PER_EPOCH_ONLY)
+    manifest = Manifest.from_json(store.files.get(layout.manifest_path(1)))
+    manifest.update(run_id=2, status="running", outer_completed=0, heartbeat_at=time.time())  # same code as run 1
+    store.files.put(layout.manifest_path(2), manifest.to_json().encode())
+    db = florql.connect(store.home, replay="never")
+    result = db.sql("SELECT epoch, step, val_acc FROM run_2")
+    assert result.schema.names == ["epoch", "step", "val_acc"] and result.fetchall() == []
+    assert db.sql("SELECT count(*) FROM metrics").fetchall() == [(3,)]
+    db.close()
+
+
+def test_a_store_without_wide_tables_gets_them_when_opened(store: Store):
+    """A store written by an older florql (no catalog, no wide tables) is upgraded in place."""
+    batches = [[r for r in records if r[2][0] != "epoch/eval"] for records in random_batches(random.Random(3))]
+    write_run(store, 1, batches)
+    db = florql.connect(store.home, replay="never")
+    before = sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr)
+    db.close()
+    conn = duckdb.connect(store.location.db_path)
+    for (table,) in conn.execute("SELECT table_name FROM _grains").fetchall():
+        conn.execute(f'DROP TABLE "{table}"')
+    conn.execute("DELETE FROM _grains")
+    conn.execute("DELETE FROM _names")
+    conn.close()
+    db = florql.connect(store.home, replay="never")
+    assert sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr) == before
+    db.close()
+
+
+def test_a_large_answer_streams_and_a_small_one_is_held(store: Store, monkeypatch: pytest.MonkeyPatch):
+    from florql import api
+
+    write_run(store, 1, [[("loss", float(s), ("epoch/step", e, s)) for e in range(3) for s in range(500)]])
+    db = florql.connect(store.home)
+    monkeypatch.setattr(api, "HELD_BYTES", 1)
+    monkeypatch.setattr(api, "BATCH_ROWS", 100)
+    streamed = db.sql("SELECT epoch, step, loss FROM run_1 ORDER BY epoch, step")
+    assert streamed.schema.names == ["epoch", "step", "loss"]
+    assert [b.num_rows for b in streamed.batches()][:2] == [100, 100]
+    with pytest.raises(florql.UsageError, match="streamed already"):
+        list(streamed.batches())
+    assert db.database.close(wait_s=0)  # the stream gave its lease back: the file can close
+    monkeypatch.setattr(api, "HELD_BYTES", 4 << 20)
+    held = db.sql("SELECT epoch, step, loss FROM run_1 ORDER BY epoch, step")
+    assert held.arrow().num_rows == held.arrow().num_rows == 1500
+    db.close()
+
+
+TORCH_FREE = """
+import sys
+from florql.cli import main
+for argv in (["runs"], ["query", "SELECT epoch, val_acc FROM run_1"], ["show", "1"]):
+    assert main(argv) == 0, argv
+import psycopg
+from florql.server import BackgroundServer, Server
+import florql
+server = Server(lambda: florql.connect(replay="never"), port=0)
+with BackgroundServer(server) as running:
+    dsn = f"host=127.0.0.1 port={running.port} dbname=florql user=florql connect_timeout=10"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM run_1").fetchone() == (3,)
+        conn.execute("SELECT table_name FROM information_schema.tables").fetchall()
+print(sorted(m for m in ("torch", "florql.session", "florql.recording") if m in sys.modules))
+"""
+
+
+def test_the_cli_and_the_server_answer_without_importing_torch(store: Store):
+    pytest.importorskip("psycopg")
+    store.run(PER_EPOCH_ONLY)
+    out = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE],
+        env=store.env(),
+        cwd=store.workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
