@@ -93,10 +93,24 @@ def missing_cells(
                 )
             missing = indices - covered(conn, run_id, name, site.version)
             # Restoring a checkpoint stands in for the inner loop only if it holds all the statement reads.
-            skippable = len(site.loop_path) == 1 and not reexecute and not site.inputs & uncaptured
-            needs.append(Need(name, frozenset(missing), skippable=skippable))
+            outer_level = len(site.loop_path) == 1 and not reexecute
+            skippable = outer_level and not site.inputs & uncaptured
+            why = _why_not_skipped(info, site, uncaptured) if outer_level else ""
+            needs.append(Need(name, frozenset(missing), skippable=skippable, why_not_skipped=why))
         result.append((run_facts(conn, info), needs))
     return result
+
+
+def _why_not_skipped(info: RunInfo, site: Site, uncaptured: set[str]) -> str:
+    """Why an outer-level statement may have to run the inner loop rather than restore it."""
+    if site.inputs & uncaptured:
+        names = ", ".join(sorted(site.inputs & uncaptured))
+        return f"it reads {names}, which no checkpoint holds (not plain data, not registered)"
+    blockers = info.manifest.skip_blockers
+    if blockers:
+        shown = "; ".join(blockers[:3]) + (f"; … ({len(blockers)} in all)" if len(blockers) > 3 else "")
+        return f"the inner loop runs in a helper that cannot be restored exactly ({shown})"
+    return ""
 
 
 def describe_missing(bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, Site]]) -> str:

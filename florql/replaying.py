@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from florql.call_chain import restore_chain
 from florql.replay.jobs import JobSpec, ReplayDiverged, ReplayFinished
 from florql.rng import restore_rng
 from florql.scope import restore_scope
@@ -38,6 +39,7 @@ class ReplaySession(TrainingSession):
         self.expected = self._load_expected()
         self.executed: list[int] = []
         self.restored: list[int] = []
+        self.inner_iterations = 0  # inner-loop iterations executed (training batches, typically)
         self.produced: dict[str, set[int]] = {}  # name → outer iterations it was logged in
         self.mismatches: list[dict[str, Any]] = []
         self.started = time.time()
@@ -150,19 +152,21 @@ class ReplaySession(TrainingSession):
             raise ReplayDiverged(detail)
 
     def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
-        point = self.is_checkpoint_point(lf, frame)
-        if point and self.outer.index in self.spec.restore_inner:
+        chain = self.checkpoint_chain(lf, frame)
+        if chain is not None and self.outer.index in self.spec.restore_inner:
             self.outer.inner_point_done = True
-            self._restore(self.spec.restore_inner[self.outer.index])
+            self._restore(self.spec.restore_inner[self.outer.index], chain)
             self.restored.append(self.outer.index)
             return
         for index, item in enumerate(iterable):
             self.enter_iteration(lf, index)
+            self.inner_iterations += 1
             yield item
-        if point:
+        if chain is not None:
             self.outer.inner_point_done = True
 
-    def _restore(self, name: str) -> None:
+    def _restore(self, name: str, chain: list | None = None) -> None:
+        """Restore checkpoint `name`; `chain`: the helper frames of an 'inner_end' point it stands in for."""
         record = read_record(self.files, layout.checkpoint_meta_path(self.run_id, name))
         payload = read_checkpoint(self.files, record)
         for key, obj in self.objects.items():
@@ -171,6 +175,8 @@ class ReplaySession(TrainingSession):
         self.restore_module_modes(payload.get("modes", {}))
         if payload.get("scope") and self.outer.frame is not None:
             restore_scope(self.outer.frame, payload["scope"])
+        if chain is not None and self.outer.frame is not None and (chain or payload.get("frames")):
+            restore_chain(chain, self.outer.frame, payload.get("frames") or {}, name)
 
     # ---- the end ----------------------------------------------------------------------------
     def _coverage(self) -> dict[str, list[int]]:
@@ -200,6 +206,7 @@ class ReplaySession(TrainingSession):
             "log_from": self.spec.log_from,
             "executed": self.executed,
             "restored": self.restored,
+            "inner_iterations": self.inner_iterations,
             "checkpoint": (self.spec.restore_before or [None, None])[1]
             or next(iter(self.spec.restore_inner.values()), None),
             "seconds": time.time() - self.started,

@@ -54,6 +54,7 @@ class Need:
     name: str
     indices: frozenset[int]  # missing outer iterations
     skippable: bool  # an outer-level statement: the first inner loop may be skipped
+    why_not_skipped: str = ""  # for an outer-level statement that must re-execute: the reason, for explain
 
 
 @dataclass
@@ -113,14 +114,20 @@ class Plan:
 
 def plan(runs: list[tuple[RunFacts, list[Need]]], workers: int) -> Plan:
     jobs: list[PlannedJob] = []
+    notes: list[str] = []
     retrain = 0.0
     for facts, needs in runs:
         needs = [n for n in needs if n.indices]
         if not needs:
             continue
-        jobs.extend(plan_run(facts, needs, workers))
+        run_jobs = plan_run(facts, needs, workers)
+        jobs.extend(run_jobs)
+        if any(j.mode == "re-execute" for j in run_jobs):
+            notes.extend(
+                f"run {facts.run_id}: {n.name} re-executes: {n.why_not_skipped}" for n in needs if n.why_not_skipped
+            )
         retrain += PROCESS_START_S + sum(facts.cost(i) for i in range(facts.completed))
-    return Plan(jobs=jobs, workers=workers, retrain_s=retrain)
+    return Plan(jobs=jobs, workers=workers, retrain_s=retrain, notes=notes)
 
 
 def plan_run(facts: RunFacts, needs: list[Need], workers: int) -> list[PlannedJob]:

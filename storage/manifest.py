@@ -82,6 +82,7 @@ class Manifest:
     checkpoints: dict[str, Any] = field(default_factory=dict)  # the adaptive policy's report
     last_checkpoint: str | None = None
     uncaptured: list[str] = field(default_factory=list)  # names checkpoints could not capture
+    skip_blockers: list[str] = field(default_factory=list)  # why a helper's inner loop cannot be skipped
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:
