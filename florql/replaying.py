@@ -19,6 +19,7 @@ from typing import Any
 
 from florql.call_chain import restore_chain
 from florql.replay.jobs import JobSpec, ReplayDiverged, ReplayFinished
+from florql.replay.worker import SCRIPT_STARTED_ENV
 from florql.rng import restore_rng
 from florql.scope import restore_scope
 from florql.session import LoopFrame, TrainingSession
@@ -43,6 +44,8 @@ class ReplaySession(TrainingSession):
         self.produced: dict[str, set[int]] = {}  # name → outer iterations it was logged in
         self.mismatches: list[dict[str, Any]] = []
         self.started = time.time()
+        self.first_iteration_at: float | None = None
+        self.restore_s = 0.0
         self.committed = False
         attempt = uuid.uuid4().hex[:8]
         self.writer = SegmentWriter(
@@ -118,6 +121,8 @@ class ReplaySession(TrainingSession):
                 break
             self.outer.index = index
             self.outer.inner_point_done = False
+            if self.first_iteration_at is None:
+                self.first_iteration_at = time.time()
             if spec.restore_before and spec.restore_before[0] == index:
                 self._restore(spec.restore_before[1])
             self.enter_iteration(lf, index)
@@ -167,6 +172,7 @@ class ReplaySession(TrainingSession):
 
     def _restore(self, name: str, chain: list | None = None) -> None:
         """Restore checkpoint `name`; `chain`: the helper frames of an 'inner_end' point it stands in for."""
+        started = time.perf_counter()
         record = read_record(self.files, layout.checkpoint_meta_path(self.run_id, name))
         payload = read_checkpoint(self.files, record)
         for key, obj in self.objects.items():
@@ -177,6 +183,7 @@ class ReplaySession(TrainingSession):
             restore_scope(self.outer.frame, payload["scope"])
         if chain is not None and self.outer.frame is not None and (chain or payload.get("frames")):
             restore_chain(chain, self.outer.frame, payload.get("frames") or {}, name)
+        self.restore_s += time.perf_counter() - started
 
     # ---- the end ----------------------------------------------------------------------------
     def _coverage(self) -> dict[str, list[int]]:
@@ -190,6 +197,18 @@ class ReplaySession(TrainingSession):
         return {
             n: sorted(set(span) | {i for i in self.produced.get(n, ()) if i >= self.spec.log_from})
             for n in sorted(self.names)
+        }
+
+    def _timings(self) -> dict[str, float | None]:
+        """What this job cost, by phase (UNIX times and seconds), for the planner's cost model."""
+        script_started = float(os.environ.get(SCRIPT_STARTED_ENV) or self.started)
+        return {
+            "launched_at": self.spec.launched_at or None,
+            "warm": self.spec.warm,
+            "script_started_at": script_started,
+            "first_iteration_at": self.first_iteration_at,
+            "finished_at": time.time(),
+            "restore_s": self.restore_s,
         }
 
     def commit(self) -> None:
@@ -207,6 +226,7 @@ class ReplaySession(TrainingSession):
             "executed": self.executed,
             "restored": self.restored,
             "inner_iterations": self.inner_iterations,
+            "timings": self._timings(),
             "checkpoint": (self.spec.restore_before or [None, None])[1]
             or next(iter(self.spec.restore_inner.values()), None),
             "seconds": time.time() - self.started,
