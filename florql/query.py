@@ -72,12 +72,16 @@ def covered(conn: duckdb.DuckDBPyConnection, run_id: int, name: str, version: st
 
 
 def missing_cells(
-    bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, Site]], reexecute: bool = False
+    bound: Bound,
+    conn: duckdb.DuckDBPyConnection,
+    sites: dict[int, dict[str, Site]],
+    reexecute: bool = False,
+    warm: bool = False,
 ) -> list[tuple[RunFacts, list[Need]]]:
     """(run facts, needs) for every run with hindsight cells still missing in the selected range.
 
     `reexecute` plans every need by re-execution (no skipped inner loops): for cells a skip job
-    did not produce.
+    did not produce. `warm`: jobs will fork from a warm server (their measured start-up differs).
     """
     result = []
     for run_id, names in sorted(wanted_cells(bound).items()):
@@ -97,7 +101,7 @@ def missing_cells(
             skippable = outer_level and not site.inputs & uncaptured
             why = _why_not_skipped(info, site, uncaptured) if outer_level else ""
             needs.append(Need(name, frozenset(missing), skippable=skippable, why_not_skipped=why))
-        result.append((run_facts(conn, info), needs))
+        result.append((run_facts(conn, info, warm), needs))
     return result
 
 
@@ -217,6 +221,7 @@ def job_specs(
                 threads=int(m.env.torch_threads or 0),
                 mode=job.mode,
                 est_s=job.est_s,
+                est_work_s=job.est_work_s,
                 versions={n: sites[job.run_id][n].version for n in job.names},
                 expected_path=_write_expected(conn, files, info, job, job_id),
             )

@@ -46,6 +46,7 @@ class ReplaySession(TrainingSession):
         self.started = time.time()
         self.first_iteration_at: float | None = None
         self.restore_s = 0.0
+        self.restored_bytes = 0
         self.committed = False
         attempt = uuid.uuid4().hex[:8]
         self.writer = SegmentWriter(
@@ -175,6 +176,7 @@ class ReplaySession(TrainingSession):
         started = time.perf_counter()
         record = read_record(self.files, layout.checkpoint_meta_path(self.run_id, name))
         payload = read_checkpoint(self.files, record)
+        self.restored_bytes += record.bytes
         for key, obj in self.objects.items():
             obj.load_state_dict(payload["objects"][key])
         restore_rng(payload["rng"])
@@ -199,7 +201,7 @@ class ReplaySession(TrainingSession):
             for n in sorted(self.names)
         }
 
-    def _timings(self) -> dict[str, float | None]:
+    def _timings(self) -> dict[str, Any]:
         """What this job cost, by phase (UNIX times and seconds), for the planner's cost model."""
         script_started = float(os.environ.get(SCRIPT_STARTED_ENV) or self.started)
         return {
@@ -209,6 +211,9 @@ class ReplaySession(TrainingSession):
             "first_iteration_at": self.first_iteration_at,
             "finished_at": time.time(),
             "restore_s": self.restore_s,
+            "restored_bytes": self.restored_bytes,
+            "est_s": self.spec.est_s,
+            "est_work_s": self.spec.est_work_s,
         }
 
     def commit(self) -> None:

@@ -63,9 +63,9 @@ class ForkServer:
             self._failure = line or self.proc.stderr.read()[-OUTPUT_TAIL:] or f"exited with {self.proc.wait()}"
         self._ready.set()
 
-    def ready(self) -> bool:
-        """Wait until the server serves (False if it could not start: run jobs cold then)."""
-        return self._ready.wait(START_TIMEOUT_S) and self._failure is None
+    def ready(self, timeout: float = START_TIMEOUT_S) -> bool:
+        """Wait until the server serves (False if it could not start in time: run jobs cold then)."""
+        return self._ready.wait(timeout) and self._failure is None
 
     def launch(self, spec: JobSpec, env: dict[str, str]) -> JobResult:
         with tempfile.TemporaryDirectory(prefix="florql-job-", dir=self.folder) as tmp:

@@ -13,6 +13,7 @@ import pytest
 import florql
 from florql.errors import ReplayFailed
 from florql.replay.executor import LocalExecutor
+from florql.runinfo import measured_costs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
 
@@ -86,6 +87,14 @@ def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
         )
         assert [(r[0], r[1]) for r in rows] == expected.fetchall()
         assert len(os.listdir(f"/proc/{server_pid}/task")) == 1  # still single-threaded: forks stay safe
+        with db._open() as conn:  # what the jobs cost is stored, and the next plan uses it
+            rows = conn.execute("SELECT warm, startup_s, setup_s, work_s FROM _replay_costs").fetchall()
+            costs = measured_costs(conn, 1, warm=True)
+        assert len(rows) == 2 and all(r[0] and r[1] > 0 and r[2] > 0 and r[3] >= 0 for r in rows)
+        assert (
+            costs.measured_jobs == 2
+            and costs.start_s == sorted(r[1] for r in rows)[0] / 2 + sorted(r[1] for r in rows)[1] / 2
+        )
     finally:
         executor.close()
     assert executor.fork_server is None
