@@ -246,6 +246,8 @@ class RecordSession(TrainingSession):
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
         planned = len(iterable) if isinstance(iterable, Sized) else None
         self.update(outer_loop=lf.name, outer_planned=planned)
+        with self._manifest_lock:  # scripts set their thread count in their set-up, after florql started
+            self.manifest.env.torch_threads = torch.get_num_threads()
         self._capture_code_version()  # project modules are imported by now
         self.outer.frame = frame
         self.outer.baseline = baseline_of(frame)
