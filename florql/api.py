@@ -377,7 +377,7 @@ class Connection:
             planned = self._plan(bind(statement.copy(), db), db)
             if planned.plan.jobs and self.settings["replay"] != "never":
                 lease.close()
-                ran = self._replay(statement, planned)
+                ran = self._replay(statement, planned, notes)
                 db = lease.enter_context(self._open())
                 planned = self._plan(bind(statement.copy(), db), db, runnable=False)
             else:
@@ -391,10 +391,12 @@ class Connection:
         finally:
             lease.close()  # unless the answer streams: then `_answer` took it
 
-    def _replay(self, statement: exp.Expr, planned: Planned) -> Plan:
+    def _replay(self, statement: exp.Expr, planned: Planned, notes: list[str]) -> Plan:
         """Run the plan's jobs, then re-execute the cells a skip job did not produce (a statement
         reading state no checkpoint holds); the store is synced after."""
         self._check_budget(planned.plan, statement)
+        if planned.plan.slower_than_retraining:
+            notes.append(planned.plan.slower_than_retraining)
         self._run_jobs(planned.specs)
         ran = planned.plan
         self.sync()
@@ -402,7 +404,7 @@ class Connection:
             again = self._plan(bind(statement.copy(), db), db, reexecute=True)
         if again.plan.jobs:
             self._run_jobs(again.specs)
-            ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes)
+            ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes, ran.slowdown)
         self.sync()
         return ran
 
@@ -460,24 +462,34 @@ class Connection:
         wanted = query.hindsight_names(bound)
         for run_id, names in wanted.items():
             patched[run_id], sites[run_id] = query.patch_sources(bound.runs[run_id], names, self.files)
-        cells = query.missing_cells(bound, db, sites, reexecute=reexecute)
+        cells = query.missing_cells(bound, db, sites, reexecute=reexecute, warm=self._warm())
         missing = any(need.indices for _, needs in cells for need in needs)
-        replay_plan = plan(cells, self._workers(bound, wanted) if missing else 1)  # no executor unless needed
+        # No executor unless needed; a plan on more workers only where its estimate beats fewer.
+        replay_plan = plan(cells, *self._workers(bound, wanted)) if missing else plan(cells, 1)
         specs: list[JobSpec] = []
         if runnable and replay_plan.jobs and self.settings["replay"] != "never":
             specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)
         return Planned(bound, sites, replay_plan, specs)
 
-    def _workers(self, bound: Bound, wanted: dict[int, builtins.set[str]]) -> int:  # `set` is a method here
-        """Workers the plan may count on. Replays use the run's recorded thread count (for
+    def _workers(self, bound: Bound, wanted: dict[int, builtins.set[str]]) -> tuple[int, int, int]:  # `set`: a method
+        """(workers the plan may count on, cores they share, threads per job); cores 0 where jobs
+        do not share this machine's cores. Replays use the run's recorded thread count (for
         bit-identical float reductions), so by default a CPU machine fits cores // threads of them."""
-        if self.settings["workers"]:
-            return self.settings["workers"]
-        executor = self.executor
-        if not isinstance(executor, LocalExecutor) or executor.gpus:
-            return executor.workers
         threads = max((int(bound.runs[r].manifest.env.torch_threads or 1) for r in wanted), default=1)
-        return max(1, min(executor.workers, (os.cpu_count() or 1) // threads))
+        executor = self.executor
+        local = isinstance(executor, LocalExecutor) and not executor.gpus
+        cores = (os.cpu_count() or 1) if local else 0
+        if self.settings["workers"]:
+            return self.settings["workers"], cores, threads
+        if not local:
+            return executor.workers, cores, threads
+        return max(1, min(executor.workers, cores // threads)), cores, threads
+
+    def _warm(self) -> bool:
+        """Will replay jobs start from a warm fork server that is already up?"""
+        executor = self._executor
+        server = getattr(executor, "fork_server", None)
+        return server is not None and server.ready(timeout=0)
 
     def _run_jobs(self, specs: list[JobSpec]) -> None:
         reporter = ReplayProgress(specs, self.executor.workers) if self.progress else None

@@ -71,12 +71,16 @@ def covered(conn: duckdb.DuckDBPyConnection, run_id: int, name: str, version: st
 
 
 def missing_cells(
-    bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, Site]], reexecute: bool = False
+    bound: Bound,
+    conn: duckdb.DuckDBPyConnection,
+    sites: dict[int, dict[str, Site]],
+    reexecute: bool = False,
+    warm: bool = False,
 ) -> list[tuple[RunFacts, list[Need]]]:
     """(run facts, needs) for every run with hindsight cells still missing in the selected range.
 
     `reexecute` plans every need by re-execution (no skipped inner loops): for cells a skip job
-    did not produce.
+    did not produce. `warm`: jobs will fork from a warm server (their measured start-up differs).
     """
     result = []
     for run_id, names in sorted(wanted_cells(bound).items()):
@@ -92,10 +96,24 @@ def missing_cells(
                 )
             missing = indices - covered(conn, run_id, name, site.version)
             # Restoring a checkpoint stands in for the inner loop only if it holds all the statement reads.
-            skippable = len(site.loop_path) == 1 and not reexecute and not site.inputs & uncaptured
-            needs.append(Need(name, frozenset(missing), skippable=skippable))
-        result.append((run_facts(conn, info), needs))
+            outer_level = len(site.loop_path) == 1 and not reexecute
+            skippable = outer_level and not site.inputs & uncaptured
+            why = _why_not_skipped(info, site, uncaptured) if outer_level else ""
+            needs.append(Need(name, frozenset(missing), skippable=skippable, why_not_skipped=why))
+        result.append((run_facts(conn, info, warm), needs))
     return result
+
+
+def _why_not_skipped(info: RunInfo, site: Site, uncaptured: set[str]) -> str:
+    """Why an outer-level statement may have to run the inner loop rather than restore it."""
+    if site.inputs & uncaptured:
+        names = ", ".join(sorted(site.inputs & uncaptured))
+        return f"it reads {names}, which no checkpoint holds (not plain data, not registered)"
+    blockers = info.manifest.skip_blockers
+    if blockers:
+        shown = "; ".join(blockers[:3]) + (f"; … ({len(blockers)} in all)" if len(blockers) > 3 else "")
+        return f"the inner loop runs in a helper that cannot be restored exactly ({shown})"
+    return ""
 
 
 def describe_missing(bound: Bound, conn: duckdb.DuckDBPyConnection, sites: dict[int, dict[str, Site]]) -> str:
@@ -202,6 +220,7 @@ def job_specs(
                 threads=int(m.env.torch_threads or 0),
                 mode=job.mode,
                 est_s=job.est_s,
+                est_work_s=job.est_work_s,
                 versions={n: sites[job.run_id][n].version for n in job.names},
                 expected_path=_write_expected(conn, files, info, job, job_id),
             )

@@ -18,6 +18,7 @@ import torch
 
 from florql import args as florql_args
 from florql import reads, replay, storage
+from florql.call_chain import capture_chain
 from florql.checkpoint_engine import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager, make_policy
 from florql.inputs import InputRecorder
 from florql.names import check_name
@@ -267,6 +268,8 @@ class RecordSession(TrainingSession):
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
         planned = len(iterable) if isinstance(iterable, Sized) else None
         self.update(outer_loop=lf.name, outer_planned=planned)
+        with self._manifest_lock:  # scripts set their thread count in their set-up, after florql started
+            self.manifest.env.torch_threads = torch.get_num_threads()
         self._capture_code_version()  # project modules are imported by now
         self.outer.frame = frame
         self.outer.baseline = baseline_of(frame)
@@ -311,7 +314,7 @@ class RecordSession(TrainingSession):
             self._manifest_dirty = True
 
     def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
-        point = self.is_checkpoint_point(lf, frame)
+        chain = self.checkpoint_chain(lf, frame)
         started = self.clock()
         finished = False
         try:
@@ -321,11 +324,22 @@ class RecordSession(TrainingSession):
             finished = True
         finally:
             # A `break` out of the inner loop ends it too (the generator is closed).
-            if point and (finished or sys.exc_info()[0] in (None, GeneratorExit)):
-                self.outer.inner_point_done = True
-                self.outer.inner_s = self.clock() - started
-                self.outer.observed_s = self.clock() - self.outer.started - self.outer.stall_s
-                self.maybe_checkpoint(self.outer.index, "inner_end", self.outer.observed_s)
+            if chain is not None and (finished or sys.exc_info()[0] in (None, GeneratorExit)):
+                self._end_first_inner_loop(chain, started)
+
+    def _end_first_inner_loop(self, chain: list, started: float) -> None:
+        frames = None
+        if chain and self.checkpointing_active and self.outer.frame is not None:
+            frames = capture_chain(chain, self.outer.frame, self.objects, self.scope_warned)
+            if frames["blockers"]:  # not exact: checkpoint at the end of the iteration instead
+                new = [b for b in frames["blockers"] if b not in self.manifest.skip_blockers]
+                if new:
+                    self.update(skip_blockers=[*self.manifest.skip_blockers, *new])
+                return
+        self.outer.inner_point_done = True
+        self.outer.inner_s = self.clock() - started
+        self.outer.observed_s = self.clock() - self.outer.started - self.outer.stall_s
+        self.maybe_checkpoint(self.outer.index, "inner_end", self.outer.observed_s, frames)
 
     # ---- checkpoints ------------------------------------------------------------------------
     def register(self, objects: dict[str, Any], budget: float | None) -> None:
@@ -345,7 +359,7 @@ class RecordSession(TrainingSession):
         if self.policy is not None:
             self.policy.observe(max(seconds, 0.0))
 
-    def maybe_checkpoint(self, outer_index: int, kind: str, train_s: float) -> None:
+    def maybe_checkpoint(self, outer_index: int, kind: str, train_s: float, frames: dict | None = None) -> None:
         """Take a checkpoint at this point if the overhead budget allows it."""
         if not self.checkpointing_active or self.policy is None:
             return
@@ -368,6 +382,7 @@ class RecordSession(TrainingSession):
             if self.outer.frame
             else None,
             "position": {"outer_index": outer_index, "kind": kind},
+            "frames": frames,  # the helper frames' locals when the inner loop ran in a helper
             "args": dict(self.args),
         }
         stall = self.clock() - started

@@ -17,7 +17,9 @@ import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from florql.call_chain import restore_chain
 from florql.replay.jobs import JobSpec, ReplayDiverged, ReplayFinished
+from florql.replay.worker import SCRIPT_STARTED_ENV
 from florql.rng import restore_rng
 from florql.scope import restore_scope
 from florql.session import LoopFrame, TrainingSession
@@ -38,9 +40,13 @@ class ReplaySession(TrainingSession):
         self.expected = self._load_expected()
         self.executed: list[int] = []
         self.restored: list[int] = []
+        self.inner_iterations = 0  # inner-loop iterations executed (training batches, typically)
         self.produced: dict[str, set[int]] = {}  # name → outer iterations it was logged in
         self.mismatches: list[dict[str, Any]] = []
         self.started = time.time()
+        self.first_iteration_at: float | None = None
+        self.restore_s = 0.0
+        self.restored_bytes = 0
         self.committed = False
         attempt = uuid.uuid4().hex[:8]
         self.writer = SegmentWriter(
@@ -116,6 +122,8 @@ class ReplaySession(TrainingSession):
                 break
             self.outer.index = index
             self.outer.inner_point_done = False
+            if self.first_iteration_at is None:
+                self.first_iteration_at = time.time()
             if spec.restore_before and spec.restore_before[0] == index:
                 self._restore(spec.restore_before[1])
             self.enter_iteration(lf, index)
@@ -150,27 +158,34 @@ class ReplaySession(TrainingSession):
             raise ReplayDiverged(detail)
 
     def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
-        point = self.is_checkpoint_point(lf, frame)
-        if point and self.outer.index in self.spec.restore_inner:
+        chain = self.checkpoint_chain(lf, frame)
+        if chain is not None and self.outer.index in self.spec.restore_inner:
             self.outer.inner_point_done = True
-            self._restore(self.spec.restore_inner[self.outer.index])
+            self._restore(self.spec.restore_inner[self.outer.index], chain)
             self.restored.append(self.outer.index)
             return
         for index, item in enumerate(iterable):
             self.enter_iteration(lf, index)
+            self.inner_iterations += 1
             yield item
-        if point:
+        if chain is not None:
             self.outer.inner_point_done = True
 
-    def _restore(self, name: str) -> None:
+    def _restore(self, name: str, chain: list | None = None) -> None:
+        """Restore checkpoint `name`; `chain`: the helper frames of an 'inner_end' point it stands in for."""
+        started = time.perf_counter()
         record = read_record(self.files, layout.checkpoint_meta_path(self.run_id, name))
         payload = read_checkpoint(self.files, record)
+        self.restored_bytes += record.bytes
         for key, obj in self.objects.items():
             obj.load_state_dict(payload["objects"][key])
         restore_rng(payload["rng"])
         self.restore_module_modes(payload.get("modes", {}))
         if payload.get("scope") and self.outer.frame is not None:
             restore_scope(self.outer.frame, payload["scope"])
+        if chain is not None and self.outer.frame is not None and (chain or payload.get("frames")):
+            restore_chain(chain, self.outer.frame, payload.get("frames") or {}, name)
+        self.restore_s += time.perf_counter() - started
 
     # ---- the end ----------------------------------------------------------------------------
     def _coverage(self) -> dict[str, list[int]]:
@@ -184,6 +199,21 @@ class ReplaySession(TrainingSession):
         return {
             n: sorted(set(span) | {i for i in self.produced.get(n, ()) if i >= self.spec.log_from})
             for n in sorted(self.names)
+        }
+
+    def _timings(self) -> dict[str, Any]:
+        """What this job cost, by phase (UNIX times and seconds), for the planner's cost model."""
+        script_started = float(os.environ.get(SCRIPT_STARTED_ENV) or self.started)
+        return {
+            "launched_at": self.spec.launched_at or None,
+            "warm": self.spec.warm,
+            "script_started_at": script_started,
+            "first_iteration_at": self.first_iteration_at,
+            "finished_at": time.time(),
+            "restore_s": self.restore_s,
+            "restored_bytes": self.restored_bytes,
+            "est_s": self.spec.est_s,
+            "est_work_s": self.spec.est_work_s,
         }
 
     def commit(self) -> None:
@@ -200,6 +230,8 @@ class ReplaySession(TrainingSession):
             "log_from": self.spec.log_from,
             "executed": self.executed,
             "restored": self.restored,
+            "inner_iterations": self.inner_iterations,
+            "timings": self._timings(),
             "checkpoint": (self.spec.restore_before or [None, None])[1]
             or next(iter(self.spec.restore_inner.values()), None),
             "seconds": time.time() - self.started,

@@ -10,7 +10,7 @@ from functools import lru_cache
 import duckdb
 
 from florql.replay.analysis import LogSite, ModuleAnalysis, analyze
-from florql.replay.planner import Checkpoint, RunFacts
+from florql.replay.planner import WARM_START_S, Checkpoint, Costs, RunFacts
 from florql.storage.manifest import Manifest
 from florql.storage.views import NameInfo
 
@@ -175,7 +175,7 @@ def _analyze_cached(path: str, mtime_ns: int, size: int) -> ModuleAnalysis | Non
         return None
 
 
-def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo) -> RunFacts:
+def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo, warm: bool = False) -> RunFacts:
     rows = conn.execute(
         "SELECT outer_index, kind, name, bytes FROM checkpoints WHERE run_id = ? ORDER BY outer_index", [info.run_id]
     ).fetchall()
@@ -186,4 +186,36 @@ def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo) -> RunFacts:
         iteration_s=list(m.iteration_s),
         inner_s=list(m.inner_s),
         checkpoints=[Checkpoint(i, k, n, b) for i, k, n, b in rows],
+        costs=measured_costs(conn, info.run_id, warm),
     )
+
+
+RECENT_JOBS = 20  # the measurements a cost estimate takes the median of
+
+
+def measured_costs(conn: duckdb.DuckDBPyConnection, run_id: int, warm: bool) -> Costs:
+    """The cost model of replaying `run_id`, from what recent replays actually took: start-up from
+    jobs started the same way (warm or cold) on any run, set-up and the iterations' pace from this
+    run's own jobs, restore throughput from every job that restored. Defaults where none measured."""
+    default = Costs()
+    start, _ = _recent_median(conn, "startup_s", "warm = ?", [warm], WARM_START_S if warm else default.start_s)
+    cold, _ = _recent_median(conn, "startup_s", "NOT warm", [], default.retrain_start_s)
+    setup, jobs = _recent_median(conn, "setup_s", "run_id = ?", [run_id], default.setup_s)
+    scale, _ = _recent_median(conn, "work_s / est_work_s", "run_id = ? AND est_work_s > 0.05", [run_id], 1.0)
+    [row] = conn.execute(
+        "SELECT sum(restored_bytes), sum(restore_s) FROM _replay_costs WHERE restored_bytes > 0"
+    ).fetchall()  # fetchone would leave the result open (DuckDB refuses the next statement)
+    rate = row[0] / row[1] if row and row[0] and row[1] else default.restore_bytes_per_s
+    return Costs(start, setup, rate, scale, jobs, cold)
+
+
+def _recent_median(
+    conn: duckdb.DuckDBPyConnection, value: str, where: str, params: list, fallback: float
+) -> tuple[float, int]:
+    """The median of `value` over the most recent matching jobs, and how many there were."""
+    [row] = conn.execute(
+        f"SELECT median(v), count(*) FROM (SELECT {value} AS v FROM _replay_costs WHERE {where} "
+        f"ORDER BY rowid DESC LIMIT {RECENT_JOBS})",
+        params,
+    ).fetchall()
+    return (float(row[0]), int(row[1])) if row and row[1] else (fallback, 0)

@@ -105,8 +105,15 @@ def capture_scope(
     frame: types.FrameType, registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
 ) -> dict[str, Any]:
     """Copies of the plain variables and generator states of `frame`'s scope that may have changed."""
+    return capture_variables(scope_of(frame), registered, warned, baseline)
+
+
+def capture_variables(
+    variables: dict[str, Any], registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
+    """Copies of the plain values and generator states among `variables` that may have changed."""
     captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}, "objects": {}, "uncaptured": []}
-    for name, value in list(scope_of(frame).items()):
+    for name, value in list(variables.items()):
         if id(value) in registered or _should_skip(name, value) or _unchanged(name, value, baseline):
             continue
         gen = _generator_state(value)
@@ -202,7 +209,11 @@ def _is_grad_scaler(value: Any) -> bool:
 
 def restore_scope(frame: types.FrameType, captured: dict[str, Any]) -> None:
     """Put the captured values back into `frame`'s scope (generators are restored in place)."""
-    scope = scope_of(frame)
+    write_scope(frame, restored_values(scope_of(frame), captured))
+
+
+def restored_values(scope: dict[str, Any], captured: dict[str, Any]) -> dict[str, Any]:
+    """The variables to bind again; generators and plain objects of `scope` are restored in place."""
     updates: dict[str, Any] = {}
     for name, value in captured["plain"].items():
         device = captured["original_devices"].get(name)
@@ -222,6 +233,11 @@ def restore_scope(frame: types.FrameType, captured: dict[str, Any]) -> None:
         target = scope.get(name)
         if target is not None and hasattr(target, "__dict__"):
             target.__dict__.update(_copy_plain(attrs))  # in place: other objects may hold it
+    return updates
+
+
+def write_scope(frame: types.FrameType, updates: dict[str, Any]) -> None:
+    """Bind `updates` in `frame`: its globals at module level, its locals in a function."""
     if frame.f_code.co_name == "<module>":
         frame.f_globals.update(updates)
     else:

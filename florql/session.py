@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from florql.call_chain import call_chain
 from florql.errors import UsageError
 from florql.names import check_name
 from florql.storage.segment_writer import SOFT_LIMIT, Deferred, SegmentWriter
@@ -36,6 +37,7 @@ class OuterState:
     index: int = -1
     started: float = 0.0
     inner_point_done: bool = False
+    inner_seen: bool = False  # a depth-1 loop ran in this iteration: later ones are no checkpoint point
     stall_s: float = 0.0
     inner_s: float = 0.0
     observed_s: float = 0.0  # training time already reported to the checkpoint policy
@@ -136,6 +138,8 @@ class TrainingSession:
 
     def enter_iteration(self, lf: LoopFrame, index: int) -> None:
         lf.index = index
+        if lf.depth == 0:
+            self.outer.inner_seen = False
         self._reposition()
 
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
@@ -144,21 +148,19 @@ class TrainingSession:
     def inner_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
         raise NotImplementedError
 
-    def is_checkpoint_point(self, lf: LoopFrame, frame: types.FrameType) -> bool:
-        """Is the end of this loop an 'inner_end' checkpoint point?
+    def checkpoint_chain(self, lf: LoopFrame, frame: types.FrameType) -> list[types.FrameType] | None:
+        """The call chain (see `florql.call_chain`) when this loop's end is the iteration's 'inner_end'
+        checkpoint point, else None.
 
-        Only the first depth-1 loop of an outer iteration, and only when it runs in the same frame as
-        the outer loop: then every variable it leaves behind is in the captured scope, so restoring
-        the checkpoint in place of the loop is exact. An inner loop inside a helper function leaves
-        locals we cannot capture; such runs checkpoint at the end of the outer iteration instead.
+        The point is the first depth-1 loop of an outer iteration, run in the outer loop's frame
+        ([]) or in a helper it calls (the frames in between, whose locals the checkpoint holds).
         """
-        return (
-            lf.depth == 1
-            and not self.outer.inner_point_done
-            and bool(self.stack)
-            and self.stack[0].index >= 0
-            and frame is self.outer.frame
-        )
+        if lf.depth != 1 or self.outer.inner_seen:
+            return None
+        self.outer.inner_seen = True
+        if self.outer.inner_point_done or not self.stack or self.stack[0].index < 0:
+            return None
+        return call_chain(frame, self.outer.frame)
 
     # ---- args and checkpointing ---------------------------------------------------------------
     def arg(self, name: str, default: Any) -> Any:

@@ -508,7 +508,9 @@ def statement_inputs(source: str, name: str) -> frozenset[str]:
             break
     else:
         return frozenset()
-    flows = list(_flows(scope.body))
+    # Set-up code before the loop runs again, identically, in every replay: only what the loop
+    # around the statement assigns or changes can make a skipped iteration's state differ.
+    flows = list(_flows(_enclosing_loop(scope.body, call) or scope.body))
     deps = set().union(*(_reads(a) for a in _value_args(call)))
     changed = True
     while changed:
@@ -518,6 +520,18 @@ def statement_inputs(source: str, name: str) -> frozenset[str]:
                 deps |= reads
                 changed = True
     return frozenset(deps)
+
+
+def _enclosing_loop(body: list[ast.stmt], call: ast.Call) -> list[ast.stmt] | None:
+    """The outermost `for` loop of the scope that contains `call`, as a one-statement body."""
+    stack = list(body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.For, ast.AsyncFor)) and any(n is call for n in _iter_scope([node])):
+            return [node]
+        if not isinstance(node, _SCOPES):
+            stack.extend(n for n in ast.iter_child_nodes(node) if isinstance(n, ast.stmt))
+    return None
 
 
 def _flows(body: list[ast.stmt]) -> Iterator[tuple[frozenset[str], set[str]]]:

@@ -1,19 +1,24 @@
-"""Executors run replay jobs. The local one runs each job in a fresh spawned process.
+"""Executors run replay jobs. The local one runs each job in a process of its own.
 
-A fresh interpreter per job matters: training scripts keep global state (RNGs, CUDA context,
-module-level variables) that must not leak from one job into the next.
+A fresh process per job matters: training scripts keep global state (RNGs, CUDA context,
+module-level variables) that must not leak from one job into the next. On Linux the local executor
+forks each job from a warm fork server (`florql.replay.warm`) that has already imported torch;
+`FLORQL_WARM_START=0`, or a server that cannot start, means a fresh interpreter per job.
 """
 
 from __future__ import annotations
 
 import os
 import queue
+import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from florql.replay.jobs import JobResult, JobSpec
-from florql.replay.launcher import launch_worker, worker_env
+from florql.replay.launcher import base_env, launch_worker, worker_env
+from florql.replay.warm import ForkServer
 
 ProgressFn = Callable[[JobSpec, JobResult], None]
 StartFn = Callable[[JobSpec], None]
@@ -44,11 +49,15 @@ def default_workers() -> int:
 class LocalExecutor(Executor):
     """A pool of worker slots on this machine; slot i is pinned to GPU i when there are GPUs."""
 
-    def __init__(self, workers: int | None = None) -> None:
+    def __init__(self, workers: int | None = None, warm: bool | None = None) -> None:
         self.workers = max(1, workers or default_workers())
         import torch
 
         self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if warm is None:
+            warm = sys.platform == "linux" and os.environ.get("FLORQL_WARM_START", "1") != "0"
+        # Started now, so that its imports overlap with planning the query.
+        self.fork_server = ForkServer(base_env()) if warm else None
 
     def threads_per_job(self) -> int:
         return max(1, (os.cpu_count() or 1) // self.workers)
@@ -79,7 +88,17 @@ class LocalExecutor(Executor):
         # The recorded thread count keeps float reductions bit-identical; else a fair share.
         spec.threads = spec.threads or self.threads_per_job()
         env = worker_env(spec, {"CUDA_VISIBLE_DEVICES": str(slot % self.gpus)} if self.gpus else None)
+        warm = self.fork_server is not None and self.fork_server.ready()
+        spec.launched_at, spec.warm = time.time(), warm
+        if warm:
+            assert self.fork_server is not None
+            return self.fork_server.launch(spec, env)
         return launch_worker(spec, env)
+
+    def close(self) -> None:
+        if self.fork_server is not None:
+            self.fork_server.close()
+            self.fork_server = None
 
 
 def make_executor(kind: str | None = None, workers: int | None = None, **options) -> Executor:

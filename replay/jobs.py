@@ -32,6 +32,9 @@ class JobSpec:
     mode: str = "re-execute"  # or 'skip' (every first inner loop restored from its checkpoint)
     versions: dict[str, str] = field(default_factory=dict)  # name → version of its statement
     est_s: float = 0.0
+    est_work_s: float = 0.0  # the iterations' part of est_s
+    launched_at: float = 0.0  # UNIX time the executor launched the job (for measured start-up costs)
+    warm: bool = False  # forked from a warm fork server (else a fresh interpreter)
 
     def to_json(self) -> str:
         body = asdict(self)

@@ -32,12 +32,18 @@ def package_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(florql.__file__)))
 
 
-def worker_env(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment for a worker running `spec` with `spec.threads` threads."""
+def base_env() -> dict[str, str]:
+    """This process's environment for a process that imports florql's worker."""
     env = dict(os.environ)
     env.pop("FLORQL_REPLAY_JOB", None)
-    env["OMP_NUM_THREADS"] = str(spec.threads)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root(), env.get("PYTHONPATH")]))
+    return env
+
+
+def worker_env(spec: JobSpec, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment for a worker running `spec` with `spec.threads` threads."""
+    env = base_env()
+    env["OMP_NUM_THREADS"] = str(spec.threads)
     env.update(extra or {})
     return env
 

@@ -4,8 +4,13 @@ Cells are (run, name, outer iteration). An outer-level name whose iteration has 
 checkpoint is produced by *skipping*: the iteration's first inner loop is replaced by restoring
 that checkpoint. Every other cell is produced by *re-executing* from the nearest earlier
 checkpoint (or from the start), logging only from the first needed iteration and stopping after
-the last. Ranges split across workers at checkpoint boundaries. Costs come from the recorded
-per-iteration timings.
+the last. Ranges split across workers at checkpoint boundaries.
+
+Costs: a job pays its start-up (process and imports), the script's set-up, its checkpoint
+restores and the recorded time of the iterations it runs, scaled by what earlier replays of the
+run actually took (`Costs`, measured from the `replay_costs` table). Jobs running side by side
+share the cores: the plan with the most workers is chosen only when its estimate, slowed by that
+sharing, beats fewer workers.
 """
 
 from __future__ import annotations
@@ -13,8 +18,22 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-PROCESS_START_S = 3.0  # a fresh interpreter importing torch and the script, measured on 2 shared cores
+COLD_START_S = 2.5  # a fresh interpreter importing torch, measured on 2 shared cores
+WARM_START_S = 0.1  # a fork of the warm fork server (benchmarks/bench_warm_start.py)
+SETUP_S = 0.5  # the script's own set-up before its first iteration (data, model)
 RESTORE_BYTES_PER_S = 5.0e8
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What a replay job of a run costs on this machine: defaults until replays measured it."""
+
+    start_s: float = COLD_START_S
+    setup_s: float = SETUP_S
+    restore_bytes_per_s: float = RESTORE_BYTES_PER_S
+    work_scale: float = 1.0  # replayed iteration time / recorded iteration time
+    measured_jobs: int = 0
+    retrain_start_s: float = COLD_START_S  # retraining starts a fresh interpreter
 
 
 @dataclass(frozen=True)
@@ -32,6 +51,7 @@ class RunFacts:
     iteration_s: list[float]
     inner_s: list[float]
     checkpoints: list[Checkpoint]
+    costs: Costs = field(default_factory=Costs)
 
     def cost(self, index: int) -> float:
         return self.iteration_s[index] if index < len(self.iteration_s) else (max(self.iteration_s, default=1.0))
@@ -54,6 +74,7 @@ class Need:
     name: str
     indices: frozenset[int]  # missing outer iterations
     skippable: bool  # an outer-level statement: the first inner loop may be skipped
+    why_not_skipped: str = ""  # for an outer-level statement that must re-execute: the reason, for explain
 
 
 @dataclass
@@ -68,6 +89,7 @@ class PlannedJob:
     restore_before: tuple[int, str] | None = None
     checkpoint: str | None = None
     est_s: float = 0.0
+    est_work_s: float = 0.0  # the iterations' part of est_s (what the measured work is compared with)
 
     @property
     def range_text(self) -> str:
@@ -80,6 +102,7 @@ class Plan:
     workers: int
     retrain_s: float  # retraining every involved run from scratch
     notes: list[str] = field(default_factory=list)
+    slowdown: float = 1.0  # how much jobs running side by side slow each other (cores shared)
 
     @property
     def serial_s(self) -> float:
@@ -87,11 +110,21 @@ class Plan:
 
     @property
     def est_s(self) -> float:
-        """Makespan with `workers` slots, longest job first."""
+        """Makespan with `workers` slots, longest job first, slowed by sharing the cores."""
         slots = [0.0] * max(1, self.workers)
         for cost in sorted((j.est_s for j in self.jobs), reverse=True):
             heapq.heapreplace(slots, slots[0] + cost)
-        return max(slots)
+        return max(slots) * self.slowdown
+
+    @property
+    def slower_than_retraining(self) -> str:
+        """A warning when replaying is estimated to take longer than retraining, else ''."""
+        if not self.jobs or self.est_s <= self.retrain_s:
+            return ""
+        return (
+            f"this replay is estimated slower than retraining from scratch (~{self.est_s:.1f} s against "
+            f"~{self.retrain_s:.1f} s): the run has too few checkpoints in the range, or its start-up dominates"
+        )
 
     def describe(self, outer_loop: str = "epoch") -> str:
         if not self.jobs:
@@ -103,24 +136,50 @@ class Plan:
                 f"{j.mode:<11} {j.est_s:>7.1f}s  {', '.join(j.names)}"
             )
         speedup = self.retrain_s / self.est_s if self.est_s else float("inf")
+        shared = f", x{self.slowdown:.2f} for sharing the cores" if self.slowdown > 1 else ""
         lines.append(
             f"total: {len(self.jobs)} job(s), ~{self.est_s:.1f} s on {self.workers} worker(s) "
-            f"({self.serial_s:.1f} s of work) vs ~{self.retrain_s:.1f} s retraining from scratch ({speedup:.1f}x)"
+            f"({self.serial_s:.1f} s of work{shared}) vs ~{self.retrain_s:.1f} s retraining from scratch ({speedup:.1f}x)"
         )
+        if self.slower_than_retraining:
+            lines.append("warning: " + self.slower_than_retraining)
         lines.extend(self.notes)
         return "\n".join(lines)
 
 
-def plan(runs: list[tuple[RunFacts, list[Need]]], workers: int) -> Plan:
+def plan(runs: list[tuple[RunFacts, list[Need]]], workers: int, cores: int = 0, threads: int = 1) -> Plan:
+    """The fastest plan on at most `workers` workers, each job using `threads` of `cores` cores
+    (0: do not model sharing the cores); never one estimated slower than on fewer workers."""
+    best: Plan | None = None
+    for count in range(1, max(1, workers) + 1):
+        candidate = _plan_for(runs, count)
+        running = min(count, len(candidate.jobs))
+        candidate.slowdown = max(1.0, running * threads / cores) if cores else 1.0
+        if best is None or candidate.est_s < best.est_s:
+            best = candidate
+        if len(candidate.jobs) < count:
+            break  # more workers than jobs: nothing more to gain
+    assert best is not None
+    return best
+
+
+def _plan_for(runs: list[tuple[RunFacts, list[Need]]], workers: int) -> Plan:
     jobs: list[PlannedJob] = []
+    notes: list[str] = []
     retrain = 0.0
     for facts, needs in runs:
         needs = [n for n in needs if n.indices]
         if not needs:
             continue
-        jobs.extend(plan_run(facts, needs, workers))
-        retrain += PROCESS_START_S + sum(facts.cost(i) for i in range(facts.completed))
-    return Plan(jobs=jobs, workers=workers, retrain_s=retrain)
+        run_jobs = plan_run(facts, needs, workers)
+        jobs.extend(run_jobs)
+        if any(j.mode == "re-execute" for j in run_jobs):
+            notes.extend(
+                f"run {facts.run_id}: {n.name} re-executes: {n.why_not_skipped}" for n in needs if n.why_not_skipped
+            )
+        c = facts.costs
+        retrain += c.retrain_start_s + c.setup_s + sum(facts.cost(i) for i in range(facts.completed))
+    return Plan(jobs=jobs, workers=workers, retrain_s=retrain, notes=notes)
 
 
 def plan_run(facts: RunFacts, needs: list[Need], workers: int) -> list[PlannedJob]:
@@ -177,13 +236,14 @@ def _job(facts: RunFacts, names: list[str], inner: set[int], first: int, last: i
 
 
 def _cost(facts: RunFacts, job: PlannedJob) -> float:
-    cost = PROCESS_START_S
-    for i in range(job.start, job.stop):
-        if i in job.restore_inner:
-            cost += facts.tail_cost(i) + (facts.inner_end(i).bytes / RESTORE_BYTES_PER_S)  # type: ignore[union-attr]
-        else:
-            cost += facts.cost(i)
-    return cost
+    c = facts.costs
+    sizes = {k.name: k.bytes for k in facts.checkpoints}
+    restore_bytes = sum(sizes.get(name, 0) for name in job.restore_inner.values())
+    work = sum(facts.tail_cost(i) if i in job.restore_inner else facts.cost(i) for i in range(job.start, job.stop))
+    if job.restore_before:
+        restore_bytes += sizes.get(job.restore_before[1], 0)
+    job.est_work_s = work * c.work_scale
+    return c.start_s + c.setup_s + restore_bytes / c.restore_bytes_per_s + job.est_work_s
 
 
 def _clusters(facts: RunFacts, inner: set[int], wanted: list[int]) -> list[tuple[int, int]]:
@@ -197,7 +257,7 @@ def _clusters(facts: RunFacts, inner: set[int], wanted: list[int]) -> list[tuple
                 facts.cost(k) if facts.inner_end(k) is None or k in inner else facts.tail_cost(k)
                 for k in range(b + 1, i)
             )
-            restart = PROCESS_START_S + sum(facts.cost(k) for k in range(start, i))
+            restart = facts.costs.start_s + facts.costs.setup_s + sum(facts.cost(k) for k in range(start, i))
             if start <= b or crossing <= restart:
                 out[-1] = (a, i)
                 continue

@@ -13,6 +13,7 @@ import os
 import runpy
 import sys
 import tempfile
+import time
 import traceback
 
 from florql.replay.jobs import JobResult, JobSpec, ReplayDiverged, ReplayFinished
@@ -24,6 +25,7 @@ from florql.storage.manifest import Manifest
 from florql.storage.runfiles import open_run_files
 
 EXIT_DIVERGED = 3
+SCRIPT_STARTED_ENV = "FLORQL_SCRIPT_STARTED_AT"
 
 
 def run(spec_path: str) -> JobResult:
@@ -44,6 +46,7 @@ def run(spec_path: str) -> JobResult:
         os.chdir(workdir)
         sys.argv = [script, *spec.argv]
         sys.path.insert(0, os.path.dirname(script))
+        os.environ[SCRIPT_STARTED_ENV] = repr(time.time())  # the job's start-up ends here, its set-up begins
         try:
             runpy.run_path(script, run_name="__main__")
         except ReplayFinished:
@@ -66,14 +69,18 @@ def run(spec_path: str) -> JobResult:
         return JobResult(spec.job_id, ok=True, summary=json.loads(files.get(committed)))
 
 
-def main() -> None:
-    spec_path = sys.argv[1]
+def run_and_report(spec_path: str) -> int:
+    """Run the job, write its result beside the spec, and return the worker's exit status."""
     result = run(spec_path)
     with open(result_path(spec_path), "w") as f:
         json.dump(result.__dict__, f, default=repr)
     sys.stdout.flush()
-    # Skip interpreter teardown of the user's script (atexit hooks, open loaders).
-    os._exit(0 if result.ok else (EXIT_DIVERGED if result.divergence else 1))
+    return 0 if result.ok else (EXIT_DIVERGED if result.divergence else 1)
+
+
+def main() -> None:
+    # os._exit skips interpreter teardown of the user's script (atexit hooks, open loaders).
+    os._exit(run_and_report(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ CREATE TABLE IF NOT EXISTS replay_jobs (
     log_from INTEGER, executed INTEGER[], restored INTEGER[], checkpoint VARCHAR, seconds DOUBLE,
     rows BIGINT, committed_at TIMESTAMP
 );
+CREATE TABLE IF NOT EXISTS _replay_costs (
+    job_id VARCHAR PRIMARY KEY, run_id INTEGER, warm BOOLEAN, startup_s DOUBLE, setup_s DOUBLE,
+    restore_s DOUBLE, restored_bytes BIGINT, work_s DOUBLE, est_work_s DOUBLE, est_s DOUBLE, seconds DOUBLE
+);
 CREATE TABLE IF NOT EXISTS replay_coverage (
     run_id INTEGER, name VARCHAR, version VARCHAR, outer_index INTEGER, job_id VARCHAR,
     PRIMARY KEY (run_id, name, version, outer_index)
@@ -531,6 +535,7 @@ def ingest_replays(
                 ],
             )
             wide.refresh_replayed(conn, run_id, list(summary["names"]))
+            _ingest_costs(conn, run_id, job_id, summary.get("timings"))
             conn.execute("INSERT INTO _stale_views VALUES (?)", [run_id])
             conn.execute("COMMIT")
         except BaseException:
@@ -538,6 +543,31 @@ def ingest_replays(
             raise
         landed = True
     return landed
+
+
+def _ingest_costs(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, t: dict | None) -> None:
+    """What a replay job cost, by phase: the planner's measured cost model (jobs of older florql versions: none)."""
+    if not t or not t.get("launched_at") or not t.get("first_iteration_at"):
+        return
+    startup = t["script_started_at"] - t["launched_at"]
+    setup = t["first_iteration_at"] - t["script_started_at"]
+    work = max(t["finished_at"] - t["first_iteration_at"] - t["restore_s"], 0.0)
+    conn.execute(
+        "INSERT OR IGNORE INTO _replay_costs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            job_id,
+            run_id,
+            bool(t.get("warm")),
+            startup,
+            setup,
+            t["restore_s"],
+            t["restored_bytes"],
+            work,
+            t["est_work_s"],
+            t["est_s"],
+            t["finished_at"] - t["launched_at"],
+        ],
+    )
 
 
 def _ingest_divergence(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, d: dict[str, Any]) -> None:

@@ -85,6 +85,7 @@ class Manifest:
     inputs: list[dict[str, Any]] = field(default_factory=list)  # data files read (storage.inputs.InputFile)
     folders: list[str] = field(default_factory=list)  # folders below project_root at start (relative)
     unrecorded: list[str] = field(default_factory=list)  # what the run used that a replay cannot get back
+    skip_blockers: list[str] = field(default_factory=list)  # why a helper's inner loop cannot be skipped
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Manifest:

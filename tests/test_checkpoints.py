@@ -301,9 +301,44 @@ def test_checkpoint_lands_after_the_inner_loop_when_it_runs_in_the_outer_frame(s
     assert kinds == [(0, "inner_end"), (1, "inner_end")]
 
 
-def test_an_inner_loop_in_a_helper_checkpoints_at_the_end_of_the_iteration(session, store):
+def test_an_inner_loop_in_a_helper_checkpoints_at_its_end_with_the_helpers_locals(session, store):
     with florql.checkpointing(model=torch.nn.Linear(4, 4)):
         for epoch in florql.loop("epoch", range(2)):
             _inner(3)
+    records = list_checkpoints(store.files, session.run_id)
+    assert [(r.outer_index, r.kind) for r in records] == [(0, "inner_end"), (1, "inner_end")]
+    frames = read_checkpoint(store.files, records[-1])["frames"]
+    assert frames["functions"] == ["_inner"] and frames["frames"][0]["plain"] == {"n": 3, "_": 2}
+    assert session.manifest.skip_blockers == []
+
+
+def _inner_holding_an_iterator(n: int) -> int:
+    pending = iter(range(n))  # not plain data: no checkpoint holds it
+    for _ in florql.loop("step", range(n)):
+        next(pending)
+    return n
+
+
+def test_a_helper_whose_locals_cannot_be_restored_exactly_checkpoints_at_the_end_of_the_iteration(session, store):
+    totals = []
+    with florql.checkpointing(model=torch.nn.Linear(4, 4)):
+        for epoch in florql.loop("epoch", range(2)):
+            _inner_holding_an_iterator(3)
+            totals.append(_inner(2))  # a second inner loop: never the checkpoint point
     kinds = [(r.outer_index, r.kind) for r in list_checkpoints(store.files, session.run_id)]
     assert kinds == [(0, "iter_end"), (1, "iter_end")]
+    assert session.manifest.skip_blockers == [
+        "_inner_holding_an_iterator() holds 'pending', which no checkpoint captures"
+    ]
+
+
+def test_a_helper_called_inside_an_expression_checkpoints_at_the_end_of_the_iteration(session, store):
+    totals = []
+    with florql.checkpointing(model=torch.nn.Linear(4, 4)):
+        for epoch in florql.loop("epoch", range(2)):
+            totals.append(_inner(3))  # the bound append waits on the stack: a restore would replace `totals`
+    kinds = [(r.outer_index, r.kind) for r in list_checkpoints(store.files, session.run_id)]
+    assert kinds == [(0, "iter_end"), (1, "iter_end")]
+    assert (
+        len(session.manifest.skip_blockers) == 1 and "inside a larger expression" in session.manifest.skip_blockers[0]
+    )

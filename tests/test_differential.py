@@ -217,13 +217,36 @@ def test_i_upper_case_column_names(fresh, oracle: D.Oracle):
         Q("SELECT epoch, h_w_start FROM {} WHERE epoch >= 3", R("run_1", "epoch h_w_start")),
         Q("SELECT epoch, h_w_norm FROM {} WHERE epoch >= 3", R("run_1", "epoch h_w_norm")),
         Q("SELECT epoch, step, h_grad_norm FROM {} WHERE epoch >= 4", R("run_1", "epoch step h_grad_norm")),
+        Q("SELECT epoch, h_train_loss, h_w_norm FROM {}", R("run_1", "epoch h_train_loss h_w_norm")),
+        Q("SELECT epoch, h_train_loss FROM {} WHERE epoch IN (1, 4)", R("run_1", "epoch h_train_loss")),
     ],
-    ids=["epoch-level-in-helper", "epoch-level-in-outer-loop", "step-level-in-helper"],
+    ids=[
+        "epoch-level-in-helper",
+        "epoch-level-in-outer-loop",
+        "step-level-in-helper",
+        "helper-return-all-epochs",
+        "helper-return-some-epochs",
+    ],
 )
 def test_j_train_helper_layout(lab: D.Lab, tmp_path: Path, query: D.Query):
     """pytorch/examples layout: the batch loop lives in `train(epoch)`, called from the epoch loop."""
     oracle = D.Oracle({"full": lab.helper_truth})
     outcomes_ok(same(query, oracle, D.connect(lab.fresh_helper(tmp_path))))
+
+
+def test_k_epoch_level_names_skip_every_batch_through_the_helper(lab: D.Lab, tmp_path: Path):
+    """The checkpoint at the end of train()'s batch loop holds train()'s locals, so an epoch-level
+    name over all epochs restores every epoch's loop instead of running it: 0 batches execute, and
+    train() still returns the averaged loss it returned originally (compared bit for bit)."""
+    oracle = D.Oracle({"full": lab.helper_truth})
+    db = D.connect(lab.fresh_helper(tmp_path))
+    plan = db.explain("SELECT epoch, h_train_loss FROM run_1")
+    assert " skip " in plan and "re-execute" not in plan, plan
+    outcomes_ok(same(Q("SELECT epoch, h_train_loss FROM {}", R("run_1", "epoch h_train_loss")), oracle, db))
+    summaries = [result.summary for _, result in db.last_jobs]
+    assert summaries and all(s is not None for s in summaries)
+    assert sorted(i for s in summaries for i in s["restored"]) == list(range(D.EPOCHS))
+    assert sum(s["inner_iterations"] for s in summaries) == 0
 
 
 # ---- generated queries --------------------------------------------------------------------------

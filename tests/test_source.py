@@ -763,3 +763,26 @@ def test_refuses_recorded_block_written_on_one_line():
     cur = 'import florql\nfor s in florql.loop("step", range(3)):\n    a = s\n    florql.log("a", a)\n'
     with pytest.raises(PropagationError, match="shares a line with other code"):
         propagate(rec, cur, ["a"])
+
+
+def test_statement_inputs_follow_what_the_loop_changes_not_the_set_up_before_it():
+    from florql.replay.analysis import statement_inputs
+
+    source = textwrap.dedent(
+        """
+        import florql
+
+        def main():
+            parser = make_parser()
+            args = parser.parse_args()
+            history = []
+            for epoch in florql.loop("epoch", range(3)):
+                loss = train(args, model)
+                history.append(loss)
+                florql.log("loss_avg", sum(history) / len(history))
+                florql.log("lr", args.lr)
+        """
+    )
+    # `args` comes from `parser` in the set-up, which every replay runs again: `parser` is no input.
+    assert statement_inputs(source, "loss_avg") == {"sum", "len", "history", "loss", "train", "args", "model"}
+    assert statement_inputs(source, "lr") == {"args"}

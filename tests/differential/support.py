@@ -53,7 +53,7 @@ EPOCH_NAMES = ("val_acc", "w_start", "w_norm", "recent", "even_only")  # logged 
 STEP_NAMES = ("loss", "grad_norm")  # logged once per step
 LOGGED = ("loss", "val_acc")  # what minimal.py logs
 HINDSIGHT = ("w_start", "grad_norm", "w_norm", "recent", "even_only")
-HELPER_HINDSIGHT = ("h_w_start", "h_grad_norm", "h_w_norm")  # helper_full.py over helper_min.py
+HELPER_HINDSIGHT = ("h_w_start", "h_grad_norm", "h_w_norm", "h_train_loss")  # helper_full.py over helper_min.py
 LOOPS = ("epoch", "step")
 
 

@@ -38,6 +38,7 @@ criterion = nn.CrossEntropyLoss()
 def train(epoch):
     net.train()
     florql.log("h_w_start", float(net[0].weight.detach().norm()))  # hindsight: epoch level, inside the helper
+    total, batches = 0.0, 0
     for x, y in florql.loop("step", loader):
         opt.zero_grad()
         loss = criterion(net(x), y)
@@ -47,6 +48,9 @@ def train(epoch):
         )  # hindsight
         opt.step()
         florql.log("loss", loss.item())
+        total += loss.item()
+        batches += 1
+    return total / batches  # from locals the loop left behind: a skipping replay must restore them
 
 
 def test():
@@ -57,9 +61,10 @@ def test():
 
 with florql.checkpointing(budget=0.9, model=net, optimizer=opt, scheduler=sched):
     for epoch in florql.loop("epoch", range(epochs)):
-        train(epoch)
+        train_loss = train(epoch)
         val_acc = test()
         florql.log("val_acc", val_acc)
         florql.log("h_w_norm", float(net[0].weight.detach().norm()))  # hindsight: epoch level, outer loop body
+        florql.log("h_train_loss", train_loss)  # hindsight: epoch level, what the helper returned
         sched.step()
         time.sleep(0.03)  # lets each epoch's checkpoint persist before the next one

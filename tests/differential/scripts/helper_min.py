@@ -37,12 +37,16 @@ criterion = nn.CrossEntropyLoss()
 
 def train(epoch):
     net.train()
+    total, batches = 0.0, 0
     for x, y in florql.loop("step", loader):
         opt.zero_grad()
         loss = criterion(net(x), y)
         loss.backward()
         opt.step()
         florql.log("loss", loss.item())
+        total += loss.item()
+        batches += 1
+    return total / batches  # from locals the loop left behind: a skipping replay must restore them
 
 
 def test():
@@ -53,7 +57,7 @@ def test():
 
 with florql.checkpointing(budget=0.9, model=net, optimizer=opt, scheduler=sched):
     for epoch in florql.loop("epoch", range(epochs)):
-        train(epoch)
+        train_loss = train(epoch)
         val_acc = test()
         florql.log("val_acc", val_acc)
         sched.step()

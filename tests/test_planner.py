@@ -1,0 +1,59 @@
+"""The planner's cost model: measured costs, cores shared by parallel jobs, honest warnings."""
+
+from __future__ import annotations
+
+from florql.replay.planner import Checkpoint, Costs, Need, RunFacts, plan
+
+EPOCHS = 10
+
+
+def facts(costs: Costs, every: int = 1, kind: str = "iter_end") -> RunFacts:
+    return RunFacts(
+        run_id=1,
+        completed=EPOCHS,
+        iteration_s=[2.0] * EPOCHS,
+        inner_s=[1.8] * EPOCHS,
+        checkpoints=[Checkpoint(i, kind, f"c{i}", 1_000_000) for i in range(0, EPOCHS, every)],
+        costs=costs,
+    )
+
+
+def step_level(indices: range) -> list[Need]:
+    return [Need("grad_norm", frozenset(indices), skippable=False)]
+
+
+def test_job_estimates_add_measured_start_up_set_up_restore_and_scaled_iterations():
+    costs = Costs(start_s=0.2, setup_s=0.3, restore_bytes_per_s=1e6, work_scale=1.5)
+    [job] = plan([(facts(costs), step_level(range(8, 10)))], workers=1).jobs
+    assert (job.start, job.stop, job.restore_before) == (8, 10, (8, "c7"))
+    assert job.est_work_s == 2 * 2.0 * 1.5
+    assert job.est_s == 0.2 + 0.3 + 1.0 + 6.0
+
+
+def test_more_workers_only_when_they_beat_fewer_after_sharing_the_cores():
+    costs = Costs(start_s=0.1, setup_s=0.1)
+    run = [(facts(costs), step_level(range(EPOCHS)))]
+    # Each job uses both cores: two side by side take as long as one after the other, plus a start-up.
+    shared = plan(run, workers=2, cores=2, threads=2)
+    assert shared.workers == 1 and len(shared.jobs) == 1
+    assert shared.est_s <= plan(run, workers=1).est_s
+    # One thread per job on two cores: splitting at a checkpoint halves the time.
+    split = plan(run, workers=2, cores=2, threads=1)
+    assert split.workers == 2 and len(split.jobs) == 2 and split.est_s < shared.est_s
+
+
+def test_a_plan_estimated_slower_than_retraining_says_so():
+    slow_start = Costs(start_s=30.0, setup_s=0.5, retrain_start_s=2.0)
+    slow = plan([(facts(slow_start), step_level(range(EPOCHS)))], workers=1)
+    assert slow.est_s > slow.retrain_s
+    assert "estimated slower than retraining" in slow.slower_than_retraining
+    assert "warning: this replay is estimated slower than retraining" in slow.describe()
+    quick = plan([(facts(Costs()), step_level(range(9, 10)))], workers=1)
+    assert quick.slower_than_retraining == "" and "warning" not in quick.describe()
+
+
+def test_epoch_level_names_restore_every_iteration_and_cost_only_the_tails():
+    costs = Costs(start_s=0.1, setup_s=0.1, restore_bytes_per_s=1e9)
+    [job] = plan([(facts(costs, kind="inner_end"), [Need("w", frozenset(range(EPOCHS)), True)])], workers=1).jobs
+    assert job.mode == "skip" and sorted(job.restore_inner) == list(range(EPOCHS))
+    assert abs(job.est_work_s - EPOCHS * 0.2) < 1e-9

@@ -1,0 +1,119 @@
+"""Replay jobs forked from the warm fork server: one process per job, nothing shared between jobs,
+failures reported as from a fresh interpreter, answers bit-exact."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import florql
+from florql.errors import ReplayFailed
+from florql.replay.executor import LocalExecutor
+from florql.runinfo import measured_costs
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
+
+SCRIPT = """
+import os
+import torch
+import florql
+import counter  # a project module: imported afresh by every job
+
+counter.imports += 1
+torch.manual_seed(0)
+net = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(net.parameters(), lr=0.1)
+data = torch.randn(8, 4)
+with florql.checkpointing(model=net, optimizer=opt):
+    for epoch in florql.loop("epoch", range(4)):
+        for step in florql.loop("step", range(2)):
+            opt.zero_grad()
+            loss = net(data[step * 4 : step * 4 + 4]).pow(2).mean()
+            loss.backward()
+            opt.step()
+            florql.log("loss", loss.item())
+        if os.environ.get("CRASH_AT") == str(epoch):  # set by a test, never while recording
+            print("crashing now", flush=True)
+            os.kill(os.getpid(), 9)
+        #HINDSIGHT
+"""
+HINDSIGHT = """florql.log("w", float(net.weight.detach().sum()))
+        florql.log("pid", os.getpid())
+        florql.log("imports", counter.imports)"""
+
+
+def _record(work: Path, source: str) -> Path:
+    work.mkdir()
+    (work / "counter.py").write_text("imports = 0\n")
+    (work / "train.py").write_text(source)
+    env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_ARGS", "FLORQL_RUNS", "FLORQL_REPLAY_JOB")}
+    env["FLORQL_HOME"] = str(work / ".florql")
+    proc = subprocess.run([sys.executable, "train.py"], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return work / ".florql"
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("warm")
+    full = SCRIPT.replace("#HINDSIGHT", HINDSIGHT)
+    truth = _record(base / "truth", full)
+    recorded = _record(base / "recorded", SCRIPT)
+    (base / "recorded" / "train.py").write_text(full)
+    return recorded, truth
+
+
+def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
+    recorded, truth = stores
+    executor = LocalExecutor(1, warm=True)
+    try:
+        assert executor.fork_server is not None and executor.fork_server.ready()
+        server_pid = executor.fork_server.proc.pid
+        db = florql.connect(recorded, progress=False, executor=executor)
+        for epoch in (1, 3):  # one job each
+            db.sql(f"SELECT w, pid, imports FROM run_1 WHERE epoch = {epoch}").fetchall()
+            [(_, result)] = db.last_jobs
+            assert result.ok and result.summary is not None and result.summary["timings"]["warm"] is True
+        rows = db.sql("SELECT epoch, w, pid, imports FROM run_1 WHERE epoch IN (1, 3) ORDER BY epoch").fetchall()
+        pids = {r[2] for r in rows}
+        assert len(pids) == 2 and server_pid not in pids and os.getpid() not in pids
+        assert [r[3] for r in rows] == [1, 1]  # the project's module state never leaks from job to job
+        expected = florql.connect(truth, progress=False).sql(
+            "SELECT epoch, w FROM run_1 WHERE epoch IN (1, 3) ORDER BY epoch"
+        )
+        assert [(r[0], r[1]) for r in rows] == expected.fetchall()
+        assert len(os.listdir(f"/proc/{server_pid}/task")) == 1  # still single-threaded: forks stay safe
+        with db._open() as conn:  # what the jobs cost is stored, and the next plan uses it
+            rows = conn.execute("SELECT warm, startup_s, setup_s, work_s FROM _replay_costs").fetchall()
+            costs = measured_costs(conn, 1, warm=True)
+        assert len(rows) == 2 and all(r[0] and r[1] > 0 and r[2] > 0 and r[3] >= 0 for r in rows)
+        assert (
+            costs.measured_jobs == 2
+            and costs.start_s == sorted(r[1] for r in rows)[0] / 2 + sorted(r[1] for r in rows)[1] / 2
+        )
+    finally:
+        executor.close()
+    assert executor.fork_server is None
+
+
+def test_a_job_killed_by_a_signal_fails_with_its_output_and_the_server_keeps_serving(
+    stores: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    recorded, _ = stores
+    copy = tmp_path / "store"
+    subprocess.run(["cp", "-r", str(recorded), str(copy)], check=True)
+    monkeypatch.setenv("CRASH_AT", "2")
+    executor = LocalExecutor(1, warm=True)
+    try:
+        db = florql.connect(copy, progress=False, executor=executor)
+        with pytest.raises(ReplayFailed, match="(?s)died.*crashing now"):
+            db.sql("SELECT w FROM run_1 WHERE epoch = 2").fetchall()
+        monkeypatch.delenv("CRASH_AT")
+        executor.fork_server.ready()  # type: ignore[union-attr]
+        assert len(db.sql("SELECT w FROM run_1 WHERE epoch = 0").fetchall()) == 1
+    finally:
+        executor.close()
