@@ -115,13 +115,18 @@ def test_killed_job_is_retried_and_rows_land_once(
 
 def test_retries_are_bounded(tmp_path: Path, ray_cluster: None) -> None:
     # A job whose process is killed on every attempt runs 1 + max_retries times, then fails with why.
+    from florql.storage import layout
     from florql.storage.code_versions import save_code_version
+    from florql.storage.manifest import Manifest
     from florql.storage.runfiles import LocalRunFiles
 
     attempts = tmp_path / "attempts"
     script = f"import os, signal\nwith open({str(attempts)!r}, 'a') as f:\n    f.write('x')\nos.kill(os.getpid(), signal.SIGKILL)\n"
     files = LocalRunFiles(tmp_path / "runs")
     version = save_code_version(files, {"t.py": script.encode()})
+    # the worker lays out the sandbox from the run's manifest
+    manifest = Manifest(run_id=1, script_rel="t.py", cwd_rel=".", project_root=str(tmp_path), code_version=version)
+    files.put(layout.manifest_path(1), manifest.to_json().encode())
     spec = JobSpec(
         job_id="1-doomed",
         run_id=1,
