@@ -18,11 +18,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from florql.cli import add_serve_arguments
+from florql.listening import read_password_file, tls_context
 
 from .access import Limits, Role, UsersFileError, add_user
 from .backend import Backend, DuckDBBackend
 from .served import ServedStore
-from .server import BackgroundServer, Server, ServerConfigError, read_password_file, tls_context
+from .server import BackgroundServer, Server, ServerConfigError
 
 __all__ = [
     "Backend",
@@ -52,8 +53,6 @@ def build_server(
     max_connections: int = 64,
     statement_timeout: float | None = None,
 ) -> Server:
-    if (tls_cert is None) != (tls_key is None):
-        raise ServerConfigError("--tls-cert and --tls-key go together")
     if max_connections < 1:
         raise ServerConfigError(f"--max-connections {max_connections}: give 1 or more")
     if max_workers is not None and max_workers < 1:
@@ -61,7 +60,7 @@ def build_server(
     if users_file is not None and not os.path.exists(users_file):
         raise ServerConfigError(f"users file {users_file} does not exist; create it with: florql serve --add-user NAME")
     password = read_password_file(password_file) if password_file else None
-    context = tls_context(tls_cert, tls_key) if tls_cert and tls_key else None
+    context = tls_context(tls_cert, tls_key)
     served = ServedStore(store_path, Limits(replay_budget, session_budget, max_workers, no_replay))
     return Server(
         served.catalog_backend,

@@ -8,11 +8,9 @@ stream batch by batch with write back-pressure, so memory does not grow with siz
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import itertools
 import logging
 import secrets
-import socket
 import ssl
 import struct
 import threading
@@ -26,6 +24,7 @@ import duckdb
 import pyarrow as pa
 
 from florql.errors import from_duckdb
+from florql.listening import is_loopback
 
 from . import protocol as pg
 from .access import Identity, Role, UsersFileError, read_users
@@ -53,35 +52,12 @@ class PermissionDenied(SqlError):
         super().__init__("42501", message)
 
 
-def is_loopback(host: str) -> bool:
-    try:
-        infos = socket.getaddrinfo(host or None, None)
-    except socket.gaierror:
-        return False
-    return all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
-
-
 def check_listen_policy(host: str, has_password: bool) -> None:
     if not has_password and not is_loopback(host):
         raise ServerConfigError(
             f"refusing to listen on {host!r} without a password: anyone who can reach it could read the store. "
             "Pass --users-file FILE or --password-file FILE, or listen on 127.0.0.1 only."
         )
-
-
-def read_password_file(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        password = f.read().strip()
-    if not password:
-        raise ServerConfigError(f"password file {path} is empty")
-    return password
-
-
-def tls_context(cert: str, key: str) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert, key)
-    return context
 
 
 def error_fields(e: BaseException) -> tuple[str, str, int | None]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import ssl
 import warnings
 
 __all__ = ["add_ui_arguments", "run_ui"]  # the server is florql.ui.server, the chart model florql.ui.charts
@@ -26,30 +25,16 @@ def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    from florql.ui.server import UIConfigError
-
-    if (cert is None) != (key is None):
-        raise UIConfigError("--tls-cert and --tls-key go together")
-    if cert is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise UIConfigError(f"cannot load the TLS certificate {cert} and key {key}: {e}") from e
-    return context
-
-
 def run_ui(args: argparse.Namespace) -> int:
     from florql.api import ReplayWarning
+    from florql.listening import read_password_file, tls_context
     from florql.ui.data import StoreView
-    from florql.ui.server import UIConfigError, UIServer, read_password_file
+    from florql.ui.server import UIConfigError, UIServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     # Pages show what is stored; a replayed name stored for part of a run is not worth a warning per view.
     warnings.filterwarnings("ignore", category=ReplayWarning)
-    context = _tls(args.tls_cert, args.tls_key)
+    context = tls_context(args.tls_cert, args.tls_key)
     password = read_password_file(args.password_file) if args.password_file else None
     view = StoreView(getattr(args, "store", None), replay_budget=args.replay_budget)
     try:

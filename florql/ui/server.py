@@ -27,6 +27,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from florql.errors import FlorqlError, UsageError
+from florql.listening import is_loopback
 from florql.ui.data import StoreView, UnknownRun, error_json
 
 log = logging.getLogger("florql.ui")
@@ -38,15 +39,6 @@ LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 class UIConfigError(FlorqlError):
     sqlstate = "28000"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether every address `host` resolves to is a loopback one."""
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(str(i[4][0]).split("%")[0]).is_loopback for i in infos)
 
 
 def loopback_host_header(value: str | None) -> bool:
@@ -61,17 +53,6 @@ def loopback_host_header(value: str | None) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def read_password_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            password = f.read().strip()
-    except OSError as e:
-        raise UIConfigError(f"cannot read the password file {path}: {e.strerror}") from e
-    if not password:
-        raise UIConfigError(f"the password file {path} is empty")
-    return password
 
 
 class UIServer(ThreadingHTTPServer):
