@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import base_env, launch_worker, worker_env
-from florql.replay.warm import ForkServer
+from florql.replay.warm import shared_fork_server
 
 ProgressFn = Callable[[JobSpec, JobResult], None]
 StartFn = Callable[[JobSpec], None]
@@ -57,7 +57,7 @@ class LocalExecutor(Executor):
         if warm is None:
             warm = sys.platform == "linux" and os.environ.get("FLORQL_WARM_START", "1") != "0"
         # Started now, so that its imports overlap with planning the query.
-        self.fork_server = ForkServer(base_env()) if warm else None
+        self.fork_server = shared_fork_server(base_env()) if warm else None
 
     def threads_per_job(self) -> int:
         return max(1, (os.cpu_count() or 1) // self.workers)
@@ -96,9 +96,7 @@ class LocalExecutor(Executor):
         return launch_worker(spec, env)
 
     def close(self) -> None:
-        if self.fork_server is not None:
-            self.fork_server.close()
-            self.fork_server = None
+        self.fork_server = None  # the process's shared server lives on for other executors
 
 
 def make_executor(kind: str | None = None, workers: int | None = None, **options) -> Executor:

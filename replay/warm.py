@@ -17,6 +17,7 @@ executor's read ends when the child is gone, however it ended.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import importlib
 import importlib.util
@@ -94,6 +95,24 @@ class ForkServer:
             self.proc.kill()
             self.proc.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_SHARED: ForkServer | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_fork_server(env: dict[str, str]) -> ForkServer:
+    """This process's one fork server, started on first use and again if it died.
+
+    Every local executor (a connection each) uses it: a server holds torch in memory, so one per
+    executor would cost hundreds of MB per connection. It exits with this process (EOF on its stdin).
+    """
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None or _SHARED.proc.poll() is not None:
+            _SHARED = ForkServer(env)
+            atexit.register(_SHARED.close)
+        return _SHARED
 
 
 def _read_all(conn: socket.socket) -> str:
