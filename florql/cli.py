@@ -237,15 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """`florql serve`'s options; here so that other commands never import the server."""
+def add_listening_arguments(parser: argparse.ArgumentParser, port: int) -> None:
+    """The options `florql serve` and `florql ui` share: where to listen, and how to let people in."""
     # SUPPRESS: `florql --store X serve` must keep the global option's value.
     parser.add_argument("--store", default=argparse.SUPPRESS, help="store directory (default .florql/ or $FLORQL_HOME)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=5433, help="port to listen on (default 5433)")
+    parser.add_argument("--port", type=int, default=port, help=f"port to listen on (default {port})")
     parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
-    parser.add_argument("--tls-cert", help="PEM certificate for TLS (sslmode=require)")
+    parser.add_argument("--tls-cert", help="PEM certificate for TLS")
     parser.add_argument("--tls-key", help="PEM private key for TLS")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """`florql serve`'s options; here so that other commands never import the server."""
+    add_listening_arguments(parser, 5433)
     parser.add_argument(
         "--replay-budget",
         type=_duration,

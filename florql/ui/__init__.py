@@ -13,13 +13,9 @@ __all__ = ["add_ui_arguments", "run_ui"]  # the server is florql.ui.server, the 
 
 
 def add_ui_arguments(parser: argparse.ArgumentParser) -> None:
-    # SUPPRESS: `florql --store X ui` must keep the global option's value.
-    parser.add_argument("--store", default=argparse.SUPPRESS, help="store directory (default .florql/ or $FLORQL_HOME)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8765, help="port to listen on (default 8765)")
-    parser.add_argument("--password-file", help="file holding the password (required unless listening on loopback)")
-    parser.add_argument("--tls-cert", help="PEM certificate for HTTPS")
-    parser.add_argument("--tls-key", help="PEM private key for HTTPS")
+    from florql.cli import add_listening_arguments
+
+    add_listening_arguments(parser, 8765)
     parser.add_argument(
         "--replay-budget", type=float, default=60.0, help="seconds of replay a query may trigger (default 60)"
     )
