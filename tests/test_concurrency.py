@@ -17,7 +17,16 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from dashboard_support import Load, NotebookClient, WireClient, Workspace, dashboard, dsn
+from dashboard_support import (
+    Load,
+    NotebookClient,
+    Observations,
+    WireClient,
+    Workspace,
+    dashboard,
+    dsn,
+    poll,
+)
 
 import florql
 from florql.errors import StoreBusy
@@ -25,6 +34,7 @@ from florql.storage.shared import shared_database
 
 FIRST = (2, 3)  # epochs, steps of the run recorded before the dashboard starts
 EPOCHS, STEPS, PAUSE = 10, 5, 0.2  # the run recorded under load: ~10 s of training
+SOAK_TRAINERS, SOAK_EPOCHS, SOAK_STEPS, SOAK_PAUSE = 4, 30, 5, 0.4  # ~60 s of training each
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +109,61 @@ def test_dashboard_in_a_notebook_with_threads_while_training(workspace: Workspac
     finally:
         db.close()
     check(load, 4)
+
+
+def test_four_trainers_a_server_with_eight_clients_and_a_notebook(workspace: Workspace) -> None:
+    """About a minute of everything at once: four trainers record into the store while eight
+    psycopg clients of `florql serve` and two threads of a notebook's `florql.connect()` refresh
+    their panels, each client watching one of the new runs. Nothing fails, no count goes back,
+    and every client's last round sees all four runs whole."""
+    pytest.importorskip("psycopg")
+    runs = list(range(2, 2 + SOAK_TRAINERS))
+    obs = Observations()
+    ended: list[float] = []
+    db = florql.connect(workspace.home)
+    try:
+        with workspace.serve() as port:
+            clients = [WireClient(dsn(port)) for _ in range(8)] + [NotebookClient(db) for _ in range(2)]
+            trainers = [workspace.train(SOAK_EPOCHS, SOAK_STEPS, SOAK_PAUSE) for _ in runs]
+            threads = [
+                threading.Thread(
+                    target=poll,
+                    args=(i, c, runs[i % len(runs)], obs, lambda: ended[0] if ended else None, 1.0),
+                    daemon=True,
+                )
+                for i, c in enumerate(clients)
+            ]
+            for t in threads:
+                t.start()
+            outcomes = [t.communicate(timeout=900) for t in trainers]
+            ended.append(time.time())
+            for t in threads:
+                t.join(timeout=300)
+            for c in clients:
+                c.close()
+        server_log = workspace.server_log
+    finally:
+        db.close()
+    for trainer, (_, err) in zip(trainers, outcomes):
+        assert trainer.returncode == 0, err
+    assert not obs.failures, f"{len(obs.failures)} of {len(obs.samples)} queries failed, e.g.:\n" + "\n".join(
+        f"  {s.kind}: {s.error}" for s in obs.failures[:10]
+    )
+    assert "Traceback" not in server_log, server_log[-3000:]
+    total = FIRST[0] * FIRST[1] + SOAK_TRAINERS * SOAK_EPOCHS * SOAK_STEPS
+    whole = [(e, SOAK_STEPS, SOAK_STEPS) for e in range(SOAK_EPOCHS)]
+    by_client = defaultdict(list)
+    for s in sorted(obs.samples, key=lambda s: s.started):
+        by_client[s.client].append(s)
+    assert sorted(by_client) == list(range(len(clients)))
+    for client, samples in by_client.items():
+        counts = [s.value[0] for s in samples if s.kind == "metrics"]
+        assert counts == sorted(counts), f"client {client}: metrics went backwards: {counts}"
+        last = {s.kind: s.value for s in samples if s.started > ended[0]}
+        assert set(last) == {"catalog", "metrics", "run"}, f"client {client}: no full round after the runs ended"
+        assert last["metrics"][0] == total
+        assert last["run"] == whole, f"client {client} watching run_{runs[client % len(runs)]}"
+        assert {f"run_{r}" for r in [1, *runs]} <= set(last["catalog"])
 
 
 def test_threads_share_one_ingest(workspace: Workspace) -> None:
