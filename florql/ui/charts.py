@@ -13,7 +13,7 @@ from typing import Any
 
 import pyarrow as pa
 
-MAX_POINTS = 20_000  # per line; longer lines are thinned to every k-th point, and the chart says so
+MAX_POINTS = 20_000  # per line; longer lines are thinned, and the chart says so
 
 
 @dataclass
@@ -22,6 +22,7 @@ class Series:
     xs: list[float]
     ys: list[float | None]
     replayed: bool = False  # values florql replayed in hindsight (drawn dashed, in another colour)
+    thinned_from: int | None = None  # how many points the line had before thinning
 
 
 @dataclass
@@ -103,6 +104,40 @@ def loop_positions(coords: Sequence[Sequence[int | None]]) -> list[float | None]
             fraction = (c[depth] + fraction) / lengths[c[:depth]]
         out.append(c[0] + fraction)
     return out
+
+
+def position_sql(loop_path: Sequence[str]) -> str:
+    """`loop_positions` as a SQL expression over a run table's loop columns: each inner loop's
+    length is its largest index + 1 within the enclosing iteration, as in the Python version."""
+    cols = [_quote(n) for n in loop_path]
+    fraction = "CAST(0 AS DOUBLE)"
+    for depth in range(len(cols) - 1, 0, -1):
+        length = f"(max({cols[depth]}) OVER (PARTITION BY {', '.join(cols[:depth])}) + 1)"
+        fraction = f"((CAST({cols[depth]} AS DOUBLE) + {fraction}) / {length})"
+    return f"(CAST({cols[0]} AS DOUBLE) + {fraction})"
+
+
+def line_sql(table: str, name: str, loop_path: Sequence[str], max_points: int | None = None) -> str:
+    """One name's line as (x, value, points) rows, ordered by x. A line of more than `max_points`
+    points is cut into `max_points // 4` buckets of consecutive points and each keeps its first,
+    last, lowest and highest point, so spikes and the line's shape survive. The engine does the
+    thinning: a run of millions of values never crosses into Python whole."""
+    max_points = MAX_POINTS if max_points is None else max_points
+    buckets = max(1, max_points // 4)
+    value = _quote(name)
+    return f"""
+WITH points AS (
+    SELECT {position_sql(loop_path)} AS x, CAST({value} AS DOUBLE) AS v FROM {table} WHERE {value} IS NOT NULL
+), ranked AS (
+    SELECT x, v, row_number() OVER (ORDER BY x) - 1 AS i, count(*) OVER () AS n FROM points
+), kept AS (
+    SELECT unnest([min(i), max(i), arg_min(i, v), arg_max(i, v)]) AS i FROM ranked GROUP BY (i * {buckets}) // n
+)
+SELECT x, v, n FROM ranked WHERE n <= {max_points} OR i IN (SELECT i FROM kept) ORDER BY i"""
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _number(value: Any) -> float | None:
@@ -191,6 +226,37 @@ def _series(label: str, xs: list[float | None], values: list[Any], replayed: boo
 def _thin(chart: Chart) -> None:
     for s in chart.series:
         if len(s.xs) > MAX_POINTS:
-            every = math.ceil(len(s.xs) / MAX_POINTS)
-            chart.notes.append(f"{s.label}: showing every {every}th of {len(s.xs)} points")
-            s.xs, s.ys = s.xs[::every], s.ys[::every]
+            keep = kept_points(s.ys, MAX_POINTS)
+            s.thinned_from = len(s.xs)
+            s.xs, s.ys = [s.xs[i] for i in keep], [s.ys[i] for i in keep]
+    chart.notes.extend(thinning_notes(chart.series))
+
+
+def kept_points(ys: Sequence[float | None], max_points: int) -> list[int]:
+    """The indices `line_sql` keeps, for a line already in memory: the first, last, lowest and
+    highest point of each of `max_points // 4` buckets of consecutive points."""
+    n, buckets = len(ys), max(1, max_points // 4)
+    if n <= max_points:
+        return list(range(n))
+    keep: set[int] = set()
+    start = 0
+    for b in range(buckets):
+        end = start
+        while end < n and (end * buckets) // n == b:
+            end += 1
+        if end > start:
+            keep.update((start, end - 1))
+            present = [i for i in range(start, end) if ys[i] is not None]
+            if present:
+                keep.add(min(present, key=lambda i: ys[i]))  # type: ignore[arg-type, return-value]
+                keep.add(max(present, key=lambda i: ys[i]))  # type: ignore[arg-type, return-value]
+        start = end
+    return sorted(keep)
+
+
+def thinning_notes(series: Iterable[Series]) -> list[str]:
+    return [
+        f"{s.label}: {len(s.xs):,} of {s.thinned_from:,} points shown (each stretch's first, last, lowest and highest)"
+        for s in series
+        if s.thinned_from is not None
+    ]

@@ -16,11 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import pyarrow as pa
+
 import florql
 from florql.api import Connection, TableInfo
 from florql.errors import FlorqlError, UsageError
 from florql.storage.code_versions import load_code_version
-from florql.ui.charts import Chart, Series, chart_of, loop_positions
+from florql.ui.charts import Chart, Series, chart_of, line_sql, thinning_notes
 
 RESULT_ROWS = 1000  # rows of an answer sent to the page; the chart uses them all
 KEPT_TASKS = 100
@@ -164,20 +166,25 @@ class StoreView:
     def _name_series(self, run_id: int, name: str, loop_path: list[str], label: str, replayed: bool) -> Series | None:
         if not loop_path:
             return None
-        loops = ", ".join(quote(n) for n in loop_path)
-        rows = self.browse.sql(
-            f"SELECT {loops}, {quote(name)} AS value FROM run_{run_id} WHERE {quote(name)} IS NOT NULL ORDER BY {loops}"
-        ).fetchall()
-        if not rows or not all(isinstance(r[-1], (int, float)) for r in rows):
+        column = next((c for c in self.run_table(run_id).columns if c.name == name), None)
+        numeric = column is not None and (
+            pa.types.is_integer(column.type) or pa.types.is_floating(column.type) or pa.types.is_boolean(column.type)
+        )
+        if not numeric:
             return None  # text values: in the table, not on a chart
-        xs = loop_positions([r[:-1] for r in rows])
-        return Series(label, [x for x in xs if x is not None], [float(r[-1]) for r in rows], replayed)
+        rows = self.browse.sql(line_sql(f"run_{run_id}", name, loop_path)).fetchall()
+        if not rows:
+            return None
+        series = Series(label, [r[0] for r in rows], [_finite(r[1]) for r in rows], replayed)
+        if rows[0][2] > len(rows):
+            series.thinned_from = rows[0][2]
+        return series
 
     def _name_chart(self, run_id: int, name: str, loop_path: list[str], replayed: bool) -> Chart | None:
         series = self._name_series(run_id, name, loop_path, name, replayed)
         if series is None:
             return None
-        return Chart(name, _x_label(loop_path), [series])
+        return Chart(name, _x_label(loop_path), [series], notes=thinning_notes([series]))
 
     def _code(self, run: dict[str, Any]) -> dict[str, Any]:
         recorded = ""
@@ -222,7 +229,7 @@ class StoreView:
                 x_label = _x_label(list(column.loop_path))
         if not series:
             raise UsageError(f"none of runs {', '.join(map(str, run_ids))} has values of {name!r} to chart")
-        return Chart(f"{name} by run", x_label, series).to_json()
+        return Chart(f"{name} by run", x_label, series, notes=thinning_notes(series)).to_json()
 
     # ---- the query box ------------------------------------------------------------------------
     def _connect(self, task: QueryTask | None = None) -> Connection:
@@ -291,6 +298,10 @@ class StoreView:
         finally:
             task.finished = time.monotonic()
             db.close()
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _x_label(loop_path: list[str]) -> str:

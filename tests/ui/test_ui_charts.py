@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
+import random
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 
 import florql
 from florql.cli import main
 from florql.errors import UsageError
-from florql.ui.charts import MAX_POINTS, chart_of, loop_positions
+from florql.ui.charts import MAX_POINTS, chart_of, kept_points, line_sql, loop_positions
 from florql.ui.svg import nice_ticks, render
 from store_support import Store
 
@@ -60,11 +63,38 @@ def test_chart_of_falls_back_to_a_numeric_or_categorical_x() -> None:
     assert chart_of(pa.table({"epoch": pa.array([], pa.int64()), "x": pa.array([], pa.float64())})) is None
 
 
-def test_long_lines_are_thinned_and_the_chart_says_so() -> None:
+def test_long_lines_are_thinned_keeping_each_stretchs_extremes_and_the_chart_says_so() -> None:
     n = MAX_POINTS * 3
-    chart = chart_of(pa.table({"step": list(range(n)), "loss": [float(i) for i in range(n)]}), coordinates={"step"})
-    assert chart is not None and len(chart.series[0].xs) == MAX_POINTS
-    assert chart.notes == [f"loss: showing every 3th of {n} points"]
+    ys = [math.sin(i / 500) for i in range(n)]
+    ys[12_345], ys[45_678] = 50.0, -50.0  # one-point spikes thinning must not lose
+    chart = chart_of(pa.table({"step": list(range(n)), "loss": ys}), coordinates={"step"})
+    assert chart is not None
+    (line,) = chart.series
+    assert len(line.xs) <= MAX_POINTS and line.xs == sorted(line.xs)
+    assert line.xs[0] == 0 and line.xs[-1] == n - 1
+    assert max(line.ys) == 50.0 and min(line.ys) == -50.0  # type: ignore[type-var]
+    assert line.ys == [ys[int(x)] for x in line.xs]
+    assert chart.notes == [
+        f"loss: {len(line.xs):,} of {n:,} points shown (each stretch's first, last, lowest and highest)"
+    ]
+
+
+def test_sql_positions_and_thinning_match_the_python_ones() -> None:
+    """`line_sql` runs in the engine what `loop_positions` and `kept_points` do in memory, point for point:
+    uneven inner loops (an epoch cut short, steps of varying token counts), values without ties."""
+    rng = random.Random(7)
+    rows = [(e, s, t, rng.random()) for e in range(5) for s in range(3 + e % 2) for t in range(1 + (e + s) % 4)]
+    con = duckdb.connect()
+    con.execute("CREATE TABLE run_1 (epoch INT, step INT, tok INT, loss DOUBLE)")
+    con.executemany("INSERT INTO run_1 VALUES (?, ?, ?, ?)", rows)
+    con.execute("INSERT INTO run_1 VALUES (5, 0, 0, NULL)")  # no value: not a point
+    xs = loop_positions([r[:3] for r in rows])
+    ys = [r[3] for r in rows]
+    for max_points in (len(rows), 16, 4):
+        got = con.execute(line_sql("run_1", "loss", ["epoch", "step", "tok"], max_points)).fetchall()
+        keep = kept_points(ys, max_points)
+        assert [(x, v) for x, v, _ in got] == [(xs[i], ys[i]) for i in keep], max_points
+        assert {n for _, _, n in got} == {len(rows)}
 
 
 def test_svg_draws_every_point_dashes_replayed_lines_and_escapes_labels() -> None:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 import pytest
 
 import florql
+from florql.ui import charts
 from florql.ui.server import BackgroundUI, UIConfigError
 from ui_support import logged_grad_norm
 
@@ -72,6 +73,25 @@ def test_run_api_charts_every_logged_point_and_lists_loggable_names(ui: Backgrou
     assert body["args"] == {"lr": "0.1"}
     assert "+" in body["code"]["diff"] and "grad_norm" in body["code"]["diff"]  # the line added since
     assert "grad_norm" not in body["code"]["recorded"]
+
+
+def test_a_line_longer_than_the_chart_holds_is_thinned_by_the_engine(
+    ui: BackgroundUI, recorded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With room for 8 points, run 1's 12 losses come back as 2 stretches' first, last, lowest and
+    highest: the line's ends and its extremes stay, and the chart says how many points it left out."""
+    monkeypatch.setattr(charts, "MAX_POINTS", 8)
+    status, body = request(ui.url, "/api/runs/1")
+    assert status == 200
+    (loss,) = body["charts"]
+    logged = florql.connect(recorded.home).sql("SELECT loss FROM run_1 ORDER BY epoch, step").fetchall()
+    values = [v for (v,) in logged]
+    xs = [e + s / 4 for e in range(3) for s in range(4)]
+    keep = charts.kept_points(values, 8)
+    assert loss["x"] == [xs[i] for i in keep] and loss["series"][0]["values"] == [values[i] for i in keep]
+    assert len(keep) <= 8 and {0, 11} <= set(keep)
+    assert min(values) in loss["series"][0]["values"] and max(values) in loss["series"][0]["values"]
+    assert loss["notes"] == [f"loss: {len(keep)} of 12 points shown (each stretch's first, last, lowest and highest)"]
 
 
 def test_pages_are_served_with_their_script_and_vendored_chart_library(ui: BackgroundUI) -> None:
