@@ -175,9 +175,16 @@ def _analyze_cached(path: str, mtime_ns: int, size: int) -> ModuleAnalysis | Non
         return None
 
 
-def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo, warm: bool = False) -> RunFacts:
+def run_facts(
+    conn: duckdb.DuckDBPyConnection, info: RunInfo, warm: bool = False, state_version: str | None = None
+) -> RunFacts:
+    """What planning a replay of the run needs. `state_version`: the code version whose state the
+    replay's patched code produces (`Site.state_version`): checkpoints replays of other patched
+    code left are not the state this replay would reach, so it never restores them."""
     rows = conn.execute(
-        "SELECT outer_index, kind, name, bytes FROM checkpoints WHERE run_id = ? ORDER BY outer_index", [info.run_id]
+        "SELECT outer_index, kind, name, bytes FROM checkpoints WHERE run_id = ? AND "
+        "(code_version IS NULL OR code_version = ? OR code_version = ?) ORDER BY outer_index, name",
+        [info.run_id, info.manifest.code_version, state_version],
     ).fetchall()
     m = info.manifest
     return RunFacts(

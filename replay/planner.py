@@ -90,6 +90,7 @@ class PlannedJob:
     checkpoint: str | None = None
     est_s: float = 0.0
     est_work_s: float = 0.0  # the iterations' part of est_s (what the measured work is compared with)
+    checkpoint_at: list[int] = field(default_factory=list)  # executed iterations lacking a checkpoint: take one
 
     @property
     def range_text(self) -> str:
@@ -231,6 +232,8 @@ def _job(facts: RunFacts, names: list[str], inner: set[int], first: int, last: i
         restore_before=before,
         checkpoint=ckpt,
     )
+    taken = {c.outer_index for c in facts.checkpoints}
+    job.checkpoint_at = [i for i in range(start, last + 1) if i not in restores and i not in taken]
     job.est_s = _cost(facts, job)
     return job
 
