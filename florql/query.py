@@ -241,6 +241,8 @@ def job_specs(
                 mode=job.mode,
                 est_s=job.est_s,
                 est_work_s=job.est_work_s,
+                recorded_exec_s=job.recorded_exec_s,
+                recorded_skip_s=job.recorded_skip_s,
                 versions={n: sites[job.run_id][n].version for n in job.names},
                 expected_path=_write_expected(conn, files, info, job, job_id),
                 checkpoint_at=list(job.checkpoint_at),

@@ -290,6 +290,8 @@ class ReplaySession(TrainingSession):
             "restored_bytes": self.restored_bytes,
             "est_s": self.spec.est_s,
             "est_work_s": self.spec.est_work_s,
+            "recorded_exec_s": self.spec.recorded_exec_s,
+            "recorded_skip_s": self.spec.recorded_skip_s,
         }
 
     def commit(self) -> None:

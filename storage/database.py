@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS replay_jobs (
 );
 CREATE TABLE IF NOT EXISTS _replay_costs (
     job_id VARCHAR PRIMARY KEY, run_id INTEGER, warm BOOLEAN, startup_s DOUBLE, setup_s DOUBLE,
-    restore_s DOUBLE, restored_bytes BIGINT, work_s DOUBLE, est_work_s DOUBLE, est_s DOUBLE, seconds DOUBLE
+    restore_s DOUBLE, restored_bytes BIGINT, work_s DOUBLE, est_work_s DOUBLE, est_s DOUBLE, seconds DOUBLE,
+    recorded_exec_s DOUBLE, recorded_skip_s DOUBLE
 );
 CREATE TABLE IF NOT EXISTS replay_coverage (
     run_id INTEGER, name VARCHAR, version VARCHAR, outer_index INTEGER, job_id VARCHAR,
@@ -134,9 +135,12 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
         (t, c)
         for t, c in conn.execute(
             "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main' "
-            "AND table_name IN ('logs', 'replay_coverage', 'checkpoints')"
+            "AND table_name IN ('logs', 'replay_coverage', 'checkpoints', '_replay_costs')"
         ).fetchall()
     }
+    for column in ("recorded_exec_s", "recorded_skip_s"):  # older rows: NULL, not used for calibration
+        if ("_replay_costs", column) not in columns:
+            conn.execute(f"ALTER TABLE _replay_costs ADD COLUMN {column} DOUBLE")
     if ("checkpoints", "code_version") not in columns:  # NULL: the run's own recorded code
         conn.execute("ALTER TABLE checkpoints ADD COLUMN code_version VARCHAR")
     if ("logs", "version") not in columns:
@@ -566,7 +570,7 @@ def _ingest_costs(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, t: 
     setup = t["first_iteration_at"] - t["script_started_at"]
     work = max(t["finished_at"] - t["first_iteration_at"] - t["restore_s"], 0.0)
     conn.execute(
-        "INSERT OR IGNORE INTO _replay_costs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO _replay_costs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             job_id,
             run_id,
@@ -579,6 +583,8 @@ def _ingest_costs(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, t: 
             t["est_work_s"],
             t["est_s"],
             t["finished_at"] - t["launched_at"],
+            t.get("recorded_exec_s"),
+            t.get("recorded_skip_s"),
         ],
     )
 
