@@ -138,6 +138,8 @@ def test_outer_level_statement_skips_the_inner_loop(store: Path):
     db = connect(store)
     result = db.sql("SELECT epoch, w_norm FROM run_1 ORDER BY epoch")
     assert result.plan is not None and all(j.mode == "skip" for j in result.plan.jobs)
+    now = inner_end_checkpoints(db, RUN)  # the run's, and those the first replay left
+    assert now == kept | set(range(start + 1, 6))
     same(db, "SELECT epoch, w_norm FROM run_{run} ORDER BY epoch")
     executed, restored = ran(db, RUN)
     ckpts = inner_end_checkpoints(db, RUN)
@@ -240,13 +242,15 @@ def test_sparse_checkpoints(store: Path):
     assert job["checkpoint"].startswith(f"{start:08d}")
     assert job["restored"] == [start] and job["executed"] == list(range(start + 1, 6))
 
+    now = inner_end_checkpoints(db, RUN)  # the run's, and those the first replay left
+    assert now == kept | set(range(start + 1, 6))
     same(db, "SELECT epoch, w_norm FROM run_{run} ORDER BY epoch")
     executed, restored = ran(db, RUN)
     w_jobs = [j for j in jobs(db, RUN) if j["names"] == ["w_norm"]]
     w_exec = {i for j in w_jobs for i in j["executed"]}
     w_rest = {i for j in w_jobs for i in j["restored"]}
-    assert w_rest == kept  # skipped wherever a checkpoint allows
-    assert w_exec == set(range(EPOCHS)) - kept
+    assert w_rest == now  # skipped wherever a checkpoint allows
+    assert w_exec == set(range(EPOCHS)) - now
     same(db, "SELECT epoch, step, loss, grad_norm, w_norm FROM run_{run} WHERE epoch = 5 ORDER BY ALL")
 
 
