@@ -533,7 +533,10 @@ class Connection:
             statement = bind_parameters(statement, params)
             self.sync()
             with self._open() as db:
-                return self._plan(bind(statement.copy(), db), db, runnable=False).plan
+                planned = self._plan(bind(statement.copy(), db), db, runnable=False).plan
+        if planned.jobs and self.settings["replay"] != "never":
+            self.executor  # noqa: B018 (starts the warm fork server now: the query that follows starts warm)
+        return planned
 
     # ---- catalog ------------------------------------------------------------------------------
     def tables(self) -> list[TableInfo]:

@@ -208,8 +208,11 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 class Persister:
     """One background thread; at most one checkpoint in flight."""
 
-    def __init__(self, files: RunFiles, run_id: int, on_done: Callable[[CheckpointRecord], None]) -> None:
+    def __init__(
+        self, files: RunFiles, run_id: int, on_done: Callable[[CheckpointRecord], None], folder: str | None = None
+    ) -> None:
         self.files, self.run_id, self.on_done = files, run_id, on_done
+        self.folder = folder  # where checkpoints go: the run's folder unless a replay job names its own
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last failure
         self.failed = 0  # checkpoints that could not be written (nothing of them is visible)
@@ -239,7 +242,7 @@ class Persister:
         try:
             if event is not None:
                 event.synchronize()
-            record = write_checkpoint(self.files, self.run_id, outer_index, kind, coords, payload, stall_s)
+            record = write_checkpoint(self.files, self.run_id, outer_index, kind, coords, payload, stall_s, self.folder)
             self.on_done(record)
         except BaseException as exc:  # a failed checkpoint must not kill training
             if self.error is None or str(exc) != str(self.error):

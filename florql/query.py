@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import uuid
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from florql.replay.analysis import LogSite, analyze, statement_inputs
 from florql.replay.jobs import JobSpec
 from florql.replay.planner import Need, Plan, PlannedJob, RunFacts
 from florql.replay.propagation import PropagationError, propagate
+from florql.replay.state_neutral import inserted_code_keeps_state
 from florql.runinfo import RunInfo, run_facts
 from florql.storage import layout, segments
 from florql.storage.code_versions import load_code_version
@@ -100,7 +102,8 @@ def missing_cells(
             skippable = outer_level and not site.inputs & uncaptured
             why = _why_not_skipped(info, site, uncaptured) if outer_level else ""
             needs.append(Need(name, frozenset(missing), skippable=skippable, why_not_skipped=why))
-        result.append((run_facts(conn, info, warm), needs))
+        state_version = next(iter(sites[run_id].values())).state_version
+        result.append((run_facts(conn, info, warm, state_version), needs))
     return result
 
 
@@ -137,6 +140,10 @@ class Site:
     loop_path: tuple[str, ...]
     version: str  # changes when the statement, its place, or the recorded code changes
     inputs: frozenset[str] = frozenset()  # variables its value may depend on (see statement_inputs)
+    # The code version whose training state the patched code produces: the recorded one when the
+    # propagated statements change no state (`inserted_code_keeps_state`), else one of its own.
+    # Checkpoints a replay leaves belong to it; only replays reaching the same state restore them.
+    state_version: str | None = None
 
 
 def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict[str, str], dict[str, Site]]:
@@ -148,6 +155,7 @@ def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict
         by_file.setdefault(info.loggable[name][0], set()).add(name)
     patched: dict[str, str] = {}
     sites: dict[str, Site] = {}
+    keeps_state = True
     root = info.manifest.project_root or ""
     for rel, file_names in by_file.items():
         old = recorded[rel].decode()
@@ -156,13 +164,25 @@ def patch_sources(info: RunInfo, names: set[str], files: RunFiles) -> tuple[dict
         new = _propagated(info.run_id, old, current, frozenset(file_names), rel)
         if new != old:
             patched[rel] = new
+            keeps_state = keeps_state and _keeps_state(old, new)
         analysis = _analysis(new, rel)
         for name in file_names:
             site = analysis.get(name)
             alone = _propagated(info.run_id, old, current, frozenset([name]), rel)
             digest = hashlib.sha256(f"{info.manifest.code_version}\0{rel}\0{alone}".encode()).hexdigest()[:16]
             sites[name] = Site(info.place(rel, site) if site else (), digest, _inputs(new, name))
-    return patched, sites
+    state = info.manifest.code_version if keeps_state else _patched_version(info.manifest.code_version, patched)
+    return patched, {name: dataclasses.replace(site, state_version=state) for name, site in sites.items()}
+
+
+def _patched_version(code_version: str, patched: dict[str, str]) -> str:
+    body = "\0".join(f"{rel}\0{text}" for rel, text in sorted(patched.items()))
+    return "patched-" + hashlib.sha256(f"{code_version}\0{body}".encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=256)
+def _keeps_state(old: str, new: str) -> bool:
+    return inserted_code_keeps_state(old, new)
 
 
 @lru_cache(maxsize=512)
@@ -221,8 +241,12 @@ def job_specs(
                 mode=job.mode,
                 est_s=job.est_s,
                 est_work_s=job.est_work_s,
+                recorded_exec_s=job.recorded_exec_s,
+                recorded_skip_s=job.recorded_skip_s,
                 versions={n: sites[job.run_id][n].version for n in job.names},
                 expected_path=_write_expected(conn, files, info, job, job_id),
+                checkpoint_at=list(job.checkpoint_at),
+                checkpoint_version=next(iter(sites[job.run_id].values())).state_version,
             )
         )
     return specs

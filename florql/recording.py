@@ -267,7 +267,8 @@ class RecordSession(TrainingSession):
     # ---- loops ------------------------------------------------------------------------------
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
         planned = len(iterable) if isinstance(iterable, Sized) else None
-        self.update(outer_loop=lf.name, outer_planned=planned)
+        setup_s = time.time() - (self.manifest.started_at or time.time())  # the planner's set-up cost
+        self.update(outer_loop=lf.name, outer_planned=planned, setup_s=round(setup_s, 6))
         with self._manifest_lock:  # scripts set their thread count in their set-up, after florql started
             self.manifest.env.torch_threads = torch.get_num_threads()
         self._capture_code_version()  # project modules are imported by now

@@ -4,6 +4,10 @@ The outer loop passes over iterations before the job's range and ends the script
 the first inner loop of an iteration is replaced by restoring its 'inner_end' checkpoint where the
 plan says so; only the requested names are logged, and values the run logged originally are
 compared with what it logged then (a difference stops the replay: it would not be exact).
+
+Iterations the job executes that the run has no checkpoint of get one, as recording would have
+taken it and under the same overhead budget; they land with the job's commit, so the next query
+over that range restores instead of re-executing.
 """
 
 from __future__ import annotations
@@ -15,16 +19,18 @@ import time
 import types
 import uuid
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict
 from typing import Any
 
-from florql.call_chain import restore_chain
+from florql.call_chain import capture_chain, restore_chain
+from florql.checkpoint_engine import ASSUMED_COPY_BYTES_PER_S, AdaptivePolicy, Persister, Stager, make_policy
 from florql.replay.jobs import JobSpec, ReplayDiverged, ReplayFinished
 from florql.replay.worker import SCRIPT_STARTED_ENV
-from florql.rng import restore_rng
-from florql.scope import restore_scope
+from florql.rng import capture_rng, restore_rng
+from florql.scope import baseline_of, capture_scope, restore_scope
 from florql.session import LoopFrame, TrainingSession
 from florql.storage import layout, segments
-from florql.storage.checkpoints import read_checkpoint, read_record
+from florql.storage.checkpoints import CheckpointRecord, read_checkpoint, read_record
 from florql.storage.runfiles import open_run_files
 from florql.storage.segment_writer import SegmentWriter
 
@@ -48,6 +54,18 @@ class ReplaySession(TrainingSession):
         self.restore_s = 0.0
         self.restored_bytes = 0
         self.committed = False
+        self.checkpoint_at = set(spec.checkpoint_at)
+        self.policy: AdaptivePolicy | None = None
+        self.stager = Stager()
+        self.checkpoints_left: list[CheckpointRecord] = []
+        self.persister = Persister(
+            self.files,
+            self.run_id,
+            self.checkpoints_left.append,
+            layout.replay_checkpoints_dir(self.run_id, spec.job_id),
+        )
+        self.unobserved_from = 0.0  # when the training time not yet reported to the policy began
+        self.scope_warned: set[str] = set()
         attempt = uuid.uuid4().hex[:8]
         self.writer = SegmentWriter(
             self.files,
@@ -111,10 +129,16 @@ class ReplaySession(TrainingSession):
             expected.setdefault((row["name"], position), []).append(value)
         return expected
 
+    def register(self, objects: dict[str, Any], budget: float | None) -> None:
+        super().register(objects, budget)
+        if self.checkpoint_at:
+            self.policy = make_policy(self.budget)
+
     # ---- loops ------------------------------------------------------------------------------
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
         spec = self.spec
         self.outer.frame = frame
+        self.outer.baseline = baseline_of(frame)
         for index, item in enumerate(iterable):
             if index < spec.start:
                 continue
@@ -127,6 +151,7 @@ class ReplaySession(TrainingSession):
             if spec.restore_before and spec.restore_before[0] == index:
                 self._restore(spec.restore_before[1])
             self.enter_iteration(lf, index)
+            self.unobserved_from = self.clock()
             try:
                 yield item
             except GeneratorExit:
@@ -142,6 +167,8 @@ class ReplaySession(TrainingSession):
     def _end_iteration(self, index: int) -> None:
         if index not in self.restored:
             self.executed.append(index)
+            if not self.outer.inner_point_done:
+                self._maybe_checkpoint("iter_end", None)
         if self.mismatches:
             worst = max(self.mismatches, key=lambda m: m["abs_diff"] if m["abs_diff"] is not None else math.inf)
             detail = dict(
@@ -169,13 +196,62 @@ class ReplaySession(TrainingSession):
             self.inner_iterations += 1
             yield item
         if chain is not None:
-            self.outer.inner_point_done = True
+            self._end_first_inner_loop(chain)
+
+    def _end_first_inner_loop(self, chain: list[types.FrameType]) -> None:
+        """As recording does: the 'inner_end' point, unless the helper frames cannot be captured
+        exactly (then the iteration's end is the point)."""
+        frames = None
+        if chain and self._wants_checkpoint() and self.outer.frame is not None:
+            frames = capture_chain(chain, self.outer.frame, self.objects, self.scope_warned)
+            if frames["blockers"]:
+                return
+        self.outer.inner_point_done = True
+        self._maybe_checkpoint("inner_end", frames)
+
+    # ---- checkpoints the replay leaves --------------------------------------------------------
+    def _wants_checkpoint(self) -> bool:
+        return self.policy is not None and self.checkpointing_active and self.outer.index in self.checkpoint_at
+
+    def _maybe_checkpoint(self, kind: str, frames: dict | None) -> None:
+        """Take a checkpoint of an iteration the run has none of, if the overhead budget allows it."""
+        if not self._wants_checkpoint():
+            return
+        assert self.policy is not None
+        self.checkpoint_at.discard(self.outer.index)
+        self.policy.observe(max(self.clock() - self.unobserved_from, 0.0))
+        estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if self.policy.taken == 0 else 0.0
+        if self.policy.should_checkpoint(estimate, self.persister.in_flight):
+            started = self.clock()
+            self.persister.wait()  # the staging buffers are reused
+            payload = self._snapshot(kind, frames)
+            stall = self.clock() - started
+            self.policy.record(stall)
+            coords = {f.name: f.index for f in self.stack[:1]}
+            self.persister.submit(self.outer.index, kind, coords, payload, stall, self.stager.pending_event)
+        self.unobserved_from = self.clock()
+
+    def _snapshot(self, kind: str, frames: dict | None) -> dict[str, Any]:
+        """The payload recording takes at this point (`RecordSession.maybe_checkpoint`)."""
+        registered = {id(o) for o in self.objects.values()}
+        return {
+            "objects": self.stager.stage(self.objects),
+            "rng": capture_rng(),
+            "modes": self.module_modes(),
+            "scope": capture_scope(self.outer.frame, registered, self.scope_warned, self.outer.baseline)
+            if self.outer.frame
+            else None,
+            "position": {"outer_index": self.outer.index, "kind": kind},
+            "frames": frames,
+            "args": dict(self.args),
+        }
 
     def _restore(self, name: str, chain: list | None = None) -> None:
         """Restore checkpoint `name`; `chain`: the helper frames of an 'inner_end' point it stands in for."""
         started = time.perf_counter()
-        record = read_record(self.files, layout.checkpoint_meta_path(self.run_id, name))
-        payload = read_checkpoint(self.files, record)
+        folder, file_name = layout.checkpoint_location(self.run_id, name)
+        record = read_record(self.files, f"{folder}/{file_name}.json")
+        payload = read_checkpoint(self.files, record, folder)
         self.restored_bytes += record.bytes
         for key, obj in self.objects.items():
             obj.load_state_dict(payload["objects"][key])
@@ -214,12 +290,15 @@ class ReplaySession(TrainingSession):
             "restored_bytes": self.restored_bytes,
             "est_s": self.spec.est_s,
             "est_work_s": self.spec.est_work_s,
+            "recorded_exec_s": self.spec.recorded_exec_s,
+            "recorded_skip_s": self.spec.recorded_skip_s,
         }
 
     def commit(self) -> None:
         """Make the job's rows visible, all together."""
         if self.committed:
             return
+        self.persister.wait()
         self.writer.close()
         summary = {
             "job_id": self.spec.job_id,
@@ -241,6 +320,8 @@ class ReplaySession(TrainingSession):
             "versions": {n: v for n, v in self.spec.versions.items() if n in self.names},
             "coverage": self._coverage(),
             "segments": self.writer.paths,  # exactly this attempt's files land
+            "checkpoints": [asdict(r) for r in self.checkpoints_left],
+            "checkpoint_version": self.spec.checkpoint_version,
         }
         # create(), not put(): should two attempts of one job both finish, the first commit wins.
         self.files.create(layout.replay_commit_path(self.run_id, self.spec.job_id), json.dumps(summary).encode())

@@ -175,9 +175,16 @@ def _analyze_cached(path: str, mtime_ns: int, size: int) -> ModuleAnalysis | Non
         return None
 
 
-def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo, warm: bool = False) -> RunFacts:
+def run_facts(
+    conn: duckdb.DuckDBPyConnection, info: RunInfo, warm: bool = False, state_version: str | None = None
+) -> RunFacts:
+    """What planning a replay of the run needs. `state_version`: the code version whose state the
+    replay's patched code produces (`Site.state_version`): checkpoints replays of other patched
+    code left are not the state this replay would reach, so it never restores them."""
     rows = conn.execute(
-        "SELECT outer_index, kind, name, bytes FROM checkpoints WHERE run_id = ? ORDER BY outer_index", [info.run_id]
+        "SELECT outer_index, kind, name, bytes FROM checkpoints WHERE run_id = ? AND "
+        "(code_version IS NULL OR code_version = ? OR code_version = ?) ORDER BY outer_index, name",
+        [info.run_id, info.manifest.code_version, state_version],
     ).fetchall()
     m = info.manifest
     return RunFacts(
@@ -186,27 +193,47 @@ def run_facts(conn: duckdb.DuckDBPyConnection, info: RunInfo, warm: bool = False
         iteration_s=list(m.iteration_s),
         inner_s=list(m.inner_s),
         checkpoints=[Checkpoint(i, k, n, b) for i, k, n, b in rows],
-        costs=measured_costs(conn, info.run_id, warm),
+        costs=measured_costs(conn, info.run_id, warm, m.setup_s),
     )
 
 
 RECENT_JOBS = 20  # the measurements a cost estimate takes the median of
+MEASURABLE_S = 0.05  # recorded seconds below which a job's ratio is noise
 
 
-def measured_costs(conn: duckdb.DuckDBPyConnection, run_id: int, warm: bool) -> Costs:
+def measured_costs(
+    conn: duckdb.DuckDBPyConnection, run_id: int, warm: bool, recorded_setup_s: float | None = None
+) -> Costs:
     """The cost model of replaying `run_id`, from what recent replays actually took: start-up from
     jobs started the same way (warm or cold) on any run, set-up and the iterations' pace from this
-    run's own jobs, restore throughput from every job that restored. Defaults where none measured."""
+    run's own jobs (before any: the set-up the run recorded), restore throughput from every job that
+    restored. Defaults where none measured."""
     default = Costs()
+    recorded_setup_s = default.setup_s if recorded_setup_s is None else recorded_setup_s
     start, _ = _recent_median(conn, "startup_s", "warm = ?", [warm], WARM_START_S if warm else default.start_s)
     cold, _ = _recent_median(conn, "startup_s", "NOT warm", [], default.retrain_start_s)
-    setup, jobs = _recent_median(conn, "setup_s", "run_id = ?", [run_id], default.setup_s)
-    scale, _ = _recent_median(conn, "work_s / est_work_s", "run_id = ? AND est_work_s > 0.05", [run_id], 1.0)
+    setup, jobs = _recent_median(conn, "setup_s", "run_id = ?", [run_id], recorded_setup_s)
+    # Executed iterations' pace from jobs that mostly execute; restored iterations' from jobs that
+    # mostly restore, once their executed part is accounted for.
+    scale, _ = _recent_median(
+        conn,
+        "work_s / recorded_exec_s",
+        f"run_id = ? AND recorded_exec_s > {MEASURABLE_S} AND recorded_skip_s <= 0.25 * recorded_exec_s",
+        [run_id],
+        1.0,
+    )
+    skip_scale, _ = _recent_median(
+        conn,
+        f"greatest(work_s - {scale} * recorded_exec_s, 0) / recorded_skip_s",
+        f"run_id = ? AND recorded_skip_s > {MEASURABLE_S} AND recorded_skip_s >= recorded_exec_s",
+        [run_id],
+        1.0,
+    )
     [row] = conn.execute(
         "SELECT sum(restored_bytes), sum(restore_s) FROM _replay_costs WHERE restored_bytes > 0"
     ).fetchall()  # fetchone would leave the result open (DuckDB refuses the next statement)
     rate = row[0] / row[1] if row and row[0] and row[1] else default.restore_bytes_per_s
-    return Costs(start, setup, rate, scale, jobs, cold)
+    return Costs(start, setup, rate, scale, skip_scale, jobs, cold)
 
 
 def _recent_median(

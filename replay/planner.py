@@ -7,8 +7,9 @@ checkpoint (or from the start), logging only from the first needed iteration and
 the last. Ranges split across workers at checkpoint boundaries.
 
 Costs: a job pays its start-up (process and imports), the script's set-up, its checkpoint
-restores and the recorded time of the iterations it runs, scaled by what earlier replays of the
-run actually took (`Costs`, measured from the `replay_costs` table). Jobs running side by side
+restores and the recorded time of the iterations it runs, executed ones and restored ones (whose
+tail after the inner loop runs) scaled apart by what earlier replays of the run actually took
+(`Costs`, measured from the `_replay_costs` table; before any, the run's own recorded set-up). Jobs running side by side
 share the cores: the plan with the most workers is chosen only when its estimate, slowed by that
 sharing, beats fewer workers.
 """
@@ -31,7 +32,8 @@ class Costs:
     start_s: float = COLD_START_S
     setup_s: float = SETUP_S
     restore_bytes_per_s: float = RESTORE_BYTES_PER_S
-    work_scale: float = 1.0  # replayed iteration time / recorded iteration time
+    work_scale: float = 1.0  # replayed time / recorded time of executed iterations
+    skip_scale: float = 1.0  # the same for iterations whose first inner loop is restored (their tail runs)
     measured_jobs: int = 0
     retrain_start_s: float = COLD_START_S  # retraining starts a fresh interpreter
 
@@ -90,6 +92,11 @@ class PlannedJob:
     checkpoint: str | None = None
     est_s: float = 0.0
     est_work_s: float = 0.0  # the iterations' part of est_s (what the measured work is compared with)
+    # What the iterations took when recorded: those it executes, and the tails of those it restores.
+    # Measured work is compared with these (never with scaled estimates: calibration must not feed on itself).
+    recorded_exec_s: float = 0.0
+    recorded_skip_s: float = 0.0
+    checkpoint_at: list[int] = field(default_factory=list)  # executed iterations lacking a checkpoint: take one
 
     @property
     def range_text(self) -> str:
@@ -231,6 +238,8 @@ def _job(facts: RunFacts, names: list[str], inner: set[int], first: int, last: i
         restore_before=before,
         checkpoint=ckpt,
     )
+    taken = {c.outer_index for c in facts.checkpoints}
+    job.checkpoint_at = [i for i in range(start, last + 1) if i not in restores and i not in taken]
     job.est_s = _cost(facts, job)
     return job
 
@@ -239,10 +248,12 @@ def _cost(facts: RunFacts, job: PlannedJob) -> float:
     c = facts.costs
     sizes = {k.name: k.bytes for k in facts.checkpoints}
     restore_bytes = sum(sizes.get(name, 0) for name in job.restore_inner.values())
-    work = sum(facts.tail_cost(i) if i in job.restore_inner else facts.cost(i) for i in range(job.start, job.stop))
+    iterations = range(job.start, job.stop)
+    job.recorded_exec_s = sum(facts.cost(i) for i in iterations if i not in job.restore_inner)
+    job.recorded_skip_s = sum(facts.tail_cost(i) for i in iterations if i in job.restore_inner)
     if job.restore_before:
         restore_bytes += sizes.get(job.restore_before[1], 0)
-    job.est_work_s = work * c.work_scale
+    job.est_work_s = job.recorded_exec_s * c.work_scale + job.recorded_skip_s * c.skip_scale
     return c.start_s + c.setup_s + restore_bytes / c.restore_bytes_per_s + job.est_work_s
 
 

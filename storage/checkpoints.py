@@ -94,15 +94,19 @@ def write_checkpoint(
     coords: dict[str, int],
     payload: dict[str, Any],
     stall_s: float,
+    folder: str | None = None,
 ) -> CheckpointRecord:
     """Persist `payload` (CPU tensors and plain data); returns the record made visible last.
+
+    `folder`: where the files go, the run's checkpoints folder unless a replay job names its own.
 
     Tensor bytes are written straight from their buffers: hashing and writing large buffers
     release the GIL, so the training thread keeps running while a checkpoint is persisted.
     """
     started = time.perf_counter()
     name = checkpoint_name(outer_index, kind)
-    data_path = layout.checkpoint_data_path(run_id, name)
+    folder = folder or layout.checkpoints_dir(run_id)
+    data_path = f"{folder}/{name}.ckpt"
     tensors: list[torch.Tensor] = []
     header = pickle.dumps(_strip(payload, tensors), protocol=pickle.HIGHEST_PROTOCOL)
     digest = hashlib.sha256()
@@ -131,7 +135,7 @@ def write_checkpoint(
         created_at=time.time(),
     )
     try:
-        files.put(layout.checkpoint_meta_path(run_id, name), record.to_json())
+        files.put(f"{folder}/{name}.json", record.to_json())
     except BaseException:
         files.delete(data_path)  # without its record the payload is invisible: do not leave it taking space
         raise
@@ -208,9 +212,11 @@ def list_checkpoints(files: RunFiles, run_id: int) -> list[CheckpointRecord]:
     return sorted(records, key=lambda r: (r.outer_index, r.kind != "inner_end"))
 
 
-def read_checkpoint(files: RunFiles, record: CheckpointRecord) -> dict[str, Any]:
-    """The payload, its size and SHA-256 checked against the record; `CorruptCheckpoint` naming the file."""
-    path = layout.checkpoint_data_path(record.run_id, record.name)
+def read_checkpoint(files: RunFiles, record: CheckpointRecord, folder: str | None = None) -> dict[str, Any]:
+    """The payload, its size and SHA-256 checked against the record; `CorruptCheckpoint` naming the file.
+
+    `folder`: where it was written (`write_checkpoint`), the run's checkpoints folder by default."""
+    path = f"{folder or layout.checkpoints_dir(record.run_id)}/{record.name}.ckpt"
     data = files.get(path)
     if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
         why = f"{len(data)} bytes, {record.bytes} written" if len(data) != record.bytes else "checksum mismatch"

@@ -22,7 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from florql.storage import layout, segments, wide
-from florql.storage.checkpoints import read_record
+from florql.storage.checkpoints import CheckpointRecord, read_record
 from florql.storage.code_versions import code_version_manifest
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS segments_ingested (
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id INTEGER, name VARCHAR, outer_index INTEGER, kind VARCHAR, coords VARCHAR, bytes BIGINT,
-    sha256 VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP, PRIMARY KEY (run_id, name)
+    sha256 VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP, code_version VARCHAR,
+    PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS code_versions (
     code_version VARCHAR, path VARCHAR, sha256 VARCHAR, PRIMARY KEY (code_version, path)
@@ -69,7 +70,8 @@ CREATE TABLE IF NOT EXISTS replay_jobs (
 );
 CREATE TABLE IF NOT EXISTS _replay_costs (
     job_id VARCHAR PRIMARY KEY, run_id INTEGER, warm BOOLEAN, startup_s DOUBLE, setup_s DOUBLE,
-    restore_s DOUBLE, restored_bytes BIGINT, work_s DOUBLE, est_work_s DOUBLE, est_s DOUBLE, seconds DOUBLE
+    restore_s DOUBLE, restored_bytes BIGINT, work_s DOUBLE, est_work_s DOUBLE, est_s DOUBLE, seconds DOUBLE,
+    recorded_exec_s DOUBLE, recorded_skip_s DOUBLE
 );
 CREATE TABLE IF NOT EXISTS replay_coverage (
     run_id INTEGER, name VARCHAR, version VARCHAR, outer_index INTEGER, job_id VARCHAR,
@@ -133,9 +135,14 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
         (t, c)
         for t, c in conn.execute(
             "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main' "
-            "AND table_name IN ('logs', 'replay_coverage')"
+            "AND table_name IN ('logs', 'replay_coverage', 'checkpoints', '_replay_costs')"
         ).fetchall()
     }
+    for column in ("recorded_exec_s", "recorded_skip_s"):  # older rows: NULL, not used for calibration
+        if ("_replay_costs", column) not in columns:
+            conn.execute(f"ALTER TABLE _replay_costs ADD COLUMN {column} DOUBLE")
+    if ("checkpoints", "code_version") not in columns:  # NULL: the run's own recorded code
+        conn.execute("ALTER TABLE checkpoints ADD COLUMN code_version VARCHAR")
     if ("logs", "version") not in columns:
         conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
     if ("replay_coverage", "version") not in columns:
@@ -238,7 +245,7 @@ def ingest_run(
         if new_manifest:
             _upsert_run(conn, run_id, manifest, status, record)
             _ingest_code_version(conn, files, manifest.code_version)
-        checkpoints = _ingest_checkpoints(conn, files, run_id)
+        checkpoints = _ingest_checkpoints(conn, files, run_id, manifest.code_version)
         if status != "running":
             conn.execute("UPDATE _runs SET sealed = TRUE WHERE run_id = ?", [run_id])
         if new_manifest or rows or checkpoints:
@@ -435,7 +442,7 @@ def insert_records(
         conn.unregister("_segment_in")
 
 
-def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
+def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int, code_version: str | None) -> int:
     have = {r[0] for r in conn.execute("SELECT name FROM checkpoints WHERE run_id = ?", [run_id]).fetchall()}
     landed = 0
     for path in files.list(layout.checkpoints_dir(run_id)):
@@ -445,22 +452,29 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
         if rec.name in have:
             continue
         landed += 1
-        conn.execute(
-            "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
-            [
-                run_id,
-                rec.name,
-                rec.outer_index,
-                rec.kind,
-                json.dumps(rec.coords),
-                rec.bytes,
-                rec.sha256,
-                rec.stall_s,
-                rec.persist_s,
-                rec.created_at,
-            ],
-        )
+        _insert_checkpoint(conn, rec, rec.name, code_version)
     return landed
+
+
+def _insert_checkpoint(
+    conn: duckdb.DuckDBPyConnection, rec: CheckpointRecord, stored_name: str, code_version: str | None
+) -> None:
+    conn.execute(
+        "INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, ?)",
+        [
+            rec.run_id,
+            stored_name,
+            rec.outer_index,
+            rec.kind,
+            json.dumps(rec.coords),
+            rec.bytes,
+            rec.sha256,
+            rec.stall_s,
+            rec.persist_s,
+            rec.created_at,
+            code_version,
+        ],
+    )
 
 
 def _ingest_code_version(conn: duckdb.DuckDBPyConnection, files: RunFiles, version: str | None) -> None:
@@ -536,6 +550,9 @@ def ingest_replays(
             )
             wide.refresh_replayed(conn, run_id, list(summary["names"]))
             _ingest_costs(conn, run_id, job_id, summary.get("timings"))
+            for record in summary.get("checkpoints", ()):  # persisted by the job: they land with its rows
+                rec = CheckpointRecord(**record)
+                _insert_checkpoint(conn, rec, f"{job_id}/{rec.name}", summary.get("checkpoint_version"))
             conn.execute("INSERT INTO _stale_views VALUES (?)", [run_id])
             conn.execute("COMMIT")
         except BaseException:
@@ -553,7 +570,7 @@ def _ingest_costs(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, t: 
     setup = t["first_iteration_at"] - t["script_started_at"]
     work = max(t["finished_at"] - t["first_iteration_at"] - t["restore_s"], 0.0)
     conn.execute(
-        "INSERT OR IGNORE INTO _replay_costs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO _replay_costs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             job_id,
             run_id,
@@ -566,6 +583,8 @@ def _ingest_costs(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, t: 
             t["est_work_s"],
             t["est_s"],
             t["finished_at"] - t["launched_at"],
+            t.get("recorded_exec_s"),
+            t.get("recorded_skip_s"),
         ],
     )
 

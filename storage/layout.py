@@ -98,6 +98,18 @@ def replay_expected_path(run_id: int, job_id: str) -> str:
     return f"{replay_dir(run_id, job_id)}/{REPLAY_EXPECTED}"
 
 
+def replay_checkpoints_dir(run_id: int, job_id: str) -> str:
+    """Checkpoints a replay job persisted: visible once the job's commit lists them."""
+    return f"{replay_dir(run_id, job_id)}/checkpoints"
+
+
+def checkpoint_location(run_id: int, stored_name: str) -> tuple[str, str]:
+    """(folder, file name) of a checkpoint as the `checkpoints` table names it: a replay job's
+    checkpoints are named `<job_id>/<name>`, the run's own just `<name>`."""
+    job_id, _, name = stored_name.rpartition("/")
+    return (replay_checkpoints_dir(run_id, job_id) if job_id else checkpoints_dir(run_id)), name
+
+
 def replays_dir(run_id: int) -> str:
     return f"runs/{run_id}/replays"
 

@@ -76,6 +76,7 @@ class Manifest:
     outer_completed: int = 0
     outer_broke_early: bool = False
     iteration_s: list[float] = field(default_factory=list)  # per completed outer iteration
+    setup_s: float | None = None  # from florql's start in the script to its outer loop (the script's set-up)
     inner_s: list[float] = field(default_factory=list)
     checkpoint_budget: float | None = None
     checkpoint_objects: list[str] = field(default_factory=list)

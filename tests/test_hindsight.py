@@ -138,6 +138,8 @@ def test_outer_level_statement_skips_the_inner_loop(store: Path):
     db = connect(store)
     result = db.sql("SELECT epoch, w_norm FROM run_1 ORDER BY epoch")
     assert result.plan is not None and all(j.mode == "skip" for j in result.plan.jobs)
+    now = inner_end_checkpoints(db, RUN)  # the run's, and those the first replay left
+    assert now == kept | set(range(start + 1, 6))
     same(db, "SELECT epoch, w_norm FROM run_{run} ORDER BY epoch")
     executed, restored = ran(db, RUN)
     ckpts = inner_end_checkpoints(db, RUN)
@@ -240,14 +242,71 @@ def test_sparse_checkpoints(store: Path):
     assert job["checkpoint"].startswith(f"{start:08d}")
     assert job["restored"] == [start] and job["executed"] == list(range(start + 1, 6))
 
+    now = inner_end_checkpoints(db, RUN)  # the run's, and those the first replay left
+    assert now == kept | set(range(start + 1, 6))
     same(db, "SELECT epoch, w_norm FROM run_{run} ORDER BY epoch")
     executed, restored = ran(db, RUN)
     w_jobs = [j for j in jobs(db, RUN) if j["names"] == ["w_norm"]]
     w_exec = {i for j in w_jobs for i in j["executed"]}
     w_rest = {i for j in w_jobs for i in j["restored"]}
-    assert w_rest == kept  # skipped wherever a checkpoint allows
-    assert w_exec == set(range(EPOCHS)) - kept
+    assert w_rest == now  # skipped wherever a checkpoint allows
+    assert w_exec == set(range(EPOCHS)) - now
     same(db, "SELECT epoch, step, loss, grad_norm, w_norm FROM run_{run} WHERE epoch = 5 ORDER BY ALL")
+
+
+def _keep_checkpoints_before(store: Path, first_missing: int) -> None:
+    """Delete the run's checkpoints from `first_missing` on; the tables are rebuilt from the files."""
+    for path in (store / "runs" / str(RUN) / "checkpoints").iterdir():
+        if int(path.name.split("-")[0]) >= first_missing:
+            path.unlink()
+    for leftover in store.glob("florql.duckdb*"):
+        leftover.unlink()
+
+
+def test_replay_leaves_checkpoints_that_the_next_query_restores(store: Path):
+    _keep_checkpoints_before(store, 2)
+    db = connect(store)
+    same(db, "SELECT epoch, step, grad_norm FROM run_{run} WHERE epoch >= 3 ORDER BY ALL")
+    (first,) = jobs(db, RUN)
+    assert first["executed"] == list(range(2, EPOCHS))
+    left = db.sql(
+        "SELECT outer_index, kind, name, code_version FROM checkpoints WHERE run_id = ? AND name LIKE ? ORDER BY 1",
+        [RUN, first["job_id"] + "/%"],
+    ).fetchall()
+    recorded_version = db.sql("SELECT code_version FROM runs WHERE run_id = ?", [RUN]).fetchall()[0][0]
+    # Every executed iteration lacking a checkpoint got one (FLORQL_CHECKPOINTS=every), belonging to
+    # the recorded code: the grad_norm statement changes no state.
+    assert [(i, k) for i, k, _, _ in left] == [(i, "inner_end") for i in range(2, EPOCHS)]
+    assert {v for *_, v in left} == {recorded_version}
+
+    # A new name over the same range restores them instead of re-executing.
+    same(db, "SELECT epoch, w_norm FROM run_{run} WHERE epoch >= 2 ORDER BY epoch")
+    (second,) = [j for j in jobs(db, RUN) if j["names"] == ["w_norm"]]
+    assert second["executed"] == [] and set(second["restored"]) >= set(range(2, EPOCHS))
+    # And a step-level name starts from the latest of them.
+    same(db, "SELECT epoch, step, loss, grad_norm FROM run_{run} WHERE epoch = 5 ORDER BY ALL")
+
+
+def test_replay_checkpoints_of_state_changing_code_serve_only_that_code(store: Path, recorded: Recorded):
+    _keep_checkpoints_before(store, 2)
+    script = recorded.work / "train.py"
+    original = script.read_text()
+    # An in-place call: the static check cannot tell it leaves the training state alone (here it does:
+    # it changes a temporary), so what this code leaves belongs to this code only.
+    script.write_text(
+        original.replace("float(net[0].weight.detach().norm())", "float(net[0].weight.detach().norm().add_(0))")
+    )
+    try:
+        db = connect(store)
+        db.sql("SELECT epoch, w_norm FROM run_1 WHERE epoch >= 3").fetchall()
+        versions = {r[0] for r in db.sql("SELECT code_version FROM checkpoints WHERE name LIKE '%/%'").fetchall()}
+        assert len(versions) == 1 and next(iter(versions)).startswith("patched-")
+    finally:
+        script.write_text(original)
+    # The recorded code's state differs: those checkpoints are never restored for it.
+    same(db, "SELECT epoch, step, grad_norm FROM run_{run} WHERE epoch = 4 ORDER BY ALL")
+    grad_job = next(j for j in jobs(db, RUN) if j["names"] == ["grad_norm"])
+    assert grad_job["executed"] == [2, 3, 4] and not grad_job["checkpoint"].count("/")
 
 
 def test_run_without_checkpoints_replays_from_start_and_stops_early(store: Path):

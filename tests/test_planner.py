@@ -57,3 +57,29 @@ def test_epoch_level_names_restore_every_iteration_and_cost_only_the_tails():
     [job] = plan([(facts(costs, kind="inner_end"), [Need("w", frozenset(range(EPOCHS)), True)])], workers=1).jobs
     assert job.mode == "skip" and sorted(job.restore_inner) == list(range(EPOCHS))
     assert abs(job.est_work_s - EPOCHS * 0.2) < 1e-9
+
+
+def _replay_cost(conn, job: str, recorded_exec_s: float, recorded_skip_s: float, work_s: float) -> None:
+    conn.execute(
+        "INSERT INTO _replay_costs VALUES (?, 1, TRUE, 0.1, 0.4, 0.0, 0, ?, 0.0, 0.0, 0.0, ?, ?)",
+        [job, work_s, recorded_exec_s, recorded_skip_s],
+    )
+
+
+def test_executed_and_restored_iterations_are_calibrated_apart(tmp_path):
+    from florql.runinfo import measured_costs
+    from florql.storage.database import open_file
+
+    conn = open_file(str(tmp_path / "florql.duckdb"))
+    assert measured_costs(conn, 1, warm=True, recorded_setup_s=1.7).setup_s == 1.7  # the run's own, until measured
+    # A step-level job ran its iterations at half the recorded pace; an epoch-level job restored
+    # every inner loop and ran the tails at about their recorded pace.
+    _replay_cost(conn, "step", recorded_exec_s=10.0, recorded_skip_s=0.5, work_s=20.5)
+    _replay_cost(conn, "epoch", recorded_exec_s=0.0, recorded_skip_s=2.0, work_s=2.2)
+    costs = measured_costs(conn, 1, warm=True, recorded_setup_s=1.7)
+    assert costs.setup_s == 0.4 and costs.work_scale == 2.05
+    assert abs(costs.skip_scale - 1.1) < 1e-9  # from the job that mostly restored
+    conn.close()
+    [job] = plan([(facts(costs, kind="inner_end"), [Need("w", frozenset(range(EPOCHS)), True)])], workers=1).jobs
+    assert job.recorded_exec_s == 0 and abs(job.recorded_skip_s - EPOCHS * 0.2) < 1e-9
+    assert abs(job.est_work_s - job.recorded_skip_s * costs.skip_scale) < 1e-9  # not the executed pace
