@@ -20,6 +20,7 @@ from sqlglot import exp
 
 from florql import query, reads
 from florql.binder import Bound, bind, unknown_column_error
+from florql.catalog_cache import RunCatalog
 from florql.dialect import bind_parameters, ensure_read_only, florql_setting, in_user_terms, parse
 from florql.errors import (
     FlorqlError,
@@ -37,7 +38,7 @@ from florql.progress import ReplayProgress
 from florql.replay.executor import Executor, LocalExecutor, make_executor
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
-from florql.runinfo import BASE_TABLES, RunInfo, load_run, load_runs, run_ids
+from florql.runinfo import BASE_TABLES, RunInfo
 from florql.storage.layout import StoreLocation, locate_store
 from florql.storage.shared import DEFAULT_WAIT_S, shared_database
 
@@ -326,6 +327,10 @@ class Connection:
     def _open(self):
         return self.database.lease(self.busy_timeout)
 
+    def _catalog(self, db: duckdb.DuckDBPyConnection) -> RunCatalog:
+        """The catalog as read under this lease, kept between queries while the store is unchanged."""
+        return RunCatalog(db, self.database)
+
     @staticmethod
     def _execute(db: duckdb.DuckDBPyConnection, sql: str, params: Sequence[Any] | None):
         # The shared handle opened the file without external access and locked its configuration.
@@ -374,12 +379,12 @@ class Connection:
         lease = contextlib.ExitStack()
         try:
             db = lease.enter_context(self._open())
-            planned = self._plan(bind(statement.copy(), db), db)
+            planned = self._plan(bind(statement.copy(), db, self._catalog(db)), db)
             if planned.plan.jobs and self.settings["replay"] != "never":
                 lease.close()
                 ran = self._replay(statement, planned, notes)
                 db = lease.enter_context(self._open())
-                planned = self._plan(bind(statement.copy(), db), db, runnable=False)
+                planned = self._plan(bind(statement.copy(), db, self._catalog(db)), db, runnable=False)
             else:
                 ran = None
                 if planned.plan.jobs:
@@ -401,7 +406,7 @@ class Connection:
         ran = planned.plan
         self.sync()
         with self._open() as db:
-            again = self._plan(bind(statement.copy(), db), db, reexecute=True)
+            again = self._plan(bind(statement.copy(), db, self._catalog(db)), db, reexecute=True)
         if again.plan.jobs:
             self._run_jobs(again.specs)
             ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes, ran.slowdown)
@@ -533,7 +538,7 @@ class Connection:
             statement = bind_parameters(statement, params)
             self.sync()
             with self._open() as db:
-                planned = self._plan(bind(statement.copy(), db), db, runnable=False).plan
+                planned = self._plan(bind(statement.copy(), db, self._catalog(db)), db, runnable=False).plan
         if planned.jobs and self.settings["replay"] != "never":
             self.executor  # noqa: B018 (starts the warm fork server now: the query that follows starts warm)
         return planned
@@ -548,7 +553,8 @@ class Connection:
                 rel = db.sql(f"SELECT * FROM {name} LIMIT 0").to_arrow_table()
                 # Everything is presented as a read-only table: BI tools list tables first (psql's \dt).
                 out.append(TableInfo(name, "table", [ColumnInfo(f.name, f.type) for f in rel.schema]))
-            out += [_run_table(info) for info in load_runs(db, run_ids(db)).values()]
+            catalog = self._catalog(db)
+            out += [_run_table(info) for info in catalog.runs(catalog.run_ids()).values()]
         return out
 
     def run_table(self, run_id: int) -> TableInfo | None:
@@ -556,7 +562,8 @@ class Connection:
         is loggable), or None when there is no such run."""
         self.sync()
         with answering(), self._open() as db:
-            return _run_table(load_run(db, run_id)) if run_id in run_ids(db) else None
+            catalog = self._catalog(db)
+            return _run_table(catalog.runs([run_id])[run_id]) if run_id in catalog.run_ids() else None
 
     def close(self) -> None:
         if self._executor is not None:

@@ -19,8 +19,9 @@ from sqlglot.errors import OptimizeError
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
+from florql.catalog_cache import RunCatalog
 from florql.errors import FlorqlError, UnknownColumn, UnknownTable
-from florql.runinfo import BASE_TABLES, RunInfo, load_runs, run_ids
+from florql.runinfo import BASE_TABLES, RunInfo
 
 _RUN_TABLE = re.compile(r"^run_(\d+)$", re.IGNORECASE)
 REF_KEY = "florql_ref"  # meta key tagging each table node of the user's statement
@@ -46,22 +47,24 @@ class Bound:
     runs: dict[int, RunInfo]
 
 
-def bind(statement: exp.Expr, conn: duckdb.DuckDBPyConnection) -> Bound:
+def bind(statement: exp.Expr, conn: duckdb.DuckDBPyConnection, catalog: RunCatalog | None = None) -> Bound:
     """Resolve the statement's run tables as SQL scopes do, and what each reference reads.
 
     The statement is qualified on a copy (stars expanded to every column, loggable ones
     included; CTEs shadowing tables; aliases and derived tables resolved), so each reference
     gets the columns of its own scope and the loop ranges of its own WHERE. Where the analysis
     is unsure, a reference reads everything: the replay plan may be wider, never narrower.
+    `catalog`: the query's reads of the catalog tables (kept between queries); one of `conn` by default.
     """
-    existing = run_ids(conn)
+    catalog = catalog or RunCatalog(conn)
+    existing = catalog.run_ids()
     shadowed = {c.alias_or_name.lower() for c in statement.find_all(exp.CTE)}
     tables = [t for t in statement.find_all(exp.Table) if isinstance(t.this, exp.Identifier)]
     for ref_id, table in enumerate(tables):
         table.meta[REF_KEY] = ref_id
     wanted = {run_id: None for table in tables for run_id in _table_runs(table, existing, shadowed)}
-    runs = load_runs(conn, sorted(wanted))
-    schema = _schema(conn, runs, tables, existing)
+    runs = catalog.runs(sorted(wanted))
+    schema = _schema(catalog, runs, tables, existing)
     qualified = statement.copy()
     try:
         # sqlglot annotates `schema` as dict[str, object] (invariant), though it only reads the mapping
@@ -99,18 +102,13 @@ def _table_runs(table: exp.Table, existing: list[int], shadowed: set[str]) -> li
 
 
 def _schema(
-    conn: duckdb.DuckDBPyConnection, runs: dict[int, RunInfo], tables: list[exp.Table], existing: list[int]
+    catalog: RunCatalog, runs: dict[int, RunInfo], tables: list[exp.Table], existing: list[int]
 ) -> dict[str, dict[str, str]]:
     """Column names of every table the statement names, run tables with their loggable names."""
     schema: dict[str, dict[str, str]] = {}
     for name in {t.name.lower() for t in tables}:
         if name in BASE_TABLES and name != "metrics":
-            rows = conn.execute(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = ? "
-                "AND table_schema = 'main' ORDER BY ordinal_position",
-                [name],
-            ).fetchall()
-            schema[name] = {c: t for c, t in rows}
+            schema[name] = catalog.columns(name)
     for run_id, info in runs.items():
         schema[f"run_{run_id}"] = dict.fromkeys(info.columns(), "DOUBLE")
     if "metrics" in {t.name.lower() for t in tables}:

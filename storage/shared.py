@@ -16,12 +16,18 @@ connection to one database instance. So:
   cannot stall it), closes the file when its current leases end, and leaves it to the waiter for up
   to GRACE_S. A caller that could not get the file in time gets StoreBusy naming the process that
   holds it.
+- **Nothing new, no sync.** After a sync over a local store, `RunFolders` remembers the modification
+  times of the folders where a new run file could appear; while none changed (and no run is still
+  running), a sync has nothing to ingest and is skipped: a few `stat`s instead of listing every run.
+  `catalog_token` changes whenever what the tables say may have changed (an ingest, the file
+  reopened), so the query side can keep what it read of the catalog between queries.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -69,6 +75,8 @@ class SharedDatabase:
         self._ingesting = False
         self._synced_at = -math.inf  # when the last completed sync began (time.monotonic)
         self._synced_identity: tuple[int, int] | None = None
+        self._unchanged_since: RunFolders | None = None  # the folders as the last sync began, when trusted
+        self._catalog_token: int | None = next(_TOKENS)
 
     # ---- leases -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -113,6 +121,7 @@ class SharedDatabase:
             self._opening = False
             self._root = root
             self._identity = _identity(self.db_path)
+            self._catalog_token = next(_TOKENS)  # another process may have written the file meanwhile
             self._users += 1
             self._yield_until = self._reopen_after = 0.0
             self._turn_end = self._next_yield = time.monotonic() + MIN_TURN_S
@@ -149,6 +158,7 @@ class SharedDatabase:
         """Close the file (with `_cond` held and no users)."""
         root, self._root = self._root, None
         self._yield_until = 0.0
+        self._catalog_token = next(_TOKENS)
         if handover:
             self._reopen_after = time.monotonic() + GRACE_S
         if root is not None:
@@ -259,6 +269,8 @@ class SharedDatabase:
 
         A caller waits for a sync that began after it called (running one itself when none is
         running), so concurrent callers share syncs and each sees what was complete when it asked.
+        When no folder a run file could appear in changed since the last sync began, there is
+        nothing to ingest and the call returns at once.
         """
         asked = time.monotonic()
         deadline = asked + wait_s
@@ -269,28 +281,119 @@ class SharedDatabase:
                     if self._synced_at >= asked and self._synced_identity == identity:
                         return  # a sync that began after we asked has finished
                     if not self._ingesting:
+                        unchanged = self._unchanged_since
+                        if unchanged is not None and self._synced_identity == identity and unchanged.same_now():
+                            return  # nothing new since the last sync began
                         self._ingesting = True  # this thread ingests; the others wait for it
                         break
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise StoreBusy(self._busy_message(wait_s, "this process is still ingesting new run files"))
                     self._ingest.wait(remaining)
-            began = time.monotonic()
-            done = False
-            try:
-                sync(conn, files)
-                done = True
-            except (duckdb.TransactionException, duckdb.ConstraintException) as exc:
-                raise StoreConflict(
-                    f"ingesting new run files collided with another writer ({type(exc).__name__}); try again"
-                ) from exc
-            finally:
-                with self._ingest:
-                    self._ingesting = False
-                    if done:
-                        self._synced_at = max(self._synced_at, began)
-                        self._synced_identity = identity
-                    self._ingest.notify_all()
+            self._ingest_now(conn, files, identity)
+
+    def _ingest_now(self, conn: duckdb.DuckDBPyConnection, files: RunFiles, identity: tuple[int, int] | None) -> None:
+        """One sync by this thread (it set `_ingesting`); the catalog token is withheld while it runs."""
+        with self._cond:
+            token, self._catalog_token = self._catalog_token, None
+        began = time.monotonic()
+        folders = RunFolders.taken(files)  # before the sync lists anything: a change after it shows
+        touched: set[int] | None = None
+        try:
+            touched = sync(conn, files)
+        except (duckdb.TransactionException, duckdb.ConstraintException) as exc:
+            raise StoreConflict(
+                f"ingesting new run files collided with another writer ({type(exc).__name__}); try again"
+            ) from exc
+        finally:
+            with self._cond:  # a sync that wrote nothing leaves what was read of the tables valid
+                self._catalog_token = token if touched is not None and not touched else next(_TOKENS)
+            with self._ingest:
+                self._ingesting = False
+                self._unchanged_since = folders.trusted(conn) if folders and touched is not None else None
+                if touched is not None:
+                    self._synced_at = max(self._synced_at, began)
+                    self._synced_identity = identity
+                self._ingest.notify_all()
+
+    @property
+    def catalog_token(self) -> int | None:
+        """Equal between two calls only if the tables' contents did not change in between, as far
+        as this process can tell (None while an ingest runs: nothing read now may be kept)."""
+        with self._cond:
+            return self._catalog_token
+
+
+class RunFolders:
+    """The modification times of the folders of a local store where a new run file can appear.
+
+    `taken` before a sync lists the run files; `trusted` after it keeps the folders that matter
+    (the runs folder; per run, once sealed, only its replay jobs that have not landed) and refuses
+    (None) while a run may still write or a time is too recent to tell a later change from it.
+    """
+
+    RACY_S = 2.0  # a folder changed this recently might change again within the same timestamp tick
+
+    def __init__(self, times: dict[str, int | None], taken_ns: int) -> None:
+        self.times = times
+        self.taken_ns = taken_ns
+
+    @classmethod
+    def taken(cls, files: RunFiles) -> RunFolders | None:
+        root = files.local_path("runs")
+        if root is None:
+            return None  # an object store has no cheap folder times: every sync lists
+        taken_ns = time.time_ns()
+        times = {root: _mtime_ns(root)}
+        for run in _subfolders(root):
+            if run.isdigit():
+                run_dir = os.path.join(root, run)
+                replays = os.path.join(run_dir, "replays")
+                times[run_dir], times[replays] = _mtime_ns(run_dir), _mtime_ns(replays)
+                for job in _subfolders(replays):
+                    times[os.path.join(replays, job)] = _mtime_ns(os.path.join(replays, job))
+        return cls(times, taken_ns)
+
+    def trusted(self, conn: duckdb.DuckDBPyConnection) -> RunFolders | None:
+        """The folders to watch, after a sync that read the run files as they were when taken."""
+        sealed = {r for (r,) in conn.execute("SELECT run_id FROM _runs WHERE sealed").fetchall()}
+        landed = {(str(r), j) for r, j in conn.execute("SELECT run_id, job_id FROM replay_jobs").fetchall()}
+        [root, *rest] = self.times  # insertion order: the runs folder first
+        watched = {root: self.times[root]}
+        for path in rest:
+            parts = os.path.relpath(path, root).split(os.sep)
+            if len(parts) == 1 and int(parts[0]) not in sealed:
+                return None  # a running run writes segments and manifests anywhere in its folder
+            if len(parts) == 1 and self.times[os.path.join(path, "replays")] is None:
+                watched[path] = self.times[path]  # its replays folder would appear here
+            elif parts[1:] == ["replays"] and self.times[path] is not None:
+                watched[path] = self.times[path]
+            elif len(parts) == 3 and (parts[0], parts[2]) not in landed:
+                watched[path] = self.times[path]  # its commit (or divergence) is still to come
+        racy = self.taken_ns - int(self.RACY_S * 1e9)
+        if any(t is not None and t >= racy for t in watched.values()):
+            return None
+        return RunFolders(watched, self.taken_ns)
+
+    def same_now(self) -> bool:
+        return all(_mtime_ns(path) == then for path, then in self.times.items())
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _subfolders(path: str) -> list[str]:
+    try:
+        return [e.name for e in os.scandir(path) if e.is_dir()]
+    except OSError:
+        return []
+
+
+_TOKENS = itertools.count()
 
 
 _CONFIGURING = threading.Lock()

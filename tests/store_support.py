@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,3 +126,44 @@ class Store:
 class Finished:
     proc: subprocess.CompletedProcess
     run_id: int | None
+
+
+def write_synthetic_run(
+    files: RunFiles, run_id: int, epochs: int, steps: int, status: str = "finished", seed: int = 0
+) -> dict[str, list[float]]:
+    """A run written as a trainer writes it, without training: a segment per epoch of `loss` per
+    step and `acc` per epoch. `status` 'running' names this process as the trainer (alive).
+    Returns the values logged, by name, in logging order."""
+    import random
+    import socket
+
+    from florql.storage import layout, segments
+    from florql.storage.manifest import Env, Manifest
+
+    rng = random.Random(seed * 100_003 + run_id)
+    now = time.time()
+    env = Env(hostname=socket.gethostname(), pid=os.getpid())
+    manifest = Manifest(run_id=run_id, status=status, started_at=now, heartbeat_at=now, outer_loop="epoch", env=env)
+    manifest.update(outer_completed=epochs, outer_planned=epochs, iteration_s=[1.0] * epochs)
+    logged: dict[str, list[float]] = {"loss": [], "acc": []}
+    seq = 0
+    for epoch in range(epochs):
+        records: list[tuple[str, Any, tuple]] = []
+        for step in range(steps):
+            records.append(("loss", rng.random(), ("epoch/step", epoch, step)))
+        records.append(("acc", rng.random(), ("epoch", epoch)))
+        for name, value, _ in records:
+            logged[name].append(value)
+        segments.write_segment(
+            files, layout.segment_path(run_id, layout.MAIN_WRITER, epoch), segments.records_to_batch(seq, records), {}
+        )
+        seq += len(records)
+    files.put(layout.manifest_path(run_id), manifest.to_json().encode())
+    return logged
+
+
+def age_folders(root: Path, seconds: float = 60) -> None:
+    """Date every folder under `root` (and `root`) `seconds` back, as if written a while ago."""
+    then = time.time() - seconds
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        os.utime(folder, (then, then))
