@@ -138,8 +138,6 @@ def test_outer_level_statement_skips_the_inner_loop(store: Path):
     db = connect(store)
     result = db.sql("SELECT epoch, w_norm FROM run_1 ORDER BY epoch")
     assert result.plan is not None and all(j.mode == "skip" for j in result.plan.jobs)
-    now = inner_end_checkpoints(db, RUN)  # the run's, and those the first replay left
-    assert now == kept | set(range(start + 1, 6))
     same(db, "SELECT epoch, w_norm FROM run_{run} ORDER BY epoch")
     executed, restored = ran(db, RUN)
     ckpts = inner_end_checkpoints(db, RUN)
