@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS segments_ingested (
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id INTEGER, name VARCHAR, outer_index INTEGER, kind VARCHAR, coords VARCHAR, bytes BIGINT,
-    sha256 VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP, PRIMARY KEY (run_id, name)
+    sha256 VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP,
+    stored_bytes BIGINT, chunks INTEGER, PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS code_versions (
     code_version VARCHAR, path VARCHAR, sha256 VARCHAR, PRIMARY KEY (code_version, path)
@@ -133,11 +134,15 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
         (t, c)
         for t, c in conn.execute(
             "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = 'main' "
-            "AND table_name IN ('logs', 'replay_coverage')"
+            "AND table_name IN ('logs', 'replay_coverage', 'checkpoints')"
         ).fetchall()
     }
     if ("logs", "version") not in columns:
         conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
+    if ("checkpoints", "stored_bytes") not in columns:  # before chunks, a checkpoint stored all its bytes
+        conn.execute("ALTER TABLE checkpoints ADD COLUMN stored_bytes BIGINT")
+        conn.execute("ALTER TABLE checkpoints ADD COLUMN chunks INTEGER")
+        conn.execute("UPDATE checkpoints SET stored_bytes = bytes, chunks = 0")
     if ("replay_coverage", "version") not in columns:
         conn.execute("DROP TABLE replay_coverage")
         conn.execute(SCHEMA)
@@ -446,7 +451,8 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
             continue
         landed += 1
         conn.execute(
-            "INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP)",
+            "INSERT INTO checkpoints (run_id, name, outer_index, kind, coords, bytes, sha256, stall_s, persist_s,"
+            " created_at, stored_bytes, chunks) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, ?, ?)",
             [
                 run_id,
                 rec.name,
@@ -458,6 +464,8 @@ def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id
                 rec.stall_s,
                 rec.persist_s,
                 rec.created_at,
+                rec.stored_bytes,
+                len(rec.chunks),
             ],
         )
     return landed
