@@ -3,7 +3,8 @@
 Large tensors and NumPy arrays (≥ `CHUNK_MIN_BYTES`) are stored apart, as content-addressed chunks
 (`runs/<id>/chunks/<sha256>`) that every checkpoint holding the same bytes refers to: a data set,
 a frozen layer or an unchanged buffer is stored once per run. A chunk already present is not
-written again, and is never deleted while a record refers to it (`delete_unreferenced_chunks`).
+written again; nothing deletes chunks (a chunk that lost its last record, as after a kill -9
+mid-persist, is unused space, never a wrong restore).
 
 Chunks first, then the payload, then the record: a checkpoint is visible exactly when it is
 complete. The record carries the payload's SHA-256 and the payload each chunk's, checked on
@@ -35,7 +36,6 @@ __all__ = [
     "CheckpointRecord",
     "ChunkCache",
     "CorruptCheckpoint",
-    "delete_unreferenced_chunks",
     "list_checkpoints",
     "read_checkpoint",
     "write_checkpoint",
@@ -386,26 +386,6 @@ def _read_chunk(files: RunFiles, record: CheckpointRecord, ref: _ChunkRef) -> by
         f"checkpoints referring to it: {', '.join(sharing) or record.name}. Delete the .ckpt and .json files of "
         "those checkpoints and the chunk, and run `florql rebuild`: replays then start from another checkpoint"
     )
-
-
-def referenced_chunks(files: RunFiles, run_id: int) -> set[str]:
-    """The digests of the chunks some complete checkpoint of the run refers to."""
-    return {digest for record in list_checkpoints(files, run_id) for digest in record.chunks}
-
-
-def delete_unreferenced_chunks(files: RunFiles, run_id: int) -> int:
-    """Deletes the run's chunks no checkpoint record refers to; returns how many.
-
-    Only for a run no process writes checkpoints of any more (a finished or killed run, no replay
-    running): a persist in flight writes its chunks before its record, and they would look unused.
-    """
-    keep = referenced_chunks(files, run_id)
-    deleted = 0
-    for path in files.list(layout.chunks_dir(run_id)):
-        if path.rsplit("/", 1)[-1] not in keep:
-            files.delete(path)
-            deleted += 1
-    return deleted
 
 
 _REMEDY = "delete its .ckpt and .json files and run `florql rebuild`: replays then start from an earlier checkpoint"
