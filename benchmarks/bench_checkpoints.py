@@ -2,7 +2,8 @@
 
 The workload: a 15 MiB module-level NumPy data set that never changes, a small MLP trained with
 SGD and momentum, 20 epochs of 10 steps, a checkpoint at every opportunity (20 checkpoints). Each
-round records it once with the baseline (exported with `git archive`, laid out as the installed
+epoch ends with 0.5 s of sleep, so that a snapshot never waits for the previous persist and the
+stall is the snapshot's own. Each round records it once with the baseline (exported with `git archive`, laid out as the installed
 package) and once with this tree, alternating; reported: the bytes of all checkpoint files on disk
 (payloads, records and chunks), the median snapshot stall and persist time per checkpoint. Run:
 python benchmarks/bench_checkpoints.py [--baseline main] [--rounds 3]
@@ -25,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 WORKLOAD = textwrap.dedent("""
+    import time
     import numpy as np
     import torch
     import florql
@@ -45,6 +47,7 @@ WORKLOAD = textwrap.dedent("""
                 loss.backward()
                 opt.step()
                 florql.log("loss", loss.item())
+            time.sleep(0.5)  # the rest of an epoch (evaluation, say): the persist ends before the next snapshot
 """)
 
 

@@ -141,7 +141,9 @@ def _chunkable_array(leaf: Any) -> bool:
         type(leaf) is np.ndarray
         and leaf.nbytes >= CHUNK_MIN_BYTES
         and leaf.flags.c_contiguous
-        and np.dtype(leaf.dtype.str) == leaf.dtype  # no fields, no objects: the bytes are the value
+        and not leaf.dtype.hasobject  # object arrays hold pointers: they are pickled
+        and leaf.dtype.fields is None
+        and np.dtype(leaf.dtype.str) == leaf.dtype  # the bytes and dtype.str are the whole value
     )
 
 
@@ -158,7 +160,10 @@ def _strip(value: Any, tensors: list[torch.Tensor], chunks: dict[str, memoryview
                 return _TensorRef(len(tensors) - 1, dtype, tuple(leaf.shape), leaf.requires_grad)
             return _chunk(leaf, _raw(leaf), str(leaf.dtype).removeprefix("torch."), False, leaf.requires_grad)
         if _chunkable_array(leaf):
-            return _chunk(leaf, memoryview(leaf).cast("B"), leaf.dtype.str, True, False)
+            import numpy as np
+
+            raw = memoryview(leaf.reshape(-1).view(np.uint8))  # any dtype: datetimes export no buffer
+            return _chunk(leaf, raw, leaf.dtype.str, True, False)
         return leaf
 
     def _chunk(leaf: Any, raw: memoryview, dtype: str, array: bool, requires_grad: bool) -> _ChunkRef:

@@ -21,8 +21,14 @@ import torch
 import florql
 from florql.errors import ReplayFailed
 from florql.storage import layout
-from florql.storage.checkpoints import CHUNK_MIN_BYTES, CorruptCheckpoint, list_checkpoints, read_checkpoint
-from florql.storage.runfiles import TMP_PREFIX
+from florql.storage.checkpoints import (
+    CHUNK_MIN_BYTES,
+    CorruptCheckpoint,
+    list_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
+from florql.storage.runfiles import TMP_PREFIX, LocalRunFiles
 from store_support import Store
 
 # A module-level data set that never changes (the bulk of the state), a frozen layer, a small
@@ -201,3 +207,29 @@ def test_kill_9_mid_persist_leaves_no_record_referring_to_a_missing_chunk(store:
         assert np.array_equal(state["scope"]["plain"]["data"], np.ones((2048, 1024), dtype=np.float32))
     assert store.sql("SELECT status FROM runs") == [("killed",)]
     assert re.fullmatch(r"[0-9a-f]{64}", next(iter(on_disk)))
+
+
+def test_arrays_of_every_dtype_round_trip_and_object_arrays_stay_pickled(tmp_path) -> None:
+    files = LocalRunFiles(tmp_path)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "float": rng.standard_normal(20_000),
+        "negative_zero_and_nan": np.array([-0.0, np.nan] * 10_000),
+        "datetime": np.arange(10_000).astype("datetime64[ns]"),
+        "unicode": np.array(["florql"] * 5_000),
+        "bool": np.ones(100_000, dtype=bool),
+        "objects": np.array([None, "a", 1.5] * 5_000, dtype=object),
+        "fortran": np.asfortranarray(rng.standard_normal((200, 100))),
+    }
+    payload = {"scope": {"plain": arrays}, "position": {"outer_index": 0, "kind": "iter_end"}}
+    record = write_checkpoint(files, 1, 0, "iter_end", {"epoch": 0}, payload, 0.0)
+    assert len(record.chunks) == 5  # all but the object array and the non-C-contiguous one
+    restored = read_checkpoint(files, record)["scope"]["plain"]
+    for name, array in arrays.items():
+        got = restored[name]
+        assert got.dtype == array.dtype and got.shape == array.shape, name
+        if array.dtype.hasobject:
+            assert got.tolist() == array.tolist()
+        else:
+            assert got.tobytes(order="A") == array.tobytes(order="A"), name
+        got.flat[0] = got.flat[1]  # restored arrays are the script's to write to
