@@ -5,7 +5,8 @@ Three separate parts, as in torch.distributed.checkpoint:
   training time, and never while the previous persist is still in flight.
 - `Stager` decides *how to snapshot*: state_dict tensors are copied into CPU buffers that are
   allocated once and reused (pinned, with an asynchronous copy on a side stream, for CUDA tensors).
-- `Persister` decides *where*: one background thread writes through `storage.checkpoints`.
+- `Persister` decides *where*: one background thread writes through `storage.checkpoints`, which
+  stores large tensors and arrays as content-addressed chunks: unchanged state is written once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 from florql.errors import UsageError
-from florql.storage.checkpoints import CheckpointRecord, checkpoint_name, write_checkpoint
+from florql.storage.checkpoints import CheckpointRecord, ChunkCache, checkpoint_name, write_checkpoint
 from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
@@ -216,6 +217,7 @@ class Persister:
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last failure
         self.failed = 0  # checkpoints that could not be written (nothing of them is visible)
+        self.chunks = ChunkCache()  # only the persist thread touches it
 
     @property
     def in_flight(self) -> bool:
@@ -242,7 +244,9 @@ class Persister:
         try:
             if event is not None:
                 event.synchronize()
-            record = write_checkpoint(self.files, self.run_id, outer_index, kind, coords, payload, stall_s, self.folder)
+            record = write_checkpoint(
+                self.files, self.run_id, outer_index, kind, coords, payload, stall_s, self.folder, self.chunks
+            )
             self.on_done(record)
         except BaseException as exc:  # a failed checkpoint must not kill training
             if self.error is None or str(exc) != str(self.error):

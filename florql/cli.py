@@ -58,7 +58,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     res = db.sql(
         "SELECT run_id, status, script_rel AS script, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started,"
         " round(duration_s, 1) AS seconds, outer_completed AS iterations, checkpoints_taken AS checkpoints,"
-        " round(100 * checkpoint_overhead, 2) AS ckpt_overhead_pct FROM runs ORDER BY run_id"
+        " round(100 * checkpoint_overhead, 2) AS ckpt_overhead_pct, c.per_checkpoint AS ckpt_bytes,"
+        " c.stored AS ckpt_stored_bytes FROM runs LEFT JOIN (SELECT run_id, round(avg(bytes))::BIGINT AS per_checkpoint,"
+        " sum(stored_bytes)::BIGINT AS stored FROM checkpoints GROUP BY run_id) c USING (run_id) ORDER BY run_id"
     )
     print(_table(res.arrow(), 1000))
     return 0
@@ -76,11 +78,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     for col in info.columns:
         print(f"{col.name:>20}  {col.comment}")
     ckpts = db.sql(
-        "SELECT name, bytes, round(stall_s * 1000, 2) AS stall_ms, round(persist_s * 1000, 1) AS persist_ms"
-        " FROM checkpoints WHERE run_id = ? ORDER BY outer_index",
+        "SELECT name, bytes, stored_bytes, chunks, round(stall_s * 1000, 2) AS stall_ms,"
+        " round(persist_s * 1000, 1) AS persist_ms FROM checkpoints WHERE run_id = ? ORDER BY outer_index, name",
         [args.run],
     ).arrow()
-    print(f"\ncheckpoints:\n{_table(ckpts, 50)}")
+    stored = sum(ckpts.column("stored_bytes").to_pylist())
+    # bytes: the state a restore reads; stored_bytes: what the checkpoint added (a shared chunk counts once)
+    print(f"\ncheckpoints: {stored} bytes stored in all\n{_table(ckpts, 50)}")
     return 0
 
 

@@ -108,6 +108,7 @@ class RecordSession(TrainingSession):
         self.stager = Stager()
         self.persister = Persister(self.files, self.run_id, self._checkpoint_done)
         self.scope_warned: set[str] = set()
+        self.previous_scope: dict[str, Any] = {}  # the last checkpoint's plain scope values
         self._code_thread: threading.Thread | None = None
         self.inputs = InputRecorder(
             self.files, self.root, (self.location.home + os.sep, *_OWN_PACKAGES), self._inputs_hashed
@@ -378,7 +379,11 @@ class RecordSession(TrainingSession):
             "rng": capture_rng(),
             "modes": self.module_modes(),
             "scope": capture_scope(
-                self.outer.frame, {id(o) for o in self.objects.values()}, self.scope_warned, self.outer.baseline
+                self.outer.frame,
+                {id(o) for o in self.objects.values()},
+                self.scope_warned,
+                self.outer.baseline,
+                self.previous_scope,
             )
             if self.outer.frame
             else None,
@@ -387,6 +392,7 @@ class RecordSession(TrainingSession):
             "args": dict(self.args),
         }
         stall = self.clock() - started
+        self.previous_scope = payload["scope"]["plain"] if payload["scope"] else {}
         uncaptured = set((payload["scope"] or {}).get("uncaptured", ())) - set(self.manifest.uncaptured)
         if uncaptured:  # statements reading these are answered by re-execution, never by skipping
             self.update(uncaptured=sorted(uncaptured | set(self.manifest.uncaptured)))

@@ -60,6 +60,39 @@ def _copy_plain_leaf(value: Any) -> Any:
     return copy.copy(value) if isinstance(value, np.ndarray) else value
 
 
+def _snapshot_plain(value: Any, previous: Any = None) -> Any:
+    """A copy for a checkpoint: arrays read-only (no one writes to a snapshot, so the persist may
+    recognise one it already hashed), and `previous`, the last snapshot, when it holds the same bytes."""
+    if isinstance(value, np.ndarray) and _same_bytes(value, previous):
+        return previous
+    return tree_map(_snapshot_leaf, value)
+
+
+def _snapshot_leaf(value: Any) -> Any:
+    snapshot = _copy_plain_leaf(value)
+    if isinstance(snapshot, np.ndarray):
+        snapshot.setflags(write=False)
+    return snapshot
+
+
+def _same_bytes(value: np.ndarray, snapshot: Any) -> bool:
+    """Whether `value` holds exactly the bytes of the read-only `snapshot` (compared, not hashed: cheaper than a copy)."""
+    if not (
+        type(snapshot) is type(value)
+        and snapshot.dtype == value.dtype
+        and snapshot.shape == value.shape
+        and not snapshot.flags.writeable
+        and value.flags.c_contiguous
+        and snapshot.flags.c_contiguous
+        and not value.dtype.hasobject
+    ):
+        return False
+    # As unsigned integers: float equality would call -0.0 and 0.0 equal, and NaN unequal to itself.
+    width = value.dtype.itemsize if value.dtype.itemsize in (1, 2, 4, 8) else 1
+    as_bits = np.dtype(f"u{width}")
+    return bool(np.array_equal(value.reshape(-1).view(as_bits), snapshot.reshape(-1).view(as_bits)))
+
+
 def _generator_state(value: Any) -> tuple[str, Any] | None:
     if isinstance(value, random.Random):
         return ("random", value.getstate())
@@ -102,16 +135,29 @@ def _unchanged(name: str, value: Any, baseline: dict[str, tuple[int, int]]) -> b
 
 
 def capture_scope(
-    frame: types.FrameType, registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
+    frame: types.FrameType,
+    registered: set[int],
+    warned: set[str],
+    baseline: dict[str, tuple[int, int]],
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Copies of the plain variables and generator states of `frame`'s scope that may have changed."""
-    return capture_variables(scope_of(frame), registered, warned, baseline)
+    """Copies of the plain variables and generator states of `frame`'s scope that may have changed.
+
+    `previous`: the plain values of the last capture; an array holding the same bytes is that same
+    snapshot again, neither copied nor (see `storage.checkpoints.ChunkCache`) hashed or written.
+    """
+    return capture_variables(scope_of(frame), registered, warned, baseline, previous)
 
 
 def capture_variables(
-    variables: dict[str, Any], registered: set[int], warned: set[str], baseline: dict[str, tuple[int, int]]
+    variables: dict[str, Any],
+    registered: set[int],
+    warned: set[str],
+    baseline: dict[str, tuple[int, int]],
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Copies of the plain values and generator states among `variables` that may have changed."""
+    previous = previous or {}
     captured: dict[str, Any] = {"plain": {}, "generators": {}, "original_devices": {}, "objects": {}, "uncaptured": []}
     for name, value in list(variables.items()):
         if id(value) in registered or _should_skip(name, value) or _unchanged(name, value, baseline):
@@ -134,11 +180,11 @@ def capture_variables(
                     stacklevel=4,
                 )
         elif _is_plain(value, [_MAX_ITEMS]):
-            captured["plain"][name] = _copy_plain(value)
+            captured["plain"][name] = _snapshot_plain(value, previous.get(name))
             if isinstance(value, torch.Tensor):
                 captured["original_devices"][name] = str(value.device)
         elif _is_plain_object(value):
-            captured["objects"][name] = _copy_plain(dict(vars(value)))
+            captured["objects"][name] = _snapshot_plain(dict(vars(value)))
         elif _stateless(value):
             continue
         else:

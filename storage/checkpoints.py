@@ -1,7 +1,14 @@
 """Checkpoint files: a payload (pickled skeleton + raw tensor bytes) plus a JSON record written after it.
 
-The record is written only once the payload is durable, so a checkpoint is visible exactly when
-it is complete; the record carries the payload's SHA-256, checked on every read.
+Large tensors and NumPy arrays (≥ `CHUNK_MIN_BYTES`) are stored apart, as content-addressed chunks
+(`runs/<id>/chunks/<sha256>`) that every checkpoint holding the same bytes refers to: a data set,
+a frozen layer or an unchanged buffer is stored once per run. A chunk already present is not
+written again; nothing deletes chunks (a chunk that lost its last record, as after a kill -9
+mid-persist, is unused space, never a wrong restore).
+
+Chunks first, then the payload, then the record: a checkpoint is visible exactly when it is
+complete. The record carries the payload's SHA-256 and the payload each chunk's, checked on
+every read.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ import hashlib
 import json
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from florql.storage import layout
@@ -20,10 +27,23 @@ from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
 if TYPE_CHECKING:  # torch loads only in processes that read or write checkpoints, never on the query side
+    import numpy as np
     import torch
 
 
-__all__ = ["CheckpointRecord", "CorruptCheckpoint", "list_checkpoints", "read_checkpoint", "write_checkpoint"]
+__all__ = [
+    "CHUNK_MIN_BYTES",
+    "CheckpointRecord",
+    "ChunkCache",
+    "CorruptCheckpoint",
+    "list_checkpoints",
+    "read_checkpoint",
+    "write_checkpoint",
+]
+
+# Smaller leaves stay in the checkpoint's own file: a file (and an fsync) per small tensor would
+# cost more than storing its bytes again.
+CHUNK_MIN_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -33,18 +53,26 @@ class CheckpointRecord:
     outer_index: int  # the outer-loop iteration it was taken in
     kind: str  # 'inner_end': after the iteration's first inner loop; 'iter_end': after the whole iteration
     coords: dict[str, int]
-    bytes: int  # the payload's size; in this class, annotations name the type `builtins.bytes`
-    sha256: str
+    bytes: int  # the state's size: its file and the chunks it refers to (what a restore reads)
+    sha256: str  # of its file
     stall_s: float  # time the training thread was held
     persist_s: float  # time the background writer took
     created_at: float
+    file_bytes: int = 0  # its file's size; in this class, annotations name the type `builtins.bytes`
+    stored_bytes: int = 0  # what it added to the store: its file and the chunks it was first to write
+    chunks: tuple[str, ...] = ()  # the SHA-256 of each chunk it refers to
 
     def to_json(self) -> builtins.bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, data: builtins.bytes) -> CheckpointRecord:
-        return cls(**json.loads(data))
+        fields = json.loads(data)
+        # Records written before chunks existed: the whole state sits in the file.
+        fields.setdefault("file_bytes", fields.get("bytes"))
+        fields.setdefault("stored_bytes", fields.get("bytes"))
+        fields["chunks"] = tuple(fields.get("chunks", ()))
+        return cls(**fields)
 
 
 def checkpoint_name(outer_index: int, kind: str) -> str:
@@ -61,20 +89,87 @@ class _TensorRef:
     requires_grad: bool = False
 
 
+@dataclass(frozen=True)
+class _ChunkRef:
+    """A tensor or NumPy array of the payload stored as the chunk named by its bytes' SHA-256."""
+
+    digest: str
+    nbytes: int
+    dtype: str  # torch's name for a tensor ("float32"), NumPy's dtype.str for an array ("<f8")
+    shape: tuple[int, ...]
+    array: bool  # a NumPy array, else a tensor
+    requires_grad: bool = False
+
+
 MAGIC = b"FLORQLCKPT1\n"
 
 
-def _strip(value: Any, tensors: list[torch.Tensor]) -> Any:
-    """The payload with tensors replaced by references (pickled small; bytes written raw)."""
+@dataclass
+class ChunkCache:
+    """What one writer knows of a run's chunks, so that unchanged state costs neither a hash nor a write.
+
+    `stored`: digests known to be on disk. `_by_object`: the digests of the read-only NumPy arrays
+    that own their data (snapshots no one writes to, see `florql.scope`) met in the last
+    checkpoint; the next checkpoint holding the very same object reuses its digest unhashed.
+    """
+
+    stored: set[str] = field(default_factory=set)
+    _by_object: dict[int, tuple[Any, str]] = field(default_factory=dict)
+    _met: dict[int, tuple[Any, str]] = field(default_factory=dict)
+
+    def digest(self, leaf: Any, raw: memoryview) -> str:
+        known, digest = self._by_object.get(id(leaf), (None, ""))
+        if known is not leaf:
+            digest = hashlib.sha256(raw).hexdigest()  # releases the GIL on large buffers
+        if _immutable_array(leaf):
+            self._met[id(leaf)] = (leaf, digest)
+        return digest
+
+    def checkpoint_done(self) -> None:
+        self._by_object, self._met = self._met, {}
+
+
+def _immutable_array(leaf: Any) -> bool:
+    flags = getattr(leaf, "flags", None)
+    return type(leaf).__module__ == "numpy" and flags is not None and flags.owndata and not flags.writeable
+
+
+def _chunkable_array(leaf: Any) -> bool:
+    import numpy as np
+
+    return (
+        type(leaf) is np.ndarray
+        and leaf.nbytes >= CHUNK_MIN_BYTES
+        and leaf.flags.c_contiguous
+        and not leaf.dtype.hasobject  # object arrays hold pointers: they are pickled
+        and leaf.dtype.fields is None
+        and np.dtype(leaf.dtype.str) == leaf.dtype  # the bytes and dtype.str are the whole value
+    )
+
+
+def _strip(value: Any, tensors: list[torch.Tensor], chunks: dict[str, memoryview | None], cache: ChunkCache) -> Any:
+    """The payload with tensors replaced by references (pickled small; bytes written raw or as chunks)."""
     import torch
 
     def ref(leaf: Any) -> Any:
-        if not isinstance(leaf, torch.Tensor):
-            return leaf
-        tensors.append(leaf)
-        return _TensorRef(
-            len(tensors) - 1, str(leaf.dtype).removeprefix("torch."), tuple(leaf.shape), leaf.requires_grad
-        )
+        if isinstance(leaf, torch.Tensor):
+            nbytes = leaf.numel() * leaf.element_size()
+            if nbytes < CHUNK_MIN_BYTES:
+                tensors.append(leaf)
+                dtype = str(leaf.dtype).removeprefix("torch.")
+                return _TensorRef(len(tensors) - 1, dtype, tuple(leaf.shape), leaf.requires_grad)
+            return _chunk(leaf, _raw(leaf), str(leaf.dtype).removeprefix("torch."), False, leaf.requires_grad)
+        if _chunkable_array(leaf):
+            import numpy as np
+
+            raw = memoryview(leaf.reshape(-1).view(np.uint8))  # any dtype: datetimes export no buffer
+            return _chunk(leaf, raw, leaf.dtype.str, True, False)
+        return leaf
+
+    def _chunk(leaf: Any, raw: memoryview, dtype: str, array: bool, requires_grad: bool) -> _ChunkRef:
+        digest = cache.digest(leaf, raw)
+        chunks[digest] = None if digest in cache.stored else raw
+        return _ChunkRef(digest, raw.nbytes, dtype, tuple(leaf.shape), array, requires_grad)
 
     return tree_map(ref, value)
 
@@ -86,6 +181,21 @@ def _raw(t: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data if flat.numel() else memoryview(b"")  # .data: the array's buffer
 
 
+def _write_chunks(files: RunFiles, run_id: int, chunks: dict[str, memoryview | None], cache: ChunkCache) -> int:
+    """Writes the chunks not yet on disk (each atomically); returns the bytes written."""
+    written = 0
+    for digest, raw in chunks.items():
+        if raw is None or digest in cache.stored:
+            continue
+        path = layout.checkpoint_chunk_path(run_id, digest)
+        if not files.exists(path):  # another checkpoint of the run (a replay's, say) may hold it
+            with files.writer(path) as f:
+                f.write(raw)
+            written += raw.nbytes
+        cache.stored.add(digest)
+    return written
+
+
 def write_checkpoint(
     files: RunFiles,
     run_id: int,
@@ -95,44 +205,56 @@ def write_checkpoint(
     payload: dict[str, Any],
     stall_s: float,
     folder: str | None = None,
+    cache: ChunkCache | None = None,
 ) -> CheckpointRecord:
-    """Persist `payload` (CPU tensors and plain data); returns the record made visible last.
+    """Persist `payload` (CPU tensors, NumPy arrays and plain data); returns the record made visible last.
 
     `folder`: where the files go, the run's checkpoints folder unless a replay job names its own.
 
-    Tensor bytes are written straight from their buffers: hashing and writing large buffers
-    release the GIL, so the training thread keeps running while a checkpoint is persisted.
+    Tensor bytes are hashed and written straight from their buffers: both release the GIL on
+    large buffers, so the training thread keeps running while a checkpoint is persisted. Pass the
+    same `cache` to each checkpoint of a writer to skip re-hashing and re-checking unchanged state.
     """
     started = time.perf_counter()
+    cache = cache if cache is not None else ChunkCache()
     name = checkpoint_name(outer_index, kind)
     folder = folder or layout.checkpoints_dir(run_id)
     data_path = f"{folder}/{name}.ckpt"
     tensors: list[torch.Tensor] = []
-    header = pickle.dumps(_strip(payload, tensors), protocol=pickle.HIGHEST_PROTOCOL)
+    chunks: dict[str, memoryview | None] = {}
+    sizes: dict[str, int] = {}
+    skeleton = _strip(payload, tensors, chunks, cache)
+    tree_map(lambda leaf: sizes.setdefault(leaf.digest, leaf.nbytes) if isinstance(leaf, _ChunkRef) else None, skeleton)
+    chunks_written = _write_chunks(files, run_id, chunks, cache)
+    header = pickle.dumps(skeleton, protocol=pickle.HIGHEST_PROTOCOL)
     digest = hashlib.sha256()
     size = 0
     with files.writer(data_path) as f:
-        chunks: tuple[bytes | memoryview, ...] = (
+        parts: tuple[builtins.bytes | memoryview, ...] = (
             MAGIC,
             len(header).to_bytes(8, "little"),
             header,
             *(_raw(t) for t in tensors),
         )
-        for chunk in chunks:
-            digest.update(chunk)
-            f.write(chunk)
-            size += len(chunk) if not isinstance(chunk, memoryview) else chunk.nbytes
+        for part in parts:
+            digest.update(part)
+            f.write(part)
+            size += len(part) if not isinstance(part, memoryview) else part.nbytes
+    cache.checkpoint_done()
     record = CheckpointRecord(
         run_id=run_id,
         name=name,
         outer_index=outer_index,
         kind=kind,
         coords=coords,
-        bytes=size,
+        bytes=size + sum(sizes.values()),
         sha256=digest.hexdigest(),
         stall_s=stall_s,
         persist_s=time.perf_counter() - started,
         created_at=time.time(),
+        file_bytes=size,
+        stored_bytes=size + chunks_written,
+        chunks=tuple(sorted(sizes)),
     )
     try:
         files.put(f"{folder}/{name}.json", record.to_json())
@@ -142,11 +264,10 @@ def write_checkpoint(
     return record
 
 
-def _load(data: bytes) -> dict[str, Any]:
+def _load(data: builtins.bytes, chunk: Any) -> dict[str, Any]:
+    """The payload of a checkpoint file; `chunk(ref)` gives a chunk's verified bytes (a bytearray)."""
     import torch
 
-    if not data.startswith(MAGIC):
-        raise CorruptCheckpoint("not a florql checkpoint file")
     at = len(MAGIC)
     header_len = int.from_bytes(data[at : at + 8], "little")
     at += 8
@@ -176,6 +297,8 @@ def _load(data: bytes) -> dict[str, Any]:
         offset += nbytes(r)
 
     def build(value: Any) -> Any:
+        if isinstance(value, _ChunkRef):
+            return _from_chunk(value, chunk(value))
         if not isinstance(value, _TensorRef):
             return value
         dtype = getattr(torch, value.dtype)
@@ -188,6 +311,18 @@ def _load(data: bytes) -> dict[str, Any]:
         return t.requires_grad_(value.requires_grad) if value.requires_grad else t
 
     return tree_map(build, skeleton)
+
+
+def _from_chunk(ref: _ChunkRef, data: bytearray) -> torch.Tensor | np.ndarray:
+    """A writable tensor or array of its own over a copy of the chunk's bytes."""
+    if ref.array:
+        import numpy as np
+
+        return np.frombuffer(bytearray(data), dtype=np.dtype(ref.dtype)).reshape(ref.shape)
+    import torch
+
+    t = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(getattr(torch, ref.dtype)).reshape(ref.shape)
+    return t.requires_grad_(ref.requires_grad) if ref.requires_grad else t
 
 
 def read_record(files: RunFiles, path: str) -> CheckpointRecord:
@@ -213,20 +348,30 @@ def list_checkpoints(files: RunFiles, run_id: int) -> list[CheckpointRecord]:
 
 
 def read_checkpoint(files: RunFiles, record: CheckpointRecord, folder: str | None = None) -> dict[str, Any]:
-    """The payload, its size and SHA-256 checked against the record; `CorruptCheckpoint` naming the file.
+    """The payload, its size and SHA-256 (and each chunk's) checked; `CorruptCheckpoint` naming the file.
 
     `folder`: where it was written (`write_checkpoint`), the run's checkpoints folder by default."""
     path = f"{folder or layout.checkpoints_dir(record.run_id)}/{record.name}.ckpt"
     data = files.get(path)
-    if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
-        why = f"{len(data)} bytes, {record.bytes} written" if len(data) != record.bytes else "checksum mismatch"
+    if len(data) != record.file_bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+        why = (
+            f"{len(data)} bytes, {record.file_bytes} written" if len(data) != record.file_bytes else "checksum mismatch"
+        )
         raise CorruptCheckpoint(
             f"checkpoint {record.name} of run {record.run_id} is corrupt ({why}): {path}; {_REMEDY}"
         )
-    try:
-        payload = _load(data)
-    except CorruptCheckpoint as err:
-        raise CorruptCheckpoint(f"checkpoint {record.name} of run {record.run_id} ({path}): {err}; {_REMEDY}") from err
+    chunks: dict[str, bytearray] = {}
+
+    def chunk(ref: _ChunkRef) -> bytearray:
+        if ref.digest not in chunks:
+            chunks[ref.digest] = _read_chunk(files, record, ref)
+        return chunks[ref.digest]
+
+    if not data.startswith(MAGIC):
+        raise CorruptCheckpoint(
+            f"checkpoint {record.name} of run {record.run_id} ({path}) is not a florql checkpoint file; {_REMEDY}"
+        )
+    payload = _load(data, chunk)
     position = payload.get("position") if isinstance(payload, dict) else None
     if position is not None and position != {"outer_index": record.outer_index, "kind": record.kind}:
         raise CorruptCheckpoint(
@@ -234,6 +379,24 @@ def read_checkpoint(files: RunFiles, record: CheckpointRecord, folder: str | Non
             f"not of its record; {_REMEDY}"
         )
     return payload
+
+
+def _read_chunk(files: RunFiles, record: CheckpointRecord, ref: _ChunkRef) -> bytearray:
+    path = layout.checkpoint_chunk_path(record.run_id, ref.digest)
+    try:
+        data = files.get(path)
+    except FileNotFoundError:
+        why = "missing"
+    else:
+        if len(data) == ref.nbytes and hashlib.sha256(data).hexdigest() == ref.digest:
+            return bytearray(data)
+        why = f"{len(data)} bytes, {ref.nbytes} written" if len(data) != ref.nbytes else "checksum mismatch"
+    sharing = [r.name for r in list_checkpoints(files, record.run_id) if ref.digest in r.chunks]
+    raise CorruptCheckpoint(
+        f"the chunk {path} of checkpoint {record.name} of run {record.run_id} is corrupt ({why}); "
+        f"checkpoints referring to it: {', '.join(sharing) or record.name}. Delete the .ckpt and .json files of "
+        "those checkpoints and the chunk, and run `florql rebuild`: replays then start from another checkpoint"
+    )
 
 
 _REMEDY = "delete its .ckpt and .json files and run `florql rebuild`: replays then start from an earlier checkpoint"

@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS segments_ingested (
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id INTEGER, name VARCHAR, outer_index INTEGER, kind VARCHAR, coords VARCHAR, bytes BIGINT,
     sha256 VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP, code_version VARCHAR,
-    PRIMARY KEY (run_id, name)
+    stored_bytes BIGINT, chunks INTEGER, PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS code_versions (
     code_version VARCHAR, path VARCHAR, sha256 VARCHAR, PRIMARY KEY (code_version, path)
@@ -145,6 +145,10 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute("ALTER TABLE checkpoints ADD COLUMN code_version VARCHAR")
     if ("logs", "version") not in columns:
         conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
+    if ("checkpoints", "stored_bytes") not in columns:  # before chunks, a checkpoint stored all its bytes
+        conn.execute("ALTER TABLE checkpoints ADD COLUMN stored_bytes BIGINT")
+        conn.execute("ALTER TABLE checkpoints ADD COLUMN chunks INTEGER")
+        conn.execute("UPDATE checkpoints SET stored_bytes = bytes, chunks = 0")
     if ("replay_coverage", "version") not in columns:
         conn.execute("DROP TABLE replay_coverage")
         conn.execute(SCHEMA)
@@ -460,7 +464,9 @@ def _insert_checkpoint(
     conn: duckdb.DuckDBPyConnection, rec: CheckpointRecord, stored_name: str, code_version: str | None
 ) -> None:
     conn.execute(
-        "INSERT OR IGNORE INTO checkpoints VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, ?)",
+        "INSERT OR IGNORE INTO checkpoints (run_id, name, outer_index, kind, coords, bytes, sha256, stall_s,"
+        " persist_s, created_at, code_version, stored_bytes, chunks)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, ?, ?, ?)",
         [
             rec.run_id,
             stored_name,
@@ -473,6 +479,8 @@ def _insert_checkpoint(
             rec.persist_s,
             rec.created_at,
             code_version,
+            rec.stored_bytes,
+            len(rec.chunks),
         ],
     )
 

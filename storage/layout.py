@@ -125,3 +125,12 @@ def code_version_path(version: str) -> str:
 def input_hash_path(path: str) -> str:
     """The cached digest of the data file at absolute `path` (see `storage.inputs`)."""
     return f"code/inputs/{hashlib.sha256(path.encode()).hexdigest()[:32]}.json"
+
+
+def chunks_dir(run_id: int) -> str:
+    return f"runs/{run_id}/chunks"
+
+
+def checkpoint_chunk_path(run_id: int, digest: str) -> str:
+    """A chunk of checkpoint state, named by the SHA-256 of its bytes (see `storage.checkpoints`)."""
+    return f"runs/{run_id}/chunks/{digest[:2]}/{digest}"

@@ -169,18 +169,22 @@ with florql.checkpointing(budget=0.9, model=big):
 def test_kill_9_of_a_trainer_during_a_checkpoint_persist(store):
     proc = store.popen(store.write_script(KILL_DURING_PERSIST))
     folder = store.home / "runs" / "1" / "checkpoints"
+    chunks = store.home / "runs" / "1" / "chunks"  # the weight's bytes: the bulk of each persist
 
     def names() -> list[str]:
         return os.listdir(folder) if folder.exists() else []
 
+    def writing() -> bool:
+        return any(n.startswith(TMP_PREFIX) for n in names() + [p.name for p in chunks.rglob("*")])
+
     try:
         wait_until(lambda: any(n.endswith(".json") for n in names()), 60, "a first complete checkpoint")
-        wait_until(lambda: any(n.startswith(TMP_PREFIX) for n in names()), 60, "a persist in progress")
+        wait_until(writing, 60, "a persist in progress")
         kill_9(proc)
     finally:
         proc.kill()
     left = names()
-    assert any(n.startswith(TMP_PREFIX) for n in left)  # the kill did land mid-write
+    assert writing()  # the kill did land mid-write
     files = store.files
     records = list_checkpoints(files, 1)
     assert records
@@ -190,7 +194,7 @@ def test_kill_9_of_a_trainer_during_a_checkpoint_persist(store):
         if ext == ".ckpt" and not os.path.exists(folder / f"{stem}.json"):
             assert stem not in listed
     assert not any(p.rsplit("/", 1)[1].startswith(TMP_PREFIX) for p in files.list(layout.checkpoints_dir(1)))
-    for record in records:
+    for record in records:  # every chunk a record refers to is there, whole
         weight = read_checkpoint(files, record)["objects"]["model"]["weight"]
         assert torch.all(weight == record.outer_index + 1)  # the state at the end of that iteration
     assert store.sql("SELECT name FROM checkpoints WHERE run_id = 1 ORDER BY name") == sorted((n,) for n in listed)

@@ -1,0 +1,235 @@
+"""Checkpoints share unchanged state: large tensors and arrays are content-addressed chunks, stored once.
+
+Every test runs real training scripts into a real store; what each checkpoint holds is checked
+byte for byte, and hindsight answers against a run that logged everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+
+import florql
+from florql.errors import ReplayFailed
+from florql.storage import layout
+from florql.storage.checkpoints import (
+    CHUNK_MIN_BYTES,
+    CorruptCheckpoint,
+    list_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
+from florql.storage.runfiles import TMP_PREFIX, LocalRunFiles
+from store_support import Store
+
+# A module-level data set that never changes (the bulk of the state), a frozen layer, a small
+# trained model, and a module-level array changed in place every other epoch. Logs only `loss`
+# and `total`; the hindsight names are added after LOGGED.
+SHARED_STATE = """
+import numpy as np
+import torch
+import florql
+
+torch.manual_seed(0)
+data = np.random.default_rng(0).standard_normal((64, 2048)).astype(np.float32)  # 512 KiB
+order = np.arange(40_000, dtype=np.int64)  # 312 KiB, shuffled in place every other epoch
+frozen = torch.nn.Linear(2048, 64)  # 512 KiB of weight, never trained
+frozen.requires_grad_(False)
+net = torch.nn.Linear(64, 1)
+opt = torch.optim.SGD(net.parameters(), lr=0.05)
+shuffler = np.random.default_rng(1)
+with florql.checkpointing(model=net, frozen=frozen, optimizer=opt):
+    for epoch in florql.loop("epoch", range(5)):
+        if epoch % 2 == 0:
+            shuffler.shuffle(order)
+        for step in florql.loop("step", range(4)):
+            rows = torch.from_numpy(data[order[step * 4 : (step + 1) * 4] % 64])  # 32 KiB: kept inline
+            loss = net(frozen(rows)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            florql.log("loss", loss.item())
+        florql.log("total", float(order[:100].sum()))
+"""
+LOGGED_STEP = '            florql.log("loss", loss.item())\n'
+LOGGED_EPOCH = '        florql.log("total", float(order[:100].sum()))\n'
+HINDSIGHT_STEP = '            florql.log("grad_norm", net.weight.grad.norm().item())\n'
+HINDSIGHT_EPOCH = '        florql.log("order_sum", int(order[:7].dot(np.arange(7))))\n'
+
+
+def hindsight(source: str) -> str:
+    return source.replace(LOGGED_STEP, LOGGED_STEP + HINDSIGHT_STEP).replace(
+        LOGGED_EPOCH, LOGGED_EPOCH + HINDSIGHT_EPOCH
+    )
+
+
+def chunk_files(store: Store, run_id: int = 1) -> dict[str, int]:
+    """The run's chunks on disk: digest -> size."""
+    found = {}
+    for path in store.files.list(layout.chunks_dir(run_id)):
+        found[path.rsplit("/", 1)[1]] = os.path.getsize(store.home / path)
+    return found
+
+
+def digest_of(array: np.ndarray | torch.Tensor) -> str:
+    raw = array.numpy() if isinstance(array, torch.Tensor) else array
+    return hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest()
+
+
+def test_a_data_set_and_a_frozen_layer_are_stored_once_and_every_byte_is_accounted_for(store: Store) -> None:
+    store.run(SHARED_STATE)
+    records = list_checkpoints(store.files, 1)
+    assert len(records) == 5
+    data = np.random.default_rng(0).standard_normal((64, 2048)).astype(np.float32)
+    torch.manual_seed(0)
+    frozen_weight = torch.nn.Linear(2048, 64).weight.detach()
+    for record in records:  # each refers to the same two chunks, stored once
+        assert {digest_of(data), digest_of(frozen_weight)} <= set(record.chunks)
+        state = read_checkpoint(store.files, record)
+        assert np.array_equal(state["scope"]["plain"]["data"], data)
+        assert torch.equal(state["objects"]["frozen"]["weight"], frozen_weight)
+    assert len([r for r in records if digest_of(data) in r.chunks]) == 5
+    # `order` changes every other epoch: a new chunk after epochs 0, 2, 4 (inner_end snapshots).
+    orders = {read_checkpoint(store.files, r)["scope"]["plain"]["order"].tobytes() for r in records}
+    on_disk = chunk_files(store)
+    assert len(on_disk) == 2 + len(orders) == 5
+    # Every byte stored is one some checkpoint added; later checkpoints add only what changed.
+    ckpt_files = [p for p in store.files.list(layout.checkpoints_dir(1)) if p.endswith(".ckpt")]
+    assert sum(r.stored_bytes for r in records) == sum(on_disk.values()) + sum(
+        os.path.getsize(store.home / p) for p in ckpt_files
+    )
+    assert all(r.bytes > data.nbytes + frozen_weight.numel() * 4 for r in records)
+    assert all(r.stored_bytes < CHUNK_MIN_BYTES for r in records[1:] if r.outer_index % 2 == 1)
+    rows = store.sql("SELECT name, bytes, stored_bytes, chunks FROM checkpoints WHERE run_id = 1 ORDER BY name")
+    assert rows == [(r.name, r.bytes, r.stored_bytes, len(r.chunks)) for r in records]
+    runs = subprocess.run(
+        [sys.executable, "-m", "florql", "runs"], env=store.env(), capture_output=True, text=True, timeout=120
+    )
+    assert runs.returncode == 0, runs.stderr
+    header, _, first = runs.stdout.splitlines()[:3]
+    assert header.split()[-2:] == ["ckpt_bytes", "ckpt_stored_bytes"]
+    per_checkpoint = round(sum(r.bytes for r in records) / len(records))
+    assert first.split()[-2:] == [str(per_checkpoint), str(sum(r.stored_bytes for r in records))]
+
+
+def test_restores_from_shared_chunks_answer_hindsight_bit_exactly(store: Store) -> None:
+    store.run(SHARED_STATE)
+    truth = store.run(hindsight(SHARED_STATE)).run_id  # the ground truth: logged everything
+    assert truth == 2 and len(list_checkpoints(store.files, 1)) == 5
+    db = florql.connect(store.home, workers=1, progress=False)
+    for query in (
+        "SELECT epoch, step, grad_norm FROM run_{} WHERE epoch >= 2 ORDER BY epoch, step",
+        "SELECT epoch, order_sum FROM run_{} ORDER BY epoch",  # restored at each epoch's inner_end
+    ):
+        answer = db.sql(query.format(1)).fetchall()
+        assert answer == db.sql(query.format(truth)).fetchall() and answer
+    from_checkpoints = store.sql("SELECT count(*) FROM replay_jobs WHERE run_id = 1 AND checkpoint IS NOT NULL")
+    assert from_checkpoints[0][0] >= 1  # answered from checkpoints, not from a replay of the whole run
+    assert store.sql("SELECT count(*) FROM replay_audit") == [(0,)]
+
+
+def test_a_corrupt_shared_chunk_is_named_with_every_checkpoint_sharing_it(store: Store) -> None:
+    store.run(SHARED_STATE)
+    store.workdir.joinpath("train.py").write_text(hindsight(SHARED_STATE))
+    records = list_checkpoints(store.files, 1)
+    data = np.random.default_rng(0).standard_normal((64, 2048)).astype(np.float32)
+    victim = layout.checkpoint_chunk_path(1, digest_of(data))
+    with open(store.home / victim, "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    for record in records:
+        with pytest.raises(CorruptCheckpoint) as err:
+            read_checkpoint(store.files, record)
+        assert victim in str(err.value) and err.value.sqlstate == "XX001"
+        assert ", ".join(r.name for r in records) in str(err.value)  # all of them share it
+    db = florql.connect(store.home, workers=1, progress=False)
+    with pytest.raises(ReplayFailed) as failed:
+        db.sql("SELECT epoch, order_sum FROM run_1 WHERE epoch = 3").fetchall()
+    assert "CorruptCheckpoint" in str(failed.value) and victim in str(failed.value)
+    assert store.sql("SELECT count(*) FROM logs WHERE source = 'replayed'") == [(0,)]
+
+
+KILL_DURING_CHUNK_WRITES = """
+import time, numpy as np, torch, florql
+data = np.ones((2048, 1024), dtype=np.float32)  # 8 MiB, shared by every checkpoint
+big = torch.nn.Linear(2048, 2048)  # 16 MiB of weight, a new chunk at every checkpoint
+torch.nn.init.zeros_(big.weight)
+with florql.checkpointing(budget=0.9, model=big):
+    for epoch in florql.loop("epoch", range(100000)):
+        florql.log("x", float(epoch))
+        time.sleep(0.1)
+        with torch.no_grad():
+            big.weight.add_(1.0)
+"""
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, what: str) -> None:
+    give_up = time.monotonic() + 120  # a safety net for a broken build, not a timing assertion
+    while not condition():
+        assert proc.poll() is None, f"the script ended before {what}: {proc.communicate()}"
+        assert time.monotonic() < give_up, f"no {what} after 120 s"
+        time.sleep(0.005)
+
+
+def test_kill_9_mid_persist_leaves_no_record_referring_to_a_missing_chunk(store: Store) -> None:
+    proc = store.popen(store.write_script(KILL_DURING_CHUNK_WRITES))
+    chunks = store.home / "runs" / "1" / "chunks"
+
+    def writing_a_chunk() -> bool:
+        return any(p.name.startswith(TMP_PREFIX) for p in chunks.rglob("*"))
+
+    try:
+        wait_for(lambda: bool(list_checkpoints(store.files, 1)), proc, "a first complete checkpoint")
+        wait_for(writing_a_chunk, proc, "a chunk being written")
+        proc.kill()  # SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()
+    assert writing_a_chunk()  # the kill did land mid-write
+    records = list_checkpoints(store.files, 1)
+    assert records
+    on_disk = chunk_files(store)
+    for record in records:
+        assert set(record.chunks) <= set(on_disk)
+        state = read_checkpoint(store.files, record)
+        assert torch.all(state["objects"]["model"]["weight"] == record.outer_index + 1)
+        assert np.array_equal(state["scope"]["plain"]["data"], np.ones((2048, 1024), dtype=np.float32))
+    assert store.sql("SELECT status FROM runs") == [("killed",)]
+    assert re.fullmatch(r"[0-9a-f]{64}", next(iter(on_disk)))
+
+
+def test_arrays_of_every_dtype_round_trip_and_object_arrays_stay_pickled(tmp_path) -> None:
+    files = LocalRunFiles(tmp_path)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "float": rng.standard_normal(20_000),
+        "negative_zero_and_nan": np.array([-0.0, np.nan] * 10_000),
+        "datetime": np.arange(10_000).astype("datetime64[ns]"),
+        "unicode": np.array(["florql"] * 5_000),
+        "bool": np.ones(100_000, dtype=bool),
+        "objects": np.array([None, "a", 1.5] * 5_000, dtype=object),
+        "fortran": np.asfortranarray(rng.standard_normal((200, 100))),
+    }
+    payload = {"scope": {"plain": arrays}, "position": {"outer_index": 0, "kind": "iter_end"}}
+    record = write_checkpoint(files, 1, 0, "iter_end", {"epoch": 0}, payload, 0.0)
+    assert len(record.chunks) == 5  # all but the object array and the non-C-contiguous one
+    restored = read_checkpoint(files, record)["scope"]["plain"]
+    for name, array in arrays.items():
+        got = restored[name]
+        assert got.dtype == array.dtype and got.shape == array.shape, name
+        if array.dtype.hasobject:
+            assert got.tolist() == array.tolist()
+        else:
+            assert got.tobytes(order="A") == array.tobytes(order="A"), name
+        got.flat[0] = got.flat[1]  # restored arrays are the script's to write to
