@@ -188,3 +188,29 @@ def test_the_cli_and_the_server_answer_without_importing_torch(store: Store):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+LEAN_RUNS = """
+import sys
+from florql.cli import main
+assert main(["runs"]) == 0
+print(sorted(m for m in ("torch", "sqlglot", "florql.api", "florql.binder", "florql.replay.planner") if m in sys.modules))
+"""
+
+
+def test_florql_runs_lists_runs_without_loading_the_query_machinery(store: Store):
+    """`florql runs` is a fixed SQL over the `runs` view: it ingests, then reads, and imports no
+    parser, binder or planner (which is what keeps it within a few tens of ms of DuckDB's import)."""
+    write_run(store, 1, [[("val_acc", 0.5, ("epoch", 0))]])
+    out = subprocess.run(
+        [sys.executable, "-c", LEAN_RUNS],
+        env=store.env(),
+        cwd=store.workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["run_id", "status"] and lines[2].split()[:2] == ["1", "finished"]
+    assert lines[-1] == "[]"
