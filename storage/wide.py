@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS _grains (
 """
 
 
+VALUE_TYPES = ("float", "int", "bool", "str")  # in the order of the value columns
+
+
 @dataclass
 class Column:
     """What the catalog holds of one name at one loop path of a run."""
@@ -61,14 +64,19 @@ def columns(conn: duckdb.DuckDBPyConnection, run_id: int) -> dict[tuple[str, str
 
 # ---- ingest ---------------------------------------------------------------------------------------
 def merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, staged: str) -> None:
-    """Merge the run's new logged records (the relation `staged`, segment schema) into its tables.
+    """Merge the run's new logged records into its tables: the relation `staged` has the segment
+    schema plus the ids of name and loop path (`_name_id`, `_path_id`, see `long_form.insert`).
 
     The records are already in `logs`. Their sequence numbers follow every stored one, so they
     win over what a table holds at the same coordinates.
     """
-    summary = conn.execute(
-        f"SELECT name, loop_path, list(DISTINCT value_type), min(seq) FROM {staged} GROUP BY name, loop_path"
+    rows = conn.execute(
+        "SELECT any_value(name), any_value(loop_path), _path_id, bool_or(value_float IS NOT NULL), "
+        "bool_or(value_int IS NOT NULL), bool_or(value_bool IS NOT NULL), bool_or(value_str IS NOT NULL), "
+        f"min(seq) FROM {staged} GROUP BY _name_id, _path_id"  # a record holds one value column
     ).fetchall()
+    summary = [(n, p, [t for t, has in zip(VALUE_TYPES, present) if has], s) for n, p, _, *present, s in rows]
+    path_ids = {p: path_id for _, p, path_id, *_ in rows}
     catalog = columns(conn, run_id)
     tables = grain_tables(conn, run_id)
     retyped: set[str] = set()
@@ -87,7 +95,10 @@ def merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, staged: str) -> N
             continue  # names outside every loop are read from `logs` (views.wide_select)
         names = sorted({n for n, p, _, _ in summary if p == path})
         coords = ", ".join(f"coords[{i + 1}] AS {q(c)}" for i, c in enumerate(loops(path)))
-        source = f"SELECT name, seq, value_type, value_float, value_int, value_bool, value_str, {coords} FROM {staged} WHERE loop_path = {lit(path)}"
+        source = (
+            f"SELECT name, seq, value_float, value_int, value_bool, value_str, {coords} FROM {staged} "
+            f"WHERE _path_id = {path_ids[path]}"
+        )
         _merge(conn, run_id, path, source, names)
     for path in retyped:
         rebuild_grain(conn, run_id, path)

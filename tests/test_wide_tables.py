@@ -214,3 +214,30 @@ def test_florql_runs_lists_runs_without_loading_the_query_machinery(store: Store
     lines = out.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["run_id", "status"] and lines[2].split()[:2] == ["1", "finished"]
     assert lines[-1] == "[]"
+
+
+def test_a_store_whose_long_form_is_a_table_is_compacted_when_opened(store: Store):
+    """An older florql kept `logs` as a table of strings; opening the store moves its rows into the
+    compact long form, and `logs` (now a view) and the run tables answer as before."""
+    batches = [[r for r in records if r[2][0] != "epoch/eval"] for records in random_batches(random.Random(5))]
+    write_run(store, 1, batches)
+    db = florql.connect(store.home, replay="never")
+    logs_before = db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall()
+    run_before = sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr)
+    db.close()
+    conn = duckdb.connect(store.location.db_path)
+    conn.execute("CREATE TABLE _old_logs AS SELECT * FROM logs")
+    conn.execute("DROP VIEW logs")
+    conn.execute("DROP TABLE _log_records")
+    conn.execute("DROP TABLE _log_strings")
+    conn.execute("ALTER TABLE _old_logs RENAME TO logs")
+    conn.close()
+    db = florql.connect(store.home, replay="never")
+    assert db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall() == logs_before
+    assert sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr) == run_before
+    db.close()
+    conn = duckdb.connect(store.location.db_path)
+    assert conn.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'logs'").fetchall() == [
+        ("VIEW",)
+    ]
+    conn.close()
