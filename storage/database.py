@@ -369,13 +369,8 @@ def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: i
 
 
 def _merge_staged(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table) -> None:
-    if table.num_rows == 0:
-        return
-    conn.register("_staged", table)
-    try:
-        wide.merge_logged(conn, run_id, "_staged")
-    finally:
-        conn.unregister("_staged")
+    if table.num_rows:
+        wide.merge_logged(conn, run_id, table)
 
 
 def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
