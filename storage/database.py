@@ -345,7 +345,7 @@ def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, statu
         conn.unregister("_iterations_in")
 
 
-STAGE_ROWS = 4_000_000  # records merged into the wide tables at a time (bounds memory)
+STAGE_ROWS = 4_000_000  # records inserted and merged at a time: few statements, bounded memory
 
 
 def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
@@ -354,17 +354,18 @@ def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: i
     done = {r[0] for r in conn.execute("SELECT path FROM segments_ingested WHERE run_id = ?", [run_id]).fetchall()}
     new = [p for p in files.list(prefix) if p not in done and p.endswith(".arrow")]
     rows = 0
-    staged: list[pa.Table] = []
+    pending: list[tuple[str, pa.Table]] = []
     for k, path in enumerate(new):
-        table = long_form.insert(conn, run_id, segments.read_segment(files, path), job_id=None, segment=path)
-        conn.execute(
-            "INSERT INTO segments_ingested (path, run_id, rows) VALUES (?, ?, ?)", [path, run_id, table.num_rows]
-        )
-        rows += table.num_rows
-        staged.append(table)
-        if sum(t.num_rows for t in staged) >= STAGE_ROWS or k == len(new) - 1:
-            _merge_staged(conn, run_id, pa.concat_tables(staged))
-            staged = []
+        pending.append((path, segments.read_segment(files, path)))
+        if sum(t.num_rows for _, t in pending) >= STAGE_ROWS or k == len(new) - 1:
+            table = long_form.insert(conn, run_id, pending)
+            conn.execute(
+                "INSERT INTO segments_ingested (path, run_id, rows) SELECT unnest(?::VARCHAR[]), ?, unnest(?::BIGINT[])",
+                [[p for p, _ in pending], run_id, [t.num_rows for _, t in pending]],
+            )
+            _merge_staged(conn, run_id, table)
+            rows += table.num_rows
+            pending = []
     return rows
 
 
@@ -448,7 +449,7 @@ def ingest_replays(
             rows = 0
             for path in summary["segments"]:
                 table = segments.read_segment(files, path)
-                long_form.insert(conn, run_id, table, job_id, path, versions)
+                long_form.insert(conn, run_id, [(path, table)], job_id, versions)
                 rows += table.num_rows
             for name, indices in summary["coverage"].items() if versions else ():
                 conn.execute(

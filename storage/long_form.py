@@ -104,24 +104,27 @@ def _encoded(column: pa.ChunkedArray, ids: dict[str, int]) -> pa.Array:
 def insert(
     conn: duckdb.DuckDBPyConnection,
     run_id: int,
-    table: pa.Table,
-    job_id: str | None,
-    segment: str,
+    parts: list[tuple[str, pa.Table]],
+    job_id: str | None = None,
     versions: dict[str, str] | None = None,
 ) -> pa.Table:
-    """Insert segment rows (segment schema), spreading `coords` into one column per loop name.
+    """Insert the rows of segments (each its path and its rows, segment schema), spreading `coords`
+    into one column per loop name, with one statement per loop path for all of them.
 
     Replayed rows (with a `job_id`) carry their statement's version, and a cell already covered by
     another job for that version is not inserted twice. Returns the rows with their name's and loop
     path's ids added (`_name_id`, `_path_id`): grouping on them is cheaper than on the strings.
     """
+    table = pa.concat_tables([t for _, t in parts])
     if table.num_rows == 0:
         return table
     paths = table.column("loop_path").unique().to_pylist()
     ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
-    ids = string_ids(conn, [*table.column("name").unique().to_pylist(), *paths, segment])
+    ids = string_ids(conn, [*table.column("name").unique().to_pylist(), *paths, *(p for p, _ in parts)])
     table = table.append_column("_name_id", _encoded(table.column("name"), ids))
     table = table.append_column("_path_id", _encoded(table.column("loop_path"), ids))
+    segment_ids = np.repeat([ids[p] for p, _ in parts], [t.num_rows for _, t in parts]).astype(np.int32)
+    table = table.append_column("_segment_id", pa.array(segment_ids))
     version = (
         "CASE s.name " + " ".join(f"WHEN {lit(n)} THEN {lit(v)}" for n, v in versions.items()) + " END"
         if versions
@@ -143,7 +146,7 @@ def insert(
             conn.execute(
                 f"INSERT INTO _log_records (run_id, name_id, path_id{cols}, value_float, value_int, value_bool, value_str,"
                 f" job_id, seq, segment_id, version) SELECT {run_id}, _name_id, _path_id{vals}, value_float, value_int,"
-                f" value_bool, value_str, ?, seq, {ids[segment]}, {version} FROM _segment_in s"
+                f" value_bool, value_str, ?, seq, _segment_id, {version} FROM _segment_in s"
                 f" WHERE _path_id = {ids[path]}{keep}",
                 [job_id],
             )
