@@ -21,7 +21,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from florql.storage import layout, segments, wide
+from florql.storage import layout, long_form, segments, wide
 from florql.storage.checkpoints import CheckpointRecord, read_record
 from florql.storage.code_versions import code_version_manifest
 from florql.storage.manifest import Manifest
@@ -47,11 +47,12 @@ CREATE TABLE IF NOT EXISTS run_args (
 CREATE TABLE IF NOT EXISTS iterations (
     run_id INTEGER, outer_index INTEGER, seconds DOUBLE, inner_seconds DOUBLE, PRIMARY KEY (run_id, outer_index)
 );
-CREATE TABLE IF NOT EXISTS logs (
-    run_id INTEGER NOT NULL, name VARCHAR NOT NULL, loop_path VARCHAR NOT NULL,
-    value_type VARCHAR, value_float DOUBLE, value_int BIGINT, value_bool BOOLEAN, value_str VARCHAR,
-    source VARCHAR NOT NULL, job_id VARCHAR, seq BIGINT, segment VARCHAR, version VARCHAR
+CREATE TABLE IF NOT EXISTS _log_records (
+    run_id INTEGER NOT NULL, name_id INTEGER NOT NULL, path_id INTEGER NOT NULL,
+    value_float DOUBLE, value_int BIGINT, value_bool BOOLEAN, value_str VARCHAR,
+    job_id VARCHAR, seq BIGINT, segment_id INTEGER, version VARCHAR
 );
+CREATE TABLE IF NOT EXISTS _log_strings (id INTEGER PRIMARY KEY, text VARCHAR UNIQUE);
 CREATE TABLE IF NOT EXISTS segments_ingested (
     path VARCHAR PRIMARY KEY, run_id INTEGER, rows BIGINT, ingested_at TIMESTAMP DEFAULT current_timestamp
 );
@@ -143,12 +144,13 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
             conn.execute(f"ALTER TABLE _replay_costs ADD COLUMN {column} DOUBLE")
     if ("checkpoints", "code_version") not in columns:  # NULL: the run's own recorded code
         conn.execute("ALTER TABLE checkpoints ADD COLUMN code_version VARCHAR")
-    if ("logs", "version") not in columns:
-        conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
     if ("checkpoints", "stored_bytes") not in columns:  # before chunks, a checkpoint stored all its bytes
         conn.execute("ALTER TABLE checkpoints ADD COLUMN stored_bytes BIGINT")
         conn.execute("ALTER TABLE checkpoints ADD COLUMN chunks INTEGER")
         conn.execute("UPDATE checkpoints SET stored_bytes = bytes, chunks = 0")
+    if ("logs", "run_id") in columns and ("logs", "version") not in columns:
+        conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
+    long_form.migrate(conn)
     if ("replay_coverage", "version") not in columns:
         conn.execute("DROP TABLE replay_coverage")
         conn.execute(SCHEMA)
@@ -354,7 +356,7 @@ def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, statu
         conn.unregister("_iterations_in")
 
 
-STAGE_ROWS = 4_000_000  # records merged into the wide tables at a time (bounds memory)
+STAGE_ROWS = 4_000_000  # records inserted and merged at a time: few statements, bounded memory
 
 
 def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
@@ -363,87 +365,24 @@ def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: i
     done = {r[0] for r in conn.execute("SELECT path FROM segments_ingested WHERE run_id = ?", [run_id]).fetchall()}
     new = [p for p in files.list(prefix) if p not in done and p.endswith(".arrow")]
     rows = 0
-    staged: list[pa.Table] = []
+    pending: list[tuple[str, pa.Table]] = []
     for k, path in enumerate(new):
-        table = segments.read_segment(files, path)
-        insert_records(conn, run_id, table, source="logged", job_id=None, segment=path)
-        conn.execute(
-            "INSERT INTO segments_ingested (path, run_id, rows) VALUES (?, ?, ?)", [path, run_id, table.num_rows]
-        )
-        rows += table.num_rows
-        staged.append(table)
-        if sum(t.num_rows for t in staged) >= STAGE_ROWS or k == len(new) - 1:
-            _merge_staged(conn, run_id, pa.concat_tables(staged))
-            staged = []
+        pending.append((path, segments.read_segment(files, path)))
+        if sum(t.num_rows for _, t in pending) >= STAGE_ROWS or k == len(new) - 1:
+            table = long_form.insert(conn, run_id, pending)
+            conn.execute(
+                "INSERT INTO segments_ingested (path, run_id, rows) SELECT unnest(?::VARCHAR[]), ?, unnest(?::BIGINT[])",
+                [[p for p, _ in pending], run_id, [t.num_rows for _, t in pending]],
+            )
+            _merge_staged(conn, run_id, table)
+            rows += table.num_rows
+            pending = []
     return rows
 
 
 def _merge_staged(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table) -> None:
-    if table.num_rows == 0:
-        return
-    conn.register("_staged", table)
-    try:
-        wide.merge_logged(conn, run_id, "_staged")
-    finally:
-        conn.unregister("_staged")
-
-
-def ensure_loop_columns(conn: duckdb.DuckDBPyConnection, loop_names: set[str]) -> None:
-    existing = {
-        r[0]
-        for r in conn.execute(
-            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'logs' AND schema_name = 'main'"
-        ).fetchall()
-    }
-    for name in sorted(loop_names - existing):
-        conn.execute(f"ALTER TABLE logs ADD COLUMN {q(name)} BIGINT")
-
-
-def insert_records(
-    conn: duckdb.DuckDBPyConnection,
-    run_id: int,
-    table: pa.Table,
-    source: str,
-    job_id: str | None,
-    segment: str,
-    versions: dict[str, str] | None = None,
-) -> None:
-    """Insert segment rows into `logs`, spreading `coords` into one column per loop name.
-
-    Replayed rows carry their statement's version, and a cell already covered by another job for
-    that version is not inserted twice.
-    """
-    if table.num_rows == 0:
-        return
-    paths = [p for p in table.column("loop_path").unique().to_pylist()]
-    ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
-    version = (
-        "CASE s.name " + " ".join(f"WHEN {lit(n)} THEN {lit(v)}" for n, v in versions.items()) + " END"
-        if versions
-        else "NULL"
-    )
-    conn.register("_segment_in", table)
-    try:
-        for path in paths:
-            loops = [n for n in path.split("/") if n]
-            cols = "".join(f", {q(n)}" for n in loops)
-            vals = "".join(f", coords[{i + 1}]" for i in range(len(loops)))
-            outer = "coords[1]" if loops else "NULL"
-            keep = (
-                f" AND NOT EXISTS (SELECT 1 FROM replay_coverage c WHERE c.run_id = {run_id} "
-                f"AND c.name = s.name AND c.version = {version} AND c.outer_index = {outer})"
-                if versions
-                else ""
-            )
-            conn.execute(
-                f"INSERT INTO logs (run_id, name, loop_path{cols}, value_type, value_float, value_int, value_bool,"
-                f" value_str, source, job_id, seq, segment, version) SELECT {run_id}, name, loop_path{vals}, value_type,"
-                f" value_float, value_int, value_bool, value_str, ?, ?, seq, ?, {version} FROM _segment_in s"
-                f" WHERE loop_path = ?{keep}",
-                [source, job_id, segment, path],
-            )
-    finally:
-        conn.unregister("_segment_in")
+    if table.num_rows:
+        wide.merge_logged(conn, run_id, table)
 
 
 def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int, code_version: str | None) -> int:
@@ -532,7 +471,7 @@ def ingest_replays(
             rows = 0
             for path in summary["segments"]:
                 table = segments.read_segment(files, path)
-                insert_records(conn, run_id, table, "replayed", job_id, path, versions)
+                long_form.insert(conn, run_id, [(path, table)], job_id, versions)
                 rows += table.num_rows
             for name, indices in summary["coverage"].items() if versions else ():
                 conn.execute(

@@ -20,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from florql.storage.views import lit, q, sql_type, value_expr
 
@@ -32,6 +35,9 @@ CREATE TABLE IF NOT EXISTS _grains (
     run_id INTEGER, loop_path VARCHAR, table_name VARCHAR, PRIMARY KEY (run_id, loop_path)
 );
 """
+
+
+VALUE_TYPES = ("float", "int", "bool", "str")  # in the order of the value columns
 
 
 @dataclass
@@ -60,15 +66,29 @@ def columns(conn: duckdb.DuckDBPyConnection, run_id: int) -> dict[tuple[str, str
 
 
 # ---- ingest ---------------------------------------------------------------------------------------
-def merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, staged: str) -> None:
-    """Merge the run's new logged records (the relation `staged`, segment schema) into its tables.
+def merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, records: pa.Table) -> None:
+    """Merge the run's new logged records into its tables: `records` has the segment schema plus
+    the ids of name and loop path (`_name_id`, `_path_id`, see `long_form.insert`), in seq order.
 
     The records are already in `logs`. Their sequence numbers follow every stored one, so they
     win over what a table holds at the same coordinates.
     """
-    summary = conn.execute(
-        f"SELECT name, loop_path, list(DISTINCT value_type), min(seq) FROM {staged} GROUP BY name, loop_path"
+    conn.register("_staged", records)
+    try:
+        _merge_logged(conn, run_id, records)
+    finally:
+        conn.unregister("_staged")
+
+
+def _merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, records: pa.Table) -> None:
+    rows = conn.execute(
+        "SELECT any_value(name), any_value(loop_path), _path_id, _name_id, bool_or(value_float IS NOT NULL), "
+        "bool_or(value_int IS NOT NULL), bool_or(value_bool IS NOT NULL), bool_or(value_str IS NOT NULL), "
+        "min(seq) FROM _staged GROUP BY _name_id, _path_id"  # a record holds one value column
     ).fetchall()
+    summary = [(n, p, [t for t, has in zip(VALUE_TYPES, present) if has], s) for n, p, _, _, *present, s in rows]
+    path_ids = {p: path_id for _, p, path_id, *_ in rows}
+    name_ids = {name_id: n for n, _, _, name_id, *_ in rows}
     catalog = columns(conn, run_id)
     tables = grain_tables(conn, run_id)
     retyped: set[str] = set()
@@ -87,8 +107,15 @@ def merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, staged: str) -> N
             continue  # names outside every loop are read from `logs` (views.wide_select)
         names = sorted({n for n, p, _, _ in summary if p == path})
         coords = ", ".join(f"coords[{i + 1}] AS {q(c)}" for i, c in enumerate(loops(path)))
-        source = f"SELECT name, seq, value_type, value_float, value_int, value_bool, value_str, {coords} FROM {staged} WHERE loop_path = {lit(path)}"
-        _merge(conn, run_id, path, source, names)
+        source = (
+            f"SELECT name, seq, value_float, value_int, value_bool, value_str, {coords} FROM _staged "
+            f"WHERE _path_id = {path_ids[path]}"
+        )
+        at_path = (
+            records if len(path_ids) == 1 else records.filter(pc.equal(records.column("_path_id"), path_ids[path]))
+        )
+        shown = {n: (changed.get((n, path)) or catalog[(n, path)]).types for n in names}
+        _merge(conn, run_id, path, source, names, regular_pivot(at_path, loops(path), name_ids, shown))
     for path in retyped:
         rebuild_grain(conn, run_id, path)
 
@@ -208,9 +235,55 @@ def _table(conn: duckdb.DuckDBPyConnection, run_id: int, path: str) -> str:
     return table
 
 
-def _merge(conn: duckdb.DuckDBPyConnection, run_id: int, path: str, source: str, names: list[str]) -> None:
+def regular_pivot(
+    records: pa.Table, loop_names: list[str], name_ids: dict[int, str], types: dict[str, frozenset[str]]
+) -> pa.Table | None:
+    """The pivot of one loop path's records (in seq order) when they are regular, by reshaping
+    instead of grouping: every iteration logs the same names in the same order, one value each, of
+    one type, and coordinates strictly increase (so no cell repeats). None otherwise.
+
+    Training loops that log the same names every step are regular; anything else is pivoted in SQL.
+    """
+    n, width, depth = records.num_rows, len(types), len(loop_names)
+    if n == 0 or n % width or any(len(t) != 1 for t in types.values()):
+        return None
+    ids = records.column("_name_id").to_numpy().reshape(-1, width)
+    if len(set(ids[0].tolist())) != width or not (ids == ids[0]).all():
+        return None
+    flat = pc.list_flatten(records.column("coords")).to_numpy()
+    if len(flat) != n * depth:
+        return None
+    coords = flat.reshape(-1, width, depth)
+    if not (coords == coords[:, :1, :]).all():
+        return None  # an iteration's records at different coordinates
+    at = coords[:, 0, :]
+    step = at[1:] - at[:-1]
+    first = (step != 0).argmax(axis=1)  # the outermost loop that moved
+    if len(step) and (step[np.arange(len(step)), first] <= 0).any():
+        return None  # a coordinate repeats, or goes back
+    columns = {c: pa.array(at[:, k]) for k, c in enumerate(loop_names)}
+    for k, name_id in enumerate(ids[0].tolist()):
+        name = name_ids[name_id]
+        (vtype,) = types[name]
+        values = records.column(f"value_{vtype}")
+        if vtype in ("float", "int"):  # a strided slice of the buffer (others' rows are NULL: filled, then skipped)
+            columns[name] = pa.array(pc.fill_null(values, 0).to_numpy()[k::width])
+        else:
+            columns[name] = values.combine_chunks().take(pa.array(np.arange(k, n, width)))
+    return pa.table(columns)
+
+
+def _merge(
+    conn: duckdb.DuckDBPyConnection,
+    run_id: int,
+    path: str,
+    source: str,
+    names: list[str],
+    pivot: pa.Table | None = None,
+) -> None:
     """Pivot `source` (long rows at `path`) to one row per coordinate, the last value per name, and
-    merge it into the path's table: present coordinates are updated, new ones inserted."""
+    merge it into the path's table: present coordinates are updated, new ones inserted. `pivot`:
+    the same pivot built already (`regular_pivot`)."""
     catalog = {n: c for (n, p), c in columns(conn, run_id).items() if p == path and n in names}
     table = _table(conn, run_id, path)
     present = {
@@ -225,10 +298,15 @@ def _merge(conn: duckdb.DuckDBPyConnection, run_id: int, path: str, source: str,
         f"arg_max({value_expr(catalog[n].types)}, seq) FILTER (WHERE name = {lit(n)})::{sql_type(catalog[n].types)} AS {q(n)}"
         for n in names
     )
-    conn.execute(
-        f"CREATE OR REPLACE TEMP TABLE _pivot AS SELECT {', '.join(coords)}, {values} FROM ({source}) "
-        f"GROUP BY {', '.join(coords)} ORDER BY {', '.join(coords)}"  # clustered: zone maps skip the rest
-    )
+    if pivot is not None:
+        conn.register("_pivot_in", pivot)
+        conn.execute("CREATE OR REPLACE TEMP TABLE _pivot AS SELECT * FROM _pivot_in")
+        conn.unregister("_pivot_in")
+    else:
+        conn.execute(
+            f"CREATE OR REPLACE TEMP TABLE _pivot AS SELECT {', '.join(coords)}, {values} FROM ({source}) "
+            f"GROUP BY {', '.join(coords)} ORDER BY {', '.join(coords)}"  # clustered: zone maps skip the rest
+        )
     try:
         outer = coords[0]
         low = conn.execute(f"SELECT min({outer}) FROM _pivot").fetchall()[0][0]

@@ -188,3 +188,99 @@ def test_the_cli_and_the_server_answer_without_importing_torch(store: Store):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+LEAN_RUNS = """
+import sys
+from florql.cli import main
+assert main(["runs"]) == 0
+print(sorted(m for m in ("torch", "sqlglot", "florql.api", "florql.binder", "florql.replay.planner") if m in sys.modules))
+"""
+
+
+def test_florql_runs_lists_runs_without_loading_the_query_machinery(store: Store):
+    """`florql runs` is a fixed SQL over the `runs` view: it ingests, then reads, and imports no
+    parser, binder or planner (which is what keeps it within a few tens of ms of DuckDB's import)."""
+    write_run(store, 1, [[("val_acc", 0.5, ("epoch", 0))]])
+    out = subprocess.run(
+        [sys.executable, "-c", LEAN_RUNS],
+        env=store.env(),
+        cwd=store.workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split()[:2] == ["run_id", "status"] and lines[2].split()[:2] == ["1", "finished"]
+    assert lines[-1] == "[]"
+
+
+def test_a_store_whose_long_form_is_a_table_is_compacted_when_opened(store: Store):
+    """An older florql kept `logs` as a table of strings; opening the store moves its rows into the
+    compact long form, and `logs` (now a view) and the run tables answer as before."""
+    batches = [[r for r in records if r[2][0] != "epoch/eval"] for records in random_batches(random.Random(5))]
+    write_run(store, 1, batches)
+    db = florql.connect(store.home, replay="never")
+    logs_before = db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall()
+    run_before = sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr)
+    db.close()
+    conn = duckdb.connect(store.location.db_path)
+    conn.execute("CREATE TABLE _old_logs AS SELECT * FROM logs")
+    conn.execute("DROP VIEW logs")
+    conn.execute("DROP TABLE _log_records")
+    conn.execute("DROP TABLE _log_strings")
+    conn.execute("ALTER TABLE _old_logs RENAME TO logs")
+    conn.close()
+    db = florql.connect(store.home, replay="never")
+    assert db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall() == logs_before
+    assert sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr) == run_before
+    db.close()
+    conn = duckdb.connect(store.location.db_path)
+    assert conn.execute("SELECT table_type FROM information_schema.tables WHERE table_name = 'logs'").fetchall() == [
+        ("VIEW",)
+    ]
+    conn.close()
+
+
+def regular_batches(rng: random.Random) -> list[list[tuple[str, Any, tuple]]]:
+    """Every step logs the same four names (one of each value type) in the same order; each epoch
+    logs `val_acc`; segments are cut anywhere, mid-iteration too."""
+    records: list[tuple[str, Any, tuple]] = []
+    for epoch in range(3):
+        for step in range(5):
+            at = ("epoch/step", epoch, step)
+            records += [("loss", rng.random(), at), ("tokens", rng.randint(-9, 9), at)]
+            records += [("ok", rng.random() < 0.5, at), ("phase", rng.choice(["a", "bb"]), at)]
+        records.append(("val_acc", rng.random(), ("epoch", epoch)))
+    cuts = sorted(rng.sample(range(1, len(records)), 3))
+    return [records[a:b] for a, b in zip([0, *cuts], [*cuts, len(records)])]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_regular_batches_pivoted_by_reshaping_equal_the_long_form(
+    store: Store, seed: int, monkeypatch: pytest.MonkeyPatch
+):
+    from florql.storage import wide
+
+    reshaped = []
+    pivot = wide.regular_pivot
+    monkeypatch.setattr(wide, "regular_pivot", lambda *a: reshaped.append(pivot(*a)) or reshaped[-1])
+    batches = regular_batches(random.Random(seed))
+    write_run(store, 1, batches)
+    write_run(store, 2, [], status="running")  # one segment a sync: iterations cut across syncs
+    db = florql.connect(store.home, replay="never")
+    for k, records in enumerate(batches):
+        batch = segments.records_to_batch(sum(map(len, batches[:k])), records)
+        segments.write_segment(store.files, layout.segment_path(2, layout.MAIN_WRITER, k), batch, {})
+        db.sync()
+    assert any(p is not None for p in reshaped) and any(p is None for p in reshaped)
+    with open_store(store.location.db_path) as conn:
+        for run_id in (1, 2):
+            for grain, columns in [
+                (("epoch",), "epoch, val_acc"),
+                (("epoch", "step"), "epoch, step, loss, ok, phase, tokens, val_acc"),
+            ]:
+                ours = sorted(db.sql(f"SELECT {columns} FROM run_{run_id}").fetchall(), key=repr)
+                assert ours == long_form_answer(conn, run_id, grain), (grain, run_id)
+    db.close()
