@@ -156,6 +156,7 @@ def _write(table, fmt: str, path: str | None) -> None:
             raise FlorqlError("--format parquet needs -o FILE")
         pq.write_table(table, path)
     elif fmt == "csv":
+        table = _flat_for_csv(table)
         if path:
             pacsv.write_csv(table, path)
         else:
@@ -169,6 +170,17 @@ def _write(table, fmt: str, path: str | None) -> None:
                 f.write(text)
         else:
             sys.stdout.write(text)
+
+
+def _flat_for_csv(table):
+    """CSV has no lists or structs: such columns are written as JSON text (`[36, 37]`)."""
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_nested(field.type):
+            text = pa.array([None if v is None else json.dumps(v, default=str) for v in table.column(i).to_pylist()])
+            table = table.set_column(i, pa.field(field.name, pa.string()), text)
+    return table
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

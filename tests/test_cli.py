@@ -153,6 +153,12 @@ def test_query_as_csv(recorded: Store) -> None:
     assert [{k: float(v) if k == "loss" else int(v) for k, v in row.items()} for row in rows] == want
 
 
+def test_lists_go_to_csv_as_json_text(recorded: Store) -> None:
+    sql = "SELECT epoch, list(step ORDER BY step) AS steps FROM run_1 GROUP BY epoch ORDER BY epoch"
+    rows = list(csv.DictReader(io.StringIO(ok(florql_cli(recorded, "query", sql, "--format", "csv")))))
+    assert [(int(r["epoch"]), json.loads(r["steps"])) for r in rows] == [(e, [0, 1, 2, 3]) for e in range(3)]
+
+
 def test_query_as_json(recorded: Store) -> None:
     out = ok(florql_cli(recorded, "query", LOSSES, "--format", "json"))
     assert [json.loads(line) for line in out.splitlines()] == expected(recorded, LOSSES)
