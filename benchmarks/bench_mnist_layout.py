@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import florql  # noqa: E402
+from florql.replay.warm import stop_shared_fork_server  # noqa: E402
 
 SCRIPT = """
 import argparse
@@ -129,6 +130,8 @@ def run_script(work: Path, env: dict[str, str]) -> float:
 def ask(home: Path, copy: Path, sql: str, warm: bool) -> tuple[float, float, int, int, object]:
     """(query seconds, estimate, jobs, training batches executed, answer) on a fresh copy of the store."""
     shutil.copytree(home, copy)
+    if not warm:
+        stop_shared_fork_server()  # a new session starts its own, as `florql query` does
     db = florql.connect(copy, workers=1, progress=False)
     if warm:  # a session whose fork server is up and whose earlier replay measured the costs
         server = getattr(db.executor, "fork_server", None)

@@ -88,11 +88,13 @@ class LocalExecutor(Executor):
         # The recorded thread count keeps float reductions bit-identical; else a fair share.
         spec.threads = spec.threads or self.threads_per_job()
         env = worker_env(spec, {"CUDA_VISIBLE_DEVICES": str(slot % self.gpus)} if self.gpus else None)
-        warm = self.fork_server is not None and self.fork_server.ready()
-        spec.launched_at, spec.warm = time.time(), warm
-        if warm:
-            assert self.fork_server is not None
-            return self.fork_server.launch(spec, env)
+        server = self.fork_server
+        spec.launched_at = time.time()
+        # A job that waits for the server to finish starting pays a cold start: it is measured as
+        # one (the wait counts in its start-up), so the planner learns what a new session costs.
+        spec.warm = server is not None and server.ready(timeout=0)
+        if server is not None and (spec.warm or server.ready()):
+            return server.launch(spec, env)
         return launch_worker(spec, env)
 
     def close(self) -> None:

@@ -36,7 +36,7 @@ class JobSpec:
     recorded_exec_s: float = 0.0  # recorded time of the iterations it executes (PlannedJob)
     recorded_skip_s: float = 0.0  # recorded time of the tails of those it restores
     launched_at: float = 0.0  # UNIX time the executor launched the job (for measured start-up costs)
-    warm: bool = False  # forked from a warm fork server (else a fresh interpreter)
+    warm: bool = False  # forked from a fork server already up (else it paid a cold start)
     checkpoint_at: list[int] = field(default_factory=list)  # executed iterations the run has no checkpoint of
     checkpoint_version: str | None = None  # the code version the state of this job's code belongs to
 

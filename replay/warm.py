@@ -115,6 +115,15 @@ def shared_fork_server(env: dict[str, str]) -> ForkServer:
         return _SHARED
 
 
+def stop_shared_fork_server() -> None:
+    """Stop this process's fork server; the next local job starts a new one (a cold start)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is not None:
+            _SHARED.close()
+            _SHARED = None
+
+
 def _read_all(conn: socket.socket) -> str:
     chunks = []
     while chunk := conn.recv(4096):

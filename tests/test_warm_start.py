@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 import florql
 from florql.errors import ReplayFailed
 from florql.replay.executor import LocalExecutor
+from florql.replay.jobs import JobSpec
 from florql.runinfo import measured_costs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
@@ -117,3 +119,31 @@ def test_a_job_killed_by_a_signal_fails_with_its_output_and_the_server_keeps_ser
         assert len(db.sql("SELECT w FROM run_1 WHERE epoch = 0").fetchall()) == 1
     finally:
         executor.close()
+
+
+class StartingServer:
+    """A fork server still importing torch when the job comes: `ready(0)` says no, waiting says yes."""
+
+    def __init__(self) -> None:
+        self.launched: list[tuple[bool, float]] = []
+
+    def ready(self, timeout: float = 60.0) -> bool:
+        return timeout != 0
+
+    def launch(self, spec, env):
+        self.launched.append((spec.warm, spec.launched_at))
+        return "forked"
+
+
+def test_a_job_that_waits_for_the_server_to_start_is_measured_as_a_cold_start(monkeypatch: pytest.MonkeyPatch):
+    """Its wait counts in its start-up and it is stored as not warm, so a new session's plan
+    estimates the server's start from what such starts took, not from warm forks."""
+    executor = LocalExecutor(1, warm=False)
+    server = StartingServer()
+    executor.fork_server = server  # type: ignore[assignment]
+    spec = JobSpec("j", 1, "file:///x", "v", "train.py", ".", [], {}, ["w"], [], 0, 1, 0)
+    monkeypatch.setattr("florql.replay.executor.worker_env", lambda spec, extra=None: {})
+    before = time.time()
+    assert executor._run_one(spec, 0) == "forked"
+    [(warm, launched_at)] = server.launched
+    assert warm is False and launched_at >= before
