@@ -12,7 +12,7 @@ florql's extra time went (start-up, loop, exit).
     python benchmarks/bench_overhead.py --device cuda          # a CUDA loop (needs a GPU)
 
 Workloads (CPU sizes; about 15 s and 60 s on a 2-core machine):
-- `short`: an MLP 64-512-512-4 (0.3 M parameters), loss logged every step;
+- `short`: an MLP 64-256-256-4 (0.08 M parameters), loss logged every step;
 - `long`:  an MLP 1024-3072-3072-3072-4 (25 M parameters: 100 MB of weights, 300 MB with Adam's
   state), so each checkpoint is large and its persist competes with training for the cores.
 Runs go to a temporary store, not yours.
@@ -21,6 +21,7 @@ Runs go to a temporary store, not yours.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -33,8 +34,8 @@ import time
 LAUNCHED = time.time()  # in a child: when its interpreter reached this line (before torch)
 
 WORKLOADS = {  # name: (layer widths, samples, batch, epochs) on CPU
-    "short": ((64, 512, 512, 4), 8192, 128, 120),
-    "long": ((1024, 3072, 3072, 3072, 4), 4096, 128, 12),
+    "short": ((64, 256, 256, 4), 8192, 128, 100),
+    "long": ((1024, 3072, 3072, 3072, 4), 4096, 128, 6),
 }
 CUDA_SCALE = 8  # on a GPU the same shapes run too fast to matter: more epochs
 
@@ -43,7 +44,7 @@ def build(widths, device):
     from torch import nn
 
     layers: list = []
-    for n_in, n_out in zip(widths[:-2], widths[1:-1]):
+    for n_in, n_out in itertools.pairwise(widths[:-1]):
         layers += [nn.Linear(n_in, n_out), nn.ReLU(), nn.Dropout(0.1)]
     layers.append(nn.Linear(widths[-2], widths[-1]))
     return nn.Sequential(*layers).to(device)
@@ -163,7 +164,7 @@ def bench(workload: str, device: str, reps: int, threads: int) -> None:
     a = [durations(p) for p in plain]
     b = [durations(p) for p in recorded]
     widths, samples, batch, epochs = WORKLOADS[workload]
-    params = sum(i * o + o for i, o in zip(widths[:-1], widths[1:]))
+    params = sum(i * o + o for i, o in itertools.pairwise(widths))
     epochs *= CUDA_SCALE if device == "cuda" else 1
     print(
         f"\n== {workload}: MLP {'-'.join(map(str, widths))} ({params / 1e6:.1f} M parameters), Adam + StepLR, "
