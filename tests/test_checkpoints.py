@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 
@@ -136,6 +137,18 @@ def test_policy_charges_the_wall_time_of_a_final_persist_the_run_waits_for():
     assert policy.should_checkpoint(0.01, persist_in_flight=False)  # a persist overlapping training
     policy.record(0.01)
     assert not policy.should_checkpoint(0.01, persist_in_flight=False, final=True)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to leave one free")
+def test_training_uses_every_core_when_torch_threads_fill_the_cores():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        assert checkpoint_engine.training_uses_every_core()
+        torch.set_num_threads(1)
+        assert not checkpoint_engine.training_uses_every_core()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_last_iteration_skips_a_checkpoint_whose_persist_the_exit_would_wait_for(adaptive, store, monkeypatch):
