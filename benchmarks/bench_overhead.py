@@ -134,7 +134,7 @@ def one(workload: str, device: str, use_florql: bool, home: str, threads: int) -
     env.pop("FLORQL_ARGS", None)
     variant = "florql" if use_florql else "plain"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--workload", workload]
-    cmd += ["--device", device, "--threads", str(threads)]
+    cmd += ["--device", device, "--threads", str(threads), "--epochs", str(WORKLOADS[workload][3])]
     began = time.time()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
     ended = time.time()
@@ -203,8 +203,12 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each variant")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--epochs", type=int, default=0, help="override the workload's epochs (a loaded machine)")
     parser.add_argument("--child", choices=["plain", "florql"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.epochs:
+        for name, (widths, samples, batch, _) in list(WORKLOADS.items()):
+            WORKLOADS[name] = (widths, samples, batch, opts.epochs)
     if opts.child:
         print(json.dumps(train(opts.workload, opts.device, opts.child == "florql", opts.threads)))
         return 0
