@@ -91,6 +91,7 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
 
     sync()
     phases["loop_started"] = time.time()
+    cpu_began, main_cpu_began = time.process_time(), time.thread_time()
     if use_florql:
         epochs = florql.arg("epochs", epochs)  # the run starts here: id, manifest, code version
         with florql.checkpointing(model=net, optimizer=opt, scheduler=sched):
@@ -98,6 +99,7 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
                 epoch_body(florql.log, lambda it: florql.loop("step", it))
         sync()
         phases["loop_ended"] = time.time()
+        phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
         policy = florql._session.policy
         phases.update(
             checkpoints=policy.taken,
@@ -110,6 +112,7 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
             epoch_body(lambda name, value: None, lambda it: it)
         sync()
         phases["loop_ended"] = time.time()
+        phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
     return phases
 
 
@@ -184,6 +187,8 @@ def bench(workload: str, device: str, reps: int, threads: int) -> None:
     totals_a = sorted(d["total"] for d in a)
     totals_b = sorted(d["total"] for d in b)
     paired = sorted(y["total"] / x["total"] for x, y in zip(a, b))
+    cpu = [statistics.median(p["other_threads_cpu"] for p in group) for group in (plain, recorded)]
+    print(f"CPU of threads other than the training thread during the loop: {cpu[0]:.2f} s, {cpu[1]:.2f} s")
     print(f"whole-process ratio of medians: {med['total'][1] / med['total'][0]:.3f}")
     print(f"paired ratios (each pair run back to back): {', '.join(f'{r:.3f}' for r in paired)}")
     print(
