@@ -1,20 +1,27 @@
-"""End-to-end overhead of recording (logging + adaptive checkpoints) on a training loop.
+"""Whole-process overhead of recording (logging + adaptive checkpoints) on a training script.
 
-The same loop runs with and without florql, each repetition in a fresh process so every florql
-run is a real run (own run id, manifest, segments, checkpoints), interleaved so machine noise hits
-both alike. Reported: median loop time of each, their ratio, and the median of paired ratios.
+The same script runs with and without florql, each repetition a fresh process (every florql run
+is a real run: own run id, manifest, code version, segments, checkpoints), alternating ABAB so
+machine noise hits both alike. The time that counts is the whole process, launch to exit, as a
+user sees it: importing florql, starting the run, the loop, and what florql does at exit (the
+last flush, the last persist). Reported: medians of each, their ratio, the spread, and where
+florql's extra time went (start-up, loop, exit).
 
-    python benchmarks/bench_overhead.py                 # CPU
-    python benchmarks/bench_overhead.py --device cuda   # a CUDA training loop (needs a GPU)
+    python benchmarks/bench_overhead.py                        # both workloads, CPU
+    python benchmarks/bench_overhead.py --workload long --reps 5
+    python benchmarks/bench_overhead.py --device cuda          # a CUDA loop (needs a GPU)
 
-The florql side logs the loss every step (the tensor itself on CUDA: no synchronisation) and the
-validation accuracy every epoch, under `florql.checkpointing(model=…, optimizer=…, scheduler=…)`.
+Workloads (CPU sizes; about 15 s and 60 s on a 2-core machine):
+- `short`: an MLP 64-256-256-4 (0.08 M parameters), loss logged every step;
+- `long`:  an MLP 1024-3072-3072-3072-4 (25 M parameters: 100 MB of weights, 300 MB with Adam's
+  state), so each checkpoint is large and its persist competes with training for the cores.
 Runs go to a temporary store, not yours.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -24,36 +31,46 @@ import sys
 import tempfile
 import time
 
-SIZES = {  # device: (features, hidden, samples, batch, epochs)
-    "cpu": (64, 256, 8192, 128, 12),
-    "cuda": (512, 2048, 131072, 512, 4),
+LAUNCHED = time.time()  # in a child: when its interpreter reached this line (before torch)
+
+WORKLOADS = {  # name: (layer widths, samples, batch, epochs) on CPU
+    "short": ((64, 256, 256, 4), 8192, 128, 100),
+    "long": ((1024, 3072, 3072, 3072, 4), 4096, 128, 6),
 }
+CUDA_SCALE = 8  # on a GPU the same shapes run too fast to matter: more epochs
 
 
-def train(device: str, use_florql: bool, threads: int) -> dict:
-    """One training run; returns the loop's wall time (and florql's own accounting)."""
-    import torch
+def build(widths, device):
     from torch import nn
+
+    layers: list = []
+    for n_in, n_out in itertools.pairwise(widths[:-1]):
+        layers += [nn.Linear(n_in, n_out), nn.ReLU(), nn.Dropout(0.1)]
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*layers).to(device)
+
+
+def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
+    """One training script's life; returns its phase times (wall clock, `time.time()`)."""
+    phases = {"launched": LAUNCHED}
+    if use_florql:
+        import florql  # the script's own `import florql` is part of the overhead
+
+        phases["florql_imported"] = time.time()
+    import torch
 
     if threads:
         torch.set_num_threads(threads)
-
-    features, hidden, samples, batch, epochs = SIZES[device]
+    widths, samples, batch, epochs = WORKLOADS[workload]
+    epochs *= CUDA_SCALE if device == "cuda" else 1
     torch.manual_seed(0)
+    features = widths[0]
     x = torch.randn(samples, features, device=device)
     y = (x[:, : features // 2].sum(dim=1) > 0).long() + 2 * (x[:, features // 2 :].sum(dim=1) > 0).long()
-    net = nn.Sequential(
-        nn.Linear(features, hidden),
-        nn.ReLU(),
-        nn.Dropout(0.1),
-        nn.Linear(hidden, hidden),
-        nn.ReLU(),
-        nn.Dropout(0.1),
-        nn.Linear(hidden, 4),
-    ).to(device)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    loss_fn = nn.CrossEntropyLoss()
+    net = build(widths, device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=max(1, epochs // 4), gamma=0.5)
+    loss_fn = torch.nn.CrossEntropyLoss()
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def epoch_body(log, steps) -> None:
@@ -69,36 +86,34 @@ def train(device: str, use_florql: bool, threads: int) -> dict:
         sched.step()
         net.eval()
         with torch.no_grad():
-            acc = (net(x[:4096]).argmax(dim=1) == y[:4096]).float().mean().item()
+            acc = (net(x[:2048]).argmax(dim=1) == y[:2048]).float().mean().item()
         log("val_acc", acc)
 
-    startup = 0.0
-    if use_florql:
-        import florql  # importing is not recording: keep it out of the timed loop
-
-        began = time.perf_counter()
-        florql.arg("bench", device)  # the run starts: id, manifest, code version (a one-off cost)
-        startup = time.perf_counter() - began
     sync()
-    started = time.perf_counter()
+    phases["loop_started"] = time.time()
+    cpu_began, main_cpu_began = time.process_time(), time.thread_time()
     if use_florql:
+        epochs = florql.arg("epochs", epochs)  # the run starts here: id, manifest, code version
         with florql.checkpointing(model=net, optimizer=opt, scheduler=sched):
             for _ in florql.loop("epoch", range(epochs)):
                 epoch_body(florql.log, lambda it: florql.loop("step", it))
         sync()
-        seconds = time.perf_counter() - started
+        phases["loop_ended"] = time.time()
+        phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
         policy = florql._session.policy
-        return {
-            "seconds": seconds,
-            "startup": startup,
-            "checkpoints": policy.taken,
-            "considered": policy.considered,
-            "overhead": policy.overhead,
-        }
-    for _ in range(epochs):
-        epoch_body(lambda name, value: None, lambda it: it)
-    sync()
-    return {"seconds": time.perf_counter() - started}
+        phases.update(
+            checkpoints=policy.taken,
+            considered=policy.considered,
+            overhead=policy.overhead,
+            run_id=florql.run_id(),
+        )
+    else:
+        for _ in range(epochs):
+            epoch_body(lambda name, value: None, lambda it: it)
+        sync()
+        phases["loop_ended"] = time.time()
+        phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
+    return phases
 
 
 def machine(device: str) -> str:
@@ -116,32 +131,91 @@ def machine(device: str) -> str:
     return text
 
 
-def one(device: str, use_florql: bool, home: str, threads: int) -> dict:
-    env = dict(os.environ, FLORQL_HOME=home)
+def one(workload: str, device: str, use_florql: bool, home: str, threads: int) -> dict:
+    """One fresh process; its phases plus the whole process's wall time as the parent saw it."""
+    env = dict(os.environ, FLORQL_HOME=home, FLORQL_QUIET="1")
     env.pop("FLORQL_ARGS", None)
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        "--child",
-        "florql" if use_florql else "plain",
-        "--device",
-        device,
-        "--threads",
-        str(threads),
-    ]
+    variant = "florql" if use_florql else "plain"
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--workload", workload]
+    cmd += ["--device", device, "--threads", str(threads), "--epochs", str(WORKLOADS[workload][3])]
+    began = time.time()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    ended = time.time()
+    phases = json.loads(out.stdout.strip().splitlines()[-1])
+    phases.update(began=began, ended=ended)
+    return phases
+
+
+def durations(p: dict) -> dict[str, float]:
+    """Whole process and its parts, in seconds."""
+    return {
+        "total": p["ended"] - p["began"],
+        "loop": p["loop_ended"] - p["loop_started"],
+        "before": p["loop_started"] - p["began"],  # interpreter, imports, data and model set-up
+        "exit": p["ended"] - p["loop_ended"],  # atexit: florql's last flush, persist, manifest
+    }
+
+
+def bench(workload: str, device: str, reps: int, threads: int) -> None:
+    home = tempfile.mkdtemp(prefix="florql-bench-")
+    one(workload, device, False, home, threads)  # warm the page cache (and CUDA's kernel cache)
+    plain: list[dict] = []
+    recorded: list[dict] = []
+    for rep in range(reps):
+        for use in [False, True] if rep % 2 == 0 else [True, False]:  # ABBA...: neither always first
+            (recorded if use else plain).append(one(workload, device, use, home, threads))
+    a = [durations(p) for p in plain]
+    b = [durations(p) for p in recorded]
+    widths, samples, batch, epochs = WORKLOADS[workload]
+    params = sum(i * o + o for i, o in itertools.pairwise(widths))
+    epochs *= CUDA_SCALE if device == "cuda" else 1
+    print(
+        f"\n== {workload}: MLP {'-'.join(map(str, widths))} ({params / 1e6:.1f} M parameters), Adam + StepLR, "
+        f"{epochs} epochs x {samples // batch} steps on {device}, torch threads {threads or 'default'}; "
+        f"{reps} alternating repetitions of each"
+    )
+    med = {part: (statistics.median(d[part] for d in a), statistics.median(d[part] for d in b)) for part in a[0]}
+    print(f"{'':28}{'without':>10}{'with florql':>13}{'extra':>9}")
+    for part, label in [
+        ("total", "whole process (launch→exit)"),
+        ("before", "  launch → loop start"),
+        ("loop", "  the loop"),
+        ("exit", "  loop end → exit"),
+    ]:
+        without, with_ = med[part]
+        print(f"{label:28}{without:9.2f}s{with_:12.2f}s{with_ - without:+8.2f}s")
+    totals_a = sorted(d["total"] for d in a)
+    totals_b = sorted(d["total"] for d in b)
+    paired = sorted(y["total"] / x["total"] for x, y in zip(a, b))
+    cpu = [statistics.median(p["other_threads_cpu"] for p in group) for group in (plain, recorded)]
+    print(f"CPU of threads other than the training thread during the loop: {cpu[0]:.2f} s, {cpu[1]:.2f} s")
+    print(f"whole-process ratio of medians: {med['total'][1] / med['total'][0]:.3f}")
+    print(f"paired ratios (each pair run back to back): {', '.join(f'{r:.3f}' for r in paired)}")
+    print(
+        f"spread of totals: without {totals_a[0]:.2f}–{totals_a[-1]:.2f} s, with {totals_b[0]:.2f}–{totals_b[-1]:.2f} s"
+    )
+    print(
+        f"checkpoints per run: {statistics.median(p['checkpoints'] for p in recorded):.0f} of "
+        f"{statistics.median(p['considered'] for p in recorded):.0f} opportunities; florql's own accounting "
+        f"(stall + persist CPU + interference): {100 * statistics.median(p['overhead'] for p in recorded):.2f} % "
+        "of training time"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=sorted(SIZES))
-    parser.add_argument("--reps", type=int, default=7, help="repetitions of each variant")
+    parser.add_argument("--workload", choices=[*WORKLOADS, "both"], default="both")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--reps", type=int, default=3, help="repetitions of each variant")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--epochs", type=int, default=0, help="override the workload's epochs (a loaded machine)")
     parser.add_argument("--child", choices=["plain", "florql"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.epochs:
+        for name, (widths, samples, batch, _) in list(WORKLOADS.items()):
+            WORKLOADS[name] = (widths, samples, batch, opts.epochs)
     if opts.child:
-        print(json.dumps(train(opts.device, opts.child == "florql", opts.threads)))
+        print(json.dumps(train(opts.workload, opts.device, opts.child == "florql", opts.threads)))
         return 0
     if opts.device == "cuda":
         import torch
@@ -149,38 +223,10 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("no CUDA device here; run with --device cpu", file=sys.stderr)
             return 2
-    home = tempfile.mkdtemp(prefix="florql-bench-")
-    plain, recorded, ratios = [], [], []
-    one(opts.device, False, home, opts.threads)  # warm the page cache and CUDA's kernel cache
-    for rep in range(opts.reps):
-        pair = [False, True] if rep % 2 == 0 else [True, False]
-        result = {use: one(opts.device, use, home, opts.threads) for use in pair}
-        plain.append(result[False]["seconds"])
-        recorded.append(result[True])
-        ratios.append(result[True]["seconds"] / result[False]["seconds"])
-    florql_s = [r["seconds"] for r in recorded]
-    print(f"machine: {machine(opts.device)}")
-    features, hidden, samples, batch, epochs = SIZES[opts.device]
-    print(
-        f"loop: MLP {features}-{hidden}-{hidden}-4 with dropout, Adam + StepLR, {epochs} epochs x "
-        f"{samples // batch} steps on {opts.device}, torch threads {opts.threads or 'default'}; "
-        f"{opts.reps} interleaved repetitions"
-    )
-    print(f"without florql: median {statistics.median(plain):.3f} s")
-    print(f"with florql:    median {statistics.median(florql_s):.3f} s  (logging every step + adaptive checkpoints)")
-    print(
-        f"ratio of medians: {statistics.median(florql_s) / statistics.median(plain):.3f}; "
-        f"median paired ratio: {statistics.median(ratios):.3f}"
-    )
-    print(
-        f"run start-up (once per run, not in the loop times above): median "
-        f"{statistics.median(r['startup'] for r in recorded):.3f} s"
-    )
-    print(
-        f"checkpoints per run: {statistics.median(r['checkpoints'] for r in recorded):.0f} of "
-        f"{statistics.median(r['considered'] for r in recorded):.0f} opportunities; florql's own stall "
-        f"accounting: {100 * statistics.median(r['overhead'] for r in recorded):.2f} % of training time"
-    )
+    print(f"machine: {machine(opts.device)}; load average {os.getloadavg()[0]:.1f} at start")
+    for workload in WORKLOADS if opts.workload == "both" else [opts.workload]:
+        bench(workload, opts.device, opts.reps, opts.threads)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
 

@@ -1,8 +1,9 @@
 """Adaptive two-phase checkpoints: snapshot into reused CPU buffers, persist in the background.
 
 Three separate parts, as in torch.distributed.checkpoint:
-- `AdaptivePolicy` decides *when*: only while the total stall stays within the budget ε of
-  training time, and never while the previous persist is still in flight.
+- `AdaptivePolicy` decides *when*: only while the total cost (stall, plus the persist's CPU time
+  where training has no core to spare, plus a final persist the run must wait for at exit) stays
+  within the budget ε of training time, and never while the previous persist is still in flight.
 - `Stager` decides *how to snapshot*: state_dict tensors are copied into CPU buffers that are
   allocated once and reused (pinned, with an asynchronous copy on a side stream, for CUDA tensors).
 - `Persister` decides *where*: one background thread writes through `storage.checkpoints`, which
@@ -15,6 +16,7 @@ import copy
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +40,11 @@ class AdaptivePolicy:
     iterations that overlap a persist taking longer than those that do not. Both are estimated
     robustly (medians of recent samples), so one noisy iteration neither stops checkpointing for
     good nor hides a real cost; an estimate resting on few samples is re-measured now and then.
+
+    Where training already uses every core (`contended`: 2 cores, 2 torch threads), each second
+    of CPU the persist spends (SHA-256, compression, the kernel's copy) is a second taken from
+    training, however the iteration times happen to show it: that CPU time is charged too (the
+    larger of it and the measured interference, which are the same cost seen two ways).
     """
 
     budget: float = 0.05
@@ -52,6 +59,10 @@ class AdaptivePolicy:
     _quiet: list[float] = field(default_factory=list)  # recent iteration times with no persist running
     _extras: list[float] = field(default_factory=list)  # recent (overlapped time − quiet median)
     _stalls: list[float] = field(default_factory=list)
+    contended: bool = False  # training uses every core: the persist's CPU time is training's
+    persist_cpu_s: float = 0.0
+    _persist_cpus: list[float] = field(default_factory=list)  # recent persists' CPU seconds
+    _persist_walls: list[float] = field(default_factory=list)  # recent persists' wall seconds
 
     REPROBE_AFTER = 10  # opportunities without a checkpoint before an uncertain estimate is re-measured
     SAMPLES = 9
@@ -69,23 +80,37 @@ class AdaptivePolicy:
         if self._quiet:
             self._extras = (self._extras + [seconds - _median(self._quiet)])[-self.SAMPLES :]
 
+    def persisted(self, cpu_s: float, wall_s: float) -> None:
+        """A persist finished (called from the persist thread): what it cost in CPU and wall time."""
+        self.persist_cpu_s += cpu_s
+        self._persist_cpus = (self._persist_cpus + [cpu_s])[-self.SAMPLES :]
+        self._persist_walls = (self._persist_walls + [wall_s])[-self.SAMPLES :]
+
     @property
     def interference_s(self) -> float:
-        return self.overlapped * max(0.0, _median(self._extras)) if self._extras else 0.0
+        measured = self.overlapped * max(0.0, _median(self._extras)) if self._extras else 0.0
+        return max(measured, self.persist_cpu_s) if self.contended else measured
 
     @property
     def last_cost_s(self) -> float | None:
         if not self._stalls:
             return None
-        return _median(self._stalls) + (max(0.0, _median(self._extras)) if self._extras else 0.0)
+        extra = max(0.0, _median(self._extras)) if self._extras else 0.0
+        if self.contended and self._persist_cpus:
+            extra = max(extra, _median(self._persist_cpus))
+        return _median(self._stalls) + extra
 
-    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool) -> bool:
+    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool, final: bool = False) -> bool:
+        """`final`: the run's last opportunity, so nothing overlaps the persist: the run waits for it
+        at exit, and its whole wall time is a cost."""
         self.considered += 1
         self._since_last += 1
         if persist_in_flight:
             self.skipped_in_flight += 1
             return False
         cost = self.last_cost_s if self.last_cost_s is not None else estimated_stall_s
+        if final:
+            cost += _median(self._persist_walls) if self._persist_walls else 0.0
         allowed = self.budget * self.train_s
         if self.stall_s + self.interference_s + cost <= allowed:
             return True
@@ -117,7 +142,7 @@ class EveryOpportunity(AdaptivePolicy):
     alone, never on the machine's load (tests, and runs where fast replays matter more than overhead).
     """
 
-    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool) -> bool:
+    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool, final: bool = False) -> bool:
         self.considered += 1
         self._since_last += 1
         return True
@@ -132,7 +157,16 @@ def make_policy(budget: float) -> AdaptivePolicy:
     name = os.environ.get(POLICY_ENV, "").strip().lower() or "adaptive"
     if name not in POLICIES:
         raise UsageError(f"{POLICY_ENV}={name!r}: use 'adaptive' (the default) or 'every'")
-    return POLICIES[name](budget=budget)
+    return POLICIES[name](budget=budget, contended=training_uses_every_core())
+
+
+def training_uses_every_core() -> bool:
+    """Whether torch's threads occupy every core this process may run on (no core left for a persist)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() >= cores
 
 
 def _median(values: list[float]) -> float:
@@ -207,13 +241,25 @@ def _tensors(value: Any) -> list[torch.Tensor]:
 
 
 class Persister:
-    """One background thread; at most one checkpoint in flight."""
+    """One background thread; at most one checkpoint in flight.
+
+    `on_cost(cpu_s, wall_s)` hears what each persist cost (CPU time of its thread, wall time).
+    `folder`: where checkpoints go, the run's folder unless a replay job names its own.
+    """
 
     def __init__(
-        self, files: RunFiles, run_id: int, on_done: Callable[[CheckpointRecord], None], folder: str | None = None
+        self,
+        files: RunFiles,
+        run_id: int,
+        on_done: Callable[[CheckpointRecord], None],
+        on_cost: Callable[[float, float], None] | None = None,
+        folder: str | None = None,
     ) -> None:
-        self.files, self.run_id, self.on_done = files, run_id, on_done
-        self.folder = folder  # where checkpoints go: the run's folder unless a replay job names its own
+        self.files, self.run_id, self.on_done, self.on_cost = files, run_id, on_done, on_cost
+        self.folder = folder
+        # Tests of the policy inject their own clocks, so what it decides does not depend on the load.
+        self.cpu_clock: Callable[[], float] = time.thread_time
+        self.wall_clock: Callable[[], float] = time.perf_counter
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None  # the last failure
         self.failed = 0  # checkpoints that could not be written (nothing of them is visible)
@@ -241,6 +287,7 @@ class Persister:
             self._thread = None
 
     def _persist(self, outer_index, kind, coords, payload, stall_s, event) -> None:
+        cpu_began, began = self.cpu_clock(), self.wall_clock()
         try:
             if event is not None:
                 event.synchronize()
@@ -248,6 +295,8 @@ class Persister:
                 self.files, self.run_id, outer_index, kind, coords, payload, stall_s, self.folder, self.chunks
             )
             self.on_done(record)
+            if self.on_cost is not None:
+                self.on_cost(self.cpu_clock() - cpu_began, self.wall_clock() - began)
         except BaseException as exc:  # a failed checkpoint must not kill training
             if self.error is None or str(exc) != str(self.error):
                 print(

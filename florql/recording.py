@@ -106,7 +106,7 @@ class RecordSession(TrainingSession):
         self._last_manifest = 0.0
         self.policy: AdaptivePolicy | None = None
         self.stager = Stager()
-        self.persister = Persister(self.files, self.run_id, self._checkpoint_done)
+        self.persister = Persister(self.files, self.run_id, self._checkpoint_done, self._persist_cost)
         self.scope_warned: set[str] = set()
         self.previous_scope: dict[str, Any] = {}  # the last checkpoint's plain scope values
         self._code_thread: threading.Thread | None = None
@@ -367,7 +367,8 @@ class RecordSession(TrainingSession):
             return
         self.policy_observe(train_s)
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if self.policy.taken == 0 else 0.0
-        if not self.policy.should_checkpoint(estimate, self.persister.in_flight):
+        final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
+        if not self.policy.should_checkpoint(estimate, self.persister.in_flight, final):
             self._report_policy()
             return
         started = self.clock()
@@ -404,6 +405,10 @@ class RecordSession(TrainingSession):
         self.writer.flush_soon()
         self._report_policy()
 
+    def _persist_cost(self, cpu_s: float, wall_s: float) -> None:
+        if self.policy is not None:
+            self.policy.persisted(cpu_s, wall_s)
+
     def _checkpoint_done(self, record: CheckpointRecord) -> None:
         self.update(last_checkpoint=record.name)
 
@@ -421,6 +426,8 @@ class RecordSession(TrainingSession):
                 "skipped_in_flight": p.skipped_in_flight,
                 "period": p.period if p.gaps else None,
                 "interference_s": round(p.interference_s, 6),
+                "persist_cpu_s": round(p.persist_cpu_s, 6),
+                "contended": p.contended,
                 "failed": self.persister.failed,
             }
         )

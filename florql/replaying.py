@@ -62,7 +62,8 @@ class ReplaySession(TrainingSession):
             self.files,
             self.run_id,
             self.checkpoints_left.append,
-            layout.replay_checkpoints_dir(self.run_id, spec.job_id),
+            on_cost=self._persist_cost,
+            folder=layout.replay_checkpoints_dir(self.run_id, spec.job_id),
         )
         self.unobserved_from = 0.0  # when the training time not yet reported to the policy began
         self.scope_warned: set[str] = set()
@@ -92,6 +93,10 @@ class ReplaySession(TrainingSession):
             super().log(name, value)
         elif name in self.audit_names:
             self._audit(name, value)
+
+    def _persist_cost(self, cpu_s: float, wall_s: float) -> None:
+        if self.policy is not None:  # charged as recording charges it: the replay runs under the same budget
+            self.policy.persisted(cpu_s, wall_s)
 
     def _audit(self, name: str, value: Any) -> None:
         t = type(value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import threading
 
@@ -38,6 +39,7 @@ def adaptive(session, monkeypatch):
     """The in-process session with the adaptive policy (the suite forces `every`) on a fake clock."""
     monkeypatch.setenv("FLORQL_CHECKPOINTS", "adaptive")
     session.clock = FakeClock()
+    session.persister.cpu_clock = session.persister.wall_clock = FakeClock()  # persists take no time
     return session
 
 
@@ -106,6 +108,66 @@ def test_policy_never_checkpoints_while_a_persist_is_in_flight():
     assert not policy.should_checkpoint(0.0, persist_in_flight=True)
     assert policy.skipped_in_flight == 1 and policy.taken == 0
     assert policy.should_checkpoint(0.0, persist_in_flight=False)
+
+
+def test_policy_charges_the_persists_cpu_time_where_training_uses_every_core():
+    """On 2 cores with 2 torch threads a persist's CPU seconds (hashing, writing) are training's,
+    whether or not the iteration times show it; with a core to spare they are not charged."""
+    periods = {}
+    for contended in (True, False):
+        policy = AdaptivePolicy(budget=0.05, contended=contended)
+        for _ in range(2000):
+            policy.iteration(0.01, overlapped=False)  # the interference is invisible in the timings
+            policy.observe(0.01)
+            if policy.should_checkpoint(0.0001, persist_in_flight=False):
+                policy.record(0.0001)
+                policy.persisted(cpu_s=0.02, wall_s=0.03)
+        periods[contended] = policy.period
+        assert policy.overhead <= 0.05 + 0.001
+    assert 40 <= periods[True] <= 44  # (stall + CPU) / (ε × iteration) = 0.0201 / 0.0005
+    assert periods[False] == 1
+
+
+def test_policy_charges_the_wall_time_of_a_final_persist_the_run_waits_for():
+    policy = AdaptivePolicy(budget=0.05)
+    policy.observe(10.0)
+    assert policy.should_checkpoint(0.01, persist_in_flight=False)
+    policy.record(0.01)
+    policy.persisted(cpu_s=0.2, wall_s=0.6)  # longer than the budget left: 0.5 s - 0.01 s
+    assert policy.should_checkpoint(0.01, persist_in_flight=False)  # a persist overlapping training
+    policy.record(0.01)
+    assert not policy.should_checkpoint(0.01, persist_in_flight=False, final=True)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to leave one free")
+def test_training_uses_every_core_when_torch_threads_fill_the_cores():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(len(os.sched_getaffinity(0)))
+        assert checkpoint_engine.training_uses_every_core()
+        torch.set_num_threads(1)
+        assert not checkpoint_engine.training_uses_every_core()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_last_iteration_skips_a_checkpoint_whose_persist_the_exit_would_wait_for(adaptive, store, monkeypatch):
+    session, clock = adaptive, adaptive.clock
+    persist_clock = FakeClock()  # each persist takes 0.5 s of its own clock: more than the budget left
+
+    def slow_write(*args):
+        persist_clock.advance(0.5)
+        return write_checkpoint(*args)
+
+    monkeypatch.setattr(checkpoint_engine, "write_checkpoint", slow_write)
+    session.persister.wall_clock = persist_clock
+    with florql.checkpointing(budget=0.9, model=torch.nn.Linear(4, 4)):
+        for epoch in florql.loop("epoch", range(6)):
+            clock.advance(0.03)
+            session.persister.wait()
+    assert (session.policy.taken, session.policy.considered) == (5, 6)
+    session.finish()
+    assert store.sql("SELECT outer_index FROM checkpoints ORDER BY 1") == [(i,) for i in range(5)]
 
 
 def test_stager_reuses_its_buffers_and_snapshots_are_detached():
