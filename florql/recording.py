@@ -60,6 +60,18 @@ def _project_root(script: str | None) -> str:
         folder = parent
 
 
+def _since_process_start() -> float | None:
+    """Seconds since this interpreter started (Linux: /proc), None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return round(max(time.time() - (boot + started_ticks / os.sysconf("SC_CLK_TCK")), 0.0), 3)
+
+
 def _git_commit(root: str) -> str | None:
     if not os.path.exists(os.path.join(root, ".git")):
         return None
@@ -125,6 +137,7 @@ class RecordSession(TrainingSession):
             git_commit=_git_commit(self.root),
             env=environment(),
             started_at=time.time(),
+            launch_s=_since_process_start(),
             heartbeat_at=time.time(),
             status="running",
             checkpoints={"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},

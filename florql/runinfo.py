@@ -193,7 +193,7 @@ def run_facts(
         iteration_s=list(m.iteration_s),
         inner_s=list(m.inner_s),
         checkpoints=[Checkpoint(i, k, n, b) for i, k, n, b in rows],
-        costs=measured_costs(conn, info.run_id, warm, m.setup_s),
+        costs=measured_costs(conn, info.run_id, warm, m.setup_s, m.launch_s),
     )
 
 
@@ -202,16 +202,22 @@ MEASURABLE_S = 0.05  # recorded seconds below which a job's ratio is noise
 
 
 def measured_costs(
-    conn: duckdb.DuckDBPyConnection, run_id: int, warm: bool, recorded_setup_s: float | None = None
+    conn: duckdb.DuckDBPyConnection,
+    run_id: int,
+    warm: bool,
+    recorded_setup_s: float | None = None,
+    recorded_launch_s: float | None = None,
 ) -> Costs:
     """The cost model of replaying `run_id`, from what recent replays actually took: start-up from
-    jobs started the same way (warm or cold) on any run, set-up and the iterations' pace from this
-    run's own jobs (before any: the set-up the run recorded), restore throughput from every job that
+    jobs started the same way (warm or cold) on any run (before any: the run's own launch), set-up
+    and the iterations' pace from this run's own jobs (before any: the set-up the run recorded), restore throughput from every job that
     restored. Defaults where none measured."""
     default = Costs()
     recorded_setup_s = default.setup_s if recorded_setup_s is None else recorded_setup_s
-    start, _ = _recent_median(conn, "startup_s", "warm = ?", [warm], WARM_START_S if warm else default.start_s)
-    cold, _ = _recent_median(conn, "startup_s", "NOT warm", [], default.retrain_start_s)
+    # Before a cold start was measured: the recorded run's own (its imports before florql's start).
+    cold_default = default.retrain_start_s if recorded_launch_s is None else recorded_launch_s
+    start, _ = _recent_median(conn, "startup_s", "warm = ?", [warm], WARM_START_S if warm else cold_default)
+    cold, _ = _recent_median(conn, "startup_s", "NOT warm", [], cold_default)
     setup, jobs = _recent_median(conn, "setup_s", "run_id = ?", [run_id], recorded_setup_s)
     # Executed iterations' pace from jobs that mostly execute; restored iterations' from jobs that
     # mostly restore, once their executed part is accounted for.

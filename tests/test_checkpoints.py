@@ -343,6 +343,7 @@ def test_slow_checkpoints_grow_the_period_and_the_overhead_stays_within_budget(a
     assert manifest["checkpoints"]["taken"] == policy.taken
     assert manifest["checkpoints"]["overhead"] == pytest.approx(policy.overhead, abs=1e-5)
     assert manifest["checkpoints"]["overhead"] <= budget + 0.01
+    assert manifest["launch_s"] > 0  # this process's age when the run began: a cold replay's start estimate
     stalls = store.sql("SELECT sum(stall_s), count(*) FROM checkpoints")[0]
     assert stalls[0] == pytest.approx(policy.stall_s, rel=0.05) and stalls[1] == policy.taken
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from florql.replay.planner import Checkpoint, Costs, Need, RunFacts, plan
+from florql.replay.planner import WARM_START_S, Checkpoint, Costs, Need, RunFacts, plan
 
 EPOCHS = 10
 
@@ -83,3 +83,19 @@ def test_executed_and_restored_iterations_are_calibrated_apart(tmp_path):
     [job] = plan([(facts(costs, kind="inner_end"), [Need("w", frozenset(range(EPOCHS)), True)])], workers=1).jobs
     assert job.recorded_exec_s == 0 and abs(job.recorded_skip_s - EPOCHS * 0.2) < 1e-9
     assert abs(job.est_work_s - job.recorded_skip_s * costs.skip_scale) < 1e-9  # not the executed pace
+
+
+def test_a_new_sessions_start_is_the_runs_own_launch_until_a_cold_start_is_measured(tmp_path):
+    """A replay that waits for a fork server pays what the recorded process paid before florql's
+    start (the interpreter and the script's imports); once such a start is measured, that counts."""
+    from florql.runinfo import measured_costs
+    from florql.storage.database import open_file
+
+    conn = open_file(str(tmp_path / "florql.duckdb"))
+    costs = measured_costs(conn, 1, warm=False, recorded_setup_s=0.5, recorded_launch_s=3.2)
+    assert costs.start_s == 3.2 and costs.retrain_start_s == 3.2
+    assert measured_costs(conn, 1, warm=True, recorded_launch_s=3.2).start_s == WARM_START_S
+    conn.execute("INSERT INTO _replay_costs VALUES ('cold', 1, FALSE, 4.5, 0.4, 0.0, 0, 1.0, 0.0, 0.0, 5.9, 1.0, 0.0)")
+    costs = measured_costs(conn, 1, warm=False, recorded_launch_s=3.2)
+    assert costs.start_s == 4.5 and costs.retrain_start_s == 4.5
+    conn.close()
