@@ -175,17 +175,17 @@ print(sorted(m for m in ("torch", "florql.session", "florql.recording") if m in 
 """
 
 
+def fresh_python(store: Store, code: str) -> subprocess.CompletedProcess:
+    """`code` in a new interpreter on the store: what it imports is what a user's process would."""
+    return subprocess.run(
+        [sys.executable, "-c", code], env=store.env(), cwd=store.workdir, capture_output=True, text=True, timeout=120
+    )
+
+
 def test_the_cli_and_the_server_answer_without_importing_torch(store: Store):
     pytest.importorskip("psycopg")
     store.run(PER_EPOCH_ONLY)
-    out = subprocess.run(
-        [sys.executable, "-c", TORCH_FREE],
-        env=store.env(),
-        cwd=store.workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = fresh_python(store, TORCH_FREE)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
@@ -202,14 +202,7 @@ def test_florql_runs_lists_runs_without_loading_the_query_machinery(store: Store
     """`florql runs` is a fixed SQL over the `runs` view: it ingests, then reads, and imports no
     parser, binder or planner (which is what keeps it within a few tens of ms of DuckDB's import)."""
     write_run(store, 1, [[("val_acc", 0.5, ("epoch", 0))]])
-    out = subprocess.run(
-        [sys.executable, "-c", LEAN_RUNS],
-        env=store.env(),
-        cwd=store.workdir,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = fresh_python(store, LEAN_RUNS)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].split()[:2] == ["run_id", "status"] and lines[2].split()[:2] == ["1", "finished"]
