@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from serve_process import start_server, stop_server
 
 from florql.storage.layout import locate_store
 from store_support import write_synthetic_run
@@ -22,7 +18,6 @@ from store_support import write_synthetic_run
 RUN_TABLE = re.compile(r"run_\d+")
 RUNS = 200
 EPOCHS, STEPS = 2, 3
-WAIT_S = 180  # the longest the test waits for the server to listen (never a timing assertion)
 
 # What psql's \dt sends (PostgreSQL 16), and what SQLAlchemy's inspector reads for a table's columns.
 PSQL_DT = """
@@ -46,12 +41,6 @@ ORDER BY c.relname, a.attnum
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def many_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, dict[str, list[float]]]]:
     home = tmp_path_factory.mktemp("many") / "store"
@@ -63,32 +52,11 @@ def many_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int,
 @pytest.fixture(scope="module")
 def server(many_runs: tuple[Path, dict]) -> Iterator[int]:
     home, _ = many_runs
-    port = free_port()
-    env = {**os.environ, "FLORQL_QUIET": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "florql.cli", "serve", "--store", str(home), "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + WAIT_S
-    while True:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert time.monotonic() < deadline, "florql serve did not listen"
-        time.sleep(0.1)
+    proc, port = start_server(home, env={**os.environ, "FLORQL_QUIET": "1"})
     try:
         yield port
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_server(proc)
 
 
 def connect(port: int) -> psycopg.Connection:

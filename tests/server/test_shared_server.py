@@ -11,12 +11,10 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from serve_process import WAIT_S, florql_command, start_server, stop_server, wait_until
 
 SCRIPT = textwrap.dedent("""
     import os
@@ -52,27 +51,6 @@ LOGGED = '            florql.log("loss", loss.item())\n'
 HINDSIGHT = '            florql.log("grad_norm", net.weight.grad.norm().item())\n'
 PASSWORDS = {"rita": "pw-reader", "ann": "pw-ann", "bob": "pw-bob", "ada": "pw-admin"}
 ROLES = {"rita": "reader", "ann": "analyst", "bob": "analyst", "ada": "admin"}
-WAIT_S = 180  # the longest a test waits for a state before it fails (never a timing assertion)
-
-
-def florql_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "florql.cli", *args]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], Any], what: str) -> Any:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"gave up waiting for {what}")
 
 
 @dataclass
@@ -110,34 +88,6 @@ class Served:
         return None if row is None else row["state"]
 
 
-def start_server(home: Path, *options: str, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    proc = subprocess.Popen(
-        florql_command("serve", "--store", str(home / "store"), "--port", str(port), *options),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-    def listening() -> bool:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    wait_until(listening, "florql serve to listen")
-    return proc, port
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     home = tmp_path_factory.mktemp("shared")
@@ -161,7 +111,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         )
     gate = home / "gate"
     options = ["--users-file", str(users), "--replay-budget", "300", "--session-budget", "120", "--max-workers", "1"]
-    proc, port = start_server(home, *options, env={**env, "FLORQL_TEST_GATE": str(gate)})
+    proc, port = start_server(home / "store", *options, env={**env, "FLORQL_TEST_GATE": str(gate)})
     try:
         yield Served(home, port, gate, users)
     finally:
@@ -412,7 +362,7 @@ def test_psql_ctrl_c_stops_the_replay(served):
 
 def test_no_replay_serves_stored_values_and_names_the_replay(served, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_RUNS", "FLORQL_TEST_GATE")}
-    proc, port = start_server(served.home, "--no-replay", env=env)
+    proc, port = start_server(served.home / "store", "--no-replay", env=env)
     try:
         notices: list[str] = []
         with psycopg.connect(f"host=127.0.0.1 port={port} dbname=florql user=x", autocommit=True) as c:
@@ -458,7 +408,7 @@ def test_server_limits_a_client_cannot_lift(served):
     env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_RUNS",)}
     env["FLORQL_TEST_GATE"] = str(served.gate)
     # a ceiling long enough for any plain query on a busy machine (the gate makes the replay longer)
-    proc, port = start_server(served.home, "--max-connections", "2", "--statement-timeout", "30s", env=env)
+    proc, port = start_server(served.home / "store", "--max-connections", "2", "--statement-timeout", "30s", env=env)
     dsn = f"host=127.0.0.1 port={port} dbname=florql user=x connect_timeout=10"
     try:
         first, second = psycopg.connect(dsn, autocommit=True), psycopg.connect(dsn, autocommit=True)
