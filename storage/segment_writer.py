@@ -114,7 +114,7 @@ class SegmentWriter:
             ) from exc
 
     def _run(self) -> None:
-        # pyarrow's first conversion and encoding cost ~0.15 s of GIL-held work: pay it now, while
+        # pyarrow's first compute kernels and zstd encoding cost ~0.1 s: pay it now, while
         # the script is still setting up, not in the middle of its first training iterations.
         segments.encode([segments.records_to_batch(0, [("warmup", 0.0, ("",)), ("warmup", 0, ("",))])], {})
         self.warmed.set()

@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from florql.storage.errors import CorruptSegment
@@ -44,11 +45,11 @@ def records_to_batch(first_seq: int, records: Sequence[tuple[str, Any, tuple]]) 
 
     Values are already plain Python float/int/bool/str (the hot path converted or rejected the rest).
     Records of one loop iteration share their position tuple, so coordinates are built once per
-    run of records and gathered with `take`.
+    run of records and gathered with `take`. Arrays are built from NumPy buffers, never with
+    `pa.array`: its first call makes pyarrow import pandas, ~0.3 s of CPU holding the GIL that a
+    training process would pay in its writer thread, against the training loop.
     """
     n = len(records)
-    names = [r[0] for r in records]
-    values = [r[1] for r in records]
     positions: list[tuple] = []
     index = [0] * n
     previous: tuple | None = None
@@ -57,18 +58,20 @@ def records_to_batch(first_seq: int, records: Sequence[tuple[str, Any, tuple]]) 
             previous = r[2]
             positions.append(previous)
         index[i] = len(positions) - 1
-    take = pa.array(index, pa.int32())
-    paths = pa.array([p[0] for p in positions], pa.string()).take(take)
+    take = _numbers(index, np.int32, pa.int32())
+    paths = _repeated_strings([p[0] for p in positions]).take(take)
     offsets = [0] * (len(positions) + 1)
     flat: list[int] = []
     for k, p in enumerate(positions):
         flat.extend(p[1:])
         offsets[k + 1] = len(flat)
-    coords = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(flat, pa.int64())).take(take)
-    vtypes, typed = _typed_columns(values)
+    coords = pa.ListArray.from_arrays(
+        _numbers(offsets, np.int32, pa.int32()), _numbers(flat, np.int64, pa.int64())
+    ).take(take)
+    vtypes, typed = _typed_columns([r[1] for r in records])
     arrays = [
-        pa.array(range(first_seq, first_seq + n), pa.int64()),
-        pa.array(names, pa.string()),
+        _from_numpy(np.arange(first_seq, first_seq + n, dtype=np.int64), pa.int64()),
+        _repeated_strings([r[0] for r in records]),
         paths,
         coords,
         vtypes,
@@ -82,19 +85,64 @@ def _typed_columns(values: list[Any]) -> tuple[pa.Array, list[pa.Array]]:
     kinds = {type(v) for v in values}
     if kinds == {float}:  # the common case: one vectorised conversion
         nulls = [pa.nulls(n, t) for t in (pa.int64(), pa.bool_(), pa.string())]
-        return pa.array(["float"] * n, pa.string()), [pa.array(values, pa.float64()), *nulls]
+        return _repeated_strings(["float"] * n), [_numbers(values, np.float64, pa.float64()), *nulls]
     columns: dict[str, list[Any]] = {k: [None] * n for k in ("float", "int", "bool", "str")}
     vtypes: list[str] = [""] * n
     for i, value in enumerate(values):
         vtype = VALUE_TYPES[type(value)]
         vtypes[i] = vtype
         columns[vtype][i] = value
-    return pa.array(vtypes, pa.string()), [
-        pa.array(columns["float"], pa.float64()),
-        pa.array(columns["int"], pa.int64()),
-        pa.array(columns["bool"], pa.bool_()),
-        pa.array(columns["str"], pa.string()),
+    return _repeated_strings(vtypes), [
+        _optional(columns["float"], np.float64, pa.float64()),
+        _optional(columns["int"], np.int64, pa.int64()),
+        _optional(columns["bool"], np.bool_, pa.bool_()),
+        _strings(columns["str"]),
     ]
+
+
+def _from_numpy(array: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
+    """A fixed-width numeric array over `array`'s memory (not bool: Arrow packs those into bits)."""
+    return pa.Array.from_buffers(arrow_type, len(array), [None, pa.py_buffer(array)])
+
+
+def _numbers(values: Sequence[Any], np_type: type, arrow_type: pa.DataType) -> pa.Array:
+    return _from_numpy(np.fromiter(values, np_type, len(values)), arrow_type)
+
+
+def _optional(values: list[Any], np_type: type, arrow_type: pa.DataType) -> pa.Array:
+    """`values` with None for null."""
+    n = len(values)
+    present = np.fromiter((v is not None for v in values), np.bool_, n)
+    if not present.any():
+        return pa.nulls(n, arrow_type)
+    dense = np.fromiter((v if v is not None else 0 for v in values), np_type, n)
+    data = pa.py_buffer(np.packbits(dense, bitorder="little") if arrow_type == pa.bool_() else dense)
+    return pa.Array.from_buffers(arrow_type, n, [_validity(present), data])
+
+
+def _validity(present: np.ndarray) -> pa.Buffer | None:
+    return None if present.all() else pa.py_buffer(np.packbits(present, bitorder="little"))
+
+
+def _strings(items: list[str | None]) -> pa.Array:
+    """A string array, None for null."""
+    n = len(items)
+    encoded = [b"" if s is None else s.encode() for s in items]
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, n), out=offsets[1:], dtype=np.int32)
+    present = np.fromiter((s is not None for s in items), np.bool_, n)
+    if n and not present.any():
+        return pa.nulls(n, pa.string())
+    buffers = [_validity(present), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    return pa.Array.from_buffers(pa.string(), n, buffers)
+
+
+def _repeated_strings(items: list[str]) -> pa.Array:
+    """A string array of few distinct values (names, loop paths, types): each encoded once."""
+    codes: dict[str, int] = {}
+    index = [codes.setdefault(s, len(codes)) for s in items]
+    dictionary = pa.DictionaryArray.from_arrays(_numbers(index, np.int32, pa.int32()), _strings(list(codes)))
+    return dictionary.cast(pa.string())
 
 
 # On disk the repetitive strings are dictionary-encoded and buffers zstd-compressed (Arrow IPC's own

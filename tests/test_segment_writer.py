@@ -9,13 +9,18 @@ the order it was logged.
 from __future__ import annotations
 
 import errno
+import os
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 
+import pyarrow as pa
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from florql.session import TrainingSession
 from florql.storage import segments
@@ -204,3 +209,65 @@ def test_training_stops_with_a_clear_message_when_memory_fills_and_writes_keep_f
     files.full.clear()  # space again: what was kept is written, once
     writer.close()
     assert _landed(files) == [(i, i) for i in range(kept)]
+
+
+_VALUES = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.booleans(),
+    st.text(max_size=12),
+)
+_POSITIONS = st.one_of(
+    st.just(("",)),
+    st.tuples(st.just("epoch"), st.integers(0, 2**40)),
+    st.tuples(st.just("epoch/step"), st.integers(0, 99), st.integers(0, 99)),
+)
+
+
+@given(st.integers(0, 2**40), st.lists(st.tuples(st.sampled_from(["loss", "acc", "ü"]), _VALUES, _POSITIONS)))
+def test_a_batch_holds_exactly_the_records_as_pyarrow_would_convert_them(first_seq, records):
+    """The batch is built from NumPy buffers (not `pa.array`, which imports pandas): same rows, bit for bit."""
+    batch = segments.records_to_batch(first_seq, records)
+    expected = [
+        {
+            "seq": first_seq + i,
+            "name": name,
+            "loop_path": position[0],
+            "coords": list(position[1:]),
+            "value_type": segments.VALUE_TYPES[type(value)],
+            **{
+                f"value_{t}": value if segments.VALUE_TYPES[type(value)] == t else None
+                for t in segments.VALUE_TYPES.values()
+            },
+        }
+        for i, (name, value, position) in enumerate(records)
+    ]
+    reference = pa.Table.from_pylist(expected, schema=segments.SCHEMA)
+    assert batch.schema == segments.SCHEMA
+    assert pa.Table.from_batches([batch]).equals(reference)
+    # NaN is not equal to itself: compare the floats' bits
+    assert (
+        batch.column("value_float").to_numpy(zero_copy_only=False).tobytes()
+        == reference.column("value_float").to_numpy().tobytes()
+    )
+
+
+def test_recording_never_makes_pyarrow_import_pandas(tmp_path):
+    """pandas' import is ~0.3 s of CPU holding the GIL: a training process must not pay it for florql."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, torch, florql\n"
+        "net = torch.nn.Linear(4, 2)\n"
+        "opt = torch.optim.SGD(net.parameters(), lr=0.1)\n"
+        "with florql.checkpointing(model=net, optimizer=opt):\n"
+        "    for epoch in florql.loop('epoch', range(3)):\n"
+        "        for step in florql.loop('step', range(5)):\n"
+        "            florql.log('loss', float(step)); florql.log('n', step); florql.log('ok', True); florql.log('s', 'x')\n"
+        "        florql.log('acc', 0.5)\n"
+        "florql._session.writer.flush()\n"
+        "print('pandas' in sys.modules)\n"
+    )
+    env = dict(os.environ, FLORQL_HOME=str(tmp_path / "store"), FLORQL_QUIET="1")
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
