@@ -115,7 +115,7 @@ def _optional(values: list[Any], np_type: type, arrow_type: pa.DataType) -> pa.A
     present = np.fromiter((v is not None for v in values), np.bool_, n)
     if not present.any():
         return pa.nulls(n, arrow_type)
-    dense = np.fromiter((v if v is not None else 0 for v in values), np_type, n)
+    dense: np.ndarray = np.fromiter((v if v is not None else 0 for v in values), np_type, n)
     data = pa.py_buffer(np.packbits(dense, bitorder="little") if arrow_type == pa.bool_() else dense)
     return pa.Array.from_buffers(arrow_type, n, [_validity(present), data])
 
