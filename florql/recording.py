@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import platform
@@ -11,7 +12,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 import torch
@@ -120,6 +121,7 @@ class RecordSession(TrainingSession):
         self.stager = Stager()
         self.persister = Persister(self.files, self.run_id, self._checkpoint_done, self._persist_cost)
         self.scope_warned: set[str] = set()
+        self._chain_blocked = False  # the helper frames at the inner loop's end cannot be restored exactly
         self.previous_scope: dict[str, Any] = {}  # the last checkpoint's plain scope values
         self._code_thread: threading.Thread | None = None
         self.inputs = InputRecorder(
@@ -314,8 +316,8 @@ class RecordSession(TrainingSession):
         elapsed = self.clock() - self.outer.started - self.outer.stall_s
         if self.policy is not None:
             self.policy.iteration(elapsed, self.outer.overlapped or self.persister.in_flight)
-        if not self.outer.inner_point_done:
-            self.maybe_checkpoint(index, "iter_end", elapsed)
+        if not self.outer.inner_point_done:  # (a blocked inner point already reported its share)
+            self.maybe_checkpoint(index, "iter_end", elapsed - self.outer.observed_s)
         else:
             self.policy_observe(elapsed - self.outer.observed_s)
         if len(reads.READ_FILES) != self._reads_collected:  # a data file first opened in this iteration
@@ -343,18 +345,28 @@ class RecordSession(TrainingSession):
                 self._end_first_inner_loop(chain, started)
 
     def _end_first_inner_loop(self, chain: list, started: float) -> None:
-        frames = None
-        if chain and self.checkpointing_active and self.outer.frame is not None:
-            frames = capture_chain(chain, self.outer.frame, self.objects, self.scope_warned)
-            if frames["blockers"]:  # not exact: checkpoint at the end of the iteration instead
-                new = [b for b in frames["blockers"] if b not in self.manifest.skip_blockers]
-                if new:
-                    self.update(skip_blockers=[*self.manifest.skip_blockers, *new])
-                return
+        if chain and self._chain_blocked:  # not exact here: the end of the iteration is the point
+            return
         self.outer.inner_point_done = True
         self.outer.inner_s = self.clock() - started
         self.outer.observed_s = self.clock() - self.outer.started - self.outer.stall_s
-        self.maybe_checkpoint(self.outer.index, "inner_end", self.outer.observed_s, frames)
+        outer = self.outer.frame
+        frames: Callable[[], dict[str, Any]] | None = None
+        if chain and self.checkpointing_active and outer is not None:
+            frames = functools.partial(capture_chain, chain, outer, self.objects, self.scope_warned)
+        if self.maybe_checkpoint(self.outer.index, "inner_end", self.outer.observed_s, frames) == "blocked":
+            self.outer.inner_point_done = False
+
+    def _chain_blockers(self, frames: dict[str, Any]) -> bool:
+        """Record why the helper's frames cannot be restored exactly; from then on the run
+        checkpoints at the end of its outer iterations (the layout does not change between them)."""
+        if not frames["blockers"]:
+            return False
+        new = [b for b in frames["blockers"] if b not in self.manifest.skip_blockers]
+        if new:
+            self.update(skip_blockers=[*self.manifest.skip_blockers, *new])
+        self._chain_blocked = True
+        return True
 
     # ---- checkpoints ------------------------------------------------------------------------
     def register(self, objects: dict[str, Any], budget: float | None) -> None:
@@ -374,17 +386,29 @@ class RecordSession(TrainingSession):
         if self.policy is not None:
             self.policy.observe(max(seconds, 0.0))
 
-    def maybe_checkpoint(self, outer_index: int, kind: str, train_s: float, frames: dict | None = None) -> None:
-        """Take a checkpoint at this point if the overhead budget allows it."""
+    def maybe_checkpoint(
+        self, outer_index: int, kind: str, train_s: float, frames: Callable[[], dict[str, Any]] | None = None
+    ) -> str:
+        """Take a checkpoint at this point if the overhead budget allows it: "taken", "declined", or
+        "blocked" (the helper frames `frames` captures cannot be restored exactly).
+
+        The helper frames are captured only for a checkpoint the policy allows, and the capture
+        counts as the checkpoint's stall: it is florql's time on the training thread."""
         if not self.checkpointing_active or self.policy is None:
-            return
+            return "declined"
         self.policy_observe(train_s)
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if self.policy.taken == 0 else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
         if not self.policy.should_checkpoint(estimate, self.persister.in_flight, final):
             self._report_policy()
-            return
+            return "declined"
         started = self.clock()
+        captured = frames() if frames is not None else None
+        if captured is not None and self._chain_blockers(captured):
+            wasted = self.clock() - started
+            self.outer.stall_s += wasted
+            self.policy.stall_s += wasted
+            return "blocked"
         # The staging buffers are reused: never overwrite them while a persist still reads them.
         # (The adaptive policy skips such opportunities; `every` waits here, and that is a stall.)
         self.persister.wait()
@@ -402,7 +426,7 @@ class RecordSession(TrainingSession):
             if self.outer.frame
             else None,
             "position": {"outer_index": outer_index, "kind": kind},
-            "frames": frames,  # the helper frames' locals when the inner loop ran in a helper
+            "frames": captured,  # the helper frames' locals when the inner loop ran in a helper
             "args": dict(self.args),
         }
         stall = self.clock() - started
@@ -417,6 +441,7 @@ class RecordSession(TrainingSession):
         self.outer.overlapped = True
         self.writer.flush_soon()
         self._report_policy()
+        return "taken"
 
     def _persist_cost(self, cpu_s: float, wall_s: float) -> None:
         if self.policy is not None:

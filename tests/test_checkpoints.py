@@ -348,6 +348,36 @@ def test_slow_checkpoints_grow_the_period_and_the_overhead_stays_within_budget(a
     assert stalls[0] == pytest.approx(policy.stall_s, rel=0.05) and stalls[1] == policy.taken
 
 
+def test_helper_frames_are_captured_only_for_checkpoints_taken_and_count_as_their_stall(adaptive, store, monkeypatch):
+    """Capturing a helper's locals walks its frames on the training thread: an opportunity the
+    policy declines must not pay it, and one it takes charges it to the checkpoint's stall."""
+    from florql import recording
+
+    session, clock = adaptive, adaptive.clock
+    captures: list[int] = []
+
+    def slow_capture(*args):
+        captures.append(session.outer.index)
+        clock.advance(0.004)  # a helper whose frames take 4 ms to walk
+        return real_capture(*args)
+
+    real_capture = recording.capture_chain
+    monkeypatch.setattr(recording, "capture_chain", slow_capture)
+
+    def train_helper():
+        for _ in florql.loop("step", range(3)):
+            clock.advance(0.01)
+
+    with florql.checkpointing(budget=0.05, state=SlowState(delay=0.001, clock=clock)):
+        for epoch in florql.loop("epoch", range(200)):
+            train_helper()
+            session.persister.wait()
+    policy = session.policy
+    assert 0 < policy.taken < 200 and len(captures) == policy.taken  # declined opportunities walk nothing
+    assert policy.stall_s >= 0.005 * policy.taken - 1e-9  # each stall holds its capture (4 ms) and its snapshot (1 ms)
+    assert policy.stall_s / policy.train_s <= 0.05 + 0.01
+
+
 def _inner(n: int) -> None:
     for _ in florql.loop("step", range(n)):
         pass
