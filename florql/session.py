@@ -65,8 +65,8 @@ class TrainingSession:
     # ---- logging (the hot path) -------------------------------------------------------------
     def log(self, name: str, value: Any) -> None:
         t = type(value)
-        if t is not float and t is not int and t is not bool and t is not str:
-            value = self._convert(name, value)
+        if t is not float and t is not bool and t is not str:
+            value = _int64(name, value) if t is int else self._convert(name, value)
         if name not in self._names:
             self._admit_name(name)
         buf = self.writer.buffer
@@ -101,11 +101,11 @@ class TrainingSession:
                 return Deferred(host, event)
             return value.item()
         if isinstance(value, np.generic) and isinstance(value.item(), (float, int, bool, str)):
-            return value.item()
+            value = value.item()
         if isinstance(value, (float, int, bool, str)):  # subclasses (e.g. IntEnum): store the plain value
             for base in (bool, int, float, str):
                 if isinstance(value, base):
-                    return base(value)
+                    return _int64(name, int(value)) if base is int else base(value)
         raise UsageError(
             f"florql.log({name!r}, …): cannot log a value of type {type(value).__name__}; "
             "log a float, int, bool, str, NumPy scalar or a 0-d tensor"
@@ -203,6 +203,16 @@ class TrainingSession:
 
     def finish(self) -> None:
         """Called at interpreter exit."""
+
+
+def _int64(name: str, value: int) -> int:
+    """Integers are stored as 64-bit: a larger one would fail the whole segment it is written in."""
+    if -(2**63) <= value < 2**63:
+        return int(value)
+    raise UsageError(
+        f"florql.log({name!r}, {value}): the integer does not fit in 64 bits; log it as a float "
+        "(float(x)) or as a string (str(x))"
+    )
 
 
 def now() -> float:

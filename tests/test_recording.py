@@ -179,6 +179,32 @@ def test_reserved_and_invalid_names_are_refused(session):
         florql.log(3, 1.0)
 
 
+def test_an_integer_beyond_64_bits_is_refused_and_the_other_records_land(session, store):
+    """One such value used to fail its whole segment: every record flushed with it was lost."""
+    import numpy as np
+
+    for epoch in florql.loop("epoch", range(2)):
+        florql.log("loss", 0.5 + epoch)
+        with pytest.raises(
+            UsageError, match=r"florql.log\('big', 1180591620717411303424\): the integer does not fit in 64 bits"
+        ):
+            florql.log("big", 2**70)
+        with pytest.raises(UsageError, match="does not fit in 64 bits"):
+            florql.log("big", np.uint64(2**64 - 1))
+        florql.log("edge", 2**63 - 1)
+        florql.log("low", -(2**63))
+    session.finish()
+    rows = store.sql("SELECT name, value_float, value_int FROM logs ORDER BY seq")
+    assert rows == [
+        ("loss", 0.5, None),
+        ("edge", None, 2**63 - 1),
+        ("low", None, -(2**63)),
+        ("loss", 1.5, None),
+        ("edge", None, 2**63 - 1),
+        ("low", None, -(2**63)),
+    ]
+
+
 def test_nested_loops_with_one_name_are_refused(session):
     with pytest.raises(UsageError, match="a loop named 'epoch' is already running around this one"):
         for _ in florql.loop("epoch", range(2)):
