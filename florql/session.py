@@ -65,7 +65,7 @@ class TrainingSession:
     # ---- logging (the hot path) -------------------------------------------------------------
     def log(self, name: str, value: Any) -> None:
         t = type(value)
-        if t is not float and t is not bool and t is not str:
+        if t is not float and t is not bool and (t is not str or not value.isascii()):
             value = _int64(name, value) if t is int else self._convert(name, value)
         if name not in self._names:
             self._admit_name(name)
@@ -105,7 +105,9 @@ class TrainingSession:
         if isinstance(value, (float, int, bool, str)):  # subclasses (e.g. IntEnum): store the plain value
             for base in (bool, int, float, str):
                 if isinstance(value, base):
-                    return _int64(name, int(value)) if base is int else base(value)
+                    if base is int:
+                        return _int64(name, int(value))
+                    return _utf8(name, str(value)) if base is str else base(value)
         raise UsageError(
             f"florql.log({name!r}, …): cannot log a value of type {type(value).__name__}; "
             "log a float, int, bool, str, NumPy scalar or a 0-d tensor"
@@ -213,6 +215,18 @@ def _int64(name: str, value: int) -> int:
         f"florql.log({name!r}, {value}): the integer does not fit in 64 bits; log it as a float "
         "(float(x)) or as a string (str(x))"
     )
+
+
+def _utf8(name: str, value: str) -> str:
+    """Strings are stored as UTF-8: one that cannot be encoded would fail its whole segment."""
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"florql.log({name!r}, …): the string cannot be stored as UTF-8 ({exc.reason} at position "
+            f"{exc.start}); log value.encode('utf-8', 'replace').decode() or repr(value)"
+        ) from None
+    return value
 
 
 def now() -> float:

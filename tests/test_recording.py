@@ -179,7 +179,7 @@ def test_reserved_and_invalid_names_are_refused(session):
         florql.log(3, 1.0)
 
 
-def test_an_integer_beyond_64_bits_is_refused_and_the_other_records_land(session, store):
+def test_values_that_cannot_be_stored_are_refused_and_the_other_records_land(session, store):
     """One such value used to fail its whole segment: every record flushed with it was lost."""
     import numpy as np
 
@@ -191,6 +191,8 @@ def test_an_integer_beyond_64_bits_is_refused_and_the_other_records_land(session
             florql.log("big", 2**70)
         with pytest.raises(UsageError, match="does not fit in 64 bits"):
             florql.log("big", np.uint64(2**64 - 1))
+        with pytest.raises(UsageError, match="cannot be stored as UTF-8"):
+            florql.log("text", "lone \ud800 surrogate")
         florql.log("edge", 2**63 - 1)
         florql.log("low", -(2**63))
     session.finish()
