@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -138,11 +139,12 @@ def one(workload: str, device: str, use_florql: bool, home: str, threads: int) -
     variant = "florql" if use_florql else "plain"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--workload", workload]
     cmd += ["--device", device, "--threads", str(threads), "--epochs", str(WORKLOADS[workload][3])]
-    began = time.time()
+    began, cpu_before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    ended = time.time()
+    ended, cpu_after = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     phases = json.loads(out.stdout.strip().splitlines()[-1])
-    phases.update(began=began, ended=ended)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
+    phases.update(began=began, ended=ended, process_cpu=cpu)
     return phases
 
 
@@ -153,6 +155,7 @@ def durations(p: dict) -> dict[str, float]:
         "loop": p["loop_ended"] - p["loop_started"],
         "before": p["loop_started"] - p["began"],  # interpreter, imports, data and model set-up
         "exit": p["ended"] - p["loop_ended"],  # atexit: florql's last flush, persist, manifest
+        "cpu": p["process_cpu"],  # user + system CPU of every thread: what florql took from other work
     }
 
 
@@ -181,6 +184,7 @@ def bench(workload: str, device: str, reps: int, threads: int) -> None:
         ("before", "  launch → loop start"),
         ("loop", "  the loop"),
         ("exit", "  loop end → exit"),
+        ("cpu", "CPU time (user + system)"),
     ]:
         without, with_ = med[part]
         print(f"{label:28}{without:9.2f}s{with_:12.2f}s{with_ - without:+8.2f}s")
@@ -190,6 +194,7 @@ def bench(workload: str, device: str, reps: int, threads: int) -> None:
     cpu = [statistics.median(p["other_threads_cpu"] for p in group) for group in (plain, recorded)]
     print(f"CPU of threads other than the training thread during the loop: {cpu[0]:.2f} s, {cpu[1]:.2f} s")
     print(f"whole-process ratio of medians: {med['total'][1] / med['total'][0]:.3f}")
+    print(f"CPU-time ratio of medians: {med['cpu'][1] / med['cpu'][0]:.3f}")
     print(f"paired ratios (each pair run back to back): {', '.join(f'{r:.3f}' for r in paired)}")
     print(
         f"spread of totals: without {totals_a[0]:.2f}–{totals_a[-1]:.2f} s, with {totals_b[0]:.2f}–{totals_b[-1]:.2f} s"
