@@ -11,6 +11,7 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
+from florql.api import ColumnInfo, TableInfo
 from florql.errors import QueryFailed
 
 from .access import Identity, Role
@@ -53,6 +54,14 @@ ACCOUNTING_SCHEMA = pa.schema(
         ("outcome", pa.string()),
     ]
 )
+
+
+def server_tables() -> list[TableInfo]:
+    """The server's own tables as the catalog lists them: BI tools browse them like the runs."""
+    return [
+        TableInfo(name, "table", [ColumnInfo(f.name, f.type) for f in schema])
+        for name, schema in (("florql_activity", ACTIVITY_SCHEMA), ("florql_replay_accounting", ACCOUNTING_SCHEMA))
+    ]
 
 
 def is_server_query(ast: exp.Expr) -> bool:

@@ -32,7 +32,7 @@ from .admission import Activity
 from .auth import MECHANISM, AuthFailed, ScramExchange, ScramVerifier
 from .backend import Backend, ResultLike
 from .catalog import Catalog, SessionInfo
-from .monitor import ServerTables
+from .monitor import ServerTables, server_tables
 from .protocol import Field, ProtocolError
 from .served import ServedStore
 from .session import DEFAULT_SETTINGS, SqlError, Statement, WireSession, classify, pg_duration_s, split_statements
@@ -172,7 +172,8 @@ class Server:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="florql-pg")
         defaults = {name.lower(): value for name, (value, _) in DEFAULT_SETTINGS.items()}
         self._catalog_backend: Backend | None = None
-        self.catalog = Catalog(lambda: self._meta_backend().tables(), defaults)
+        own = server_tables() if served is not None else []  # a served store answers them (monitor.py)
+        self.catalog = Catalog(lambda: [*self._meta_backend().tables(), *own], defaults)
         self.connections: dict[tuple[int, int], ClientConnection] = {}
         self._pids = itertools.count(1000)
         self._server: asyncio.base_events.Server | None = None

@@ -57,3 +57,10 @@ def test_error_inside_transaction_then_rollback(server):
     out = psql(server, "-A", "-t", stdin=script)
     assert "current transaction is aborted" in out.stderr
     assert out.stdout.split()[-1] == "7"
+
+
+def test_a_server_without_a_served_store_lists_no_server_tables(server):
+    """`florql_activity` and `florql_replay_accounting` exist only under `florql serve` (test_shared_server)."""
+    listed = psql(server, "-c", r"\dt")
+    assert listed.returncode == 0, listed.stderr
+    assert "florql_activity" not in listed.stdout

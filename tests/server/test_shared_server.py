@@ -225,6 +225,28 @@ def test_psql_set_above_ceiling(served):
     assert "ERROR" in out.stderr and "limit of 120 s" in out.stderr
 
 
+@pytest.mark.skipif(shutil.which("psql") is None, reason="psql (postgresql-client) is not installed")
+def test_the_servers_own_tables_are_listed_and_described_like_the_runs(served):
+    """BI tools browse what the catalog lists: the server's tables are there, with their columns."""
+
+    def psql(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["psql", served.dsn("ada"), "-X", *args], capture_output=True, text=True, timeout=60)
+
+    listed = psql("-c", r"\dt")
+    assert listed.returncode == 0, listed.stderr
+    assert " florql_activity " in listed.stdout and " florql_replay_accounting " in listed.stdout
+    described = psql("-c", r"\d florql_replay_accounting")
+    assert described.returncode == 0, described.stderr
+    assert "outcome" in described.stdout and "wait_s" in described.stdout and "double precision" in described.stdout
+    with served.connect("ann") as c:
+        columns = c.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'florql_activity' "
+            "ORDER BY ordinal_position"
+        ).fetchall()
+        assert [name for (name,) in columns[:3]] == ["pid", "usename", "role"]
+        assert c.execute("SELECT count(*) >= 1 FROM florql_activity").fetchone() == (True,)  # this very session
+
+
 def test_analyst_over_budget_gets_53400_with_the_plan(served):
     with served.connect("ann") as c:
         c.execute("SET replay_budget = '1 ms'")
