@@ -29,6 +29,7 @@ from florql.replay.executor import Executor, LocalExecutor, ProgressFn, StartFn,
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import OUTPUT_TAIL, SPEC_FILE, result_path, worker_env
 
+ACCOUNTING_KEPT = 100_000  # jobs florql_replay_accounting keeps (the file holds up to twice as many)
 REMEMBERED_JOBS = 256  # committed jobs remembered, for a session that planned one just before it committed
 _NOT_IN_KEY = ("job_id", "threads", "est_s", "expected_path")  # differ between sessions planning the same job
 
@@ -97,7 +98,7 @@ class ReplayQueue:
         self._other: Executor | None = None
         self._slots: list[threading.Thread] = []
         self.accounting_path = accounting_path
-        self.accounting: list[dict[str, Any]] = _read_accounting(accounting_path)
+        self.accounting: list[dict[str, Any]] = load_accounting(accounting_path)
 
     @property
     def workers(self) -> int:
@@ -256,11 +257,7 @@ class ReplayQueue:
             "threads": spec.threads,
             "outcome": "cancelled" if job.withdrawn else "committed" if result.ok else "failed",
         }
-        self.accounting.append(record)
-        if self.accounting_path:
-            os.makedirs(os.path.dirname(self.accounting_path), exist_ok=True)
-            with open(self.accounting_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+        self.accounting = append_accounting(self.accounting, record, self.accounting_path)
 
 
 def _kill(proc: subprocess.Popen) -> None:
@@ -270,11 +267,45 @@ def _kill(proc: subprocess.Popen) -> None:
         pass
 
 
-def _read_accounting(path: str | None) -> list[dict[str, Any]]:
+def append_accounting(records: list[dict[str, Any]], record: dict[str, Any], path: str | None) -> list[dict[str, Any]]:
+    """`records` with `record` added, in memory and in the file at `path`. Bounded: at twice
+    ACCOUNTING_KEPT records, the oldest go from both (the file is rewritten whole, atomically)."""
+    records.append(record)
+    if len(records) < 2 * ACCOUNTING_KEPT:
+        if path:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        return records
+    records = records[-ACCOUNTING_KEPT:]
+    if path:
+        _rewrite_accounting(path, records)
+    return records
+
+
+def load_accounting(path: str | None) -> list[dict[str, Any]]:
+    """The last ACCOUNTING_KEPT jobs. A line cut short by a crash mid-write is dropped, and the file
+    rewritten without it (so the next record starts a line of its own)."""
     if not path or not os.path.exists(path):
         return []
+    records, damaged = [], False
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                damaged = True
+    records = records[-ACCOUNTING_KEPT:]
+    if damaged:
+        _rewrite_accounting(path, records)
+    return records
+
+
+def _rewrite_accounting(path: str, records: list[dict[str, Any]]) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(temporary, path)  # atomic: a reader sees the old file or the new one
 
 
 class SessionReplays(Executor):

@@ -85,3 +85,22 @@ def test_limits_are_ceilings_per_role():
     with pytest.raises(OverLimit, match="--no-replay"):
         no_replay.check(Role.ADMIN, "replay", "auto")
     Limits(replay_budget=None).check(Role.ANALYST, "replay_budget", None)  # an unlimited server
+
+
+def test_replay_accounting_stays_bounded_and_survives_a_line_cut_by_a_crash(tmp_path, monkeypatch):
+    from florql.server import admission
+
+    monkeypatch.setattr(admission, "ACCOUNTING_KEPT", 3)
+    path = str(tmp_path / "server" / "replay_accounting.jsonl")
+    records: list[dict] = []
+    for job in range(5):
+        records = admission.append_accounting(records, {"job_id": f"j{job}"}, path)
+    assert [r["job_id"] for r in records] == ["j0", "j1", "j2", "j3", "j4"]
+    records = admission.append_accounting(records, {"job_id": "j5"}, path)  # 2 × 3 reached: the oldest go
+    assert [r["job_id"] for r in records] == ["j3", "j4", "j5"]
+    assert [r["job_id"] for r in admission.load_accounting(path)] == ["j3", "j4", "j5"]
+    with open(path, "a", encoding="utf-8") as f:
+        f.write('{"job_id": "j6", "run_')  # the server was killed mid-write
+    assert [r["job_id"] for r in admission.load_accounting(path)] == ["j3", "j4", "j5"]
+    records = admission.append_accounting(admission.load_accounting(path), {"job_id": "j7"}, path)
+    assert [r["job_id"] for r in admission.load_accounting(path)][-1] == "j7"
