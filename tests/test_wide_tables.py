@@ -127,11 +127,16 @@ def test_a_store_without_wide_tables_gets_them_when_opened(store: Store):
     db = florql.connect(store.home, replay="never")
     before = sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr)
     db.close()
-    conn = duckdb.connect(store.location.db_path)
-    for (table,) in conn.execute("SELECT table_name FROM _grains").fetchall():
+    conn = duckdb.connect(store.location.db_path)  # then, `logs` was a table holding every record
+    conn.execute("CREATE TABLE _old_logs AS SELECT * FROM logs")
+    conn.execute("DROP VIEW logs")
+    for (table,) in conn.execute("SELECT DISTINCT table_name FROM _grains").fetchall():
         conn.execute(f'DROP TABLE "{table}"')
     conn.execute("DELETE FROM _grains")
     conn.execute("DELETE FROM _names")
+    conn.execute("DROP TABLE _log_records")
+    conn.execute("DROP TABLE _log_strings")
+    conn.execute("ALTER TABLE _old_logs RENAME TO logs")
     conn.close()
     db = florql.connect(store.home, replay="never")
     assert sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr) == before
