@@ -282,3 +282,63 @@ def test_regular_batches_pivoted_by_reshaping_equal_the_long_form(
                 ours = sorted(db.sql(f"SELECT {columns} FROM run_{run_id}").fetchall(), key=repr)
                 assert ours == long_form_answer(conn, run_id, grain), (grain, run_id)
     db.close()
+
+
+LOGS_COLUMNS = (
+    "run_id, seq, name, loop_path, value_type, value_float, value_int, value_bool, value_str, source, job_id, "
+    "version, segment"
+).split(", ") + ["epoch", "step", "eval"]
+
+
+def shown_records(store: Store, run_id: int) -> list[tuple]:
+    """The run's rows of `logs` (LOGS_COLUMNS; a loop no record of the store is in: NULL)."""
+    with open_store(store.location.db_path) as conn:
+        result = conn.execute("SELECT * FROM logs WHERE run_id = ? ORDER BY seq", [run_id])
+        names = [d[0] for d in result.description]
+        return [tuple(dict(zip(names, row)).get(c) for c in LOGS_COLUMNS) for row in result.fetchall()]
+
+
+def written_records(store: Store, run_id: int) -> list[tuple]:
+    """Every record in the run's segments, as `logs` must show it (LOGS_COLUMNS)."""
+    rows = []
+    for path in store.files.list(f"{layout.segments_dir(run_id)}/{layout.MAIN_WRITER}"):
+        for r in segments.read_segment(store.files, path).to_pylist():
+            at = dict(zip(r["loop_path"].split("/"), r["coords"]))
+            values = (r["value_float"], r["value_int"], r["value_bool"], r["value_str"])
+            rows.append(
+                (run_id, r["seq"], r["name"], r["loop_path"], r["value_type"], *values, "logged", None, None, path)
+                + tuple(at.get(loop) for loop in ("epoch", "step", "eval"))
+            )
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_logs_shows_every_record_written_exactly_once(store: Store, seed: int):
+    """`logs` reads most values from the wide tables and the rest from the long form: values
+    overwritten at their coordinates, a name whose type changes, names outside every loop. Each
+    record shows once, bit for bit, with its segment, ingested at once or a segment a sync."""
+    rng = random.Random(seed)
+    batches = random_batches(rng)
+    batches[0] = [("seed", 7, ("",)), ("loss", 0.125, ("epoch/step", 0, 0)), *batches[0], ("note", "x", ("",))]
+    batches[-1].append(("loss", 0.25, ("epoch/step", 0, 0)))  # overwrites a stored value, a segment later
+    batches[-1].append(("tokens", 1.5, ("epoch/step", 0, 0)))  # and in another type
+    write_run(store, 1, batches)
+    write_run(store, 2, [], status="running")
+    db = florql.connect(store.home, replay="never")
+    for k, records in enumerate(batches):
+        batch = segments.records_to_batch(sum(map(len, batches[:k])), records)
+        segments.write_segment(store.files, layout.segment_path(2, layout.MAIN_WRITER, k), batch, {})
+        db.sync()
+        assert shown_records(store, 2) == written_records(store, 2)
+    assert shown_records(store, 1) == written_records(store, 1)
+    db.close()
+
+
+def test_logs_reads_values_stored_in_the_wide_tables(store: Store):
+    """A regular run's values are stored once, in its wide table: the long form holds none of them."""
+    records = [(n, float(e * 10 + s), ("epoch/step", e, s)) for e in range(3) for s in range(4) for n in ("a", "b")]
+    write_run(store, 1, [records[:10], records[10:]])
+    florql.connect(store.home, replay="never").sync()
+    assert shown_records(store, 1) == written_records(store, 1)
+    with open_store(store.location.db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM _log_records").fetchall() == [(0,)]
