@@ -373,7 +373,7 @@ def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: i
     rows = 0
     pending: list[tuple[str, pa.Table]] = []
     for k, path in enumerate(new):
-        pending.append((path, segments.read_segment(files, path)))
+        pending.append((path, segments.read_segment(files, path, decoded=False)))
         if sum(t.num_rows for _, t in pending) >= STAGE_ROWS or k == len(new) - 1:
             table = long_form.encode(conn, pending)
             conn.execute(

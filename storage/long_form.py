@@ -21,8 +21,8 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from florql.storage import segments
 from florql.storage.views import lit, q
 
 FIXED_COLUMNS = (
@@ -168,23 +168,37 @@ def string_ids(conn: duckdb.DuckDBPyConnection, texts: list[str]) -> dict[str, i
     return ids
 
 
+def _strings(column: pa.ChunkedArray) -> list[str]:
+    """The distinct values of a string column, plain or dictionary-encoded."""
+    if pa.types.is_dictionary(column.type):
+        return list(dict.fromkeys(v for chunk in column.chunks for v in chunk.dictionary.to_pylist()))
+    return column.unique().to_pylist()
+
+
 def _encoded(column: pa.ChunkedArray, ids: dict[str, int]) -> pa.Array:
-    """`column` (strings) as the ids of its values."""
-    values = column.unique()
-    positions = pc.index_in(column, value_set=values)
-    return pa.array(np.array([ids[v] for v in values.to_pylist()], np.int32)).take(positions.combine_chunks())
+    """`column` (strings, plain or dictionary-encoded) as the ids of its values."""
+    parts = []
+    for chunk in column.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        lookup = np.array([ids[v] for v in chunk.dictionary.to_pylist()], np.int32)
+        parts.append(lookup[chunk.indices.to_numpy(zero_copy_only=False)])
+    return pa.array(np.concatenate(parts) if parts else np.zeros(0, np.int32))
 
 
 def encode(conn: duckdb.DuckDBPyConnection, parts: list[tuple[str, pa.Table]]) -> pa.Table:
     """The rows of segments (each its path and its rows, segment schema) with the ids of their
     name, loop path and segment added (`_name_id`, `_path_id`, `_segment_id`): grouping on them is
     cheaper than on the strings. Adds the long form's columns for new loops."""
-    table = pa.concat_tables([t for _, t in parts])
+    tables = [t.replace_schema_metadata(None) for _, t in parts]
+    if any(not t.schema.equals(tables[0].schema) for t in tables):  # segments of older florql versions among them
+        tables = [t.cast(segments.SCHEMA) for t in tables]
+    table = pa.concat_tables(tables)
     if table.num_rows == 0:
         return table
-    paths = table.column("loop_path").unique().to_pylist()
+    paths = _strings(table.column("loop_path"))
     ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
-    ids = string_ids(conn, [*table.column("name").unique().to_pylist(), *paths, *(p for p, _ in parts)])
+    ids = string_ids(conn, [*_strings(table.column("name")), *paths, *(p for p, _ in parts)])
     table = table.append_column("_name_id", _encoded(table.column("name"), ids))
     table = table.append_column("_path_id", _encoded(table.column("loop_path"), ids))
     segment_ids = np.repeat([ids[p] for p, _ in parts], [t.num_rows for _, t in parts]).astype(np.int32)

@@ -118,7 +118,10 @@ def _merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, records: pa.Tabl
         if p in tables and _conflicts(conn, tables[p], {n: sql_type(shown[(n, p)].types) for n in names})
     }
     long_only = [
-        (p, n) for p, names in by_path.items() for n in names if not loops(p) or p in relocated or not _storable(shown[(n, p)])
+        (p, n)
+        for p, names in by_path.items()
+        for n in names
+        if not loops(p) or p in relocated or not _storable(shown[(n, p)])
     ]
     if long_only:  # outside every loop, of more than one type, or rebuilt below: the long form keeps them
         ids = {n: i for i, n in name_ids.items()}
@@ -130,18 +133,18 @@ def _merge_logged(conn: duckdb.DuckDBPyConnection, run_id: int, records: pa.Tabl
         names = sorted(by_path[path])
         stored = {n for n in names if _storable(shown[(n, path)])}
         spill(conn, run_id, path, [n for n in names if n not in stored])
-        types = {n: shown[(n, path)].types for n in names}
+        name_types = {n: shown[(n, path)].types for n in names}
         at_path = (
             records if len(path_ids) == 1 else records.filter(pc.equal(records.column("_path_id"), path_ids[path]))
         )
-        pivot = regular_pivot(at_path, loops(path), name_ids, types) if len(stored) == len(names) else None
+        pivot = regular_pivot(at_path, loops(path), name_ids, name_types) if len(stored) == len(names) else None
         if pivot is None and stored:  # a value overwritten within the batch: only the last is the table's
-            ids = ", ".join(str(i) for i, n in name_ids.items() if n in stored)
+            stored_ids = ", ".join(str(i) for i, n in name_ids.items() if n in stored)
             long_form.insert_rows(
                 conn,
                 run_id,
                 records,
-                where=f"_path_id = {path_ids[path]} AND _name_id IN ({ids})",
+                where=f"_path_id = {path_ids[path]} AND _name_id IN ({stored_ids})",
                 qualify="seq < max(seq) OVER (PARTITION BY _name_id, coords)",
             )
         coords = ", ".join(f"coords[{i + 1}] AS {q(c)}" for i, c in enumerate(loops(path)))
@@ -329,7 +332,9 @@ def _segment_of(seq: str) -> str:
     return f"(SELECT arg_max(s.segment_id, s.first_seq) FROM _log_segments s WHERE s.run_id = w.run_id AND s.first_seq <= {seq})"
 
 
-def _to_long_form(conn: duckdb.DuckDBPyConnection, run_id: int, table: str, path: str, name: str, join: str = "") -> None:
+def _to_long_form(
+    conn: duckdb.DuckDBPyConnection, run_id: int, table: str, path: str, name: str, join: str = ""
+) -> None:
     """Copy the values of `name` the run's rows of `table` store (`join`: only rows that match it)
     into `_log_records`, as the records they are."""
     vtype = long_form.VALUE_TYPE_OF_SQL[_column_types(conn, table)[name]]
@@ -383,17 +388,28 @@ def regular_pivot(
     if len(step) and (step[np.arange(len(step)), first] <= 0).any():
         return None  # a coordinate repeats, or goes back
     columns = {c: pa.array(at[:, k]) for k, c in enumerate(loop_names)}
-    seq = records.column("seq").to_numpy()
     for k, name_id in enumerate(ids[0].tolist()):
         name = name_ids[name_id]
         (vtype,) = types[name]
         values = records.column(f"value_{vtype}")
-        if vtype in ("float", "int"):  # a strided slice of the buffer (others' rows are NULL: filled, then skipped)
-            columns[name] = pa.array(pc.fill_null(values, 0).to_numpy()[k::width])
+        if vtype in ("float", "int"):  # a strided slice of the data (others' rows are NULL there: skipped)
+            columns[name] = pa.array(_strided(values, k, width))
         else:
             columns[name] = values.combine_chunks().take(pa.array(np.arange(k, n, width)))
-        columns[seq_column(name)] = pa.array(seq[k::width])
+        columns[seq_column(name)] = pa.array(_strided(records.column("seq"), k, width))
     return pa.table(columns)
+
+
+def _strided(column: pa.ChunkedArray, first: int, step: int) -> np.ndarray:
+    """Every `step`-th value of a fixed-width column from `first` on, read from its values buffers
+    as they are (a NULL's slot holds anything: the stride skips them)."""
+    dtype = np.dtype(column.type.to_pandas_dtype())
+    parts, start = [], 0
+    for chunk in column.chunks:
+        data = np.frombuffer(chunk.buffers()[1], dtype)[chunk.offset : chunk.offset + len(chunk)]
+        parts.append(data[(first - start) % step :: step])
+        start += len(chunk)
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def _merge(
@@ -424,6 +440,14 @@ def _merge(
         + (f", max(seq) FILTER (WHERE name = {lit(n)}) AS {q(seq_column(n))}" if n in stored else "")
         for n in names
     )
+    if pivot is not None and _appends(conn, run_id, table, coords[0], pivot):
+        conn.register("_pivot_in", pivot)
+        try:
+            conn.execute(f"INSERT INTO {q(table)} BY NAME SELECT {run_id} AS run_id, * FROM _pivot_in")
+            _add_enclosing(conn, run_id, path, "_pivot_in")
+        finally:
+            conn.unregister("_pivot_in")
+        return
     if pivot is not None:
         conn.register("_pivot_in", pivot)
         conn.execute("CREATE OR REPLACE TEMP TABLE _pivot AS SELECT * FROM _pivot_in")
@@ -449,17 +473,38 @@ def _merge(
             )
         else:
             conn.execute(f"INSERT INTO {q(table)} BY NAME SELECT {run_id} AS run_id, * FROM _pivot")
-        parts = loops(path)
-        for depth in range(len(parts) - 1, 0, -1):
-            prefix = "/".join(parts[:depth])
-            cols = ", ".join(q(c) for c in parts[:depth])
-            _add_coordinates(conn, run_id, prefix, f"SELECT DISTINCT {cols} FROM _pivot")
+        _add_enclosing(conn, run_id, path, "_pivot")
     finally:
         conn.execute("DROP TABLE IF EXISTS _pivot")
 
 
+def _appends(conn: duckdb.DuckDBPyConnection, run_id: int, table: str, outer: str, pivot: pa.Table) -> bool:
+    """Whether a pivot's rows all lie beyond the run's rows in the table (nothing to update)."""
+    low = pc.min(pivot.column(0)).as_py()
+    return (
+        low is not None
+        and not conn.execute(
+            f"SELECT 1 FROM {q(table)} WHERE run_id = {run_id} AND {outer} >= {int(low)} LIMIT 1"
+        ).fetchall()
+    )
+
+
+def _add_enclosing(conn: duckdb.DuckDBPyConnection, run_id: int, path: str, pivot: str) -> None:
+    """Give the enclosing loops' tables the coordinates of the pivot's rows they lack."""
+    parts = loops(path)
+    for depth in range(len(parts) - 1, 0, -1):
+        cols = ", ".join(q(c) for c in parts[:depth])
+        _add_coordinates(conn, run_id, "/".join(parts[:depth]), f"SELECT DISTINCT {cols} FROM {pivot}")
+
+
 def _update(
-    conn: duckdb.DuckDBPyConnection, run_id: int, table: str, path: str, names: list[str], stored: set[str] | frozenset[str], on: str
+    conn: duckdb.DuckDBPyConnection,
+    run_id: int,
+    table: str,
+    path: str,
+    names: list[str],
+    stored: set[str] | frozenset[str],
+    on: str,
 ) -> None:
     """Merge `_pivot` into the rows it shares with the table (`on`). A stored value the pivot
     overwrites is a record still: it moves to `_log_records` first."""

@@ -284,10 +284,21 @@ def test_regular_batches_pivoted_by_reshaping_equal_the_long_form(
     db.close()
 
 
-LOGS_COLUMNS = (
-    "run_id, seq, name, loop_path, value_type, value_float, value_int, value_bool, value_str, source, job_id, "
-    "version, segment"
-).split(", ") + ["epoch", "step", "eval"]
+LOGS_COLUMNS = [
+    "run_id",
+    "seq",
+    "name",
+    "loop_path",
+    "value_type",
+    "value_float",
+    "value_int",
+    "value_bool",
+    "value_str",
+    "source",
+    "job_id",
+    "version",
+    "segment",
+] + ["epoch", "step", "eval"]
 
 
 def shown_records(store: Store, run_id: int) -> list[tuple]:
