@@ -353,3 +353,39 @@ def test_logs_reads_values_stored_in_the_wide_tables(store: Store):
     assert shown_records(store, 1) == written_records(store, 1)
     with open_store(store.location.db_path) as conn:
         assert conn.execute("SELECT count(*) FROM _log_records").fetchall() == [(0,)]
+
+
+def test_a_store_with_a_table_per_run_gets_shared_tables_when_opened(store: Store):
+    """The florql before kept every record in `_log_records` and a wide table per run and loop path
+    (no `run_id` column); opening such a store builds the shared tables, and nothing changes."""
+    from florql.storage import wide
+
+    for run_id in (1, 2):
+        batches = [[r for r in b if r[2][0] != "epoch/eval"] for b in random_batches(random.Random(run_id))]
+        write_run(store, run_id, batches)
+    db = florql.connect(store.home, replay="never")
+    logs_before = db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall()
+    runs_before = [sorted(db.sql(f"SELECT * FROM run_{r}").fetchall(), key=repr) for r in (1, 2)]
+    db.close()
+    conn = duckdb.connect(store.location.db_path)  # the older layout, made from this one
+    grains = conn.execute("SELECT run_id, loop_path, table_name FROM _grains ORDER BY ALL").fetchall()
+    for run_id, path, table in grains:
+        wide.spill(conn, run_id, path, list(wide._column_types(conn, table)))
+    for k, (run_id, path, table) in enumerate(grains):
+        kept = [f'"{c}"' for c in wide._column_types(conn, table) if c != "run_id" and not c.startswith("__seq__")]
+        conn.execute(f"CREATE TABLE _w{run_id}_{k} AS SELECT {', '.join(kept)} FROM {table} WHERE run_id = {run_id}")
+        conn.execute(
+            "UPDATE _grains SET table_name = ? WHERE run_id = ? AND loop_path = ?", [f"_w{run_id}_{k}", run_id, path]
+        )
+    for table in {t for _, _, t in grains}:
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("DELETE FROM _views WHERE name = 'logs'")
+    conn.execute("CREATE OR REPLACE VIEW logs AS SELECT 1")  # rewritten when opened
+    conn.close()
+    db = florql.connect(store.home, replay="never")
+    assert db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall() == logs_before
+    assert [sorted(db.sql(f"SELECT * FROM run_{r}").fetchall(), key=repr) for r in (1, 2)] == runs_before
+    db.close()
+    with open_store(store.location.db_path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT DISTINCT table_name FROM _grains").fetchall()}
+        assert all(t.startswith("_w_") for t in tables) and len(tables) <= 3  # one per loop path
