@@ -125,17 +125,25 @@ def view_sql(loops: list[str], stored: list[tuple[str, str, str, str]]) -> str:
 
 def create_view(conn: duckdb.DuckDBPyConnection) -> None:
     """(Re)create `logs` when its SQL changes: a view's columns are fixed when it is created, so it
-    follows each new loop column and each wide-table column that stores values."""
-    sql = view_sql(loop_columns(conn), stored_columns(conn))
-    same = conn.execute(
-        "SELECT 1 FROM _views WHERE name = 'logs' AND sql = ? AND EXISTS (SELECT 1 FROM duckdb_views() "
-        "WHERE view_name = 'logs' AND schema_name = 'main')",
-        [sql],
+    follows each new loop column and each wide-table column that stores values. Columns are only
+    ever added, so while the tables' column counts hold, so does the view (checked first: cheap)."""
+    layout = repr(
+        conn.execute(
+            "SELECT count(*), sum(column_count) FROM duckdb_tables() WHERE schema_name = 'main' "
+            "AND (starts_with(table_name, '_w_') OR table_name = '_log_records')"
+        ).fetchall()
+        + conn.execute("SELECT count(DISTINCT table_name) FROM _grains").fetchall()
+    )
+    present = conn.execute(
+        "SELECT v.sql, v.part FROM _views v WHERE v.name = 'logs' AND EXISTS (SELECT 1 FROM duckdb_views() "
+        "WHERE view_name = 'logs' AND schema_name = 'main')"
     ).fetchall()
-    if same:
+    if present and present[0][1] == layout:
         return
-    conn.execute(f"CREATE OR REPLACE VIEW logs AS {sql}")
-    conn.execute("INSERT OR REPLACE INTO _views VALUES ('logs', ?, NULL)", [sql])
+    sql = view_sql(loop_columns(conn), stored_columns(conn))
+    if not present or present[0][0] != sql:
+        conn.execute(f"CREATE OR REPLACE VIEW logs AS {sql}")
+    conn.execute("INSERT OR REPLACE INTO _views VALUES ('logs', ?, ?)", [sql, layout])
 
 
 def ensure_loop_columns(conn: duckdb.DuckDBPyConnection, loop_names: set[str]) -> None:
