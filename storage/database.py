@@ -362,7 +362,7 @@ def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, statu
         conn.unregister("_iterations_in")
 
 
-STAGE_ROWS = 4_000_000  # records inserted and merged at a time: few statements, bounded memory
+STAGE_ROWS = 1_000_000  # records inserted and merged at a time: few statements, bounded memory
 
 
 def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:

@@ -19,7 +19,6 @@ of the ingest time), so the long form stores integers and the view joins them ba
 from __future__ import annotations
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 
 from florql.storage import segments
@@ -183,15 +182,15 @@ def _strings(column: pa.ChunkedArray) -> list[str]:
     return column.unique().to_pylist()
 
 
-def _encoded(column: pa.ChunkedArray, ids: dict[str, int]) -> pa.Array:
+def _encoded(column: pa.ChunkedArray, ids: dict[str, int]) -> pa.ChunkedArray:
     """`column` (strings, plain or dictionary-encoded) as the ids of its values."""
     parts = []
     for chunk in column.chunks:
         if not pa.types.is_dictionary(chunk.type):
             chunk = chunk.dictionary_encode()
-        lookup = np.array([ids[v] for v in chunk.dictionary.to_pylist()], np.int32)
-        parts.append(lookup[chunk.indices.to_numpy(zero_copy_only=False)])
-    return pa.array(np.concatenate(parts) if parts else np.zeros(0, np.int32))
+        lookup = pa.array([ids[v] for v in chunk.dictionary.to_pylist()], pa.int32())
+        parts.append(lookup.take(chunk.indices))
+    return pa.chunked_array(parts, pa.int32())
 
 
 def encode(conn: duckdb.DuckDBPyConnection, parts: list[tuple[str, pa.Table]]) -> pa.Table:
@@ -209,8 +208,8 @@ def encode(conn: duckdb.DuckDBPyConnection, parts: list[tuple[str, pa.Table]]) -
     ids = string_ids(conn, [*_strings(table.column("name")), *paths, *(p for p, _ in parts)])
     table = table.append_column("_name_id", _encoded(table.column("name"), ids))
     table = table.append_column("_path_id", _encoded(table.column("loop_path"), ids))
-    segment_ids = np.repeat([ids[p] for p, _ in parts], [t.num_rows for _, t in parts]).astype(np.int32)
-    return table.append_column("_segment_id", pa.array(segment_ids))
+    segment_ids = [pa.repeat(pa.scalar(ids[p], pa.int32()), t.num_rows) for p, t in parts]
+    return table.append_column("_segment_id", pa.chunked_array(segment_ids, pa.int32()))
 
 
 def insert(

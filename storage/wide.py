@@ -370,25 +370,21 @@ def regular_pivot(
     Training loops that log the same names every step are regular; anything else is pivoted in SQL.
     Each name's column comes with its sequence numbers (`__seq__<name>`).
     """
-    n, width, depth = records.num_rows, len(types), len(loop_names)
+    n, width = records.num_rows, len(types)
     if n == 0 or n % width or any(len(t) != 1 for t in types.values()):
         return None
-    ids = records.column("_name_id").to_numpy().reshape(-1, width)
-    if len(set(ids[0].tolist())) != width or not (ids == ids[0]).all():
+    order = records.column("_name_id").slice(0, width).to_numpy()
+    if len(set(order.tolist())) != width:
         return None
-    flat = pc.list_flatten(records.column("coords")).to_numpy()
-    if len(flat) != n * depth:
-        return None
-    coords = flat.reshape(-1, width, depth)
-    if not (coords == coords[:, :1, :]).all():
-        return None  # an iteration's records at different coordinates
-    at = coords[:, 0, :]
-    step = at[1:] - at[:-1]
-    first = (step != 0).argmax(axis=1)  # the outermost loop that moved
-    if len(step) and (step[np.arange(len(step)), first] <= 0).any():
-        return None  # a coordinate repeats, or goes back
+    blocks: list[np.ndarray] = []  # the coordinates of each iteration, a block of them at a time
+    for start in range(0, n, PIVOT_BLOCK * width):
+        at = _iterations(records.slice(start, PIVOT_BLOCK * width), order, len(loop_names))
+        if at is None or not _increasing(np.concatenate([blocks[-1][-1:], at]) if blocks else at):
+            return None
+        blocks.append(at)
+    at = np.concatenate(blocks)
     columns = {c: pa.array(at[:, k]) for k, c in enumerate(loop_names)}
-    for k, name_id in enumerate(ids[0].tolist()):
+    for k, name_id in enumerate(order.tolist()):
         name = name_ids[name_id]
         (vtype,) = types[name]
         values = records.column(f"value_{vtype}")
@@ -398,6 +394,31 @@ def regular_pivot(
             columns[name] = values.combine_chunks().take(pa.array(np.arange(k, n, width)))
         columns[seq_column(name)] = pa.array(_strided(records.column("seq"), k, width))
     return pa.table(columns)
+
+
+PIVOT_BLOCK = 1 << 16  # iterations checked at a time: small arrays, whose memory is reused
+
+
+def _iterations(records: pa.Table, order: np.ndarray, depth: int) -> np.ndarray | None:
+    """The coordinates of each iteration of `records` (whole iterations) when each logs the names
+    in `order` at one coordinate; None otherwise."""
+    ids = records.column("_name_id").to_numpy().reshape(-1, len(order))
+    if not (ids == order).all():
+        return None
+    flat = pc.list_flatten(records.column("coords")).to_numpy()
+    if len(flat) != records.num_rows * depth:
+        return None
+    coords = flat.reshape(-1, len(order), depth)
+    if not (coords == coords[:, :1, :]).all():
+        return None  # an iteration's records at different coordinates
+    return coords[:, 0, :]
+
+
+def _increasing(at: np.ndarray) -> bool:
+    """Whether coordinates (rows, outermost loop first) strictly increase: no cell repeats."""
+    step = at[1:] - at[:-1]
+    first = (step != 0).argmax(axis=1)  # the outermost loop that moved
+    return not (len(step) and (step[np.arange(len(step)), first] <= 0).any())
 
 
 def _strided(column: pa.ChunkedArray, first: int, step: int) -> np.ndarray:

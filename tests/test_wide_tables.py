@@ -264,6 +264,7 @@ def test_regular_batches_pivoted_by_reshaping_equal_the_long_form(
     reshaped = []
     pivot = wide.regular_pivot
     monkeypatch.setattr(wide, "regular_pivot", lambda *a: reshaped.append(pivot(*a)) or reshaped[-1])
+    monkeypatch.setattr(wide, "PIVOT_BLOCK", 2)  # iterations checked two at a time: blocks meet often
     batches = regular_batches(random.Random(seed))
     write_run(store, 1, batches)
     write_run(store, 2, [], status="running")  # one segment a sync: iterations cut across syncs
