@@ -19,6 +19,7 @@ of the ingest time), so the long form stores integers and the view joins them ba
 from __future__ import annotations
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from florql.storage import segments
@@ -188,8 +189,8 @@ def _encoded(column: pa.ChunkedArray, ids: dict[str, int]) -> pa.ChunkedArray:
     for chunk in column.chunks:
         if not pa.types.is_dictionary(chunk.type):
             chunk = chunk.dictionary_encode()
-        lookup = pa.array([ids[v] for v in chunk.dictionary.to_pylist()], pa.int32())
-        parts.append(lookup.take(chunk.indices))
+        lookup = np.array([ids[v] for v in chunk.dictionary.to_pylist()], np.int32)
+        parts.append(pa.array(lookup[chunk.indices.to_numpy(zero_copy_only=False)]))
     return pa.chunked_array(parts, pa.int32())
 
 
@@ -208,7 +209,7 @@ def encode(conn: duckdb.DuckDBPyConnection, parts: list[tuple[str, pa.Table]]) -
     ids = string_ids(conn, [*_strings(table.column("name")), *paths, *(p for p, _ in parts)])
     table = table.append_column("_name_id", _encoded(table.column("name"), ids))
     table = table.append_column("_path_id", _encoded(table.column("loop_path"), ids))
-    segment_ids = [pa.repeat(pa.scalar(ids[p], pa.int32()), t.num_rows) for p, t in parts]
+    segment_ids = [pa.array(np.full(t.num_rows, ids[p], np.int32)) for p, t in parts]
     return table.append_column("_segment_id", pa.chunked_array(segment_ids, pa.int32()))
 
 
