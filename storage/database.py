@@ -158,7 +158,7 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute(SCHEMA)
     if moved or wide.has_per_run_tables(conn):  # built again, shared by the runs, from `logs`
         wide.drop_tables(conn)
-        long_form.create_view(conn)
+        long_form.create_view(conn)  # without the dropped tables, which are built again from it
     if conn.execute("SELECT count(*) FROM _names").fetchall()[0][0] == 0:
         _build_wide_tables(conn)
     long_form.create_view(conn)
