@@ -175,15 +175,15 @@ def cli_runs_time(home: Path) -> tuple[float, float]:
     return statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
 
 
-def ingest_alone(work: Path, run_dir: Path, wide: pa.Table) -> tuple[float, float, int]:
+def ingest_alone(work: Path, run_dir: Path, wide: pa.Table, name: str = "alone") -> tuple[float, float, int]:
     """One run's ingest into a fresh store, against DuckDB loading the same values from Arrow into a
     wide table of a fresh file; returns (florql s, DuckDB s, florql's DuckDB file bytes)."""
-    home = work / "alone"
+    home = work / name
     shutil.copytree(run_dir, home / "runs" / run_dir.name)
     db = florql.connect(home)
     ours = timed(db.sync)
     db.close()
-    plain = duckdb.connect(str(work / "alone-plain.duckdb"))
+    plain = duckdb.connect(str(work / f"{name}-plain.duckdb"))
     plain.register("_wide", wide)
     theirs = timed(lambda: (plain.execute("CREATE TABLE run_1 AS SELECT * FROM _wide"), plain.execute("CHECKPOINT")))
     plain.close()
@@ -197,6 +197,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=200, help="small runs besides the large one")
     parser.add_argument("--small-steps", type=int, default=1_000, help="steps per epoch of a small run (20 epochs)")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--ingest-only", action="store_true", help="only the large run's ingest, --repeat times")
     opts = parser.parse_args()
     rng = np.random.default_rng(0)
     work = Path(tempfile.mkdtemp(prefix="florql-bench-store-"))
@@ -207,6 +208,15 @@ def main() -> None:
     big_values = opts.epochs * opts.steps * len(NAMES)
     big_run_bytes = dir_bytes(home / "runs" / "1")
     alone_s, alone_duckdb_s, alone_bytes = ingest_alone(work, home / "runs" / "1", wide[0])
+    if opts.ingest_only:
+        ingests = [(alone_s, alone_duckdb_s)]
+        ingests += [ingest_alone(work, home / "runs" / "1", wide[0], f"alone-{k}")[:2] for k in range(opts.repeat - 1)]
+        for k, (ours, theirs) in enumerate(ingests):
+            print(
+                f"ingest {k + 1} of run_1 ({big_values:,} values): {big_values / ours / 1e6:.2f}M values/s ({ours:.2f} s); "
+                f"DuckDB loading a wide table: {big_values / theirs / 1e6:.2f}M values/s ({theirs:.2f} s)"
+            )
+        return
     wide += [write_run(files, 2 + k, 20, opts.small_steps, rng) for k in range(opts.runs)]
     values = big_values + opts.runs * 20 * opts.small_steps * len(NAMES)
 

@@ -26,6 +26,8 @@ RESERVED = frozenset(
     }
 )
 
+RESERVED_PREFIX = "__seq__"  # the wide tables' columns of sequence numbers (storage.long_form.SEQ_PREFIX)
+
 
 def check_name(kind: str, name: object) -> str:
     if not isinstance(name, str):
@@ -35,7 +37,7 @@ def check_name(kind: str, name: object) -> str:
             f"florql.{kind}({name!r}): names must start with a letter or '_' and contain only letters, "
             "digits and '_' (at most 63 characters), since they become SQL column names"
         )
-    if name.lower() in RESERVED:
+    if name.lower() in RESERVED or name.lower().startswith(RESERVED_PREFIX):
         raise UsageError(
             f"florql.{kind}({name!r}): '{name}' is reserved (it is a column of florql's tables); pick another name"
         )

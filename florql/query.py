@@ -29,7 +29,7 @@ from florql.runinfo import RunInfo, run_facts
 from florql.storage import layout, segments
 from florql.storage.code_versions import load_code_version
 from florql.storage.runfiles import RunFiles
-from florql.storage.views import grain_for, q, sql_type, tables_select, wide_select
+from florql.storage.views import grain_for, merge_runs, q, sql_type, tables_select, wide_select
 
 
 # ---- what is missing --------------------------------------------------------------------------
@@ -279,14 +279,17 @@ def rewrite(bound: Bound, versions: dict[int, dict[str, str]]) -> str:
     columns its scope reads.
 
     `versions` names, per run, the current version of each hindsight statement: replayed values
-    of other versions stay in `logs` but are invisible here. The subqueries (one per run: many for
-    `metrics`) are put in as text, not parsed and printed again.
+    of other versions stay in `logs` but are invisible here. The subqueries (one per run; for
+    `metrics`, one per group of runs that read the same tables alike) are put in as text, not
+    parsed and printed again.
     """
     statement = bound.statement
     by_id = {t.meta.get(REF_KEY): t for t in statement.find_all(exp.Table) if REF_KEY in t.meta}
     subqueries: dict[str, str] = {}
     for ref in bound.refs:
-        parts = [_run_select(bound.runs[r], ref, versions.get(r, {}), with_run_id=ref.is_metrics) for r in ref.run_ids]
+        parts = merge_runs(
+            [(r, _run_select(bound.runs[r], ref, versions.get(r, {}), with_run_id=ref.is_metrics)) for r in ref.run_ids]
+        )
         if not parts:
             parts = ["SELECT NULL::INTEGER AS run_id WHERE FALSE"]
         marker = f"__florql_ref_{ref.ref_id}_{uuid.uuid4().hex}"

@@ -20,13 +20,14 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from florql.storage import layout, long_form, segments, wide
 from florql.storage.checkpoints import CheckpointRecord, read_record
 from florql.storage.code_versions import code_version_manifest
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
-from florql.storage.views import NameInfo, grain_for, lit, q, tables_select, wide_select
+from florql.storage.views import NameInfo, grain_for, lit, merge_runs, q, tables_select, wide_select
 
 HEARTBEAT_TIMEOUT_S = 30.0
 
@@ -53,6 +54,7 @@ CREATE TABLE IF NOT EXISTS _log_records (
     job_id VARCHAR, seq BIGINT, segment_id INTEGER, version VARCHAR
 );
 CREATE TABLE IF NOT EXISTS _log_strings (id INTEGER PRIMARY KEY, text VARCHAR UNIQUE);
+CREATE TABLE IF NOT EXISTS _log_segments (run_id INTEGER, segment_id INTEGER, first_seq BIGINT, last_seq BIGINT);
 CREATE TABLE IF NOT EXISTS segments_ingested (
     path VARCHAR PRIMARY KEY, run_id INTEGER, rows BIGINT, ingested_at TIMESTAMP DEFAULT current_timestamp
 );
@@ -150,12 +152,16 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
         conn.execute("UPDATE checkpoints SET stored_bytes = bytes, chunks = 0")
     if ("logs", "run_id") in columns and ("logs", "version") not in columns:
         conn.execute("ALTER TABLE logs ADD COLUMN version VARCHAR")
-    long_form.migrate(conn)
+    moved = long_form.migrate(conn)
     if ("replay_coverage", "version") not in columns:
         conn.execute("DROP TABLE replay_coverage")
         conn.execute(SCHEMA)
+    if moved or wide.has_per_run_tables(conn):  # built again, shared by the runs, from `logs`
+        wide.drop_tables(conn)
+        long_form.create_view(conn)  # without the dropped tables, which are built again from it
     if conn.execute("SELECT count(*) FROM _names").fetchall()[0][0] == 0:
         _build_wide_tables(conn)
+    long_form.create_view(conn)
 
 
 def _build_wide_tables(conn: duckdb.DuckDBPyConnection) -> None:
@@ -356,7 +362,7 @@ def _upsert_run(conn: duckdb.DuckDBPyConnection, run_id: int, m: Manifest, statu
         conn.unregister("_iterations_in")
 
 
-STAGE_ROWS = 4_000_000  # records inserted and merged at a time: few statements, bounded memory
+STAGE_ROWS = 1_000_000  # records inserted and merged at a time: few statements, bounded memory
 
 
 def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int) -> int:
@@ -367,22 +373,34 @@ def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: i
     rows = 0
     pending: list[tuple[str, pa.Table]] = []
     for k, path in enumerate(new):
-        pending.append((path, segments.read_segment(files, path)))
+        pending.append((path, segments.read_segment(files, path, decoded=False)))
         if sum(t.num_rows for _, t in pending) >= STAGE_ROWS or k == len(new) - 1:
-            table = long_form.insert(conn, run_id, pending)
+            table = long_form.encode(conn, pending)
             conn.execute(
                 "INSERT INTO segments_ingested (path, run_id, rows) SELECT unnest(?::VARCHAR[]), ?, unnest(?::BIGINT[])",
                 [[p for p, _ in pending], run_id, [t.num_rows for _, t in pending]],
             )
-            _merge_staged(conn, run_id, table)
+            _record_seq_ranges(conn, run_id, pending)
+            if table.num_rows:
+                wide.merge_logged(conn, run_id, table)
             rows += table.num_rows
             pending = []
+    if new:
+        long_form.create_view(conn)
     return rows
 
 
-def _merge_staged(conn: duckdb.DuckDBPyConnection, run_id: int, table: pa.Table) -> None:
-    if table.num_rows:
-        wide.merge_logged(conn, run_id, table)
+def _record_seq_ranges(conn: duckdb.DuckDBPyConnection, run_id: int, parts: list[tuple[str, pa.Table]]) -> None:
+    """Each segment's range of sequence numbers: `logs` finds the segment of a value the wide
+    tables store by it (a writer's segments hold consecutive ranges)."""
+    ranges = [(p, pc.min_max(t.column("seq")).as_py()) for p, t in parts if t.num_rows]
+    if not ranges:
+        return
+    ids = long_form.string_ids(conn, [p for p, _ in ranges])
+    conn.execute(
+        "INSERT INTO _log_segments SELECT ?, unnest(?::INTEGER[]), unnest(?::BIGINT[]), unnest(?::BIGINT[])",
+        [run_id, [ids[p] for p, _ in ranges], [r["min"] for _, r in ranges], [r["max"] for _, r in ranges]],
+    )
 
 
 def _ingest_checkpoints(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: int, code_version: str | None) -> int:
@@ -496,6 +514,7 @@ def ingest_replays(
                 ],
             )
             wide.refresh_replayed(conn, run_id, list(summary["names"]))
+            long_form.create_view(conn)
             _ingest_costs(conn, run_id, job_id, summary.get("timings"))
             for record in summary.get("checkpoints", ()):  # persisted by the job: they land with its rows
                 rec = CheckpointRecord(**record)
@@ -615,10 +634,11 @@ def refresh_views(conn: duckdb.DuckDBPyConnection, touched: set[int] | None = No
         if (touched and run_id in touched) or stale(name):
             names = run_names(conn, run_id)
             tables = wide.grain_tables(conn, run_id)
-            metrics_part = f"SELECT * FROM ({full_view_sql(names, run_id, tables, with_run_id=True)})"
+            metrics_part = full_view_sql(names, run_id, tables, with_run_id=True)
             wanted[name] = (full_view_sql(names, run_id, tables), metrics_part)
-    parts = [(wanted.get(f"run_{r}") or stored[f"run_{r}"])[1] for r in run_ids]
-    wanted["metrics"] = (" UNION ALL BY NAME ".join(p for p in parts if p) or EMPTY_METRICS, None)
+    parts = [(r, (wanted.get(f"run_{r}") or stored[f"run_{r}"])[1]) for r in run_ids]
+    merged = merge_runs([(r, p) for r, p in parts if p])
+    wanted["metrics"] = (" UNION ALL BY NAME ".join(f"SELECT * FROM ({p})" for p in merged) or EMPTY_METRICS, None)
     changes = {n: v for n, v in wanted.items() if stored.get(n) != v or n not in present}
     if not changes:
         conn.execute("DELETE FROM _stale_views")

@@ -1,4 +1,10 @@
-"""The long form: every record ever ingested, one row each, kept compact.
+"""The long form, `logs`: every record ever ingested, one row each, each value stored once.
+
+Most values are stored in the wide tables (`florql.storage.wide`): a logged value that is the last
+at its coordinates, of a name of one type, sits in its name's column with its sequence number
+beside it, and `logs` reads it from there (one branch per such column). `_log_records` holds the
+rest: values overwritten at the same coordinates, names logged outside every loop or with more
+than one type, replayed records, and every record of a store written before.
 
 `_log_records` holds a row per record: the run, ids for the repetitive strings (the name, the loop
 path, the segment; `_log_strings` spells them), one BIGINT column per loop name, the typed value
@@ -15,8 +21,8 @@ from __future__ import annotations
 import duckdb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from florql.storage import segments
 from florql.storage.views import lit, q
 
 FIXED_COLUMNS = (
@@ -46,8 +52,19 @@ def loop_columns(conn: duckdb.DuckDBPyConnection) -> list[str]:
     ]
 
 
-def view_sql(loops: list[str]) -> str:
-    """`logs` as before the long form was compacted: the same columns, in the same order."""
+SEQ_PREFIX = "__seq__"  # a wide table's column of the sequence numbers of the values it stores
+
+
+def seq_column(name: str) -> str:
+    return SEQ_PREFIX + name
+
+
+VALUE_TYPE_OF_SQL = {"DOUBLE": "float", "BIGINT": "int", "BOOLEAN": "bool", "VARCHAR": "str"}
+_VALUE_COLUMNS = ("value_float", "value_int", "value_bool", "value_str")
+
+
+def _records_sql(loops: list[str]) -> str:
+    """The rows of `_log_records`, as `logs` shows them."""
     loop_cols = "".join(f", r.{q(n)}" for n in loops)
     return (
         "SELECT r.run_id, n.text AS name, p.text AS loop_path, CASE WHEN r.value_float IS NOT NULL THEN 'float' "
@@ -59,9 +76,74 @@ def view_sql(loops: list[str]) -> str:
     )
 
 
+def _stored_branch(table: str, path: str, name: str, sql_type: str, loops: list[str]) -> str:
+    """One name's values stored in a wide table (those with a sequence number), as long rows."""
+    vtype = VALUE_TYPE_OF_SQL[sql_type]
+    values = ", ".join(
+        f"w.{q(name)} AS {c}" if c == f"value_{vtype}" else f"NULL::{t} AS {c}"
+        for c, t in zip(_VALUE_COLUMNS, ("DOUBLE", "BIGINT", "BOOLEAN", "VARCHAR"))
+    )
+    at = set(path.split("/"))
+    loop_cols = "".join(f", w.{q(n)}" if n in at else f", NULL::BIGINT AS {q(n)}" for n in loops)
+    seq = q(seq_column(name))
+    return (
+        f"SELECT w.run_id, {lit(name)} AS name, {lit(path)} AS loop_path, {lit(vtype)} AS value_type, {values}, "
+        f"w.{seq} AS seq{loop_cols} FROM {q(table)} w WHERE w.{seq} IS NOT NULL"
+    )
+
+
+def stored_columns(conn: duckdb.DuckDBPyConnection) -> list[tuple[str, str, str, str]]:
+    """(table, loop path, name, SQL type) of every wide-table column that stores values."""
+    return [
+        (t, p, c, ty)
+        for t, p, c, ty in conn.execute(
+            "SELECT c.table_name, g.loop_path, c.column_name, c.data_type FROM duckdb_columns() c "
+            "JOIN (SELECT DISTINCT table_name, loop_path FROM _grains) g USING (table_name) "
+            "WHERE c.schema_name = 'main' AND list_contains((SELECT list(column_name) FROM duckdb_columns() s "
+            "WHERE s.table_name = c.table_name AND s.schema_name = 'main'), ? || c.column_name) "
+            "ORDER BY c.table_name, c.column_index",
+            [SEQ_PREFIX],
+        ).fetchall()
+    ]
+
+
+def view_sql(loops: list[str], stored: list[tuple[str, str, str, str]]) -> str:
+    """`logs`: the records only the long form holds, and the values the wide tables store (each
+    with its sequence number; its segment is the one whose range of sequence numbers holds it)."""
+    records = _records_sql(loops)
+    if not stored:
+        return records
+    branches = " UNION ALL ".join(_stored_branch(t, p, n, ty, loops) for t, p, n, ty in stored)
+    loop_cols = "".join(f", w.{q(n)}" for n in loops)
+    return (
+        f"{records} UNION ALL SELECT w.run_id, w.name, w.loop_path, w.value_type, w.value_float, w.value_int, "
+        "w.value_bool, w.value_str, 'logged' AS source, NULL::VARCHAR AS job_id, w.seq, s.text AS segment, "
+        f"NULL::VARCHAR AS version{loop_cols} FROM ({branches}) w ASOF LEFT JOIN _log_segments g "
+        "ON g.run_id = w.run_id AND w.seq >= g.first_seq LEFT JOIN _log_strings s ON s.id = g.segment_id"
+    )
+
+
 def create_view(conn: duckdb.DuckDBPyConnection) -> None:
-    """(Re)create `logs`: a view's columns are fixed when it is created, so it follows each new loop column."""
-    conn.execute(f"CREATE OR REPLACE VIEW logs AS {view_sql(loop_columns(conn))}")
+    """(Re)create `logs` when its SQL changes: a view's columns are fixed when it is created, so it
+    follows each new loop column and each wide-table column that stores values. Columns are only
+    ever added, so while the tables' column counts hold, so does the view (checked first: cheap)."""
+    layout = repr(
+        conn.execute(
+            "SELECT count(*), sum(column_count) FROM duckdb_tables() WHERE schema_name = 'main' "
+            "AND (starts_with(table_name, '_w_') OR table_name = '_log_records')"
+        ).fetchall()
+        + conn.execute("SELECT count(DISTINCT table_name) FROM _grains").fetchall()
+    )
+    present = conn.execute(
+        "SELECT v.sql, v.part FROM _views v WHERE v.name = 'logs' AND EXISTS (SELECT 1 FROM duckdb_views() "
+        "WHERE view_name = 'logs' AND schema_name = 'main')"
+    ).fetchall()
+    if present and present[0][1] == layout:
+        return
+    sql = view_sql(loop_columns(conn), stored_columns(conn))
+    if not present or present[0][0] != sql:
+        conn.execute(f"CREATE OR REPLACE VIEW logs AS {sql}")
+    conn.execute("INSERT OR REPLACE INTO _views VALUES ('logs', ?, ?)", [sql, layout])
 
 
 def ensure_loop_columns(conn: duckdb.DuckDBPyConnection, loop_names: set[str]) -> None:
@@ -94,11 +176,41 @@ def string_ids(conn: duckdb.DuckDBPyConnection, texts: list[str]) -> dict[str, i
     return ids
 
 
-def _encoded(column: pa.ChunkedArray, ids: dict[str, int]) -> pa.Array:
-    """`column` (strings) as the ids of its values."""
-    values = column.unique()
-    positions = pc.index_in(column, value_set=values)
-    return pa.array(np.array([ids[v] for v in values.to_pylist()], np.int32)).take(positions.combine_chunks())
+def _strings(column: pa.ChunkedArray) -> list[str]:
+    """The distinct values of a string column, plain or dictionary-encoded."""
+    if pa.types.is_dictionary(column.type):
+        return list(dict.fromkeys(v for chunk in column.chunks for v in chunk.dictionary.to_pylist()))
+    return column.unique().to_pylist()
+
+
+def _encoded(column: pa.ChunkedArray, ids: dict[str, int]) -> pa.ChunkedArray:
+    """`column` (strings, plain or dictionary-encoded) as the ids of its values."""
+    parts = []
+    for chunk in column.chunks:
+        if not pa.types.is_dictionary(chunk.type):
+            chunk = chunk.dictionary_encode()
+        lookup = np.array([ids[v] for v in chunk.dictionary.to_pylist()], np.int32)
+        parts.append(pa.array(lookup[chunk.indices.to_numpy(zero_copy_only=False)]))
+    return pa.chunked_array(parts, pa.int32())
+
+
+def encode(conn: duckdb.DuckDBPyConnection, parts: list[tuple[str, pa.Table]]) -> pa.Table:
+    """The rows of segments (each its path and its rows, segment schema) with the ids of their
+    name, loop path and segment added (`_name_id`, `_path_id`, `_segment_id`): grouping on them is
+    cheaper than on the strings. Adds the long form's columns for new loops."""
+    tables = [t.replace_schema_metadata(None) for _, t in parts]
+    if any(not t.schema.equals(tables[0].schema) for t in tables):  # segments of older florql versions among them
+        tables = [t.cast(segments.SCHEMA) for t in tables]
+    table = pa.concat_tables(tables)
+    if table.num_rows == 0:
+        return table
+    paths = _strings(table.column("loop_path"))
+    ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
+    ids = string_ids(conn, [*_strings(table.column("name")), *paths, *(p for p, _ in parts)])
+    table = table.append_column("_name_id", _encoded(table.column("name"), ids))
+    table = table.append_column("_path_id", _encoded(table.column("loop_path"), ids))
+    segment_ids = [pa.array(np.full(t.num_rows, ids[p], np.int32)) for p, t in parts]
+    return table.append_column("_segment_id", pa.chunked_array(segment_ids, pa.int32()))
 
 
 def insert(
@@ -108,23 +220,29 @@ def insert(
     job_id: str | None = None,
     versions: dict[str, str] | None = None,
 ) -> pa.Table:
-    """Insert the rows of segments (each its path and its rows, segment schema), spreading `coords`
-    into one column per loop name, with one statement per loop path for all of them.
+    """Insert every row of segments into `_log_records` (`encode`, then `insert_rows`); returns them encoded."""
+    table = encode(conn, parts)
+    insert_rows(conn, run_id, table, job_id, versions)
+    return table
+
+
+def insert_rows(
+    conn: duckdb.DuckDBPyConnection,
+    run_id: int,
+    table: pa.Table,
+    job_id: str | None = None,
+    versions: dict[str, str] | None = None,
+    where: str = "TRUE",
+    qualify: str | None = None,
+) -> None:
+    """Insert encoded rows (`encode`) into `_log_records`, spreading `coords` into one column per
+    loop name, with one statement per loop path; `where`, `qualify`: only the rows they keep.
 
     Replayed rows (with a `job_id`) carry their statement's version, and a cell already covered by
-    another job for that version is not inserted twice. Returns the rows with their name's and loop
-    path's ids added (`_name_id`, `_path_id`): grouping on them is cheaper than on the strings.
+    another job for that version is not inserted twice.
     """
-    table = pa.concat_tables([t for _, t in parts])
     if table.num_rows == 0:
-        return table
-    paths = table.column("loop_path").unique().to_pylist()
-    ensure_loop_columns(conn, {n for p in paths for n in p.split("/") if n})
-    ids = string_ids(conn, [*table.column("name").unique().to_pylist(), *paths, *(p for p, _ in parts)])
-    table = table.append_column("_name_id", _encoded(table.column("name"), ids))
-    table = table.append_column("_path_id", _encoded(table.column("loop_path"), ids))
-    segment_ids = np.repeat([ids[p] for p, _ in parts], [t.num_rows for _, t in parts]).astype(np.int32)
-    table = table.append_column("_segment_id", pa.array(segment_ids))
+        return
     version = (
         "CASE s.name " + " ".join(f"WHEN {lit(n)} THEN {lit(v)}" for n, v in versions.items()) + " END"
         if versions
@@ -132,7 +250,8 @@ def insert(
     )
     conn.register("_segment_in", table)
     try:
-        for path in paths:
+        paths = conn.execute(f"SELECT DISTINCT _path_id, loop_path FROM _segment_in WHERE {where}").fetchall()
+        for path_id, path in paths:
             loops = [n for n in path.split("/") if n]
             cols = "".join(f", {q(n)}" for n in loops)
             vals = "".join(f", coords[{i + 1}]" for i in range(len(loops)))
@@ -147,24 +266,24 @@ def insert(
                 f"INSERT INTO _log_records (run_id, name_id, path_id{cols}, value_float, value_int, value_bool, value_str,"
                 f" job_id, seq, segment_id, version) SELECT {run_id}, _name_id, _path_id{vals}, value_float, value_int,"
                 f" value_bool, value_str, ?, seq, _segment_id, {version} FROM _segment_in s"
-                f" WHERE _path_id = {ids[path]}{keep}",
+                f" WHERE _path_id = {path_id} AND ({where}){keep}{f' QUALIFY {qualify}' if qualify else ''}",
                 [job_id],
             )
     finally:
         conn.unregister("_segment_in")
-    return table
 
 
-def migrate(conn: duckdb.DuckDBPyConnection) -> None:
-    """Create `logs`; a store of an older florql, whose `logs` is a table, has it moved into the compact form."""
+def migrate(conn: duckdb.DuckDBPyConnection) -> bool:
+    """Create `logs`; a store of an older florql, whose `logs` is a table, has it moved into the
+    compact form (returns True then: its wide tables are to be built again)."""
     kind = conn.execute(
         "SELECT table_type FROM information_schema.tables WHERE table_schema = 'main' AND table_name = 'logs'"
     ).fetchall()
     if kind == [("VIEW",)]:
-        return
+        return False
     if not kind:
         create_view(conn)
-        return
+        return False
     old = [
         r[0]
         for r in conn.execute(
@@ -194,3 +313,4 @@ def migrate(conn: duckdb.DuckDBPyConnection) -> None:
     except BaseException:
         conn.execute("ROLLBACK")
         raise
+    return True

@@ -185,8 +185,11 @@ def write_table(files: RunFiles, path: str, batches: Iterable[pa.RecordBatch], m
     return final
 
 
-def read_segment(files: RunFiles, path: str) -> pa.Table:
-    """A whole segment, its checksum verified; `CorruptSegment` (naming the file) when it is not intact."""
+def read_segment(files: RunFiles, path: str, decoded: bool = True) -> pa.Table:
+    """A whole segment, its checksum verified; `CorruptSegment` (naming the file) when it is not intact.
+
+    `decoded=False`: the repetitive strings stay dictionary-encoded as stored (STORED_SCHEMA; the
+    ingest maps dictionaries to ids, which costs far less than decoding every row)."""
     local = files.local_path(path)
     try:
         buffer = pa.memory_map(local).read_buffer() if local else pa.py_buffer(files.get(path))
@@ -206,7 +209,7 @@ def read_segment(files: RunFiles, path: str) -> pa.Table:
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
         raise CorruptSegment(f"log segment {path} is not a readable Arrow file ({err}). {_REMEDY}") from err
     if table.schema.equals(STORED_SCHEMA, check_metadata=False):
-        return table.cast(SCHEMA.with_metadata(table.schema.metadata))
+        return table.cast(SCHEMA.with_metadata(table.schema.metadata)) if decoded else table
     if not table.schema.equals(SCHEMA, check_metadata=False):
         raise CorruptSegment(f"log segment {path} does not hold florql log records (schema {table.schema}). {_REMEDY}")
     return table

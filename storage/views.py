@@ -59,7 +59,7 @@ def tables_select(
     base = tables.get("/".join(grain)) if grain else None
     if base is None:
         return None
-    select = [f"{run_id} AS run_id"] if with_run_id else []
+    select = ["g.run_id"] if with_run_id else []
     select += [f"g.{q(c)}" for c in grain] + [f"NULL::BIGINT AS {q(c)}" for c in null_coords]
     joins: dict[tuple[str, ...], str] = {}
     for info in names:
@@ -72,9 +72,30 @@ def tables_select(
         select.append(f"{alias}.{q(info.name)}")
     sql = f"SELECT {', '.join(select)} FROM {q(base)} g"
     for path, alias in joins.items():
-        on = " AND ".join(f"g.{q(c)} = {alias}.{q(c)}" for c in path)
+        on = " AND ".join(f"g.{q(c)} = {alias}.{q(c)}" for c in ("run_id", *path))
         sql += f" LEFT JOIN {q(tables['/'.join(path)])} {alias} ON {on}"
-    return sql
+    return f"{sql}{RUN_FILTER}{run_id}"
+
+
+RUN_FILTER = " WHERE g.run_id = "  # how a `tables_select` ends: runs that differ only there share it
+
+
+def merge_runs(selects: list[tuple[int, str]]) -> list[str]:
+    """The SELECTs of many runs (with `run_id`), those that differ only in their run read as one:
+    runs share their wide tables, so a query over many runs reads each table once."""
+    shared: dict[str, list[int]] = {}
+    alone: list[str] = []
+    for run_id, sql in selects:
+        suffix = f"{RUN_FILTER}{run_id}"
+        if sql.endswith(suffix):
+            shared.setdefault(sql[: -len(suffix)], []).append(run_id)
+        else:
+            alone.append(sql)
+    merged = [
+        f"{head}{RUN_FILTER}{ids[0]}" if len(ids) == 1 else f"{head} WHERE g.run_id IN ({', '.join(map(str, ids))})"
+        for head, ids in shared.items()
+    ]
+    return merged + alone
 
 
 def wide_select(

@@ -227,11 +227,11 @@ def hold():
 
 if sys.argv[1] == "mid-transaction":  # 60 of the run's segments inserted, not committed
     read, calls = segments.read_segment, [0]
-    def read_segment(files, path):
+    def read_segment(files, path, *rest, **named):
         calls[0] += 1
         if calls[0] == 60:
             hold()
-        return read(files, path)
+        return read(files, path, *rest, **named)
     segments.read_segment = read_segment
 else:  # "before-views": the run's rows committed, the views not refreshed yet
     database.refresh_views = lambda *args: hold()

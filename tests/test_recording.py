@@ -175,6 +175,8 @@ def test_reserved_and_invalid_names_are_refused(session):
         florql.log("bad name", 1)
     with pytest.raises(UsageError, match=r"florql.loop\('seq'\): 'seq' is reserved"):
         list(florql.loop("seq", range(1)))
+    with pytest.raises(UsageError, match=r"'__seq__loss' is reserved"):
+        florql.log("__seq__loss", 1.0)
     with pytest.raises(UsageError, match="the name must be a string"):
         florql.log(3, 1.0)
 

@@ -127,11 +127,16 @@ def test_a_store_without_wide_tables_gets_them_when_opened(store: Store):
     db = florql.connect(store.home, replay="never")
     before = sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr)
     db.close()
-    conn = duckdb.connect(store.location.db_path)
-    for (table,) in conn.execute("SELECT table_name FROM _grains").fetchall():
+    conn = duckdb.connect(store.location.db_path)  # then, `logs` was a table holding every record
+    conn.execute("CREATE TABLE _old_logs AS SELECT * FROM logs")
+    conn.execute("DROP VIEW logs")
+    for (table,) in conn.execute("SELECT DISTINCT table_name FROM _grains").fetchall():
         conn.execute(f'DROP TABLE "{table}"')
     conn.execute("DELETE FROM _grains")
     conn.execute("DELETE FROM _names")
+    conn.execute("DROP TABLE _log_records")
+    conn.execute("DROP TABLE _log_strings")
+    conn.execute("ALTER TABLE _old_logs RENAME TO logs")
     conn.close()
     db = florql.connect(store.home, replay="never")
     assert sorted(db.sql("SELECT * FROM run_1").fetchall(), key=repr) == before
@@ -259,6 +264,7 @@ def test_regular_batches_pivoted_by_reshaping_equal_the_long_form(
     reshaped = []
     pivot = wide.regular_pivot
     monkeypatch.setattr(wide, "regular_pivot", lambda *a: reshaped.append(pivot(*a)) or reshaped[-1])
+    monkeypatch.setattr(wide, "PIVOT_BLOCK", 2)  # iterations checked two at a time: blocks meet often
     batches = regular_batches(random.Random(seed))
     write_run(store, 1, batches)
     write_run(store, 2, [], status="running")  # one segment a sync: iterations cut across syncs
@@ -277,3 +283,110 @@ def test_regular_batches_pivoted_by_reshaping_equal_the_long_form(
                 ours = sorted(db.sql(f"SELECT {columns} FROM run_{run_id}").fetchall(), key=repr)
                 assert ours == long_form_answer(conn, run_id, grain), (grain, run_id)
     db.close()
+
+
+LOGS_COLUMNS = [
+    "run_id",
+    "seq",
+    "name",
+    "loop_path",
+    "value_type",
+    "value_float",
+    "value_int",
+    "value_bool",
+    "value_str",
+    "source",
+    "job_id",
+    "version",
+    "segment",
+] + ["epoch", "step", "eval"]
+
+
+def shown_records(store: Store, run_id: int) -> list[tuple]:
+    """The run's rows of `logs` (LOGS_COLUMNS; a loop no record of the store is in: NULL)."""
+    with open_store(store.location.db_path) as conn:
+        result = conn.execute("SELECT * FROM logs WHERE run_id = ? ORDER BY seq", [run_id])
+        names = [d[0] for d in result.description]
+        return [tuple(dict(zip(names, row)).get(c) for c in LOGS_COLUMNS) for row in result.fetchall()]
+
+
+def written_records(store: Store, run_id: int) -> list[tuple]:
+    """Every record in the run's segments, as `logs` must show it (LOGS_COLUMNS)."""
+    rows = []
+    for path in store.files.list(f"{layout.segments_dir(run_id)}/{layout.MAIN_WRITER}"):
+        for r in segments.read_segment(store.files, path).to_pylist():
+            at = dict(zip(r["loop_path"].split("/"), r["coords"]))
+            values = (r["value_float"], r["value_int"], r["value_bool"], r["value_str"])
+            rows.append(
+                (run_id, r["seq"], r["name"], r["loop_path"], r["value_type"], *values, "logged", None, None, path)
+                + tuple(at.get(loop) for loop in ("epoch", "step", "eval"))
+            )
+    return sorted(rows)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_logs_shows_every_record_written_exactly_once(store: Store, seed: int):
+    """`logs` reads most values from the wide tables and the rest from the long form: values
+    overwritten at their coordinates, a name whose type changes, names outside every loop. Each
+    record shows once, bit for bit, with its segment, ingested at once or a segment a sync."""
+    rng = random.Random(seed)
+    batches = random_batches(rng)
+    batches[0] = [("seed", 7, ("",)), ("loss", 0.125, ("epoch/step", 0, 0)), *batches[0], ("note", "x", ("",))]
+    batches[-1].append(("loss", 0.25, ("epoch/step", 0, 0)))  # overwrites a stored value, a segment later
+    batches[-1].append(("tokens", 1.5, ("epoch/step", 0, 0)))  # and in another type
+    write_run(store, 1, batches)
+    write_run(store, 2, [], status="running")
+    db = florql.connect(store.home, replay="never")
+    for k, records in enumerate(batches):
+        batch = segments.records_to_batch(sum(map(len, batches[:k])), records)
+        segments.write_segment(store.files, layout.segment_path(2, layout.MAIN_WRITER, k), batch, {})
+        db.sync()
+        assert shown_records(store, 2) == written_records(store, 2)
+    assert shown_records(store, 1) == written_records(store, 1)
+    db.close()
+
+
+def test_logs_reads_values_stored_in_the_wide_tables(store: Store):
+    """A regular run's values are stored once, in its wide table: the long form holds none of them."""
+    records = [(n, float(e * 10 + s), ("epoch/step", e, s)) for e in range(3) for s in range(4) for n in ("a", "b")]
+    write_run(store, 1, [records[:10], records[10:]])
+    florql.connect(store.home, replay="never").sync()
+    assert shown_records(store, 1) == written_records(store, 1)
+    with open_store(store.location.db_path) as conn:
+        assert conn.execute("SELECT count(*) FROM _log_records").fetchall() == [(0,)]
+
+
+def test_a_store_with_a_table_per_run_gets_shared_tables_when_opened(store: Store):
+    """The florql before kept every record in `_log_records` and a wide table per run and loop path
+    (no `run_id` column); opening such a store builds the shared tables, and nothing changes."""
+    from florql.storage import wide
+
+    for run_id in (1, 2):
+        batches = [[r for r in b if r[2][0] != "epoch/eval"] for b in random_batches(random.Random(run_id))]
+        write_run(store, run_id, batches)
+    db = florql.connect(store.home, replay="never")
+    logs_before = db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall()
+    runs_before = [sorted(db.sql(f"SELECT * FROM run_{r}").fetchall(), key=repr) for r in (1, 2)]
+    db.close()
+    conn = duckdb.connect(store.location.db_path)  # the older layout, made from this one
+    grains = conn.execute("SELECT run_id, loop_path, table_name FROM _grains ORDER BY ALL").fetchall()
+    for run_id, path, table in grains:
+        wide.spill(conn, run_id, path, list(wide._column_types(conn, table)))
+    for k, (run_id, path, table) in enumerate(grains):
+        kept = [f'"{c}"' for c in wide._column_types(conn, table) if c != "run_id" and not c.startswith("__seq__")]
+        conn.execute(f"CREATE TABLE _w{run_id}_{k} AS SELECT {', '.join(kept)} FROM {table} WHERE run_id = {run_id}")
+        conn.execute(
+            "UPDATE _grains SET table_name = ? WHERE run_id = ? AND loop_path = ?", [f"_w{run_id}_{k}", run_id, path]
+        )
+    for table in {t for _, _, t in grains}:
+        conn.execute(f"DROP TABLE {table}")
+    conn.execute("DELETE FROM _views WHERE name = 'logs'")
+    conn.execute("CREATE OR REPLACE VIEW logs AS SELECT 1")  # rewritten when opened
+    conn.close()
+    db = florql.connect(store.home, replay="never")
+    assert db.sql("SELECT * FROM logs ORDER BY run_id, seq").fetchall() == logs_before
+    assert [sorted(db.sql(f"SELECT * FROM run_{r}").fetchall(), key=repr) for r in (1, 2)] == runs_before
+    db.close()
+    with open_store(store.location.db_path) as conn:
+        tables = {r[0] for r in conn.execute("SELECT DISTINCT table_name FROM _grains").fetchall()}
+        assert all(t.startswith("_w_") for t in tables) and len(tables) <= 3  # one per loop path
