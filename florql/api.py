@@ -35,7 +35,8 @@ from florql.errors import (
     from_duckdb,
 )
 from florql.progress import ReplayProgress
-from florql.replay.executor import Executor, LocalExecutor, make_executor
+from florql.replay.executor import Executor, LocalExecutor, make_executor, warm_start_enabled
+from florql.replay.warm import server_is_up
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
 from florql.runinfo import BASE_TABLES, RunInfo
@@ -320,7 +321,9 @@ class Connection:
             if isinstance(self._executor_arg, Executor):
                 self._executor = self._executor_arg
             else:
-                self._executor = make_executor(self._executor_arg, self.settings["workers"], **self._executor_options)
+                self._executor = make_executor(
+                    self._executor_arg, self.settings["workers"], store=self.location.home, **self._executor_options
+                )
         return self._executor
 
     # ---- plumbing -----------------------------------------------------------------------------
@@ -491,8 +494,12 @@ class Connection:
         return max(1, min(executor.workers, cores // threads)), cores, threads
 
     def _warm(self) -> bool:
-        """Will replay jobs start from a warm fork server that is already up?"""
+        """Will replay jobs start from a warm fork server that is already up (this process's, or
+        the store's that an earlier process started)?"""
         executor = self._executor
+        if executor is None:
+            local = (self._executor_arg or os.environ.get("FLORQL_EXECUTOR", "local")) == "local"
+            return local and warm_start_enabled() and server_is_up(self.location.home)
         server = getattr(executor, "fork_server", None)
         return server is not None and server.ready(timeout=0)
 

@@ -74,7 +74,7 @@ def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
     executor = LocalExecutor(1, warm=True)
     try:
         assert executor.fork_server is not None and executor.fork_server.ready()
-        server_pid = executor.fork_server.proc.pid
+        server_pid = executor.fork_server.pid
         db = florql.connect(recorded, progress=False, executor=executor)
         for epoch in (1, 3):  # one job each
             db.sql(f"SELECT w, pid, imports FROM run_1 WHERE epoch = {epoch}").fetchall()
@@ -99,7 +99,6 @@ def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
         )
     finally:
         executor.close()
-    assert executor.fork_server is None
 
 
 def test_a_job_killed_by_a_signal_fails_with_its_output_and_the_server_keeps_serving(
