@@ -36,9 +36,9 @@ from florql.errors import (
 )
 from florql.progress import ReplayProgress
 from florql.replay.executor import Executor, LocalExecutor, make_executor, warm_start_enabled
-from florql.replay.warm import server_is_up
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
+from florql.replay.warm import server_is_up
 from florql.runinfo import BASE_TABLES, RunInfo
 from florql.storage.layout import StoreLocation, locate_store
 from florql.storage.shared import DEFAULT_WAIT_S, shared_database

@@ -116,9 +116,7 @@ class LocalExecutor(Executor):
         self.fork_server = None  # the process's shared server lives on for other executors
 
 
-def make_executor(
-    kind: str | None = None, workers: int | None = None, store: str | None = None, **options
-) -> Executor:
+def make_executor(kind: str | None = None, workers: int | None = None, store: str | None = None, **options) -> Executor:
     """`store`: the store folder the jobs replay runs of (the local executor's fork server is its)."""
     kind = kind or os.environ.get("FLORQL_EXECUTOR", "local")
     if kind == "local":

@@ -4,6 +4,8 @@ failures reported as from a fresh interpreter, answers bit-exact."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import florql
 from florql.errors import ReplayFailed
 from florql.replay.executor import LocalExecutor
 from florql.replay.jobs import JobSpec
+from florql.replay.warm import running_servers, runtime_folder, stop_servers
 from florql.runinfo import measured_costs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
@@ -66,7 +69,14 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     truth = _record(base / "truth", full)
     recorded = _record(base / "recorded", SCRIPT)
     (base / "recorded" / "train.py").write_text(full)
+    shutil.copytree(base / "recorded", base / "pristine", symlinks=True)  # the tests below copy it unreplayed
     return recorded, truth
+
+
+def _fresh_copy(stores: tuple[Path, Path], to: Path) -> Path:
+    """A copy of the recorded store as recorded (no replay yet), at `to`."""
+    shutil.copytree(stores[0].parent.parent / "pristine" / ".florql", to, symlinks=True)
+    return to
 
 
 def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
@@ -146,3 +156,138 @@ def test_a_job_that_waits_for_the_server_to_start_is_measured_as_a_cold_start(mo
     assert executor._run_one(spec, 0) == "forked"
     [(warm, launched_at)] = server.launched
     assert warm is False and launched_at >= before
+
+
+# ---- the store's server outlives the process that started it -------------------------------------
+def _query_in_new_process(store: Path, sql: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, FLORQL_QUIET="1", **env)
+    command = [sys.executable, "-m", "florql.cli", "--store", str(store), "query", sql, "--format", "csv"]
+    proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _jobs_started_warm(store: Path) -> list[bool]:
+    db = florql.connect(store, progress=False, replay="never")
+    with db._open() as conn:
+        rows = conn.execute("SELECT warm FROM _replay_costs ORDER BY startup_s DESC").fetchall()
+    db.close()
+    return [r[0] for r in rows]
+
+
+def _wait_until(condition, what: str, limit_s: float = 120.0) -> None:
+    """Poll for an outcome (a generous limit, never a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit_s} s"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[1][0] != "Z"
+
+
+def test_a_second_new_process_forks_from_the_server_the_first_one_started(stores: tuple[Path, Path], tmp_path: Path):
+    _, truth = stores
+    store = _fresh_copy(stores, tmp_path / "store")
+    try:
+        first = _query_in_new_process(store, "SELECT epoch, w FROM run_1 WHERE epoch = 1")
+        [server] = running_servers(str(store))
+        second = _query_in_new_process(store, "SELECT epoch, w FROM run_1 WHERE epoch = 3")
+        assert [s["pid"] for s in running_servers(str(store))] == [server["pid"]]
+        assert _jobs_started_warm(store) == [False, True]  # the first paid the cold start, the second did not
+        expected = florql.connect(truth, progress=False).sql("SELECT epoch, w FROM run_1 WHERE epoch IN (1, 3)")
+        answers = [first.stdout.splitlines()[1], second.stdout.splitlines()[1]]
+        assert answers == [f"{epoch},{w!r}" for epoch, w in expected.fetchall()]  # bit-exact
+        assert not any(
+            os.path.realpath(store / "florql.duckdb") in os.readlink(f"/proc/{server['pid']}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{server['pid']}/fd")
+        )  # the server never holds the DuckDB file
+    finally:
+        stop_servers(str(store))
+
+
+def test_a_killed_server_is_replaced_and_its_job_is_measured_cold(stores: tuple[Path, Path], tmp_path: Path):
+    store = _fresh_copy(stores, tmp_path / "store")
+    try:
+        _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 0")
+        [killed] = running_servers(str(store))
+        os.kill(killed["pid"], signal.SIGKILL)
+        _wait_until(lambda: not _alive(killed["pid"]), "the server's death")
+        _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 2")
+        [replacement] = running_servers(str(store))
+        assert replacement["pid"] != killed["pid"]
+        assert _jobs_started_warm(store) == [False, False]
+    finally:
+        stop_servers(str(store))
+
+
+def test_an_idle_server_stops_and_so_does_one_whose_store_is_removed(stores: tuple[Path, Path], tmp_path: Path):
+    idle = _fresh_copy(stores, tmp_path / "idle")
+    _query_in_new_process(idle, "SELECT w FROM run_1 WHERE epoch = 0", FLORQL_REPLAY_SERVER_IDLE_S="1")
+    [server] = running_servers(str(idle))
+    _wait_until(lambda: not _alive(server["pid"]), "the idle server's exit")
+    assert running_servers(str(idle)) == [] and not os.path.exists(server["socket"])
+
+    removed = _fresh_copy(stores, tmp_path / "removed")
+    _query_in_new_process(removed, "SELECT w FROM run_1 WHERE epoch = 0")
+    [server] = running_servers(str(removed))
+    shutil.rmtree(removed)
+    _wait_until(lambda: not _alive(server["pid"]), "the exit of the server of a removed store")
+
+
+STARTER = """
+import sys, time
+from florql.replay.launcher import base_env
+from florql.replay.warm import ForkServer
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both processes ask at the same moment
+server = ForkServer(sys.argv[1], base_env())
+assert server.ready(), server.failure
+print(server.pid)
+"""
+
+
+def test_processes_racing_to_start_the_server_start_one(tmp_path: Path):
+    store = tmp_path / "store"
+    store.mkdir()
+    at = str(time.time() + 1.0)
+    try:
+        racers = [
+            subprocess.Popen([sys.executable, "-c", STARTER, str(store), at], stdout=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
+        pids = {int(racer.communicate(timeout=300)[0]) for racer in racers}
+        assert all(racer.returncode == 0 for racer in racers)
+        assert len(pids) == 1 and [s["pid"] for s in running_servers(str(store))] == list(pids)
+    finally:
+        stop_servers(str(store))
+
+
+def test_a_server_is_never_reused_across_stores_or_software(tmp_path: Path):
+    key = "from florql.replay.warm import ServerPaths; import sys; print(ServerPaths.of(sys.argv[1]).key)"
+
+    def key_of(store: Path, **env: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", key, str(store)], env=dict(os.environ, **env), capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert key_of(tmp_path / "a") == key_of(tmp_path / "a")
+    assert key_of(tmp_path / "a") != key_of(tmp_path / "b")
+    assert key_of(tmp_path / "a") != key_of(tmp_path / "a", PYTHONPATH=str(tmp_path))  # imports would differ
+
+
+def test_a_runtime_folder_others_can_reach_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / f"florql-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(tmp_path / f"florql-{os.getuid()}", 0o777)
+    with pytest.raises(PermissionError, match="0700"):
+        runtime_folder()
