@@ -185,6 +185,7 @@ def _start_server(paths: ServerPaths, env: dict[str, str]) -> str | None:
         line = proc.stdout.readline().strip()
         proc.stdout.close()
         if line == READY:
+            threading.Thread(target=proc.wait, name="florql-warm-reaper", daemon=True).start()  # no zombie
             return None
         with open(paths.file("log"), errors="replace") as f:
             return line or f.read()[-OUTPUT_TAIL:] or f"exited with {proc.wait()}"
@@ -343,12 +344,17 @@ def stop_shared_fork_server() -> None:
 
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    while time.monotonic() < deadline and process_alive(pid):
         time.sleep(0.02)
+
+
+def process_alive(pid: int) -> bool:
+    """Is `pid` running (a zombie, exited but not yet reaped by its parent, is not)?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 def _read_line(conn: socket.socket) -> str:

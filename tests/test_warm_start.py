@@ -17,7 +17,8 @@ import florql
 from florql.errors import ReplayFailed
 from florql.replay.executor import LocalExecutor
 from florql.replay.jobs import JobSpec
-from florql.replay.warm import running_servers, runtime_folder, stop_servers
+from florql.replay.launcher import base_env
+from florql.replay.warm import ForkServer, process_alive, running_servers, runtime_folder, stop_servers
 from florql.runinfo import measured_costs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
@@ -183,15 +184,6 @@ def _wait_until(condition, what: str, limit_s: float = 120.0) -> None:
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ")[1][0] != "Z"
-
-
 def test_a_second_new_process_forks_from_the_server_the_first_one_started(stores: tuple[Path, Path], tmp_path: Path):
     _, truth = stores
     store = _fresh_copy(stores, tmp_path / "store")
@@ -218,7 +210,7 @@ def test_a_killed_server_is_replaced_and_its_job_is_measured_cold(stores: tuple[
         _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 0")
         [killed] = running_servers(str(store))
         os.kill(killed["pid"], signal.SIGKILL)
-        _wait_until(lambda: not _alive(killed["pid"]), "the server's death")
+        _wait_until(lambda: not process_alive(killed["pid"]), "the server's death")
         _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 2")
         [replacement] = running_servers(str(store))
         assert replacement["pid"] != killed["pid"]
@@ -231,14 +223,14 @@ def test_an_idle_server_stops_and_so_does_one_whose_store_is_removed(stores: tup
     idle = _fresh_copy(stores, tmp_path / "idle")
     _query_in_new_process(idle, "SELECT w FROM run_1 WHERE epoch = 0", FLORQL_REPLAY_SERVER_IDLE_S="1")
     [server] = running_servers(str(idle))
-    _wait_until(lambda: not _alive(server["pid"]), "the idle server's exit")
+    _wait_until(lambda: not process_alive(server["pid"]), "the idle server's exit")
     assert running_servers(str(idle)) == [] and not os.path.exists(server["socket"])
 
     removed = _fresh_copy(stores, tmp_path / "removed")
     _query_in_new_process(removed, "SELECT w FROM run_1 WHERE epoch = 0")
     [server] = running_servers(str(removed))
     shutil.rmtree(removed)
-    _wait_until(lambda: not _alive(server["pid"]), "the exit of the server of a removed store")
+    _wait_until(lambda: not process_alive(server["pid"]), "the exit of the server of a removed store")
 
 
 STARTER = """
@@ -291,3 +283,21 @@ def test_a_runtime_folder_others_can_reach_is_refused(tmp_path: Path, monkeypatc
     os.chmod(tmp_path / f"florql-{os.getuid()}", 0o777)
     with pytest.raises(PermissionError, match="0700"):
         runtime_folder()
+
+
+def test_the_cli_shows_and_stops_the_stores_server(tmp_path: Path):
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def cli(*args: str) -> str:
+        command = [sys.executable, "-m", "florql.cli", "--store", str(store), "replay-server", *args]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    assert "no replay server is running" in cli()
+    server = ForkServer(str(store), base_env())
+    assert server.ready(), server.failure
+    assert f"pid {server.pid}: store {os.path.realpath(store)}" in cli("status")
+    assert cli("stop") == "stopped 1 replay server(s)\n"
+    assert not process_alive(server.pid) and "no replay server is running" in cli()  # type: ignore[arg-type]
