@@ -502,7 +502,7 @@ class Connection:
             local = (self._executor_arg or os.environ.get("FLORQL_EXECUTOR", "local")) == "local"
             return local and warm_start_enabled() and server_is_up(self.location.home)
         server = getattr(executor, "fork_server", None)
-        return server is not None and server.ready(timeout=0)
+        return server is not None and server.serving()
 
     def _run_jobs(self, specs: list[JobSpec]) -> None:
         reporter = ReplayProgress(specs, self.executor.workers) if self.progress else None

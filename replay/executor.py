@@ -104,7 +104,7 @@ class LocalExecutor(Executor):
         spec.launched_at = time.time()
         # A job that waits for the server to finish starting pays a cold start: it is measured as
         # one (the wait counts in its start-up), so the planner learns what a new session costs.
-        spec.warm = server is not None and server.ready(timeout=0)
+        spec.warm = server is not None and server.serving()
         if server is not None and (spec.warm or server.ready()):
             result = server.launch(spec, env)
             if result is not None:

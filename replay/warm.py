@@ -195,7 +195,8 @@ class ForkServer:
     """A process's handle on its store's fork server; `launch` runs a job in a fresh fork of it.
 
     On creation it connects to a live server, else starts one in the background (so that the
-    imports overlap with planning the query); `ready(0)` says whether it serves already.
+    imports overlap with planning the query); `ready(0)` says whether it started, `serving()` whether
+    it answers now.
     """
 
     def __init__(self, store: str, env: dict[str, str]) -> None:
@@ -220,6 +221,10 @@ class ForkServer:
     def ready(self, timeout: float = START_TIMEOUT_S) -> bool:
         """Wait until the server serves (False if it could not start in time: run jobs cold then)."""
         return self._ready.wait(timeout) and self.failure is None
+
+    def serving(self) -> bool:
+        """Up and answering now (it may have stopped since it started: idle, killed)."""
+        return self.ready(timeout=0) and ping(self.paths, timeout=1.0) is not None
 
     def launch(self, spec: JobSpec, env: dict[str, str], on_started=None) -> JobResult | None:
         """Run `spec` in a fork of the server. None when no server could be reached or started:
@@ -284,8 +289,9 @@ def shared_fork_server(env: dict[str, str], store: str | None = None) -> ForkSer
     with _HANDLES_LOCK:
         store = store or _private_store()
         handle = _HANDLES.get(store)
-        if handle is None or handle.failure is not None:  # a failed start is tried again
-            handle = _HANDLES[store] = ForkServer(store, env)
+        started = handle is not None and handle.ready(timeout=0)
+        if handle is None or handle.failure is not None or (started and not handle.serving()):
+            handle = _HANDLES[store] = ForkServer(store, env)  # none yet, a failed start, or stopped since
         return handle
 
 

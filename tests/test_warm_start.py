@@ -132,13 +132,16 @@ def test_a_job_killed_by_a_signal_fails_with_its_output_and_the_server_keeps_ser
 
 
 class StartingServer:
-    """A fork server still importing torch when the job comes: `ready(0)` says no, waiting says yes."""
+    """A fork server still importing torch when the job comes: `serving()` says no, waiting says yes."""
 
     def __init__(self) -> None:
         self.launched: list[tuple[bool, float]] = []
 
     def ready(self, timeout: float = 60.0) -> bool:
         return timeout != 0
+
+    def serving(self) -> bool:
+        return False
 
     def launch(self, spec, env):
         self.launched.append((spec.warm, spec.launched_at))
@@ -301,3 +304,18 @@ def test_the_cli_shows_and_stops_the_stores_server(tmp_path: Path):
     assert f"pid {server.pid}: store {os.path.realpath(store)}" in cli("status")
     assert cli("stop") == "stopped 1 replay server(s)\n"
     assert not process_alive(server.pid) and "no replay server is running" in cli()  # type: ignore[arg-type]
+
+
+def test_a_process_whose_server_stopped_since_gets_a_new_one(tmp_path: Path):
+    store = tmp_path / "store"
+    store.mkdir()
+    try:
+        first = LocalExecutor(1, warm=True, store=str(store)).fork_server
+        assert first is not None and first.ready() and first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        _wait_until(lambda: not process_alive(first.pid), "the server's death")  # type: ignore[arg-type]
+        assert not first.serving()
+        second = LocalExecutor(1, warm=True, store=str(store)).fork_server
+        assert second is not None and second.ready() and second.serving() and second.pid != first.pid
+    finally:
+        stop_servers(str(store))

@@ -219,7 +219,7 @@ class ReplayQueue:
         assert self._local is not None
         server = self._local.fork_server
         job.spec.launched_at = time.time()
-        job.spec.warm = server is not None and server.ready(timeout=0)
+        job.spec.warm = server is not None and server.serving()
         if server is None or not (job.spec.warm or server.ready()):
             return None
 
