@@ -474,7 +474,7 @@ class Connection:
         missing = any(need.indices for _, needs in cells for need in needs)
         # No executor unless needed; a plan on more workers only where its estimate beats fewer.
         replay_plan = plan(cells, *self._workers(bound, wanted)) if missing else plan(cells, 1)
-        replay_plan.notes += query.skip_notes(replay_plan, bound, patched)
+        replay_plan.notes += query.prune_skip_jobs(replay_plan, bound, patched)
         specs: list[JobSpec] = []
         if runnable and replay_plan.jobs and self.settings["replay"] != "never":
             specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)

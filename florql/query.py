@@ -266,19 +266,24 @@ def _pruned(job: PlannedJob, script_rel: str | None, patched: dict[str, str]) ->
     return prune_skip_tail(patched[script_rel], frozenset(job.names))
 
 
-def skip_notes(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]]) -> list[str]:
-    """What skip jobs leave out, and why that is exact, for `explain`."""
+def prune_skip_jobs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]]) -> list[str]:
+    """Skip jobs that will leave statements out (`job_sources`): their estimates drop the recorded
+    tails (mostly what is left out; no timing tells the rest apart), which also keeps them out of
+    the calibration of restored iterations' pace. Returns the notes `explain` shows."""
     notes: dict[str, None] = {}
     for job in plan.jobs:
         pruned = _pruned(job, bound.runs[job.run_id].manifest.script_rel, patched.get(job.run_id, {}))
-        if pruned:
-            left_out = "; ".join(f"`{s}`" for s in pruned.left_out)
-            notes[
-                f"run {job.run_id}: skip jobs leave out {left_out}: no asked name reads what it computes, and "
-                "the next checkpoint restore resets what it changes (the modes of registered modules, the RNG; "
-                "premise: calling a registered module changes only its state_dict and modes); "
-                "the run's own values it logged are not re-checked there"
-            ] = None
+        if pruned is None:
+            continue
+        job.est_s -= job.est_work_s
+        job.est_work_s = job.recorded_skip_s = 0.0
+        left_out = "; ".join(f"`{s}`" for s in pruned.left_out)
+        notes[
+            f"run {job.run_id}: skip jobs leave out {left_out}: no asked name reads what it computes, and "
+            "the next checkpoint restore resets what it changes (the modes of registered modules, the RNG; "
+            "premise: calling a registered module changes only its state_dict and modes); "
+            "the run's own values it logged are not re-checked there"
+        ] = None
     return list(notes)
 
 
