@@ -473,7 +473,8 @@ def serve(socket_path: str, info_path: str, store: str, idle_s: float) -> None:
         print(f"the fork server has {threads} threads after its imports; replay jobs start cold", flush=True)
         return
     server = Server(socket_path, info_path, store, idle_s)
-    print(READY, flush=True)
+    with contextlib.suppress(BrokenPipeError):  # the starter may have exited (`florql explain`): serve on
+        print(READY, flush=True)
     null = os.open(os.devnull, os.O_WRONLY)
     os.dup2(null, 1)  # the starter closed its end of the pipe: nothing more goes there
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up the socket on `kill`

@@ -319,3 +319,19 @@ def test_a_process_whose_server_stopped_since_gets_a_new_one(tmp_path: Path):
         assert second is not None and second.ready() and second.serving() and second.pid != first.pid
     finally:
         stop_servers(str(store))
+
+
+def test_a_server_started_by_a_process_that_exits_at_once_serves_the_next_one(
+    stores: tuple[Path, Path], tmp_path: Path
+):
+    """`florql explain` starts the server for the query that follows and exits before it is up."""
+    store = _fresh_copy(stores, tmp_path / "store")
+    try:
+        command = [sys.executable, "-m", "florql.cli", "--store", str(store), "explain", "SELECT w FROM run_1"]
+        explained = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert explained.returncode == 0 and "skip" in explained.stdout, explained.stderr
+        _wait_until(lambda: len(running_servers(str(store))) == 1, "the server's start")
+        _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 2")
+        assert _jobs_started_warm(store) == [True]
+    finally:
+        stop_servers(str(store))
