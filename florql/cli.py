@@ -227,12 +227,16 @@ def cmd_replay_server(args: argparse.Namespace) -> int:
         return 0
     for info in servers:
         print(
-            f"pid {info['pid']}: store {info['store']}, up {time.time() - info['started_at']:.0f} s, "
+            f"pid {info['pid']}: {_serves(info['store'])}, up {time.time() - info['started_at']:.0f} s, "
             f"stops after {info['idle_timeout_s']:.0f} s idle, {_resident_mb(info['pid'])} MB, "
             f"python {info['python']}, torch {info['torch']}"
             + ("" if info["current"] else " (another florql or torch version's: it stops when idle)")
         )
     return 0
+
+
+def _serves(store: str) -> str:
+    return f"store {store}" if store else "template (forks new stores' servers)"
 
 
 def _resident_mb(pid: int) -> str:

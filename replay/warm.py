@@ -15,7 +15,10 @@ change what an import finds, so a changed florql, torch or interpreter gets a se
 the stale one idles out. Its socket, lock, log and description (`<key>.sock/.lock/.log/.json`) live
 in a private per-user folder (mode 0700), so no other user reaches it. The first process that needs
 it starts it under the lock file (two processes racing start one server); later processes, a new
-`florql query` included, connect to it. It never opens the DuckDB file: jobs write run files only.
+`florql query` included, connect to it. A store's server is forked from this user's *template*
+server of the same software (a server of no store, started the same way when none is up), so a
+new store's first replay does not import torch again; each store's server is a process of its
+own, sharing nothing with other stores' but the imported code. It never opens the DuckDB file: jobs write run files only.
 It exits when idle for `FLORQL_REPLAY_SERVER_IDLE_S` seconds (600 by default), when its store's
 folder is removed, when its socket is taken over or removed, or when asked (`florql replay-server
 stop`). A client that finds it dead or unresponsive starts another, else runs the job cold: it
@@ -23,7 +26,8 @@ never hangs on a dead server.
 
 Protocol, one JSON line per connection: `{"spec": PATH, "env": {...}}` forks a child, which answers
 `started PID` at once and `exit CODE` when the job ends (its output goes to PATH.out); `{"ping":
-true}` answers `pong PID`; `{"stop": true}` stops the server (running jobs finish on their own).
+true}` answers `pong PID`; `{"stop": true}` stops the server (running jobs finish on their own);
+to the template, `{"spawn": {socket, info, store, idle_s}}` forks a store's server (`ready`).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ READY = "ready"
 START_TIMEOUT_S = 120.0
 HANDSHAKE_TIMEOUT_S = 30.0  # a live server forks within milliseconds; one that does not is treated as dead
 IDLE_ENV = "FLORQL_REPLAY_SERVER_IDLE_S"
+TEMPLATE = ""  # the "store" of the template server, which forks new stores' servers
 DEFAULT_IDLE_S = 600.0
 # Variables that change what the server's imports find: a process with other values gets its own server.
 IMPORT_ENV = ("PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LD_PRELOAD")
@@ -111,7 +116,7 @@ class ServerPaths:
 
     @classmethod
     def of(cls, store: str) -> ServerPaths:
-        store = os.path.realpath(store) if "://" not in store else store
+        store = os.path.realpath(store) if store and "://" not in store else store
         key = hashlib.sha256(f"{store}\n{software_fingerprint()}".encode()).hexdigest()[:24]
         return cls(store, key, runtime_folder())
 
@@ -167,28 +172,52 @@ def _start_server(paths: ServerPaths, env: dict[str, str]) -> str | None:
             return None  # another process started it while we waited for the lock
         with contextlib.suppress(FileNotFoundError):
             os.unlink(paths.socket)  # a dead server's
-        idle_s = os.environ.get(IDLE_ENV) or str(DEFAULT_IDLE_S)
-        server_env = dict(env, OPENBLAS_NUM_THREADS="1")  # no BLAS pool threads before fork
-        command = [sys.executable, "-m", "florql.replay.warm", paths.socket, paths.file("json"), paths.store, idle_s]
-        with open(paths.file("log"), "w") as log:
-            proc = subprocess.Popen(
-                command,
-                env=server_env,
-                cwd=paths.folder,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,
-                text=True,
-                start_new_session=True,  # outlives this process and its terminal's signals
-            )
-        assert proc.stdout is not None
-        line = proc.stdout.readline().strip()
-        proc.stdout.close()
-        if line == READY:
-            threading.Thread(target=proc.wait, name="florql-warm-reaper", daemon=True).start()  # no zombie
+        if paths.store != TEMPLATE and _fork_from_template(paths, env):
             return None
-        with open(paths.file("log"), errors="replace") as f:
-            return line or f.read()[-OUTPUT_TAIL:] or f"exited with {proc.wait()}"
+        return _launch_server(paths, env)
+
+
+def _fork_from_template(paths: ServerPaths, env: dict[str, str]) -> bool:
+    """Have this user's template server (same software, no store) fork the store's server: a new
+    store's first replay then starts in milliseconds instead of importing torch again."""
+    template = ServerPaths.of(TEMPLATE)
+    if ping(template) is None and _start_server(template, env) is not None:
+        return False
+    spawn = {"socket": paths.socket, "info": paths.file("json"), "store": paths.store, "idle_s": _idle_s()}
+    try:
+        with _request(template.socket, {"spawn": spawn}) as conn:
+            return _read_line(conn) == READY
+    except OSError:
+        return False
+
+
+def _idle_s() -> float:
+    return float(os.environ.get(IDLE_ENV) or DEFAULT_IDLE_S)
+
+
+def _launch_server(paths: ServerPaths, env: dict[str, str]) -> str | None:
+    """A server process of its own (a fresh interpreter importing torch). None when it serves."""
+    server_env = dict(env, OPENBLAS_NUM_THREADS="1")  # no BLAS pool threads before fork
+    command = [sys.executable, "-m", "florql.replay.warm", paths.socket, paths.file("json"), paths.store]
+    with open(paths.file("log"), "w") as log:
+        proc = subprocess.Popen(
+            [*command, str(_idle_s())],
+            env=server_env,
+            cwd=paths.folder,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            start_new_session=True,  # outlives this process and its terminal's signals
+        )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    proc.stdout.close()
+    if line == READY:
+        threading.Thread(target=proc.wait, name="florql-warm-reaper", daemon=True).start()  # no zombie
+        return None
+    with open(paths.file("log"), errors="replace") as f:
+        return line or f.read()[-OUTPUT_TAIL:] or f"exited with {proc.wait()}"
 
 
 class ForkServer:
@@ -381,7 +410,8 @@ PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.utils.data", "torchvision",
 class Server:
     def __init__(self, socket_path: str, info_path: str, store: str, idle_s: float) -> None:
         self.socket_path, self.info_path, self.store, self.idle_s = socket_path, info_path, store, idle_s
-        self.children: set[int] = set()
+        self.children: set[int] = set()  # jobs: the server is not idle while one runs
+        self.spawned: set[int] = set()  # stores' servers forked from this template
         self.last_active = time.monotonic()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(socket_path)
@@ -419,7 +449,7 @@ class Server:
 
     def _should_stop(self) -> bool:
         idle = not self.children and time.monotonic() - self.last_active > self.idle_s
-        store_gone = "://" not in self.store and not os.path.isdir(self.store)
+        store_gone = self.store != TEMPLATE and "://" not in self.store and not os.path.isdir(self.store)
         try:
             replaced = os.stat(self.socket_path).st_ino != self.inode
         except FileNotFoundError:
@@ -438,6 +468,9 @@ class Server:
             if request.get("stop"):
                 conn.sendall(b"stopping\n")
                 return True
+            if "spawn" in request and self.store == TEMPLATE:
+                self._spawn(conn, request["spawn"])
+                return False
             if "spec" not in request:
                 conn.sendall(f"pong {os.getpid()}\n".encode())
                 return False
@@ -448,13 +481,33 @@ class Server:
             self.children.add(pid)
         return False
 
+    def _spawn(self, conn: socket.socket, where: dict) -> None:
+        """Fork a store's server: it serves from its own socket and never returns here."""
+        pid = os.fork()
+        if pid:
+            self.spawned.add(pid)
+            return
+        code = 1
+        try:
+            self.listener.close()
+            os.setsid()
+            server = Server(where["socket"], where["info"], where["store"], float(where["idle_s"]))
+            conn.sendall(f"{READY}\n".encode())
+            conn.close()
+            server.serve()
+            code = 0
+        finally:
+            os._exit(code)  # never unwind into the template's frames (its clean-up is not ours)
+
     def _reap(self) -> None:
-        for pid in list(self.children):
+        for pid in list(self.children | self.spawned):
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == 0:
                     continue
+            if pid in self.children:
+                self.last_active = time.monotonic()
             self.children.discard(pid)
-            self.last_active = time.monotonic()
+            self.spawned.discard(pid)
 
     def _clean_up(self) -> None:
         self.listener.close()
