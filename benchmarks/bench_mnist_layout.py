@@ -6,8 +6,9 @@ Records one run of a small CNN on MNIST-shaped data generated in code (the batch
 `train(...)`, which returns the epoch's averaged loss; `test()` returns the accuracy), logging only
 `loss` per step and `test_acc` per epoch. Then adds hindsight statements and retrains from scratch
 with the same seed (the ground truth; its time is what a user pays without florql). Each query runs
-on a fresh copy of the store, in three kinds of session: *cold* (the store's first query: its fork
-server starts with it and the planner has measured nothing yet), *new process* (`florql query` run
+on a fresh copy of the store, in three kinds of session: *cold* (the store's first query, with no
+template fork server up either: its fork server imports torch, and the planner has measured
+nothing yet), *new process* (`florql query` run
 as a command, timed from launch to exit, after another command's query left the store's fork server
 up and measured the costs: a user's next command) and *warm* (a notebook or `florql serve` whose
 fork server is up and which replayed one other epoch before),
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import florql  # noqa: E402
-from florql.replay.warm import stop_servers  # noqa: E402
+from florql.replay.warm import TEMPLATE, stop_servers  # noqa: E402
 
 SCRIPT = """
 import argparse
@@ -137,6 +138,8 @@ def ask(home: Path, copy: Path, sql: str, session: str) -> tuple[float, float, i
     shutil.copytree(home, copy)
     if session == "new process":
         return ask_in_new_process(copy, sql)
+    if session == "cold":
+        stop_servers(TEMPLATE, current_only=True)  # no server to fork the store's from: it imports torch
     db = florql.connect(copy, workers=1, progress=False)
     if session == "warm":  # a session whose fork server is up and whose earlier replay measured the costs
         server = getattr(db.executor, "fork_server", None)

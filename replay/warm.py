@@ -332,8 +332,9 @@ def _private_store() -> str:
     return _PRIVATE_STORE
 
 
-def running_servers(store: str | None = None) -> list[dict]:
-    """The descriptions of this user's live fork servers (of `store` only, when given)."""
+def running_servers(store: str | None = None, current_only: bool = False) -> list[dict]:
+    """The descriptions of this user's live fork servers (of `store` only, when given; of this
+    software only, with `current_only`). The template's store is `TEMPLATE`."""
     folder = runtime_folder()
     wanted = os.path.realpath(store) if store and "://" not in store else store
     found = []
@@ -348,14 +349,15 @@ def running_servers(store: str | None = None) -> list[dict]:
         paths = ServerPaths(info.get("store", ""), name.removesuffix(".json"), folder)
         if (wanted is None or info.get("store") == wanted) and ping(paths) == info.get("pid"):
             info["current"] = paths.key == ServerPaths.of(info["store"]).key  # of this florql and torch
-            found.append(info)
+            if info["current"] or not current_only:
+                found.append(info)
     return found
 
 
-def stop_servers(store: str | None = None) -> int:
-    """Stop this user's fork servers (of `store` only, when given); how many were stopped."""
+def stop_servers(store: str | None = None, current_only: bool = False) -> int:
+    """Stop this user's fork servers (as `running_servers` selects them); how many were stopped."""
     stopped = 0
-    for info in running_servers(store):
+    for info in running_servers(store, current_only):
         try:
             with _request(info["socket"], {"stop": True}, timeout=5.0) as conn:
                 _read_line(conn)
