@@ -6,10 +6,12 @@ Records one run of a small CNN on MNIST-shaped data generated in code (the batch
 `train(...)`, which returns the epoch's averaged loss; `test()` returns the accuracy), logging only
 `loss` per step and `test_acc` per epoch. Then adds hindsight statements and retrains from scratch
 with the same seed (the ground truth; its time is what a user pays without florql). Each query runs
-on a fresh copy of the store, in two kinds of session: a *new* one (its fork server starts with the
-query, as in `florql query`; the planner has measured nothing yet) and a *warm* one (a notebook or
-`florql serve` whose fork server is up and which replayed one other epoch before: the planner's
-costs are measured),
+on a fresh copy of the store, in three kinds of session: *cold* (the store's first query, with no
+template fork server up either: its fork server imports torch, and the planner has measured
+nothing yet), *new process* (`florql query` run
+as a command, timed from launch to exit, after another command's query left the store's fork server
+up and measured the costs: a user's next command) and *warm* (a notebook or `florql serve` whose
+fork server is up and which replayed one other epoch before),
   (a) epoch-level names over all epochs: the helper's return value and a weight norm
   (b) a step-level name over the last 10 % of the epochs
 and prints, side by side: query time against training time, the planner's estimate against the
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -31,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import florql  # noqa: E402
-from florql.replay.warm import stop_shared_fork_server  # noqa: E402
+from florql.replay.warm import TEMPLATE, stop_servers  # noqa: E402
 
 SCRIPT = """
 import argparse
@@ -118,6 +121,9 @@ HINDSIGHT = (
 )
 
 
+EST = re.compile(r"total: \d+ job\(s\), ~([\d.]+) s")
+STEPS_PER_EPOCH = 0  # set from --samples: batches of 64
+SESSIONS = ("cold", "new process", "warm")
 CALIBRATION = "SELECT epoch, step, grad_norm FROM run_1 WHERE epoch = 4"  # one epoch: not in either query
 
 
@@ -127,13 +133,15 @@ def run_script(work: Path, env: dict[str, str]) -> float:
     return time.perf_counter() - started
 
 
-def ask(home: Path, copy: Path, sql: str, warm: bool) -> tuple[float, float, int, int, object]:
+def ask(home: Path, copy: Path, sql: str, session: str) -> tuple[float, float, int, int, object]:
     """(query seconds, estimate, jobs, training batches executed, answer) on a fresh copy of the store."""
     shutil.copytree(home, copy)
-    if not warm:
-        stop_shared_fork_server()  # a new session starts its own, as `florql query` does
+    if session == "new process":
+        return ask_in_new_process(copy, sql)
+    if session == "cold":
+        stop_servers(TEMPLATE, current_only=True)  # no server to fork the store's from: it imports torch
     db = florql.connect(copy, workers=1, progress=False)
-    if warm:  # a session whose fork server is up and whose earlier replay measured the costs
+    if session == "warm":  # a session whose fork server is up and whose earlier replay measured the costs
         server = getattr(db.executor, "fork_server", None)
         assert server is not None and server.ready()
         db.sql(CALIBRATION).fetchall()
@@ -147,6 +155,39 @@ def ask(home: Path, copy: Path, sql: str, warm: bool) -> tuple[float, float, int
         return elapsed, est, len(result.plan.jobs) if result.plan else 0, batches, answer
     finally:
         db.close()
+        stop_servers(str(copy))  # the next session's store is another copy: it must not find this one's
+
+
+def ask_in_new_process(store: Path, sql: str) -> tuple[float, float, int, int, object]:
+    """`florql query` in a new process, after another process's query (the calibration) left the
+    store's fork server up: a user's next command. Timed from launch to exit."""
+    cli = [sys.executable, "-m", "florql.cli", "--store", str(store)]
+    env = dict(os.environ, FLORQL_QUIET="1")
+    subprocess.run([*cli, "query", CALIBRATION, "--workers", "1"], env=env, check=True, capture_output=True)
+    explained = subprocess.run([*cli, "explain", sql, "--workers", "1"], env=env, check=True, capture_output=True)
+    est = float(EST.search(explained.stdout.decode()).group(1))  # type: ignore[union-attr]
+    before = stored_jobs(store)
+    started = time.perf_counter()
+    subprocess.run([*cli, "query", sql, "--workers", "1", "--format", "csv"], env=env, check=True, capture_output=True)
+    elapsed = time.perf_counter() - started
+    db = florql.connect(store, progress=False, replay="never")
+    try:
+        answer = db.sql(sql).arrow()
+        jobs = [
+            (j, n) for j, n in db.sql("SELECT job_id, len(executed) FROM replay_jobs").fetchall() if j not in before
+        ]
+        return elapsed, est, len(jobs), sum(n for _, n in jobs) * STEPS_PER_EPOCH, answer
+    finally:
+        db.close()
+        stop_servers(str(store))
+
+
+def stored_jobs(store: Path) -> set[str]:
+    db = florql.connect(store, progress=False, replay="never")
+    try:
+        return {j for (j,) in db.sql("SELECT job_id FROM replay_jobs").fetchall()}
+    finally:
+        db.close()
 
 
 def main() -> None:
@@ -154,6 +195,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)  # at least 6: the calibration replays epoch 4
     parser.add_argument("--samples", type=int, default=2000)
     opts = parser.parse_args()
+    global STEPS_PER_EPOCH
+    STEPS_PER_EPOCH = -(-opts.samples // 64)
     tmp = Path(tempfile.mkdtemp(prefix="florql-bench-mnist-"))
     try:
         work, home = tmp / "work", tmp / "work" / ".florql"
@@ -184,17 +227,18 @@ def main() -> None:
         )
         print(f"retraining from scratch (same seed, logging everything): {retrain_s:.1f} s\n")
         header = (
-            f"{'query':<32} {'session':<7} {'jobs':>4} {'batches':>7} {'est s':>6} {'query s':>8} "
+            f"{'query':<32} {'session':<11} {'jobs':>4} {'batches':>7} {'est s':>6} {'query s':>8} "
             f"{'est/actual':>10} {'vs retrain':>10}  exact"
         )
         print(header)
         print("-" * len(header))
         for n, (label, sql) in enumerate(cases):
             truth = truth_db.sql(sql.format(2)).arrow()
-            for warm in (False, True):
-                elapsed, est, jobs, batches, answer = ask(home, tmp / f"store-{n}-{warm}", sql.format(1), warm)
+            for session in SESSIONS:
+                copy = tmp / f"store-{n}-{session.replace(' ', '-')}"
+                elapsed, est, jobs, batches, answer = ask(home, copy, sql.format(1), session)
                 print(
-                    f"{label:<32} {'warm' if warm else 'new':<7} {jobs:>4} {batches:>7} {est:>6.2f} {elapsed:>8.2f} "
+                    f"{label:<32} {session:<11} {jobs:>4} {batches:>7} {est:>6.2f} {elapsed:>8.2f} "
                     f"{est / elapsed:>10.2f} {elapsed / retrain_s:>9.3f}x  {'yes' if answer.equals(truth) else 'NO'}"
                 )
     finally:

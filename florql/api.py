@@ -35,9 +35,10 @@ from florql.errors import (
     from_duckdb,
 )
 from florql.progress import ReplayProgress
-from florql.replay.executor import Executor, LocalExecutor, make_executor
+from florql.replay.executor import Executor, LocalExecutor, make_executor, warm_start_enabled
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
+from florql.replay.warm import server_is_up
 from florql.runinfo import BASE_TABLES, RunInfo
 from florql.storage.layout import StoreLocation, locate_store
 from florql.storage.shared import DEFAULT_WAIT_S, shared_database
@@ -320,7 +321,9 @@ class Connection:
             if isinstance(self._executor_arg, Executor):
                 self._executor = self._executor_arg
             else:
-                self._executor = make_executor(self._executor_arg, self.settings["workers"], **self._executor_options)
+                self._executor = make_executor(
+                    self._executor_arg, self.settings["workers"], store=self.location.home, **self._executor_options
+                )
         return self._executor
 
     # ---- plumbing -----------------------------------------------------------------------------
@@ -471,6 +474,7 @@ class Connection:
         missing = any(need.indices for _, needs in cells for need in needs)
         # No executor unless needed; a plan on more workers only where its estimate beats fewer.
         replay_plan = plan(cells, *self._workers(bound, wanted)) if missing else plan(cells, 1)
+        replay_plan.notes += query.prune_skip_jobs(replay_plan, bound, patched)
         specs: list[JobSpec] = []
         if runnable and replay_plan.jobs and self.settings["replay"] != "never":
             specs = query.job_specs(replay_plan, bound, patched, sites, self.files, db)
@@ -491,10 +495,14 @@ class Connection:
         return max(1, min(executor.workers, cores // threads)), cores, threads
 
     def _warm(self) -> bool:
-        """Will replay jobs start from a warm fork server that is already up?"""
+        """Will replay jobs start from a warm fork server that is already up (this process's, or
+        the store's that an earlier process started)?"""
         executor = self._executor
+        if executor is None:
+            local = (self._executor_arg or os.environ.get("FLORQL_EXECUTOR", "local")) == "local"
+            return local and warm_start_enabled() and server_is_up(self.location.home)
         server = getattr(executor, "fork_server", None)
-        return server is not None and server.ready(timeout=0)
+        return server is not None and server.serving()
 
     def _run_jobs(self, specs: list[JobSpec]) -> None:
         reporter = ReplayProgress(specs, self.executor.workers) if self.progress else None

@@ -1,4 +1,4 @@
-"""The `florql` command: runs, show, query, explain, serve, ui, check, rebuild, demo."""
+"""The `florql` command: runs, show, query, explain, serve, ui, check, rebuild, demo, replay-server."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from florql import reads
@@ -211,6 +212,42 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 1 if findings else 0
 
 
+def cmd_replay_server(args: argparse.Namespace) -> int:
+    """The store's replay fork servers (one per florql/torch/interpreter version): show or stop them."""
+    from florql.replay.warm import running_servers, stop_servers
+    from florql.storage.layout import locate_store
+
+    store = None if args.all else locate_store(args.store).home
+    if args.action == "stop":
+        print(f"stopped {stop_servers(store)} replay server(s)")
+        return 0
+    servers = running_servers(store)
+    if not servers:
+        print("no replay server is running: the next replay starts one (a cold start, seconds)")
+        return 0
+    for info in servers:
+        print(
+            f"pid {info['pid']}: {_serves(info['store'])}, up {time.time() - info['started_at']:.0f} s, "
+            f"stops after {info['idle_timeout_s']:.0f} s idle, {_resident_mb(info['pid'])} MB, "
+            f"python {info['python']}, torch {info['torch']}"
+            + ("" if info["current"] else " (another florql or torch version's: it stops when idle)")
+        )
+    return 0
+
+
+def _serves(store: str) -> str:
+    return f"store {store}" if store else "template (forks new stores' servers)"
+
+
+def _resident_mb(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            kilobytes = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return "?"
+    return f"{kilobytes / 1024:.0f}"
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from florql.demo import run_demo
 
@@ -252,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--format", choices=["table", "csv", "json", "parquet", "svg", "png"], default="table")
             p.add_argument("-o", "--output", default=None, help="write the result to a file")
             p.add_argument("--max-rows", type=int, default=60)
+    p = sub.add_parser(
+        "replay-server",
+        help="show or stop the store's replay fork server (it keeps torch imported so replays start warm)",
+    )
+    p.add_argument("action", nargs="?", choices=["status", "stop"], default="status")
+    p.add_argument("--all", action="store_true", help="every store's server of this user, not only this store's")
+    p.set_defaults(func=cmd_replay_server)
     sub.add_parser("rebuild", help="recreate the DuckDB file from the run files").set_defaults(func=cmd_rebuild)
     p = sub.add_parser("check", help="report patterns in a training script that replay cannot restore")
     p.add_argument("script")

@@ -24,6 +24,7 @@ from florql.replay.analysis import LogSite, analyze, statement_inputs
 from florql.replay.jobs import JobSpec
 from florql.replay.planner import Need, Plan, PlannedJob, RunFacts
 from florql.replay.propagation import PropagationError, propagate
+from florql.replay.skip_tail import Pruned, prune_skip_tail
 from florql.replay.state_neutral import inserted_code_keeps_state
 from florql.runinfo import RunInfo, run_facts
 from florql.storage import layout, segments
@@ -236,7 +237,7 @@ def job_specs(
                 log_from=job.log_from,
                 restore_inner=dict(job.restore_inner),
                 restore_before=job.restore_before,
-                patched=patched.get(job.run_id, {}),
+                patched=job_sources(job, m.script_rel, patched.get(job.run_id, {})),
                 threads=int(m.env.torch_threads or 0),
                 mode=job.mode,
                 est_s=job.est_s,
@@ -250,6 +251,40 @@ def job_specs(
             )
         )
     return specs
+
+
+def job_sources(job: PlannedJob, script_rel: str, patched: dict[str, str]) -> dict[str, str]:
+    """The patched files a job runs: a skip job's script without what its names do not need."""
+    pruned = _pruned(job, script_rel, patched)
+    return dict(patched, **{script_rel: pruned.source}) if pruned else patched
+
+
+def _pruned(job: PlannedJob, script_rel: str | None, patched: dict[str, str]) -> Pruned | None:
+    every_restored = job.mode == "skip" and all(i in job.restore_inner for i in range(job.start, job.stop))
+    if not every_restored or script_rel not in patched:
+        return None
+    return prune_skip_tail(patched[script_rel], frozenset(job.names))
+
+
+def prune_skip_jobs(plan: Plan, bound: Bound, patched: dict[int, dict[str, str]]) -> list[str]:
+    """Skip jobs that will leave statements out (`job_sources`): their estimates drop the recorded
+    tails (mostly what is left out; no timing tells the rest apart), which also keeps them out of
+    the calibration of restored iterations' pace. Returns the notes `explain` shows."""
+    notes: dict[str, None] = {}
+    for job in plan.jobs:
+        pruned = _pruned(job, bound.runs[job.run_id].manifest.script_rel, patched.get(job.run_id, {}))
+        if pruned is None:
+            continue
+        job.est_s -= job.est_work_s
+        job.est_work_s = job.recorded_skip_s = 0.0
+        left_out = "; ".join(f"`{s}`" for s in pruned.left_out)
+        notes[
+            f"run {job.run_id}: skip jobs leave out {left_out}: no asked name reads what it computes, and "
+            "the next checkpoint restore resets what it changes (the modes of registered modules, the RNG; "
+            "premise: calling a registered module changes only its state_dict and modes); "
+            "the run's own values it logged are not re-checked there"
+        ] = None
+    return list(notes)
 
 
 def _write_expected(

@@ -3,11 +3,13 @@
 A fresh process per job matters: training scripts keep global state (RNGs, CUDA context,
 module-level variables) that must not leak from one job into the next. On Linux the local executor
 forks each job from a warm fork server (`florql.replay.warm`) that has already imported torch;
+the server belongs to the store and outlives the process (a later `florql query` forks from it).
 `FLORQL_WARM_START=0`, or a server that cannot start, means a fresh interpreter per job.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import queue
 import sys
@@ -38,26 +40,36 @@ class Executor(ABC):
         """Release what the executor started."""
 
 
-def default_workers() -> int:
+def gpu_count() -> int:
+    """The GPUs replay jobs can use. torch is imported only on a machine with GPU device files: on
+    a CPU machine the query side never pays for importing it."""
+    if not glob.glob("/dev/nvidia[0-9]*") and not os.path.exists("/dev/kfd"):
+        return 0
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return max(1, os.cpu_count() or 1)
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def warm_start_enabled() -> bool:
+    return sys.platform == "linux" and os.environ.get("FLORQL_WARM_START", "1") != "0"
+
+
+def default_workers() -> int:
+    return gpu_count() or max(1, os.cpu_count() or 1)
 
 
 class LocalExecutor(Executor):
     """A pool of worker slots on this machine; slot i is pinned to GPU i when there are GPUs."""
 
-    def __init__(self, workers: int | None = None, warm: bool | None = None) -> None:
+    def __init__(self, workers: int | None = None, warm: bool | None = None, store: str | None = None) -> None:
+        """`store`: the store folder whose fork server jobs fork from (it outlives this process);
+        without one, a server private to this process."""
         self.workers = max(1, workers or default_workers())
-        import torch
-
-        self.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        self.gpus = gpu_count()
         if warm is None:
-            warm = sys.platform == "linux" and os.environ.get("FLORQL_WARM_START", "1") != "0"
-        # Started now, so that its imports overlap with planning the query.
-        self.fork_server = shared_fork_server(base_env()) if warm else None
+            warm = warm_start_enabled()
+        # Reached (or started) now, so that a start's imports overlap with planning the query.
+        self.fork_server = shared_fork_server(base_env(), store) if warm else None
 
     def threads_per_job(self) -> int:
         return max(1, (os.cpu_count() or 1) // self.workers)
@@ -92,19 +104,23 @@ class LocalExecutor(Executor):
         spec.launched_at = time.time()
         # A job that waits for the server to finish starting pays a cold start: it is measured as
         # one (the wait counts in its start-up), so the planner learns what a new session costs.
-        spec.warm = server is not None and server.ready(timeout=0)
+        spec.warm = server is not None and server.serving()
         if server is not None and (spec.warm or server.ready()):
-            return server.launch(spec, env)
+            result = server.launch(spec, env)
+            if result is not None:
+                return result
+        spec.warm = False
         return launch_worker(spec, env)
 
     def close(self) -> None:
         self.fork_server = None  # the process's shared server lives on for other executors
 
 
-def make_executor(kind: str | None = None, workers: int | None = None, **options) -> Executor:
+def make_executor(kind: str | None = None, workers: int | None = None, store: str | None = None, **options) -> Executor:
+    """`store`: the store folder the jobs replay runs of (the local executor's fork server is its)."""
     kind = kind or os.environ.get("FLORQL_EXECUTOR", "local")
     if kind == "local":
-        return LocalExecutor(workers)
+        return LocalExecutor(workers, store=store)
     if kind == "ray":
         from florql.replay.ray_executor import RayExecutor
 

@@ -24,6 +24,8 @@ import florql
 from store_support import Store
 
 os.environ["FLORQL_CHECKPOINTS"] = "every"
+# A store's replay fork server outlives the test that started it: on a shared machine let it go soon.
+os.environ.setdefault("FLORQL_REPLAY_SERVER_IDLE_S", "20")
 settings.register_profile("florql", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("florql")
 

@@ -4,6 +4,8 @@ failures reported as from a fresh interpreter, answers bit-exact."""
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +17,8 @@ import florql
 from florql.errors import ReplayFailed
 from florql.replay.executor import LocalExecutor
 from florql.replay.jobs import JobSpec
+from florql.replay.launcher import base_env
+from florql.replay.warm import ForkServer, process_alive, running_servers, runtime_folder, stop_servers
 from florql.runinfo import measured_costs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
@@ -66,7 +70,14 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     truth = _record(base / "truth", full)
     recorded = _record(base / "recorded", SCRIPT)
     (base / "recorded" / "train.py").write_text(full)
+    shutil.copytree(base / "recorded", base / "pristine", symlinks=True)  # the tests below copy it unreplayed
     return recorded, truth
+
+
+def _fresh_copy(stores: tuple[Path, Path], to: Path) -> Path:
+    """A copy of the recorded store as recorded (no replay yet), at `to`."""
+    shutil.copytree(stores[0].parent.parent / "pristine" / ".florql", to, symlinks=True)
+    return to
 
 
 def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
@@ -74,7 +85,7 @@ def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
     executor = LocalExecutor(1, warm=True)
     try:
         assert executor.fork_server is not None and executor.fork_server.ready()
-        server_pid = executor.fork_server.proc.pid
+        server_pid = executor.fork_server.pid
         db = florql.connect(recorded, progress=False, executor=executor)
         for epoch in (1, 3):  # one job each
             db.sql(f"SELECT w, pid, imports FROM run_1 WHERE epoch = {epoch}").fetchall()
@@ -99,7 +110,6 @@ def test_each_job_is_a_fresh_fork_of_the_warm_server(stores: tuple[Path, Path]):
         )
     finally:
         executor.close()
-    assert executor.fork_server is None
 
 
 def test_a_job_killed_by_a_signal_fails_with_its_output_and_the_server_keeps_serving(
@@ -122,13 +132,16 @@ def test_a_job_killed_by_a_signal_fails_with_its_output_and_the_server_keeps_ser
 
 
 class StartingServer:
-    """A fork server still importing torch when the job comes: `ready(0)` says no, waiting says yes."""
+    """A fork server still importing torch when the job comes: `serving()` says no, waiting says yes."""
 
     def __init__(self) -> None:
         self.launched: list[tuple[bool, float]] = []
 
     def ready(self, timeout: float = 60.0) -> bool:
         return timeout != 0
+
+    def serving(self) -> bool:
+        return False
 
     def launch(self, spec, env):
         self.launched.append((spec.warm, spec.launched_at))
@@ -147,3 +160,195 @@ def test_a_job_that_waits_for_the_server_to_start_is_measured_as_a_cold_start(mo
     assert executor._run_one(spec, 0) == "forked"
     [(warm, launched_at)] = server.launched
     assert warm is False and launched_at >= before
+
+
+# ---- the store's server outlives the process that started it -------------------------------------
+def _query_in_new_process(store: Path, sql: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, FLORQL_QUIET="1", **env)
+    command = [sys.executable, "-m", "florql.cli", "--store", str(store), "query", sql, "--format", "csv"]
+    proc = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _jobs_started_warm(store: Path) -> list[bool]:
+    db = florql.connect(store, progress=False, replay="never")
+    with db._open() as conn:
+        rows = conn.execute("SELECT warm FROM _replay_costs ORDER BY rowid").fetchall()
+    db.close()
+    return [r[0] for r in rows]
+
+
+def _wait_until(condition, what: str, limit_s: float = 120.0) -> None:
+    """Poll for an outcome (a generous limit, never a timing assertion)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} did not happen within {limit_s} s"
+        time.sleep(0.1)
+
+
+def test_a_second_new_process_forks_from_the_server_the_first_one_started(stores: tuple[Path, Path], tmp_path: Path):
+    _, truth = stores
+    store = _fresh_copy(stores, tmp_path / "store")
+    try:
+        first = _query_in_new_process(store, "SELECT epoch, w FROM run_1 WHERE epoch = 1")
+        [server] = running_servers(str(store))
+        second = _query_in_new_process(store, "SELECT epoch, w FROM run_1 WHERE epoch = 3")
+        assert [s["pid"] for s in running_servers(str(store))] == [server["pid"]]
+        assert _jobs_started_warm(store)[1] is True  # forked from the server the first process started
+        expected = florql.connect(truth, progress=False).sql("SELECT epoch, w FROM run_1 WHERE epoch IN (1, 3)")
+        answers = [first.stdout.splitlines()[1], second.stdout.splitlines()[1]]
+        assert answers == [f"{epoch},{w!r}" for epoch, w in expected.fetchall()]  # bit-exact
+        assert not any(
+            os.path.realpath(store / "florql.duckdb") in os.readlink(f"/proc/{server['pid']}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{server['pid']}/fd")
+        )  # the server never holds the DuckDB file
+    finally:
+        stop_servers(str(store))
+
+
+def test_a_killed_server_is_replaced(stores: tuple[Path, Path], tmp_path: Path):
+    store = _fresh_copy(stores, tmp_path / "store")
+    try:
+        _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 0")
+        [killed] = running_servers(str(store))
+        os.kill(killed["pid"], signal.SIGKILL)
+        _wait_until(lambda: not process_alive(killed["pid"]), "the server's death")
+        _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 2")
+        [replacement] = running_servers(str(store))
+        assert replacement["pid"] != killed["pid"] and len(_jobs_started_warm(store)) == 2
+    finally:
+        stop_servers(str(store))
+
+
+def test_an_idle_server_stops_and_so_does_one_whose_store_is_removed(stores: tuple[Path, Path], tmp_path: Path):
+    idle = _fresh_copy(stores, tmp_path / "idle")
+    _query_in_new_process(idle, "SELECT w FROM run_1 WHERE epoch = 0", FLORQL_REPLAY_SERVER_IDLE_S="1")
+    [server] = running_servers(str(idle))
+    _wait_until(lambda: not process_alive(server["pid"]), "the idle server's exit")
+    assert running_servers(str(idle)) == [] and not os.path.exists(server["socket"])
+
+    removed = _fresh_copy(stores, tmp_path / "removed")
+    _query_in_new_process(removed, "SELECT w FROM run_1 WHERE epoch = 0")
+    [server] = running_servers(str(removed))
+    shutil.rmtree(removed)
+    _wait_until(lambda: not process_alive(server["pid"]), "the exit of the server of a removed store")
+
+
+STARTER = """
+import sys, time
+from florql.replay.launcher import base_env
+from florql.replay.warm import ForkServer
+time.sleep(max(0.0, float(sys.argv[2]) - time.time()))  # both processes ask at the same moment
+server = ForkServer(sys.argv[1], base_env())
+assert server.ready(), server.failure
+print(server.pid)
+"""
+
+
+def test_processes_racing_to_start_the_server_start_one(tmp_path: Path):
+    store = tmp_path / "store"
+    store.mkdir()
+    at = str(time.time() + 1.0)
+    try:
+        racers = [
+            subprocess.Popen([sys.executable, "-c", STARTER, str(store), at], stdout=subprocess.PIPE, text=True)
+            for _ in range(3)
+        ]
+        pids = {int(racer.communicate(timeout=300)[0]) for racer in racers}
+        assert all(racer.returncode == 0 for racer in racers)
+        assert len(pids) == 1 and [s["pid"] for s in running_servers(str(store))] == list(pids)
+    finally:
+        stop_servers(str(store))
+
+
+def test_a_server_is_never_reused_across_stores_or_software(tmp_path: Path):
+    key = "from florql.replay.warm import ServerPaths; import sys; print(ServerPaths.of(sys.argv[1]).key)"
+
+    def key_of(store: Path, **env: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-c", key, str(store)], env=dict(os.environ, **env), capture_output=True, text=True
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.strip()
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert key_of(tmp_path / "a") == key_of(tmp_path / "a")
+    assert key_of(tmp_path / "a") != key_of(tmp_path / "b")
+    assert key_of(tmp_path / "a") != key_of(tmp_path / "a", PYTHONPATH=str(tmp_path))  # imports would differ
+
+
+def test_a_runtime_folder_others_can_reach_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    (tmp_path / f"florql-{os.getuid()}").mkdir(mode=0o777)
+    os.chmod(tmp_path / f"florql-{os.getuid()}", 0o777)
+    with pytest.raises(PermissionError, match="0700"):
+        runtime_folder()
+
+
+def test_the_cli_shows_and_stops_the_stores_server(tmp_path: Path):
+    store = tmp_path / "store"
+    store.mkdir()
+
+    def cli(*args: str) -> str:
+        command = [sys.executable, "-m", "florql.cli", "--store", str(store), "replay-server", *args]
+        run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    assert "no replay server is running" in cli()
+    server = ForkServer(str(store), base_env())
+    assert server.ready(), server.failure
+    assert f"pid {server.pid}: store {os.path.realpath(store)}" in cli("status")
+    assert cli("stop") == "stopped 1 replay server(s)\n"
+    assert not process_alive(server.pid) and "no replay server is running" in cli()  # type: ignore[arg-type]
+
+
+def test_a_process_whose_server_stopped_since_gets_a_new_one(tmp_path: Path):
+    store = tmp_path / "store"
+    store.mkdir()
+    try:
+        first = LocalExecutor(1, warm=True, store=str(store)).fork_server
+        assert first is not None and first.ready() and first.pid is not None
+        os.kill(first.pid, signal.SIGKILL)
+        _wait_until(lambda: not process_alive(first.pid), "the server's death")  # type: ignore[arg-type]
+        assert not first.serving()
+        second = LocalExecutor(1, warm=True, store=str(store)).fork_server
+        assert second is not None and second.ready() and second.serving() and second.pid != first.pid
+    finally:
+        stop_servers(str(store))
+
+
+def test_a_server_started_by_a_process_that_exits_at_once_serves_the_next_one(
+    stores: tuple[Path, Path], tmp_path: Path
+):
+    """`florql explain` starts the server for the query that follows and exits before it is up."""
+    store = _fresh_copy(stores, tmp_path / "store")
+    try:
+        command = [sys.executable, "-m", "florql.cli", "--store", str(store), "explain", "SELECT w FROM run_1"]
+        explained = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert explained.returncode == 0 and "skip" in explained.stdout, explained.stderr
+        _wait_until(lambda: len(running_servers(str(store))) == 1, "the server's start")
+        _query_in_new_process(store, "SELECT w FROM run_1 WHERE epoch = 2")
+        assert _jobs_started_warm(store) == [True]
+    finally:
+        stop_servers(str(store))
+
+
+def test_a_new_stores_server_is_forked_from_the_template(tmp_path: Path):
+    """The user's template server (same software, no store) forks each store's server: a new
+    store's first replay does not import torch again."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    try:
+        for name in ("a", "b"):
+            assert ForkServer(str(tmp_path / name), base_env()).ready()
+        [template] = running_servers("")
+        for name in ("a", "b"):
+            [server] = running_servers(str(tmp_path / name))
+            with open(f"/proc/{server['pid']}/stat") as f:
+                assert int(f.read().rsplit(") ", 1)[1].split()[1]) == template["pid"]  # its parent
+    finally:
+        stop_servers(str(tmp_path / "a"))
+        stop_servers(str(tmp_path / "b"))

@@ -81,15 +81,18 @@ class QueuedJob:
     started: Future[None] = field(default_factory=Future)
     waiters: set[int] = field(default_factory=set)  # session pids
     askers: set[str] = field(default_factory=set)  # users
-    process: subprocess.Popen | None = None
+    process_group: int | None = None  # of the job's worker, once it runs: cancel kills it
     withdrawn: bool = False
 
 
 class ReplayQueue:
     """The server's replay slots and the queue in front of them."""
 
-    def __init__(self, max_workers: int | None = None, accounting_path: str | None = None) -> None:
+    def __init__(
+        self, max_workers: int | None = None, accounting_path: str | None = None, store: str | None = None
+    ) -> None:
         self._max_workers = max_workers
+        self._store = store  # whose fork server local jobs fork from
         self._lock = threading.Condition()
         self._pending: deque[QueuedJob] = deque()
         self._inflight: dict[str, QueuedJob] = {}
@@ -149,8 +152,8 @@ class ReplayQueue:
                 job.result.set_result(JobResult(job.spec.job_id, ok=False, error="cancelled before it started"))
             elif running_too:
                 job.withdrawn = True
-                if job.process is not None:
-                    _kill(job.process)
+                if job.process_group is not None:
+                    _kill(job.process_group)
 
     def close(self) -> None:
         """Stop: queued jobs leave the queue, running workers are killed (their jobs never commit)."""
@@ -160,8 +163,8 @@ class ReplayQueue:
             self._pending.clear()
             for job in self._inflight.values():
                 job.withdrawn = True
-                if job.process is not None:
-                    _kill(job.process)
+                if job.process_group is not None:
+                    _kill(job.process_group)
 
     # the slots
 
@@ -199,7 +202,7 @@ class ReplayQueue:
             assert self._local is not None
             job.spec.threads = job.spec.threads or self._local.threads_per_job()
             gpu = {"CUDA_VISIBLE_DEVICES": str(slot % self._local.gpus)} if self._local.gpus else None
-            return self._launch(job, worker_env(job.spec, gpu))
+            return self._launch_warm(job, worker_env(job.spec, gpu)) or self._launch(job, worker_env(job.spec, gpu))
         except Exception as e:  # a slot outlives any one job
             return JobResult(job.spec.job_id, ok=False, error=f"{type(e).__name__}: {e}")
 
@@ -207,10 +210,30 @@ class ReplayQueue:
         kind = os.environ.get("FLORQL_EXECUTOR", "local")
         with self._lock:
             if kind == "local" and self._local is None:
-                self._local = LocalExecutor(self.workers)
+                self._local = LocalExecutor(self.workers, store=self._store)
             elif kind != "local" and self._other is None:
                 self._other = make_executor(kind, self.workers)
         return kind
+
+    def _launch_warm(self, job: QueuedJob, env: dict[str, str]) -> JobResult | None:
+        """The job in a fork of the store's fork server (its own process group); None: run it cold."""
+        assert self._local is not None
+        server = self._local.fork_server
+        job.spec.launched_at = time.time()
+        job.spec.warm = server is not None and server.serving()
+        if server is None or not (job.spec.warm or server.ready()):
+            return None
+
+        def started(pid: int) -> None:
+            with self._lock:
+                job.process_group = pid
+                if job.withdrawn:
+                    _kill(pid)
+
+        result = server.launch(job.spec, env, on_started=started)
+        if job.withdrawn:
+            return JobResult(job.spec.job_id, ok=False, error="cancelled")
+        return result
 
     def _launch(self, job: QueuedJob, env: dict[str, str]) -> JobResult:
         """`florql.replay.launcher.launch_worker`, in its own process group so that cancel can kill it."""
@@ -223,9 +246,9 @@ class ReplayQueue:
                 command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
             )
             with self._lock:
-                job.process = proc
+                job.process_group = proc.pid
                 if job.withdrawn:
-                    _kill(proc)
+                    _kill(proc.pid)
             out, err = proc.communicate()
             if job.withdrawn:
                 return JobResult(job.spec.job_id, ok=False, error="cancelled")
@@ -255,14 +278,15 @@ class ReplayQueue:
             "slot": slot,
             "gpu": slot % gpus if gpus else None,
             "threads": spec.threads,
+            "warm": spec.warm,
             "outcome": "cancelled" if job.withdrawn else "committed" if result.ok else "failed",
         }
         self.accounting = append_accounting(self.accounting, record, self.accounting_path)
 
 
-def _kill(proc: subprocess.Popen) -> None:
+def _kill(process_group: int) -> None:
     try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the worker and anything it started (DataLoader workers)
+        os.killpg(process_group, signal.SIGKILL)  # the worker and anything it started (DataLoader workers)
     except ProcessLookupError:
         pass
 

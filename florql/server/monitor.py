@@ -51,6 +51,7 @@ ACCOUNTING_SCHEMA = pa.schema(
         ("slot", pa.int32()),
         ("gpu", pa.int32()),
         ("threads", pa.int32()),
+        ("warm", pa.bool_()),  # forked from the store's fork server already up (else it paid a cold start)
         ("outcome", pa.string()),
     ]
 )

@@ -66,7 +66,9 @@ class ServedStore:
         reads.stop()  # the server records no run
         self.location = locate_store(path)
         self.limits = limits
-        self.queue = ReplayQueue(limits.max_workers, os.path.join(self.location.home, ACCOUNTING_FILE))
+        self.queue = ReplayQueue(
+            limits.max_workers, os.path.join(self.location.home, ACCOUNTING_FILE), store=self.location.home
+        )
 
     def open(self, identity: Identity, activity: Activity) -> ServedConnection:
         # The budget is read when the jobs run: SET may have lowered it since the session began.

@@ -312,6 +312,8 @@ def test_queue_wait_counts_against_the_budget(served):
     assert holder.rows == truth(served, 2) and waiting.rows == truth(served, 3)
     assert any("waited" in n and "counts against replay_budget" in n for n in waiting.notices)
     assert committed_jobs(served, 3) == 1  # the query that gave up never ran its job
+    with served.connect("ada") as c:  # forked from the store's fork server, which the job before started
+        assert c.execute("SELECT warm FROM florql_replay_accounting WHERE first_iteration = 3").fetchall() == [(True,)]
 
 
 # -- cancel ----------------------------------------------------------------------------------------
