@@ -43,6 +43,7 @@ from florql.storage.errors import StoreBusy, StoreConflict
 from florql.storage.runfiles import RunFiles
 
 DEFAULT_WAIT_S = 60.0
+EXIT_WAIT_S = 2.0  # at exit, how long a query still running in another thread may take to end
 LINGER_S = 1.0  # an idle file stays open this long unless another process waits for it
 POLL_S = 0.025  # how often the holder looks for waiting processes
 MIN_TURN_S = 0.5  # a process that opened the file keeps it this long before it yields (a query's worth)
@@ -77,6 +78,7 @@ class SharedDatabase:
         self._synced_identity: tuple[int, int] | None = None
         self._unchanged_since: RunFolders | None = None  # the folders as the last sync began, when trusted
         self._catalog_token: int | None = next(_TOKENS)
+        self._closer_thread: threading.Thread | None = None
 
     # ---- leases -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -127,7 +129,8 @@ class SharedDatabase:
             self._turn_end = self._next_yield = time.monotonic() + MIN_TURN_S
             self._cond.notify_all()
             cursor = root.cursor()
-        threading.Thread(target=self._closer, args=(root,), name="florql-store", daemon=True).start()
+        self._closer_thread = threading.Thread(target=self._closer, args=(root,), name="florql-store", daemon=True)
+        self._closer_thread.start()
         return cursor
 
     def _release(self, cursor: duckdb.DuckDBPyConnection) -> None:
@@ -449,10 +452,15 @@ def shared_database(db_path: str) -> SharedDatabase:
 
 
 @atexit.register
-def _close_idle() -> None:
-    """At exit, close the files nobody uses (checkpointing DuckDB's log into the file)."""
+def _close_at_exit() -> None:
+    """At exit, close the files (checkpointing DuckDB's log into the file) and let their closer
+    threads end. A daemon thread still inside DuckDB when the interpreter finalizes is ended by
+    pthread_exit from within C++ frames, which can abort the process ("exception not rethrown")
+    after its work is done: so a lease still in use gets a moment to end first."""
     for database in list(_databases.values()):
-        database.close(wait_s=0)
+        closer = database._closer_thread
+        if database.close(wait_s=EXIT_WAIT_S) and closer is not None and closer is not threading.current_thread():
+            closer.join(timeout=EXIT_WAIT_S)  # it sees the file closed at its next poll
 
 
 def _forget_all() -> None:
