@@ -28,9 +28,6 @@ from florql.storage.checkpoints import CheckpointRecord, ChunkCache, checkpoint_
 from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
-# ε: with logging and the run's start and exit, florql's whole cost stays within ~2 % of a
-# minute-long run; a user who prefers faster replays to less overhead raises it.
-DEFAULT_BUDGET = 0.015
 ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate before the first checkpoint is measured
 
 
@@ -50,7 +47,7 @@ class AdaptivePolicy:
     larger of it and the measured interference, which are the same cost seen two ways).
     """
 
-    budget: float = DEFAULT_BUDGET
+    budget: float = 0.05
     train_s: float = 0.0
     stall_s: float = 0.0
     taken: int = 0

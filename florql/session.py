@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from florql.call_chain import call_chain
-from florql.checkpoint_engine import DEFAULT_BUDGET
 from florql.errors import UsageError
 from florql.names import check_name
 from florql.storage.segment_writer import SOFT_LIMIT, Deferred, SegmentWriter
@@ -55,7 +54,7 @@ class TrainingSession:
         self.position: tuple = ("",)
         self.objects: dict[str, Any] = {}
         self.checkpointing_active = False
-        self.budget = DEFAULT_BUDGET
+        self.budget = 0.05
         self.outer = OuterState()
         self._names: set[str] = set()
         self.args: dict[str, Any] = {}
@@ -187,7 +186,7 @@ class TrainingSession:
                 f"florql.checkpointing(budget={budget!r}): the overhead budget is a fraction in (0, 1), e.g. 0.05 for 5 %"
             )
         self.objects = dict(objects)
-        self.budget = DEFAULT_BUDGET if budget is None else budget
+        self.budget = 0.05 if budget is None else budget
         self.checkpointing_active = True
 
     def unregister(self) -> None:
