@@ -19,10 +19,15 @@ iteration instead: epoch-level names then re-execute the helper's loop, and `exp
 
 from __future__ import annotations
 
+import argparse
 import ast
 import collections
 import inspect
 import linecache
+import os
+import site
+import sys
+import sysconfig
 import types
 from functools import lru_cache
 from typing import Any
@@ -165,10 +170,31 @@ def _containers(value: Any, budget: list[int]) -> list[int]:
 
 
 def _walkable_object(item: Any) -> bool:
-    """An instance of the script's own class (a tracker): its attributes may hold shared containers."""
+    """An instance of the script's own class (a tracker), or a namespace of plain values: its
+    attributes may hold shared containers. Objects of Python's or installed packages' classes are
+    not walked: an `argparse.ArgumentParser` alone reaches ~100k objects, walked at every checkpoint."""
     if not hasattr(item, "__dict__") or isinstance(item, (type, types.ModuleType, torch.nn.Module)):
         return False
-    return type(item).__module__.split(".")[0] not in ("torch", "numpy")
+    return isinstance(item, (argparse.Namespace, types.SimpleNamespace)) or _users_class(type(item))
+
+
+def _users_class(cls: type) -> bool:
+    """Defined in the script or its project's modules, not in Python's library or an installed package."""
+    known = _USERS_CLASSES.get(cls)
+    if known is None:
+        path = getattr(sys.modules.get(cls.__module__), "__file__", None)
+        known = cls.__module__ == "__main__" or (path is not None and not os.path.realpath(path).startswith(_INSTALLED))
+        _USERS_CLASSES[cls] = known
+    return known
+
+
+_USERS_CLASSES: dict[type, bool] = {}
+
+
+_INSTALLED = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {*site.getsitepackages(), site.getusersitepackages(), sysconfig.get_paths()["stdlib"]}
+)
 
 
 def registered_ids(objects: dict[str, Any]) -> set[int]:
