@@ -1,14 +1,16 @@
 """Checkpoint files: a payload (pickled skeleton + raw tensor bytes) plus a JSON record written after it.
 
 Large tensors and NumPy arrays (≥ `CHUNK_MIN_BYTES`) are stored apart, as content-addressed chunks
-(`runs/<id>/chunks/<sha256>`) that every checkpoint holding the same bytes refers to: a data set,
+(`runs/<id>/chunks/<xx>/xxh3-<hash>`) that every checkpoint holding the same bytes refers to: a data set,
 a frozen layer or an unchanged buffer is stored once per run. A chunk already present is not
 written again; nothing deletes chunks (a chunk that lost its last record, as after a kill -9
 mid-persist, is unused space, never a wrong restore).
 
 Chunks first, then the payload, then the record: a checkpoint is visible exactly when it is
-complete. The record carries the payload's SHA-256 and the payload each chunk's, checked on
-every read.
+complete. The record carries the payload's SHA-256 and the payload each chunk's XXH3-128,
+checked on every read. Chunks are named by XXH3-128 rather than SHA-256 because a checkpoint
+hashes every large tensor it holds, on cores training wants: 14 GB/s against 1.4 GB/s here
+(0.02 s against 0.19 s for a 265 MB state). Chunks of older stores, named by SHA-256, still read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import xxhash
 
 from florql.storage import layout
 from florql.storage.errors import CorruptCheckpoint
@@ -36,6 +40,7 @@ __all__ = [
     "CheckpointRecord",
     "ChunkCache",
     "CorruptCheckpoint",
+    "chunk_digest",
     "list_checkpoints",
     "read_checkpoint",
     "write_checkpoint",
@@ -102,6 +107,18 @@ class _ChunkRef:
 
 
 MAGIC = b"FLORQLCKPT1\n"
+CHUNK_HASH = "xxh3-"  # the prefix of chunk names hashed with XXH3-128; unprefixed names are SHA-256
+
+
+def chunk_digest(raw: memoryview | builtins.bytes) -> str:
+    """A chunk's name: the XXH3-128 of its bytes (hashed without the GIL)."""
+    return CHUNK_HASH + xxhash.xxh3_128_hexdigest(raw)
+
+
+def _chunk_intact(data: builtins.bytes, digest: str) -> bool:
+    if digest.startswith(CHUNK_HASH):
+        return chunk_digest(data) == digest
+    return hashlib.sha256(data).hexdigest() == digest  # a chunk of a store written before XXH3
 
 
 @dataclass
@@ -120,7 +137,7 @@ class ChunkCache:
     def digest(self, leaf: Any, raw: memoryview) -> str:
         known, digest = self._by_object.get(id(leaf), (None, ""))
         if known is not leaf:
-            digest = hashlib.sha256(raw).hexdigest()  # releases the GIL on large buffers
+            digest = chunk_digest(raw)
         if _immutable_array(leaf):
             self._met[id(leaf)] = (leaf, digest)
         return digest
@@ -189,8 +206,7 @@ def _write_chunks(files: RunFiles, run_id: int, chunks: dict[str, memoryview | N
             continue
         path = layout.checkpoint_chunk_path(run_id, digest)
         if not files.exists(path):  # another checkpoint of the run (a replay's, say) may hold it
-            with files.writer(path) as f:
-                f.write(raw)
+            files.put_uncached(path, raw)
             written += raw.nbytes
         cache.stored.add(digest)
     return written
@@ -388,7 +404,7 @@ def _read_chunk(files: RunFiles, record: CheckpointRecord, ref: _ChunkRef) -> by
     except FileNotFoundError:
         why = "missing"
     else:
-        if len(data) == ref.nbytes and hashlib.sha256(data).hexdigest() == ref.digest:
+        if len(data) == ref.nbytes and _chunk_intact(data, ref.digest):
             return bytearray(data)
         why = f"{len(data)} bytes, {ref.nbytes} written" if len(data) != ref.nbytes else "checksum mismatch"
     sharing = [r.name for r in list_checkpoints(files, record.run_id) if ref.digest in r.chunks]

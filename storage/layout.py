@@ -132,5 +132,6 @@ def chunks_dir(run_id: int) -> str:
 
 
 def checkpoint_chunk_path(run_id: int, digest: str) -> str:
-    """A chunk of checkpoint state, named by the SHA-256 of its bytes (see `storage.checkpoints`)."""
-    return f"runs/{run_id}/chunks/{digest[:2]}/{digest}"
+    """A chunk of checkpoint state, named by the hash of its bytes (see `storage.checkpoints`),
+    in a folder named by the hash's first two hex digits."""
+    return f"runs/{run_id}/chunks/{digest.rsplit('-', 1)[-1][:2]}/{digest}"

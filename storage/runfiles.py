@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import errno
+import mmap
 import os
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from typing import BinaryIO
 
 TMP_PREFIX = ".tmp-"
+# Buffers this large are written past the page cache where the file system allows it (O_DIRECT).
+UNCACHED_MIN_BYTES = 4 << 20
+_DIRECT_ALIGN = 4096  # a multiple of every file system's logical block size
+_BOUNCE_BYTES = 8 << 20
 
 
 class RunFiles(ABC):
@@ -34,6 +41,12 @@ class RunFiles(ABC):
     @abstractmethod
     def writer(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]:
         """A file to stream into; it becomes visible at `path` on a clean exit, never otherwise."""
+
+    def put_uncached(self, path: str, data: memoryview) -> None:
+        """`put` for a large buffer written once and read seldom (a checkpoint's chunk): a backend
+        may write it past its caches, sparing the writer's CPU and the cache's other contents."""
+        with self.writer(path) as f:
+            f.write(data)
 
     @abstractmethod
     def get(self, path: str) -> bytes:
@@ -121,6 +134,37 @@ class LocalRunFiles(RunFiles):
         # Visible and complete from here on: reporting a failure now would make a caller write it again.
         _fsync_dir(folder)
 
+    def put_uncached(self, path: str, data: memoryview) -> None:
+        # Through the page cache, a fresh page costs the kernel far more CPU than the copy itself
+        # (0.45 s for 265 MB on a 2-core VM, taken from training); with O_DIRECT, 0.03 s.
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        if data.nbytes < UNCACHED_MIN_BYTES or not hasattr(os, "O_DIRECT"):
+            return super().put_uncached(path, data)
+        target = self._abs(path)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f"{TMP_PREFIX}{uuid.uuid4().hex}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:  # EINVAL: this file system has no O_DIRECT (tmpfs)
+                raise
+            return super().put_uncached(path, data)
+        try:
+            _write_direct(fd, data)
+            os.fsync(fd)
+        except BaseException as exc:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            if not (isinstance(exc, OSError) and exc.errno == errno.EINVAL):
+                raise
+            super().put_uncached(path, data)  # an alignment this file system refuses: buffered
+            return
+        os.close(fd)
+        os.replace(tmp, target)
+        _fsync_dir(folder)
+
     def get(self, path: str) -> bytes:
         with open(self._abs(path), "rb") as f:
             return f.read()
@@ -150,6 +194,29 @@ class LocalRunFiles(RunFiles):
 
     def local_path(self, path: str) -> str | None:
         return self._abs(path)
+
+
+_bounce = threading.local()
+
+
+def _write_direct(fd: int, data: memoryview) -> None:
+    """Writes `data` through an aligned buffer (O_DIRECT wants aligned addresses, lengths and offsets),
+    the last block padded with zeros, then cut back to the true length."""
+    if not hasattr(_bounce, "buffer"):
+        _bounce.buffer = mmap.mmap(-1, _BOUNCE_BYTES)  # page-aligned, reused by this thread
+    bounce = memoryview(_bounce.buffer)
+    try:
+        for start in range(0, data.nbytes, _BOUNCE_BYTES):
+            part = data[start : start + _BOUNCE_BYTES]
+            bounce[: part.nbytes] = part
+            padded = -(-part.nbytes // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            bounce[part.nbytes : padded] = bytes(padded - part.nbytes)
+            written = 0
+            while written < padded:
+                written += os.write(fd, bounce[written:padded])
+        os.ftruncate(fd, data.nbytes)
+    finally:
+        bounce.release()
 
 
 def _fsync_dir(folder: str) -> None:

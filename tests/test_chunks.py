@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+import xxhash
 
 import florql
 from florql.errors import ReplayFailed
@@ -82,7 +83,7 @@ def chunk_files(store: Store, run_id: int = 1) -> dict[str, int]:
 
 def digest_of(array: np.ndarray | torch.Tensor) -> str:
     raw = array.numpy() if isinstance(array, torch.Tensor) else array
-    return hashlib.sha256(np.ascontiguousarray(raw).tobytes()).hexdigest()
+    return "xxh3-" + xxhash.xxh3_128_hexdigest(np.ascontiguousarray(raw).tobytes())
 
 
 def test_a_data_set_and_a_frozen_layer_are_stored_once_and_every_byte_is_accounted_for(store: Store) -> None:
@@ -206,7 +207,7 @@ def test_kill_9_mid_persist_leaves_no_record_referring_to_a_missing_chunk(store:
         assert torch.all(state["objects"]["model"]["weight"] == record.outer_index + 1)
         assert np.array_equal(state["scope"]["plain"]["data"], np.ones((2048, 1024), dtype=np.float32))
     assert store.sql("SELECT status FROM runs") == [("killed",)]
-    assert re.fullmatch(r"[0-9a-f]{64}", next(iter(on_disk)))
+    assert re.fullmatch(r"xxh3-[0-9a-f]{32}", next(iter(on_disk)))
 
 
 def test_arrays_of_every_dtype_round_trip_and_object_arrays_stay_pickled(tmp_path) -> None:
@@ -233,3 +234,22 @@ def test_arrays_of_every_dtype_round_trip_and_object_arrays_stay_pickled(tmp_pat
         else:
             assert got.tobytes(order="A") == array.tobytes(order="A"), name
         got.flat[0] = got.flat[1]  # restored arrays are the script's to write to
+
+
+def test_chunks_of_an_older_store_named_by_sha256_still_restore_and_are_checked(tmp_path, monkeypatch) -> None:
+    from florql.storage import checkpoints
+
+    files = LocalRunFiles(tmp_path)
+    weight = torch.randn(256, 256)  # 256 KiB: a chunk
+    payload = {"objects": {"model": {"weight": weight}}, "position": {"outer_index": 0, "kind": "iter_end"}}
+    with monkeypatch.context() as old_writer:  # how stores written before XXH3 named their chunks
+        old_writer.setattr(checkpoints, "chunk_digest", lambda raw: hashlib.sha256(raw).hexdigest())
+        record = write_checkpoint(files, 1, 0, "iter_end", {"epoch": 0}, payload, 0.0)
+    digest = hashlib.sha256(weight.numpy().tobytes()).hexdigest()
+    assert record.chunks == (digest,)
+    assert (tmp_path / layout.checkpoint_chunk_path(1, digest)).parent.name == digest[:2]
+    assert torch.equal(read_checkpoint(files, record)["objects"]["model"]["weight"], weight)
+    with open(tmp_path / layout.checkpoint_chunk_path(1, digest), "r+b") as f:
+        f.write(b"\xff\xff")
+    with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):
+        read_checkpoint(files, record)
