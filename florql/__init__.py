@@ -90,7 +90,7 @@ def checkpointing(budget: float | None = None, **objects: Any) -> Iterator[None]
     """Register objects with state_dict()/load_state_dict() for adaptive checkpoints.
 
     `budget` is the overhead bound ε: checkpoints never stall training more than this fraction
-    of its time (default 0.05).
+    of its time (default 0.02).
     """
     session = _session or _start()
     session.register(objects, budget)

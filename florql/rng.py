@@ -11,8 +11,10 @@ import torch
 
 
 def capture_rng() -> dict[str, Any]:
+    version, words, gauss = random.getstate()
     state: dict[str, Any] = {
-        "python": random.getstate(),
+        # The Mersenne Twister's 625 words as one array, not 625 leaves for every checkpoint to walk.
+        "python": (version, np.array(words, dtype=np.uint64), gauss),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
     }
@@ -23,7 +25,8 @@ def capture_rng() -> dict[str, Any]:
 
 
 def restore_rng(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, words, gauss = state["python"]
+    random.setstate((version, tuple(int(w) for w in words), gauss))  # checkpoints before arrays hold a tuple
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state:

@@ -22,6 +22,10 @@ from florql.errors import UsageError
 from florql.names import check_name
 from florql.storage.segment_writer import SOFT_LIMIT, Deferred, SegmentWriter
 
+# Checkpoints may cost training at most this fraction of its time: within the whole-process target
+# of 2 % once logging and the run's start and exit are counted.
+DEFAULT_BUDGET = 0.02
+
 
 @dataclass
 class LoopFrame:
@@ -54,7 +58,7 @@ class TrainingSession:
         self.position: tuple = ("",)
         self.objects: dict[str, Any] = {}
         self.checkpointing_active = False
-        self.budget = 0.05
+        self.budget = DEFAULT_BUDGET
         self.outer = OuterState()
         self._names: set[str] = set()
         self.args: dict[str, Any] = {}
@@ -183,10 +187,10 @@ class TrainingSession:
                 )
         if budget is not None and not 0 < budget < 1:
             raise UsageError(
-                f"florql.checkpointing(budget={budget!r}): the overhead budget is a fraction in (0, 1), e.g. 0.05 for 5 %"
+                f"florql.checkpointing(budget={budget!r}): the overhead budget is a fraction in (0, 1), e.g. 0.02 for 2 %"
             )
         self.objects = dict(objects)
-        self.budget = 0.05 if budget is None else budget
+        self.budget = DEFAULT_BUDGET if budget is None else budget
         self.checkpointing_active = True
 
     def unregister(self) -> None:

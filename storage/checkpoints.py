@@ -46,9 +46,10 @@ __all__ = [
     "write_checkpoint",
 ]
 
-# Smaller leaves stay in the checkpoint's own file: a file (and an fsync) per small tensor would
-# cost more than storing its bytes again.
-CHUNK_MIN_BYTES = 64 * 1024
+# Smaller leaves stay in the checkpoint's own file: a file (and two fsyncs) per small tensor costs
+# more than storing its bytes again (a small CNN's checkpoint: 5 files and 25 ms of persist with
+# 64 KiB here, 2 files with 1 MiB).
+CHUNK_MIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -256,6 +256,16 @@ def test_rng_capture_restore_covers_python_numpy_and_torch():
     assert torch.equal(first[2], again[2]) and torch.equal(first[3], again[3])
 
 
+def test_python_rng_restores_from_arrays_and_from_the_tuples_older_checkpoints_hold():
+    random.seed(5)
+    random.gauss(0, 1)  # leaves the second normal of its pair cached: part of the state
+    for older in (False, True):
+        state = {**capture_rng(), "python": random.getstate()} if older else capture_rng()
+        first = [random.gauss(0, 1), random.random(), random.getrandbits(64)]
+        restore_rng(state)
+        assert [random.gauss(0, 1), random.random(), random.getrandbits(64)] == first
+
+
 def test_cheap_checkpoints_are_taken_every_iteration_and_recorded(adaptive, store):
     session, clock = adaptive, adaptive.clock
     net = torch.nn.Linear(16, 16)

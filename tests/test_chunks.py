@@ -41,11 +41,11 @@ import torch
 import florql
 
 torch.manual_seed(0)
-data = np.random.default_rng(0).standard_normal((64, 2048)).astype(np.float32)  # 512 KiB
-order = np.arange(40_000, dtype=np.int64)  # 312 KiB, shuffled in place every other epoch
-frozen = torch.nn.Linear(2048, 64)  # 512 KiB of weight, never trained
+data = np.random.default_rng(0).standard_normal((128, 2048)).astype(np.float32)  # 1 MiB
+order = np.arange(160_000, dtype=np.int64)  # 1.25 MiB, shuffled in place every other epoch
+frozen = torch.nn.Linear(2048, 128)  # 1 MiB of weight, never trained
 frozen.requires_grad_(False)
-net = torch.nn.Linear(64, 1)
+net = torch.nn.Linear(128, 1)
 opt = torch.optim.SGD(net.parameters(), lr=0.05)
 shuffler = np.random.default_rng(1)
 with florql.checkpointing(model=net, frozen=frozen, optimizer=opt):
@@ -53,7 +53,7 @@ with florql.checkpointing(model=net, frozen=frozen, optimizer=opt):
         if epoch % 2 == 0:
             shuffler.shuffle(order)
         for step in florql.loop("step", range(4)):
-            rows = torch.from_numpy(data[order[step * 4 : (step + 1) * 4] % 64])  # 32 KiB: kept inline
+            rows = torch.from_numpy(data[order[step * 4 : (step + 1) * 4] % 128])  # 32 KiB: kept inline
             loss = net(frozen(rows)).pow(2).mean()
             opt.zero_grad()
             loss.backward()
@@ -90,9 +90,9 @@ def test_a_data_set_and_a_frozen_layer_are_stored_once_and_every_byte_is_account
     store.run(SHARED_STATE)
     records = list_checkpoints(store.files, 1)
     assert len(records) == 5
-    data = np.random.default_rng(0).standard_normal((64, 2048)).astype(np.float32)
+    data = np.random.default_rng(0).standard_normal((128, 2048)).astype(np.float32)
     torch.manual_seed(0)
-    frozen_weight = torch.nn.Linear(2048, 64).weight.detach()
+    frozen_weight = torch.nn.Linear(2048, 128).weight.detach()
     for record in records:  # each refers to the same two chunks, stored once
         assert {digest_of(data), digest_of(frozen_weight)} <= set(record.chunks)
         state = read_checkpoint(store.files, record)
@@ -142,7 +142,7 @@ def test_a_corrupt_shared_chunk_is_named_with_every_checkpoint_sharing_it(store:
     store.run(SHARED_STATE)
     store.workdir.joinpath("train.py").write_text(hindsight(SHARED_STATE))
     records = list_checkpoints(store.files, 1)
-    data = np.random.default_rng(0).standard_normal((64, 2048)).astype(np.float32)
+    data = np.random.default_rng(0).standard_normal((128, 2048)).astype(np.float32)
     victim = layout.checkpoint_chunk_path(1, digest_of(data))
     with open(store.home / victim, "r+b") as f:
         f.seek(1000)
@@ -214,13 +214,13 @@ def test_arrays_of_every_dtype_round_trip_and_object_arrays_stay_pickled(tmp_pat
     files = LocalRunFiles(tmp_path)
     rng = np.random.default_rng(0)
     arrays = {
-        "float": rng.standard_normal(20_000),
-        "negative_zero_and_nan": np.array([-0.0, np.nan] * 10_000),
-        "datetime": np.arange(10_000).astype("datetime64[ns]"),
-        "unicode": np.array(["florql"] * 5_000),
-        "bool": np.ones(100_000, dtype=bool),
+        "float": rng.standard_normal(160_000),
+        "negative_zero_and_nan": np.array([-0.0, np.nan] * 80_000),
+        "datetime": np.arange(160_000).astype("datetime64[ns]"),
+        "unicode": np.array(["florql"] * 50_000),
+        "bool": np.ones(1_100_000, dtype=bool),
         "objects": np.array([None, "a", 1.5] * 5_000, dtype=object),
-        "fortran": np.asfortranarray(rng.standard_normal((200, 100))),
+        "fortran": np.asfortranarray(rng.standard_normal((1000, 200))),
     }
     payload = {"scope": {"plain": arrays}, "position": {"outer_index": 0, "kind": "iter_end"}}
     record = write_checkpoint(files, 1, 0, "iter_end", {"epoch": 0}, payload, 0.0)
@@ -240,7 +240,7 @@ def test_chunks_of_an_older_store_named_by_sha256_still_restore_and_are_checked(
     from florql.storage import checkpoints
 
     files = LocalRunFiles(tmp_path)
-    weight = torch.randn(256, 256)  # 256 KiB: a chunk
+    weight = torch.randn(512, 512)  # 1 MiB: a chunk
     payload = {"objects": {"model": {"weight": weight}}, "position": {"outer_index": 0, "kind": "iter_end"}}
     with monkeypatch.context() as old_writer:  # how stores written before XXH3 named their chunks
         old_writer.setattr(checkpoints, "chunk_digest", lambda raw: hashlib.sha256(raw).hexdigest())
