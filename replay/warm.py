@@ -54,6 +54,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import OUTPUT_TAIL, SPEC_FILE, result_path
@@ -160,9 +161,39 @@ def server_is_up(store: str) -> bool:
 
 @contextlib.contextmanager
 def _start_lock(paths: ServerPaths) -> Iterator[None]:
-    with open(paths.file("lock"), "a") as lock:
+    path = paths.file("lock")
+    while True:
+        lock = open(path, "a")  # noqa: SIM115  (closed below, or when this process dies)
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or if this process dies
+        if _still_at(lock, path):
+            break
+        lock.close()  # a stopping server removed the file while we waited: lock the one there now
+    try:
         yield
+    finally:
+        lock.close()
+
+
+def _still_at(f: Any, path: str) -> bool:
+    try:
+        return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def _remove_lock(path: str) -> None:
+    """A stopping server removes its lock file, unless a process holds it (starting the next server)."""
+    try:
+        lock = open(path, "a")  # noqa: SIM115
+    except OSError:
+        return
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return
+        if _still_at(lock, path):
+            os.unlink(path)  # under the lock: a waiter finds the file gone and locks a new one
 
 
 def _start_server(paths: ServerPaths, env: dict[str, str]) -> str | None:
@@ -517,6 +548,7 @@ class Server:
             if os.stat(self.socket_path).st_ino == self.inode:  # ours, not a successor's
                 os.unlink(self.socket_path)
                 os.unlink(self.info_path)
+                _remove_lock(self.socket_path.removesuffix("sock") + "lock")
 
 
 def serve(socket_path: str, info_path: str, store: str, idle_s: float) -> None:

@@ -3,11 +3,13 @@ failures reported as from a fresh interpreter, answers bit-exact."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,10 +17,18 @@ import pytest
 
 import florql
 from florql.errors import ReplayFailed
+from florql.replay import warm
 from florql.replay.executor import LocalExecutor
 from florql.replay.jobs import JobSpec
 from florql.replay.launcher import base_env
-from florql.replay.warm import ForkServer, process_alive, running_servers, runtime_folder, stop_servers
+from florql.replay.warm import (
+    ForkServer,
+    ServerPaths,
+    process_alive,
+    running_servers,
+    runtime_folder,
+    stop_servers,
+)
 from florql.runinfo import measured_costs
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the fork server runs on Linux")
@@ -227,6 +237,7 @@ def test_an_idle_server_stops_and_so_does_one_whose_store_is_removed(stores: tup
     [server] = running_servers(str(idle))
     _wait_until(lambda: not process_alive(server["pid"]), "the idle server's exit")
     assert running_servers(str(idle)) == [] and not os.path.exists(server["socket"])
+    assert not os.path.exists(server["socket"].removesuffix("sock") + "lock")  # runtime files do not pile up
 
     removed = _fresh_copy(stores, tmp_path / "removed")
     _query_in_new_process(removed, "SELECT w FROM run_1 WHERE epoch = 0")
@@ -352,3 +363,42 @@ def test_a_new_stores_server_is_forked_from_the_template(tmp_path: Path):
     finally:
         stop_servers(str(tmp_path / "a"))
         stop_servers(str(tmp_path / "b"))
+
+
+def test_a_lock_file_removed_while_a_starter_waits_is_locked_afresh(tmp_path: Path):
+    """A stopping server removes its lock file under the lock; a process that was waiting for the old
+    file must not trust it (another process would lock the new one): it locks the file there now."""
+    paths = ServerPaths(str(tmp_path), "key", str(tmp_path))
+    path = paths.file("lock")
+    holder = open(path, "a")
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    inside, release = threading.Event(), threading.Event()
+
+    def starter() -> None:
+        with warm._start_lock(paths):
+            inside.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=starter)
+    thread.start()
+    try:
+        assert not inside.wait(0.3)  # waiting for the holder
+        os.unlink(path)  # what `_remove_lock` does while it holds the lock
+        holder.close()
+        assert inside.wait(30)
+        probe = open(path, "a")
+        with probe, pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        release.set()
+        thread.join()
+
+
+def test_a_stopping_server_leaves_a_lock_file_someone_holds(tmp_path: Path):
+    path = str(tmp_path / "key.lock")
+    with open(path, "a") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        warm._remove_lock(path)
+        assert os.path.exists(path)
+    warm._remove_lock(path)
+    assert not os.path.exists(path)
