@@ -4,9 +4,10 @@ A segment holds the records one writer (a trainer or a replay job) buffered sinc
 Records are `(seq, name, loop_path, coords, typed value)`; `coords` are the iteration indices of
 the enclosing loops, outermost first, named by `loop_path` ("epoch/step").
 
-A segment's name carries the SHA-256 of its bytes (`00000003.<32 hex digits>.arrow`): the file
-stays a plain Arrow IPC file, and every read checks it, so a truncated or bit-flipped segment is
-reported by name and never answered from. Segments of older florql versions have no checksum.
+A segment's name carries the XXH3-128 of its bytes (`00000003.xxh3-<32 hex digits>.arrow`): the
+file stays a plain Arrow IPC file, and every read checks it, so a truncated or bit-flipped segment
+is reported by name and never answered from. Segments of older florql versions carry the first 32
+hex digits of their SHA-256 (`00000003.<32 hex digits>.arrow`), or no checksum.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import xxhash
 
 from florql.storage.errors import CorruptSegment
 from florql.storage.runfiles import RunFiles
@@ -164,13 +166,19 @@ def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes
     return sink.getvalue()
 
 
-_CHECKED = re.compile(r"\.([0-9a-f]{32})\.arrow$")
+_CHECKED = re.compile(r"\.(xxh3-)?([0-9a-f]{32})\.arrow$")
 
 
 def checked_path(path: str, data: bytes) -> str:
-    """`…/00000003.arrow` → `…/00000003.<first 32 hex digits of the SHA-256 of data>.arrow`."""
+    """`…/00000003.arrow` → `…/00000003.xxh3-<the XXH3-128 of data>.arrow`."""
     assert path.endswith(".arrow") and not _CHECKED.search(path), path
-    return f"{path.removesuffix('.arrow')}.{hashlib.sha256(data).hexdigest()[:32]}.arrow"
+    return f"{path.removesuffix('.arrow')}.xxh3-{xxhash.xxh3_128_hexdigest(data)}.arrow"
+
+
+def _intact(buffer: Any, checked: re.Match) -> bool:
+    if checked.group(1):
+        return xxhash.xxh3_128_hexdigest(buffer) == checked.group(2)
+    return hashlib.sha256(buffer).hexdigest()[:32] == checked.group(2)  # named by an older florql
 
 
 def write_segment(files: RunFiles, path: str, batch: pa.RecordBatch, metadata: dict[str, str]) -> str:
@@ -198,7 +206,7 @@ def read_segment(files: RunFiles, path: str, decoded: bool = True) -> pa.Table:
     except OSError as err:
         raise CorruptSegment(f"log segment {path} cannot be read: {err}") from err
     checked = _CHECKED.search(path)
-    if checked and hashlib.sha256(buffer).hexdigest()[:32] != checked.group(1):
+    if checked and not _intact(buffer, checked):
         raise CorruptSegment(
             f"log segment {path} is corrupt: its {buffer.size} bytes do not match the checksum in its name "
             f"(truncated or altered since it was written). {_REMEDY}"

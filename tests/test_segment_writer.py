@@ -270,3 +270,24 @@ def test_recording_never_makes_pyarrow_import_pandas(tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False"]
+
+
+def test_segments_are_named_by_their_xxh3_and_older_sha256_names_are_still_checked(tmp_path) -> None:
+    import hashlib
+    import re
+
+    files = LocalRunFiles(tmp_path)
+    batch = segments.records_to_batch(0, [("loss", 0.5, ("epoch", 0)), ("loss", 0.25, ("epoch", 1))])
+    path = segments.write_segment(files, "runs/1/segments/main/00000000.arrow", batch, {})
+    assert re.search(r"/00000000\.xxh3-[0-9a-f]{32}\.arrow$", path)
+    assert segments.read_segment(files, path).column("value_float").to_pylist() == [0.5, 0.25]
+    data = files.get(path)
+    older = f"runs/1/segments/main/00000001.{hashlib.sha256(data).hexdigest()[:32]}.arrow"
+    files.put(older, data)  # as an older florql named it
+    assert segments.read_segment(files, older).num_rows == 2
+    for name in (path, older):
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 1
+        files.put(name, bytes(damaged))
+        with pytest.raises(segments.CorruptSegment, match="do not match the checksum in its name"):
+            segments.read_segment(files, name)
