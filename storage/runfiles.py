@@ -196,15 +196,20 @@ class LocalRunFiles(RunFiles):
         return self._abs(path)
 
 
-_bounce = threading.local()
+_bounce_lock = threading.Lock()
+_bounce: list[mmap.mmap] = []  # one page-aligned buffer per process: persist threads come and go
 
 
 def _write_direct(fd: int, data: memoryview) -> None:
     """Writes `data` through an aligned buffer (O_DIRECT wants aligned addresses, lengths and offsets),
     the last block padded with zeros, then cut back to the true length."""
-    if not hasattr(_bounce, "buffer"):
-        _bounce.buffer = mmap.mmap(-1, _BOUNCE_BYTES)  # page-aligned, reused by this thread
-    bounce = memoryview(_bounce.buffer)
+    with _bounce_lock:
+        if not _bounce:
+            _bounce.append(mmap.mmap(-1, _BOUNCE_BYTES))
+        _copy_through(fd, data, memoryview(_bounce[0]))
+
+
+def _copy_through(fd: int, data: memoryview, bounce: memoryview) -> None:
     try:
         for start in range(0, data.nbytes, _BOUNCE_BYTES):
             part = data[start : start + _BOUNCE_BYTES]
