@@ -54,7 +54,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO
 
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import OUTPUT_TAIL, SPEC_FILE, result_path
@@ -174,7 +174,7 @@ def _start_lock(paths: ServerPaths) -> Iterator[None]:
         lock.close()
 
 
-def _still_at(f: Any, path: str) -> bool:
+def _still_at(f: IO[str], path: str) -> bool:
     try:
         return os.fstat(f.fileno()).st_ino == os.stat(path).st_ino
     except FileNotFoundError:

@@ -23,9 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import xxhash
-
-from florql.storage import layout
+from florql.storage import digests, layout
 from florql.storage.errors import CorruptCheckpoint
 from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
@@ -108,18 +106,11 @@ class _ChunkRef:
 
 
 MAGIC = b"FLORQLCKPT1\n"
-CHUNK_HASH = "xxh3-"  # the prefix of chunk names hashed with XXH3-128; unprefixed names are SHA-256
 
 
 def chunk_digest(raw: memoryview | builtins.bytes) -> str:
-    """A chunk's name: the XXH3-128 of its bytes (hashed without the GIL)."""
-    return CHUNK_HASH + xxhash.xxh3_128_hexdigest(raw)
-
-
-def _chunk_intact(data: builtins.bytes, digest: str) -> bool:
-    if digest.startswith(CHUNK_HASH):
-        return chunk_digest(data) == digest
-    return hashlib.sha256(data).hexdigest() == digest  # a chunk of a store written before XXH3
+    """A chunk's name: the XXH3-128 of its bytes (`storage.digests`)."""
+    return digests.xxh3(raw)
 
 
 @dataclass
@@ -405,7 +396,7 @@ def _read_chunk(files: RunFiles, record: CheckpointRecord, ref: _ChunkRef) -> by
     except FileNotFoundError:
         why = "missing"
     else:
-        if len(data) == ref.nbytes and _chunk_intact(data, ref.digest):
+        if len(data) == ref.nbytes and digests.matches(data, ref.digest):
             return bytearray(data)
         why = f"{len(data)} bytes, {ref.nbytes} written" if len(data) != ref.nbytes else "checksum mismatch"
     sharing = [r.name for r in list_checkpoints(files, record.run_id) if ref.digest in r.chunks]

@@ -12,7 +12,6 @@ hex digits of their SHA-256 (`00000003.<32 hex digits>.arrow`), or no checksum.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import re
 from collections.abc import Iterable, Sequence
@@ -20,8 +19,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import xxhash
 
+from florql.storage import digests
 from florql.storage.errors import CorruptSegment
 from florql.storage.runfiles import RunFiles
 
@@ -166,19 +165,13 @@ def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes
     return sink.getvalue()
 
 
-_CHECKED = re.compile(r"\.(xxh3-)?([0-9a-f]{32})\.arrow$")
+_CHECKED = re.compile(r"\.((?:xxh3-)?[0-9a-f]{32})\.arrow$")
 
 
 def checked_path(path: str, data: bytes) -> str:
     """`…/00000003.arrow` → `…/00000003.xxh3-<the XXH3-128 of data>.arrow`."""
     assert path.endswith(".arrow") and not _CHECKED.search(path), path
-    return f"{path.removesuffix('.arrow')}.xxh3-{xxhash.xxh3_128_hexdigest(data)}.arrow"
-
-
-def _intact(buffer: Any, checked: re.Match) -> bool:
-    if checked.group(1):
-        return xxhash.xxh3_128_hexdigest(buffer) == checked.group(2)
-    return hashlib.sha256(buffer).hexdigest()[:32] == checked.group(2)  # named by an older florql
+    return f"{path.removesuffix('.arrow')}.{digests.xxh3(data)}.arrow"
 
 
 def write_segment(files: RunFiles, path: str, batch: pa.RecordBatch, metadata: dict[str, str]) -> str:
@@ -206,7 +199,7 @@ def read_segment(files: RunFiles, path: str, decoded: bool = True) -> pa.Table:
     except OSError as err:
         raise CorruptSegment(f"log segment {path} cannot be read: {err}") from err
     checked = _CHECKED.search(path)
-    if checked and not _intact(buffer, checked):
+    if checked and not digests.matches(buffer, checked.group(1)):
         raise CorruptSegment(
             f"log segment {path} is corrupt: its {buffer.size} bytes do not match the checksum in its name "
             f"(truncated or altered since it was written). {_REMEDY}"
