@@ -190,6 +190,9 @@ def write_table(files: RunFiles, path: str, batches: Iterable[pa.RecordBatch], m
 # back to the OS and faults them in again as zeroed huge pages, which took a quarter of an ingest's
 # CPU time (a first ingest of 10M values: 2.0 M values/s with mimalloc, 3.8 M values/s with malloc).
 _DECODE_POOL = pa.system_memory_pool()
+# Decompressing a segment's columns on Arrow's thread pool pays off for large segments only: for a
+# small one (a short run's epoch) handing the work to the pool costs more than decompressing it.
+_THREADED_MIN_BYTES = 1 << 20
 
 
 def read_segment(files: RunFiles, path: str, decoded: bool = True) -> pa.Table:
@@ -211,7 +214,8 @@ def read_segment(files: RunFiles, path: str, decoded: bool = True) -> pa.Table:
             f"(truncated or altered since it was written). {_REMEDY}"
         )
     try:
-        with pa.ipc.open_file(buffer, memory_pool=_DECODE_POOL) as reader:
+        options = pa.ipc.IpcReadOptions(use_threads=buffer.size >= _THREADED_MIN_BYTES)
+        with pa.ipc.open_file(buffer, options=options, memory_pool=_DECODE_POOL) as reader:
             table = reader.read_all()
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
         raise CorruptSegment(f"log segment {path} is not a readable Arrow file ({err}). {_REMEDY}") from err
