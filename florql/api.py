@@ -38,7 +38,7 @@ from florql.progress import ReplayProgress
 from florql.replay.executor import Executor, LocalExecutor, make_executor, warm_start_enabled
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
-from florql.replay.warm import server_is_up
+from florql.replay.warm import starts_warm
 from florql.runinfo import BASE_TABLES, RunInfo
 from florql.storage.layout import StoreLocation, locate_store
 from florql.storage.shared import DEFAULT_WAIT_S, shared_database
@@ -500,7 +500,7 @@ class Connection:
         executor = self._executor
         if executor is None:
             local = (self._executor_arg or os.environ.get("FLORQL_EXECUTOR", "local")) == "local"
-            return local and warm_start_enabled() and server_is_up(self.location.home)
+            return local and warm_start_enabled() and starts_warm(self.location.home)
         server = getattr(executor, "fork_server", None)
         return server is not None and server.serving()
 

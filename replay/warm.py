@@ -159,6 +159,12 @@ def server_is_up(store: str) -> bool:
         return False
 
 
+def starts_warm(store: str) -> bool:
+    """Would a replay job of this store start warm now: its server answers, or this user's template
+    server does (which forks the store's server in milliseconds)? (Starts nothing.)"""
+    return server_is_up(store) or server_is_up(TEMPLATE)
+
+
 @contextlib.contextmanager
 def _start_lock(paths: ServerPaths) -> Iterator[None]:
     path = paths.file("lock")
