@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import functools
 import inspect
 import os
@@ -83,6 +84,38 @@ def _git_commit(root: str) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+class ImportClock:
+    """Times the main thread's imports of packages a replay's warm fork has imported already
+    (`florql.replay.PRELOAD`), from florql's start to the outer loop: part of the script's set-up
+    that a warm replay does not pay (an optimizer's constructor importing torch._dynamo: ~1 s)."""
+
+    PACKAGES = frozenset(m.partition(".")[0] for m in replay.PRELOAD) - {"florql"}
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.seconds = 0.0
+        self._clock = clock
+        self._thread = threading.get_ident()
+        self._inside = False
+        self._original = builtins.__import__
+        builtins.__import__ = self._import  # type: ignore[assignment]
+
+    def _import(self, name: str, globals_: Any = None, locals_: Any = None, fromlist: Any = (), level: int = 0) -> Any:
+        package = (globals_ or {}).get("__package__") or "" if level else name
+        if self._inside or threading.get_ident() != self._thread or package.partition(".")[0] not in self.PACKAGES:
+            return self._original(name, globals_, locals_, fromlist, level)
+        self._inside, began = True, self._clock()
+        try:
+            return self._original(name, globals_, locals_, fromlist, level)
+        finally:
+            self.seconds += self._clock() - began
+            self._inside = False
+
+    def stop(self) -> float:
+        if builtins.__import__ == self._import:  # someone else's hook installed since stays in place
+            builtins.__import__ = self._original
+        return self.seconds
+
+
 def say(line: str) -> None:
     """One line on stderr about the run, unless FLORQL_QUIET is set."""
     if os.environ.get("FLORQL_QUIET", "") in ("", "0"):
@@ -129,6 +162,7 @@ class RecordSession(TrainingSession):
         )
         self._announced: set[str] = set()
         self._reads_collected = 0
+        self._set_up_imports = ImportClock()
         self.manifest = Manifest(
             run_id=self.run_id,
             script=self.script,
@@ -284,7 +318,13 @@ class RecordSession(TrainingSession):
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame) -> Iterator[Any]:
         planned = len(iterable) if isinstance(iterable, Sized) else None
         setup_s = time.time() - (self.manifest.started_at or time.time())  # the planner's set-up cost
-        self.update(outer_loop=lf.name, outer_planned=planned, setup_s=round(setup_s, 6))
+        setup_import_s = self._set_up_imports.stop()
+        self.update(
+            outer_loop=lf.name,
+            outer_planned=planned,
+            setup_s=round(setup_s, 6),
+            setup_import_s=round(setup_import_s, 6),
+        )
         with self._manifest_lock:  # scripts set their thread count in their set-up, after florql started
             self.manifest.env.torch_threads = torch.get_num_threads()
         self._capture_code_version()  # project modules are imported by now
@@ -481,6 +521,7 @@ class RecordSession(TrainingSession):
 
     def finish(self) -> None:
         """Called at interpreter exit: write what is left. Failures end in one clear line each."""
+        self._set_up_imports.stop()  # a script without an outer loop
         self.persister.wait()
         self._report_policy()
         fields: dict[str, Any] = {"ended_at": time.time()}

@@ -193,7 +193,7 @@ def run_facts(
         iteration_s=list(m.iteration_s),
         inner_s=list(m.inner_s),
         checkpoints=[Checkpoint(i, k, n, b) for i, k, n, b in rows],
-        costs=measured_costs(conn, info.run_id, warm, m.setup_s, m.launch_s),
+        costs=measured_costs(conn, info.run_id, warm, m.setup_s, m.launch_s, m.setup_import_s),
     )
 
 
@@ -207,18 +207,24 @@ def measured_costs(
     warm: bool,
     recorded_setup_s: float | None = None,
     recorded_launch_s: float | None = None,
+    recorded_setup_import_s: float | None = None,
 ) -> Costs:
     """The cost model of replaying `run_id`, from what recent replays actually took: start-up from
     jobs started the same way (warm or cold) on any run (before any: the run's own launch), set-up
-    and the iterations' pace from this run's own jobs (before any: the set-up the run recorded), restore throughput from every job that
-    restored. Defaults where none measured."""
+    from this run's jobs started the same way (before any: the set-up the run recorded, less its
+    imports a warm fork has done), the iterations' pace from this run's own jobs, restore
+    throughput from every job that restored. Defaults where none measured."""
     default = Costs()
     recorded_setup_s = default.setup_s if recorded_setup_s is None else recorded_setup_s
+    # A warm job's fork has torch & co. imported: of the recorded set-up, their imports are not paid.
+    warm_setup_s = max(recorded_setup_s - (recorded_setup_import_s or 0.0), 0.0)
     # Before a cold start was measured: the recorded run's own (its imports before florql's start).
     cold_default = default.retrain_start_s if recorded_launch_s is None else recorded_launch_s
     start, _ = _recent_median(conn, "startup_s", "warm = ?", [warm], WARM_START_S if warm else cold_default)
     cold, _ = _recent_median(conn, "startup_s", "NOT warm", [], cold_default)
-    setup, jobs = _recent_median(conn, "setup_s", "run_id = ?", [run_id], recorded_setup_s)
+    setup, jobs = _recent_median(
+        conn, "setup_s", "run_id = ? AND warm = ?", [run_id, warm], warm_setup_s if warm else recorded_setup_s
+    )
     # Executed iterations' pace from jobs that mostly execute; restored iterations' from jobs that
     # mostly restore, once their executed part is accounted for.
     scale, _ = _recent_median(
@@ -239,7 +245,7 @@ def measured_costs(
         "SELECT sum(restored_bytes), sum(restore_s) FROM _replay_costs WHERE restored_bytes > 0"
     ).fetchall()  # fetchone would leave the result open (DuckDB refuses the next statement)
     rate = row[0] / row[1] if row and row[0] and row[1] else default.restore_bytes_per_s
-    return Costs(start, setup, rate, scale, skip_scale, jobs, cold)
+    return Costs(start, setup, rate, scale, skip_scale, jobs, cold, recorded_setup_s)
 
 
 def _recent_median(

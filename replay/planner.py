@@ -36,6 +36,7 @@ class Costs:
     skip_scale: float = 1.0  # the same for iterations whose first inner loop is restored (their tail runs)
     measured_jobs: int = 0
     retrain_start_s: float = COLD_START_S  # retraining starts a fresh interpreter
+    retrain_setup_s: float = SETUP_S  # and pays the script's whole set-up, imports included
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ def _plan_for(runs: list[tuple[RunFacts, list[Need]]], workers: int) -> Plan:
                 f"run {facts.run_id}: {n.name} re-executes: {n.why_not_skipped}" for n in needs if n.why_not_skipped
             )
         c = facts.costs
-        retrain += c.retrain_start_s + c.setup_s + sum(facts.cost(i) for i in range(facts.completed))
+        retrain += c.retrain_start_s + c.retrain_setup_s + sum(facts.cost(i) for i in range(facts.completed))
     return Plan(jobs=jobs, workers=workers, retrain_s=retrain, notes=notes)
 
 

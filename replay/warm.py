@@ -56,6 +56,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO
 
+from florql.replay import PRELOAD
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.launcher import OUTPUT_TAIL, SPEC_FILE, result_path
 
@@ -442,10 +443,6 @@ def _read_line(conn: socket.socket) -> str:
 
 
 # ---- the server process -------------------------------------------------------------------------
-# What training scripts import (an optimizer's constructor imports torch._dynamo: seconds), when installed.
-PRELOAD = ("numpy", "torch", "torch._dynamo", "torch.utils.data", "torchvision", "florql.replay.worker")
-
-
 class Server:
     def __init__(self, socket_path: str, info_path: str, store: str, idle_s: float) -> None:
         self.socket_path, self.info_path, self.store, self.idle_s = socket_path, info_path, store, idle_s

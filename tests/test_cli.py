@@ -295,3 +295,45 @@ def test_check_reports_findings_with_line_numbers_and_exits_1(store: Store) -> N
 def test_check_of_a_missing_script_exits_2(store: Store) -> None:
     err = refused(florql_cli(store, "check", "nowhere.py"))
     assert err.startswith("florql: ") and "nowhere.py" in err
+
+
+def test_the_demo_answers_its_hindsight_query_from_a_warm_replay_server_bit_exactly(tmp_path):
+    """`florql demo`, the README's main job: it starts the store's replay server before training,
+    its query's replay forks from it, and the values equal a run that logged grad_norm from the start."""
+    import os
+
+    import florql
+    from florql.demo import EPOCHS, FIRST
+    from florql.replay.warm import stop_servers
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_ARGS", "FLORQL_RUNS", "FLORQL_HOME")}
+    folder = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "florql", "demo", "--dir", str(folder)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    stop_servers(str(folder / ".florql"))
+    out = ok(proc)
+    assert re.search(r"replay server for this store, which keeps torch imported for replays: up in [\d.]+ s", out)
+    assert re.search(r"answered in [\d.]+ s by replaying only epochs", out)
+    db = florql.connect(str(folder / ".florql"), progress=False)
+    with db._open() as conn:
+        assert conn.execute("SELECT bool_and(warm), count(*) FROM _replay_costs").fetchall() == [(True, 1)]
+    asked = f"SELECT epoch, step, grad_norm FROM run_1 WHERE epoch >= {FIRST} ORDER BY epoch, step"
+    replayed = db.sql(asked).fetchall()
+
+    truth = tmp_path / "truth"  # the demo's script now logs grad_norm: a run of it logs every value
+    truth.mkdir()
+    shutil.copy(folder / "train.py", truth / "train.py")
+    subprocess.run(
+        [sys.executable, "train.py", "--florql-args", f"epochs={EPOCHS}"],
+        cwd=truth,
+        env={**env, "FLORQL_HOME": str(truth / ".florql"), "FLORQL_QUIET": "1"},
+        check=True,
+        timeout=600,
+    )
+    expected = florql.connect(str(truth / ".florql"), progress=False).sql(asked).fetchall()
+    assert len(replayed) == (EPOCHS - FIRST) * 50 and replayed == expected

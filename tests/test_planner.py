@@ -99,3 +99,21 @@ def test_a_new_sessions_start_is_the_runs_own_launch_until_a_cold_start_is_measu
     costs = measured_costs(conn, 1, warm=False, recorded_launch_s=3.2)
     assert costs.start_s == 4.5 and costs.retrain_start_s == 4.5
     conn.close()
+
+
+def test_a_warm_jobs_set_up_leaves_out_the_imports_its_fork_has_done(tmp_path):
+    """The recorded set-up spent 1.2 of its 1.7 s importing torch & co. (an optimizer's constructor
+    imports torch._dynamo): a fork of the warm server has them, a cold job and retraining do not."""
+    from florql.runinfo import measured_costs
+    from florql.storage.database import open_file
+
+    conn = open_file(str(tmp_path / "florql.duckdb"))
+    recorded = {"recorded_setup_s": 1.7, "recorded_setup_import_s": 1.2}
+    warm, cold = measured_costs(conn, 1, True, **recorded), measured_costs(conn, 1, False, **recorded)
+    assert abs(warm.setup_s - 0.5) < 1e-9 and cold.setup_s == 1.7
+    assert warm.retrain_setup_s == cold.retrain_setup_s == 1.7
+    # A measured set-up counts for jobs started the same way only.
+    conn.execute("INSERT INTO _replay_costs VALUES ('cold', 1, FALSE, 3.0, 1.6, 0.0, 0, 1.0, 0.0, 0.0, 5.6, 1.0, 0.0)")
+    assert measured_costs(conn, 1, False, **recorded).setup_s == 1.6
+    assert abs(measured_costs(conn, 1, True, **recorded).setup_s - 0.5) < 1e-9
+    conn.close()

@@ -393,3 +393,40 @@ def test_the_manifest_a_flush_writes_never_runs_ahead_of_its_segment(tmp_path):
         time.sleep(0.01)
     writer.close()
     assert flushed[0] == ("manifest", ["logged_before", "logged_after_the_snapshot"])
+
+
+def test_the_set_up_clock_times_only_imports_a_warm_replay_has_done(tmp_path, monkeypatch):
+    """Of a script's set-up, the imports of packages the replay fork server preloads (an
+    optimizer's constructor importing torch._dynamo) are not paid by a warm replay: they are timed
+    apart, nested imports once, other packages and other threads not at all."""
+    import sys
+    import threading
+
+    from florql.recording import ImportClock
+
+    now = [0.0]
+    for name, seconds, body in [
+        ("warm_pkg", 5.0, "import warm_pkg.sub\n"),
+        ("warm_pkg.sub", 2.0, ""),
+        ("cold_pkg", 100.0, ""),
+    ]:
+        path = tmp_path.joinpath(*name.split("."))
+        path.mkdir()
+        (path / "__init__.py").write_text(f"import tests_clock\ntests_clock.now[0] += {seconds}\n{body}")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "tests_clock", type(sys)("tests_clock"))
+    sys.modules["tests_clock"].now = now
+    monkeypatch.setattr(ImportClock, "PACKAGES", frozenset({"warm_pkg"}))
+    clock = ImportClock(clock=lambda: now[0])
+    try:
+        import cold_pkg  # noqa: F401
+        import warm_pkg  # noqa: F401
+
+        other = threading.Thread(target=lambda: __import__("json"))
+        other.start()
+        other.join()
+    finally:
+        assert clock.stop() == 7.0  # warm_pkg and the warm_pkg.sub it imports, once
+    assert __import__ is not clock._import and clock.stop() == 7.0
+    for name in ("warm_pkg", "warm_pkg.sub", "cold_pkg"):
+        sys.modules.pop(name, None)
