@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import copy
 import difflib
+import functools
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -446,6 +447,14 @@ class _Planner:
         raise _Refusal("the recorded code does not import florql.log")
 
 
+@functools.lru_cache(maxsize=32)
+def _source(text: str, filename: str, role: str) -> _Source:
+    """A parsed source, shared by the propagations of one query (all its names, then each alone):
+    parsing and fingerprinting its statements is most of a propagation's time. Read-only once built
+    (its caches of fingerprints only grow)."""
+    return _Source(text, filename, role)
+
+
 def _is_elif(node: ast.stmt, src: _Source) -> bool:
     return isinstance(node, ast.If) and src.indent_of(node) is None
 
@@ -474,8 +483,8 @@ def propagate(recorded: str, current: str, names: Collection[str], filename: str
     kept verbatim apart from the inserted lines. Raises PropagationError when
     a statement cannot be placed safely.
     """
-    rec = _Source(recorded, filename, "recorded")
-    cur = _Source(current, filename, "current")
+    rec = _source(recorded, filename, "recorded")
+    cur = _source(current, filename, "current")
     planner = _Planner(cur, rec)
     already = _logged_names(rec)
     insertions: list[_Insertion] = []
