@@ -162,7 +162,8 @@ def ask_in_new_process(store: Path, sql: str) -> tuple[float, float, int, int, o
     """`florql query` in a new process, after another process's query (the calibration) left the
     store's fork server up: a user's next command. Timed from launch to exit."""
     cli = [sys.executable, "-m", "florql.cli", "--store", str(store)]
-    env = dict(os.environ, FLORQL_QUIET="1")
+    # Bytecode cached as a user's install has it, even where PYTHONDONTWRITEBYTECODE is set here.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"} | {"FLORQL_QUIET": "1"}
     subprocess.run([*cli, "query", CALIBRATION, "--workers", "1"], env=env, check=True, capture_output=True)
     explained = subprocess.run([*cli, "explain", sql, "--workers", "1"], env=env, check=True, capture_output=True)
     est = float(EST.search(explained.stdout.decode()).group(1))  # type: ignore[union-attr]
