@@ -10,6 +10,12 @@ florql's extra time went (start-up, loop, exit).
     python benchmarks/bench_overhead.py                        # both workloads, CPU
     python benchmarks/bench_overhead.py --workload long --reps 5
     python benchmarks/bench_overhead.py --device cuda          # a CUDA loop (needs a GPU)
+    python benchmarks/bench_overhead.py --workload long --side-by-side --epochs 3 --reps 6
+
+`--side-by-side` starts each pair at the same moment, each process pinned to a core of its own
+(swapped every repetition) with one torch thread: what the shared machine does to one, it does to
+the other, so the paired ratios no longer carry the ±5–10 % drift between runs minutes apart. It is
+the harsher case for florql: its persist and writer threads share the training's only core.
 
 Workloads (CPU sizes; about 15 s and 60 s on a 2-core machine):
 - `short`: an MLP 64-256-256-4 (0.08 M parameters), loss logged every step;
@@ -25,11 +31,11 @@ import itertools
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 LAUNCHED = time.time()  # in a child: when its interpreter reached this line (before torch)
@@ -134,18 +140,48 @@ def machine(device: str) -> str:
 
 def one(workload: str, device: str, use_florql: bool, home: str, threads: int) -> dict:
     """One fresh process; its phases plus the whole process's wall time as the parent saw it."""
-    env = dict(os.environ, FLORQL_HOME=home, FLORQL_QUIET="1")
-    env.pop("FLORQL_ARGS", None)
-    variant = "florql" if use_florql else "plain"
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--workload", workload]
-    cmd += ["--device", device, "--threads", str(threads), "--epochs", str(WORKLOADS[workload][3])]
-    began, cpu_before = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-    ended, cpu_after = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    phases = json.loads(out.stdout.strip().splitlines()[-1])
-    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
-    phases.update(began=began, ended=ended, process_cpu=cpu)
-    return phases
+    return together([(workload, device, use_florql, home, threads, None)])[0]
+
+
+def together(runs: list[tuple[str, str, bool, str, int, int | None]]) -> list[dict]:
+    """Fresh processes started at once, each (workload, device, florql?, store, threads, the CPU it
+    is pinned to or None); each one's phases plus its whole-process wall and CPU time."""
+    results: list[dict] = [{} for _ in runs]
+
+    def run(k: int, workload: str, device: str, use_florql: bool, home: str, threads: int, cpu: int | None) -> None:
+        env = dict(os.environ, FLORQL_HOME=home, FLORQL_QUIET="1")
+        env.pop("FLORQL_ARGS", None)
+        variant = "florql" if use_florql else "plain"
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--workload", workload]
+        cmd += ["--device", device, "--threads", str(threads), "--epochs", str(WORKLOADS[workload][3])]
+        with tempfile.TemporaryFile("w+") as out:
+            began = time.time()
+            proc = subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=out,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                preexec_fn=None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu})),
+            )
+            _, status, usage = os.wait4(proc.pid, 0)  # this child's own CPU time, not its sibling's
+            ended = time.time()
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode:
+                raise subprocess.CalledProcessError(proc.returncode, cmd)
+            out.seek(0)
+            phases = json.loads(out.read().strip().splitlines()[-1])
+        phases.update(began=began, ended=ended, process_cpu=usage.ru_utime + usage.ru_stime)
+        results[k] = phases
+
+    threads_ = [threading.Thread(target=run, args=(k, *r)) for k, r in enumerate(runs)]
+    for t in threads_:
+        t.start()
+    for t in threads_:
+        t.join()
+    if any(not r for r in results):
+        raise SystemExit("a benchmark process failed")
+    return results
 
 
 def durations(p: dict) -> dict[str, float]:
@@ -159,12 +195,19 @@ def durations(p: dict) -> dict[str, float]:
     }
 
 
-def bench(workload: str, device: str, reps: int, threads: int) -> None:
+def bench(workload: str, device: str, reps: int, threads: int, side_by_side: bool) -> None:
     home = tempfile.mkdtemp(prefix="florql-bench-")
     one(workload, device, False, home, threads)  # warm the page cache (and CUDA's kernel cache)
     plain: list[dict] = []
     recorded: list[dict] = []
     for rep in range(reps):
+        if side_by_side:  # at once, one core each (swapped every repetition): the machine's noise hits both
+            cores = (0, 1) if rep % 2 == 0 else (1, 0)
+            runs = [(workload, device, use, home, threads, core) for use, core in zip((False, True), cores)]
+            a, b = together(runs)
+            plain.append(a)
+            recorded.append(b)
+            continue
         for use in [False, True] if rep % 2 == 0 else [True, False]:  # ABBA...: neither always first
             (recorded if use else plain).append(one(workload, device, use, home, threads))
     a = [durations(p) for p in plain]
@@ -175,7 +218,11 @@ def bench(workload: str, device: str, reps: int, threads: int) -> None:
     print(
         f"\n== {workload}: MLP {'-'.join(map(str, widths))} ({params / 1e6:.1f} M parameters), Adam + StepLR, "
         f"{epochs} epochs x {samples // batch} steps on {device}, torch threads {threads or 'default'}; "
-        f"{reps} alternating repetitions of each"
+        + (
+            f"{reps} repetitions, each pair at once on a core each"
+            if side_by_side
+            else f"{reps} alternating repetitions of each"
+        )
     )
     med = {part: (statistics.median(d[part] for d in a), statistics.median(d[part] for d in b)) for part in a[0]}
     print(f"{'':28}{'without':>10}{'with florql':>13}{'extra':>9}")
@@ -195,7 +242,16 @@ def bench(workload: str, device: str, reps: int, threads: int) -> None:
     print(f"CPU of threads other than the training thread during the loop: {cpu[0]:.2f} s, {cpu[1]:.2f} s")
     print(f"whole-process ratio of medians: {med['total'][1] / med['total'][0]:.3f}")
     print(f"CPU-time ratio of medians: {med['cpu'][1] / med['cpu'][0]:.3f}")
-    print(f"paired ratios (each pair run back to back): {', '.join(f'{r:.3f}' for r in paired)}")
+    how = "at the same time" if side_by_side else "back to back"
+    print(f"paired ratios (each pair run {how}): {', '.join(f'{r:.3f}' for r in paired)}")
+    if side_by_side:  # one core may be quicker than the other: swapping cores every repetition cancels it
+        ratios = [y["total"] / x["total"] for x, y in zip(a, b)]
+        by_core = {core: [r for k, r in enumerate(ratios) if k % 2 == core] for core in (0, 1)}
+        print(
+            "  by the core florql ran on: "
+            + "; ".join(f"core {1 - c}: {', '.join(f'{r:.3f}' for r in rs)}" for c, rs in by_core.items() if rs)
+        )
+        print(f"  geometric mean of the paired ratios (cores balanced): {statistics.geometric_mean(ratios):.3f}")
     print(
         f"spread of totals: without {totals_a[0]:.2f}–{totals_a[-1]:.2f} s, with {totals_b[0]:.2f}–{totals_b[-1]:.2f} s"
     )
@@ -214,6 +270,11 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions of each variant")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--epochs", type=int, default=0, help="override the workload's epochs (a loaded machine)")
+    parser.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="run each pair at once, pinned to a core each, 1 torch thread (needs 2 cores): noise hits both",
+    )
     parser.add_argument("--child", choices=["plain", "florql"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.epochs:
@@ -229,8 +290,13 @@ def main() -> int:
             print("no CUDA device here; run with --device cpu", file=sys.stderr)
             return 2
     print(f"machine: {machine(opts.device)}; load average {os.getloadavg()[0]:.1f} at start")
+    if opts.side_by_side:
+        if len(os.sched_getaffinity(0)) < 2:
+            print("--side-by-side needs 2 cores", file=sys.stderr)
+            return 2
+        opts.threads = 1
     for workload in WORKLOADS if opts.workload == "both" else [opts.workload]:
-        bench(workload, opts.device, opts.reps, opts.threads)
+        bench(workload, opts.device, opts.reps, opts.threads, opts.side_by_side)
     print(f"load average {os.getloadavg()[0]:.1f} at the end")
     return 0
 
