@@ -438,7 +438,7 @@ def test_replay_never_returns_nulls_and_describes_the_plan(recorded: Recorded):
 
 def test_replay_budget_exceeded_shows_the_plan(recorded: Recorded):
     db = connect(recorded.home)
-    db.sql("SET replay_budget = '0.5 s'")
+    db.sql("SET replay_budget = '10 ms'")
     with pytest.raises(ReplayBudgetExceeded) as err:
         db.sql("SELECT epoch, w_norm FROM run_1")
     message = str(err.value)
