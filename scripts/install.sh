@@ -13,3 +13,7 @@ if [ -n "$extras" ]; then
 else
     "$PY" -m pip install -q -e .
 fi
+
+# Bytecode now, as a wheel install has it: otherwise a first run compiles florql's lazily imported
+# modules inside its first checkpoint, a one-time cost its 2 % checkpoint budget is charged with.
+"$PY" -m compileall -q florql storage replay >/dev/null
