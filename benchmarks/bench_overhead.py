@@ -31,6 +31,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -197,19 +198,22 @@ def durations(p: dict) -> dict[str, float]:
 
 def bench(workload: str, device: str, reps: int, threads: int, side_by_side: bool) -> None:
     home = tempfile.mkdtemp(prefix="florql-bench-")
-    one(workload, device, False, home, threads)  # warm the page cache (and CUDA's kernel cache)
-    plain: list[dict] = []
-    recorded: list[dict] = []
-    for rep in range(reps):
-        if side_by_side:  # at once, one core each (swapped every repetition): the machine's noise hits both
-            cores = (0, 1) if rep % 2 == 0 else (1, 0)
-            runs = [(workload, device, use, home, threads, core) for use, core in zip((False, True), cores)]
-            a, b = together(runs)
-            plain.append(a)
-            recorded.append(b)
-            continue
-        for use in [False, True] if rep % 2 == 0 else [True, False]:  # ABBA...: neither always first
-            (recorded if use else plain).append(one(workload, device, use, home, threads))
+    try:  # every florql run leaves its checkpoints there: gigabytes for the long workload
+        one(workload, device, False, home, threads)  # warm the page cache (and CUDA's kernel cache)
+        plain: list[dict] = []
+        recorded: list[dict] = []
+        for rep in range(reps):
+            if side_by_side:  # at once, one core each (swapped every repetition): the machine's noise hits both
+                cores = (0, 1) if rep % 2 == 0 else (1, 0)
+                runs = [(workload, device, use, home, threads, core) for use, core in zip((False, True), cores)]
+                a, b = together(runs)
+                plain.append(a)
+                recorded.append(b)
+                continue
+            for use in [False, True] if rep % 2 == 0 else [True, False]:  # ABBA...: neither always first
+                (recorded if use else plain).append(one(workload, device, use, home, threads))
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     a = [durations(p) for p in plain]
     b = [durations(p) for p in recorded]
     widths, samples, batch, epochs = WORKLOADS[workload]
