@@ -37,7 +37,7 @@ class ReplayProgress:
     def begin(self) -> None:
         total = sum(s.est_s for s in self.specs)
         self._say(
-            f"replaying {len(self.specs)} job(s) on {self.workers} worker(s), estimated ~{total / self.workers:.0f} s"
+            f"replaying {len(self.specs)} job(s) on {self.workers} worker(s), estimated ~{_seconds(total / self.workers)}"
         )
 
     def job_started(self, spec: JobSpec) -> None:
@@ -45,7 +45,7 @@ class ReplayProgress:
             self.started[spec.job_id] = self.clock()
         self._say(
             f"job {self._of(spec)} started: run {spec.run_id}, iterations {spec.log_from}..{spec.stop - 1} "
-            f"({spec.mode}, ~{spec.est_s:.0f} s)"
+            f"({spec.mode}, ~{_seconds(spec.est_s)})"
         )
 
     def job_done(self, spec: JobSpec, result: JobResult) -> None:
@@ -56,7 +56,7 @@ class ReplayProgress:
             left = len(self.specs) - len(self.finished)
             eta = self._eta(now)
         outcome = "done" if result.ok else "FAILED"
-        tail = f"{left} left, about {eta:.0f} s to go" if left else f"all done in {now - self.began:.1f} s"
+        tail = f"{left} left, about {_seconds(eta)} to go" if left else f"all done in {now - self.began:.1f} s"
         self._say(f"job {self._of(spec)} {outcome} in {took:.1f} s; {tail}")
 
     def _eta(self, now: float) -> float:
@@ -77,3 +77,8 @@ class ReplayProgress:
 
     def _say(self, line: str) -> None:
         print(f"florql: {line}", file=self.stream, flush=True)
+
+
+def _seconds(value: float) -> str:
+    """Whole seconds, but tenths under 10 s: a 0.4 s estimate is not "~0 s"."""
+    return f"{value:.1f} s" if value < 10 else f"{value:.0f} s"

@@ -1,6 +1,7 @@
 """Checkpoint files: a payload (pickled skeleton + raw tensor bytes) plus a JSON record written after it.
 
-Large tensors and NumPy arrays (≥ `CHUNK_MIN_BYTES`) are stored apart, as content-addressed chunks
+Large tensors and NumPy arrays (≥ `CHUNK_MIN_BYTES`; read-only snapshot arrays from
+`SNAPSHOT_CHUNK_MIN_BYTES`) are stored apart, as content-addressed chunks
 (`runs/<id>/chunks/<xx>/xxh3-<hash>`) that every checkpoint holding the same bytes refers to: a data set,
 a frozen layer or an unchanged buffer is stored once per run. A chunk already present is not
 written again; nothing deletes chunks (a chunk that lost its last record, as after a kill -9
@@ -48,6 +49,11 @@ __all__ = [
 # more than storing its bytes again (a small CNN's checkpoint: 5 files and 25 ms of persist with
 # 64 KiB here, 2 files with 1 MiB).
 CHUNK_MIN_BYTES = 1 << 20
+# Read-only snapshot arrays (a frame's data set, see `florql.scope`) are re-snapshotted only when
+# their bytes change, so an unchanged one costs nothing after its first write: chunking pays from
+# the second checkpoint on. The demo's two 1,000 KB data arrays, stored inline, were 90 % of each
+# checkpoint's bytes and most of its persist CPU.
+SNAPSHOT_CHUNK_MIN_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,7 @@ def _chunkable_array(leaf: Any) -> bool:
 
     return (
         type(leaf) is np.ndarray
-        and leaf.nbytes >= CHUNK_MIN_BYTES
+        and leaf.nbytes >= (SNAPSHOT_CHUNK_MIN_BYTES if _immutable_array(leaf) else CHUNK_MIN_BYTES)
         and leaf.flags.c_contiguous
         and not leaf.dtype.hasobject  # object arrays hold pointers: they are pickled
         and leaf.dtype.fields is None

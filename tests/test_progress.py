@@ -58,6 +58,18 @@ def test_job_lines_and_an_eta_corrected_by_the_finished_jobs():
     ]
 
 
+def test_a_short_estimate_is_said_in_tenths_not_as_zero_seconds():
+    out, clock = io.StringIO(), Clock()
+    job = spec("a", 0.37, 36, 40)
+    progress = ReplayProgress([job], workers=1, stream=out, clock=clock)
+    progress.begin()
+    progress.job_started(job)
+    assert out.getvalue().splitlines() == [
+        "florql: replaying 1 job(s) on 1 worker(s), estimated ~0.4 s",
+        "florql: job 1/1 started: run 7, iterations 36..39 (re-execute, ~0.4 s)",
+    ]
+
+
 def test_run_id_at_start_job_lines_without_a_terminal_and_quiet(store, capfd, monkeypatch):
     run = store.run(SCRIPT)
     assert f"florql: recording run {run.run_id} in " in run.proc.stderr
