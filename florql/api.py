@@ -39,7 +39,8 @@ from florql.replay.executor import Executor, LocalExecutor, make_executor, warm_
 from florql.replay.jobs import JobResult, JobSpec
 from florql.replay.planner import Plan, plan
 from florql.replay.warm import starts_warm
-from florql.runinfo import BASE_TABLES, RunInfo
+from florql.runinfo import BASE_TABLES, RunInfo, measured_ingest_s
+from florql.storage.database import record_query_cost
 from florql.storage.layout import StoreLocation, locate_store
 from florql.storage.shared import DEFAULT_WAIT_S, shared_database
 
@@ -290,6 +291,7 @@ class Connection:
         self.progress = os.environ.get("FLORQL_QUIET", "") in ("", "0") if progress is None else progress
         self.on_progress = on_progress  # called with (jobs done, jobs in all) as replay jobs finish
         self.last_jobs: list[tuple[JobSpec, JobResult]] = []
+        self._jobs_s = 0.0  # wall seconds spent running replay jobs, all queries together
 
     # ---- settings -----------------------------------------------------------------------------
     def set(self, name: str, value: Any) -> None:
@@ -378,6 +380,7 @@ class Connection:
         ensure_read_only(statement)
         statement = bind_parameters(statement, params)
         notes: list[str] = []
+        started = time.perf_counter()
         self.sync()
         lease = contextlib.ExitStack()
         try:
@@ -385,9 +388,13 @@ class Connection:
             planned = self._plan(bind(statement.copy(), db, self._catalog(db)), db)
             if planned.plan.jobs and self.settings["replay"] != "never":
                 lease.close()
+                jobs_before = self._jobs_s
                 ran = self._replay(statement, planned, notes)
                 db = lease.enter_context(self._open())
                 planned = self._plan(bind(statement.copy(), db, self._catalog(db)), db, runnable=False)
+                jobs_s = self._jobs_s - jobs_before
+                with contextlib.suppress(duckdb.Error):  # calibration only: never worth failing the answer
+                    record_query_cost(db, len(ran.jobs), jobs_s, time.perf_counter() - started - jobs_s)
             else:
                 ran = None
                 if planned.plan.jobs:
@@ -412,7 +419,7 @@ class Connection:
             again = self._plan(bind(statement.copy(), db, self._catalog(db)), db, reexecute=True)
         if again.plan.jobs:
             self._run_jobs(again.specs)
-            ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes, ran.slowdown)
+            ran = Plan(ran.jobs + again.plan.jobs, ran.workers, ran.retrain_s, ran.notes, ran.slowdown, ran.ingest_s)
         self.sync()
         return ran
 
@@ -473,7 +480,7 @@ class Connection:
         cells = query.missing_cells(bound, db, sites, reexecute=reexecute, warm=self._warm())
         missing = any(need.indices for _, needs in cells for need in needs)
         # No executor unless needed; a plan on more workers only where its estimate beats fewer.
-        replay_plan = plan(cells, *self._workers(bound, wanted)) if missing else plan(cells, 1)
+        replay_plan = plan(cells, *self._workers(bound, wanted), measured_ingest_s(db)) if missing else plan(cells, 1)
         replay_plan.notes += query.prune_skip_jobs(replay_plan, bound, patched)
         specs: list[JobSpec] = []
         if runnable and replay_plan.jobs and self.settings["replay"] != "never":
@@ -517,11 +524,15 @@ class Connection:
             if self.on_progress is not None:
                 self.on_progress(done[0], len(specs))
 
-        if reporter is not None:
-            reporter.begin()
-            results = self.executor.run(specs, finished, on_start=reporter.job_started)
-        else:
-            results = self.executor.run(specs, finished)
+        started = time.perf_counter()
+        try:
+            if reporter is not None:
+                reporter.begin()
+                results = self.executor.run(specs, finished, on_start=reporter.job_started)
+            else:
+                results = self.executor.run(specs, finished)
+        finally:
+            self._jobs_s += time.perf_counter() - started
         self.last_jobs = list(zip(specs, results))
         failures = [(s, r) for s, r in self.last_jobs if not r.ok]
         if failures:

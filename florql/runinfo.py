@@ -10,7 +10,7 @@ from functools import lru_cache
 import duckdb
 
 from florql.replay.analysis import LogSite, ModuleAnalysis, analyze
-from florql.replay.planner import WARM_START_S, Checkpoint, Costs, RunFacts
+from florql.replay.planner import INGEST_S, WARM_START_S, Checkpoint, Costs, RunFacts
 from florql.storage.manifest import Manifest
 from florql.storage.views import NameInfo
 
@@ -246,6 +246,15 @@ def measured_costs(
     ).fetchall()  # fetchone would leave the result open (DuckDB refuses the next statement)
     rate = row[0] / row[1] if row and row[0] and row[1] else default.restore_bytes_per_s
     return Costs(start, setup, rate, scale, skip_scale, jobs, cold, recorded_setup_s)
+
+
+def measured_ingest_s(conn: duckdb.DuckDBPyConnection) -> float:
+    """What recent replaying queries spent per job besides running it (ingest, planning again)."""
+    [row] = conn.execute(
+        f"SELECT median(overhead_s / jobs) FROM (SELECT * FROM _query_costs WHERE jobs > 0 "
+        f"ORDER BY finished_at DESC LIMIT {RECENT_JOBS})"
+    ).fetchall()
+    return float(row[0]) if row and row[0] is not None else INGEST_S
 
 
 def _recent_median(

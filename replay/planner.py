@@ -23,6 +23,7 @@ COLD_START_S = 2.5  # a fresh interpreter importing torch, measured on 2 shared 
 WARM_START_S = 0.1  # a fork of the warm fork server (benchmarks/bench_warm_start.py)
 SETUP_S = 0.5  # the script's own set-up before its first iteration (data, model)
 RESTORE_BYTES_PER_S = 5.0e8
+INGEST_S = 0.1  # per job, the query's own part: ingesting the job's values, planning again (the demo's)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ class Plan:
     retrain_s: float  # retraining every involved run from scratch
     notes: list[str] = field(default_factory=list)
     slowdown: float = 1.0  # how much jobs running side by side slow each other (cores shared)
+    ingest_s: float = 0.0  # per job, the query's own part once it is done (ingesting its values, planning again)
 
     @property
     def serial_s(self) -> float:
@@ -118,11 +120,12 @@ class Plan:
 
     @property
     def est_s(self) -> float:
-        """Makespan with `workers` slots, longest job first, slowed by sharing the cores."""
+        """Makespan with `workers` slots, longest job first, slowed by sharing the cores; plus the
+        query's own part when there are jobs."""
         slots = [0.0] * max(1, self.workers)
         for cost in sorted((j.est_s for j in self.jobs), reverse=True):
             heapq.heapreplace(slots, slots[0] + cost)
-        return max(slots) * self.slowdown
+        return max(slots) * self.slowdown + self.ingest_s * len(self.jobs)
 
     @property
     def slower_than_retraining(self) -> str:
@@ -145,6 +148,8 @@ class Plan:
             )
         speedup = self.retrain_s / self.est_s if self.est_s else float("inf")
         shared = f", x{self.slowdown:.2f} for sharing the cores" if self.slowdown > 1 else ""
+        ingest = self.ingest_s * len(self.jobs)
+        shared += f", {ingest:.1f} s to ingest the values" if ingest >= 0.05 else ""
         lines.append(
             f"total: {len(self.jobs)} job(s), ~{self.est_s:.1f} s on {self.workers} worker(s) "
             f"({self.serial_s:.1f} s of work{shared}) vs ~{self.retrain_s:.1f} s retraining from scratch ({speedup:.1f}x)"
@@ -155,12 +160,16 @@ class Plan:
         return "\n".join(lines)
 
 
-def plan(runs: list[tuple[RunFacts, list[Need]]], workers: int, cores: int = 0, threads: int = 1) -> Plan:
+def plan(
+    runs: list[tuple[RunFacts, list[Need]]], workers: int, cores: int = 0, threads: int = 1, ingest_s: float = 0.0
+) -> Plan:
     """The fastest plan on at most `workers` workers, each job using `threads` of `cores` cores
-    (0: do not model sharing the cores); never one estimated slower than on fewer workers."""
+    (0: do not model sharing the cores); never one estimated slower than on fewer workers.
+    `ingest_s`: the query's own part per job (`Plan.ingest_s`): more jobs, more to ingest."""
     best: Plan | None = None
     for count in range(1, max(1, workers) + 1):
         candidate = _plan_for(runs, count)
+        candidate.ingest_s = ingest_s
         running = min(count, len(candidate.jobs))
         candidate.slowdown = max(1.0, running * threads / cores) if cores else 1.0
         if best is None or candidate.est_s < best.est_s:

@@ -76,6 +76,9 @@ CREATE TABLE IF NOT EXISTS _replay_costs (
     restore_s DOUBLE, restored_bytes BIGINT, work_s DOUBLE, est_work_s DOUBLE, est_s DOUBLE, seconds DOUBLE,
     recorded_exec_s DOUBLE, recorded_skip_s DOUBLE
 );
+CREATE TABLE IF NOT EXISTS _query_costs (
+    finished_at TIMESTAMP, jobs INTEGER, jobs_s DOUBLE, overhead_s DOUBLE
+);
 CREATE TABLE IF NOT EXISTS replay_coverage (
     run_id INTEGER, name VARCHAR, version VARCHAR, outer_index INTEGER, job_id VARCHAR,
     PRIMARY KEY (run_id, name, version, outer_index)
@@ -553,6 +556,12 @@ def _ingest_costs(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, t: 
             t.get("recorded_skip_s"),
         ],
     )
+
+
+def record_query_cost(conn: duckdb.DuckDBPyConnection, jobs: int, jobs_s: float, overhead_s: float) -> None:
+    """What a replaying query cost besides its jobs (ingesting their values, planning again): the
+    planner adds it to a plan's estimate, which is otherwise short by it on a small replay."""
+    conn.execute("INSERT INTO _query_costs VALUES (now()::TIMESTAMP, ?, ?, ?)", [jobs, jobs_s, overhead_s])
 
 
 def _ingest_divergence(conn: duckdb.DuckDBPyConnection, run_id: int, job_id: str, d: dict[str, Any]) -> None:

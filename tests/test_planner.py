@@ -117,3 +117,42 @@ def test_a_warm_jobs_set_up_leaves_out_the_imports_its_fork_has_done(tmp_path):
     assert measured_costs(conn, 1, False, **recorded).setup_s == 1.6
     assert abs(measured_costs(conn, 1, True, **recorded).setup_s - 0.5) < 1e-9
     conn.close()
+
+
+def test_a_query_ingests_each_jobs_values_after_it_and_the_estimate_counts_it():
+    run = [(facts(Costs(start_s=0.1, setup_s=0.1)), step_level(range(EPOCHS)))]
+    alone = plan(run, workers=1)
+    with_ingest = plan(run, workers=1, ingest_s=0.25)
+    assert with_ingest.est_s == alone.est_s + 0.25 * len(with_ingest.jobs)
+    assert "0.2 s to ingest the values" in with_ingest.describe()
+    # Two jobs on two cores halve the work, less a second job's ingest: still worth it here, ...
+    assert len(plan(run, workers=2, cores=2, threads=1, ingest_s=0.25).jobs) == 2
+    # ... not when each job's values take longer to ingest than the split saves.
+    assert len(plan(run, workers=2, cores=2, threads=1, ingest_s=20.0).jobs) == 1
+
+
+def test_the_ingest_estimate_is_measured_per_job_from_recent_queries(tmp_path):
+    from florql.replay.planner import INGEST_S
+    from florql.runinfo import measured_ingest_s
+    from florql.storage.database import open_file, record_query_cost
+
+    conn = open_file(str(tmp_path / "florql.duckdb"))
+    assert measured_ingest_s(conn) == INGEST_S
+    record_query_cost(conn, jobs=2, jobs_s=3.0, overhead_s=0.3)
+    record_query_cost(conn, jobs=1, jobs_s=1.0, overhead_s=0.05)
+    record_query_cost(conn, jobs=1, jobs_s=1.0, overhead_s=0.11)
+    assert abs(measured_ingest_s(conn) - 0.11) < 1e-9  # the median of 0.15, 0.05 and 0.11 per job
+    conn.close()
+
+
+def test_a_replaying_query_records_what_it_cost_besides_its_jobs(store):
+    import florql
+    from store_support import GRAD_NORM_QUERY, record_then_add_grad_norm
+
+    record_then_add_grad_norm(store.workdir, store.env())
+    db = florql.connect(store.home, workers=1, progress=False)
+    assert db.sql(GRAD_NORM_QUERY).fetchall()
+    [(jobs, jobs_s, overhead_s)] = store.sql("SELECT jobs, jobs_s, overhead_s FROM _query_costs")
+    assert jobs == len(db.last_jobs) >= 1 and jobs_s > 0 and overhead_s > 0
+    db.sql(GRAD_NORM_QUERY).fetchall()  # nothing to replay: nothing recorded
+    assert store.sql("SELECT count(*) FROM _query_costs") == [(1,)]
