@@ -11,11 +11,20 @@ florql's extra time went (start-up, loop, exit).
     python benchmarks/bench_overhead.py --workload long --reps 5
     python benchmarks/bench_overhead.py --device cuda          # a CUDA loop (needs a GPU)
     python benchmarks/bench_overhead.py --workload long --side-by-side --epochs 3 --reps 6
+    python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --epochs 8 --reps 4
 
 `--side-by-side` starts each pair at the same moment, each process pinned to a core of its own
 (swapped every repetition) with one torch thread: what the shared machine does to one, it does to
 the other, so the paired ratios no longer carry the ±5–10 % drift between runs minutes apart. It is
 the harsher case for florql: its persist and writer threads share the training's only core.
+
+`--steady-allocator` runs both processes with glibc's mmap and trim thresholds fixed high
+(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`). With glibc's default, dynamic thresholds, the
+long workload's tensors of 12–38 MB are mapped afresh and faulted in page by page on most steps:
+1.6–2.0 M page faults per epoch, ~28 % of its CPU, and how many varies by ±15 % from one epoch to
+the next in the same plain process (importing twenty standard-library modules shifts it too). That
+noise is the training's own, hides florql's cost, and is gone with fixed thresholds: the same
+epochs then take ~6.5 s instead of ~9 s, with no page faults after the first.
 
 Workloads (CPU sizes; about 15 s and 60 s on a 2-core machine):
 - `short`: an MLP 64-256-256-4 (0.08 M parameters), loss logged every step;
@@ -144,13 +153,17 @@ def one(workload: str, device: str, use_florql: bool, home: str, threads: int) -
     return together([(workload, device, use_florql, home, threads, None)])[0]
 
 
+STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
+CHILD_ENV: dict[str, str] = {}  # set for every benchmark process (`--steady-allocator`)
+
+
 def together(runs: list[tuple[str, str, bool, str, int, int | None]]) -> list[dict]:
     """Fresh processes started at once, each (workload, device, florql?, store, threads, the CPU it
     is pinned to or None); each one's phases plus its whole-process wall and CPU time."""
     results: list[dict] = [{} for _ in runs]
 
     def run(k: int, workload: str, device: str, use_florql: bool, home: str, threads: int, cpu: int | None) -> None:
-        env = dict(os.environ, FLORQL_HOME=home, FLORQL_QUIET="1")
+        env = dict(os.environ, FLORQL_HOME=home, FLORQL_QUIET="1", **CHILD_ENV)
         env.pop("FLORQL_ARGS", None)
         variant = "florql" if use_florql else "plain"
         cmd = [sys.executable, os.path.abspath(__file__), "--child", variant, "--workload", workload]
@@ -279,6 +292,11 @@ def main() -> int:
         action="store_true",
         help="run each pair at once, pinned to a core each, 1 torch thread (needs 2 cores): noise hits both",
     )
+    parser.add_argument(
+        "--steady-allocator",
+        action="store_true",
+        help="fix glibc's mmap/trim thresholds in both processes: no page-fault noise from the training itself",
+    )
     parser.add_argument("--child", choices=["plain", "florql"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.epochs:
@@ -293,6 +311,9 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("no CUDA device here; run with --device cpu", file=sys.stderr)
             return 2
+    if opts.steady_allocator:
+        CHILD_ENV.update(STEADY_ALLOCATOR)
+        print(f"both processes with {' '.join(f'{k}={v}' for k, v in STEADY_ALLOCATOR.items())}")
     print(f"machine: {machine(opts.device)}; load average {os.getloadavg()[0]:.1f} at start")
     if opts.side_by_side:
         if len(os.sched_getaffinity(0)) < 2:

@@ -109,8 +109,8 @@ def run_demo(folder: str) -> int:
     print()
     print(result.df().to_string(index=False))
     print(
-        f"\nanswered in {query_s:.1f} s by replaying only epochs {FIRST}.. from the nearest checkpoint "
-        f"(training from scratch took {train_s:.1f} s: {train_s / query_s:.1f}x)"
+        f"\nanswered in {query_s:.2f} s by replaying only epochs {FIRST}.. from the nearest checkpoint "
+        f"(training from scratch took {train_s:.2f} s: {train_s / query_s:.1f}x)"
     )
     print("Asking again replays nothing: the values are stored now (source = 'replayed' in the logs table).")
 
