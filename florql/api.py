@@ -380,7 +380,6 @@ class Connection:
         ensure_read_only(statement)
         statement = bind_parameters(statement, params)
         notes: list[str] = []
-        started = time.perf_counter()
         self.sync()
         lease = contextlib.ExitStack()
         try:
@@ -388,7 +387,7 @@ class Connection:
             planned = self._plan(bind(statement.copy(), db, self._catalog(db)), db)
             if planned.plan.jobs and self.settings["replay"] != "never":
                 lease.close()
-                jobs_before = self._jobs_s
+                started, jobs_before = time.perf_counter(), self._jobs_s
                 ran = self._replay(statement, planned, notes)
                 db = lease.enter_context(self._open())
                 planned = self._plan(bind(statement.copy(), db, self._catalog(db)), db, runnable=False)
