@@ -508,7 +508,8 @@ class Connection:
             local = (self._executor_arg or os.environ.get("FLORQL_EXECUTOR", "local")) == "local"
             return local and warm_start_enabled() and starts_warm(self.location.home)
         server = getattr(executor, "fork_server", None)
-        return server is not None and server.serving()
+        # Not yet started by this executor (it starts on the first job) but up for the store: warm too.
+        return server is not None and (server.serving() or starts_warm(self.location.home))
 
     def _run_jobs(self, specs: list[JobSpec]) -> None:
         reporter = ReplayProgress(specs, self.executor.workers) if self.progress else None
