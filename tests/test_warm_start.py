@@ -402,3 +402,25 @@ def test_a_stopping_server_leaves_a_lock_file_someone_holds(tmp_path: Path):
         assert os.path.exists(path)
     warm._remove_lock(path)
     assert not os.path.exists(path)
+
+
+def test_a_connection_plans_warm_before_its_own_executor_has_reached_the_server(
+    stores: tuple[Path, Path], tmp_path: Path
+):
+    """`explain` makes the executor, which reaches the server only with its first job: a query's
+    plan after that must still count on the template server another process left up (it said
+    1.9 s where explain had said 0.3 s, for the same warm job)."""
+    store = _fresh_copy(stores, tmp_path / "store")
+    sql = "SELECT epoch, w FROM run_1 WHERE epoch = 3"
+    try:
+        _query_in_new_process(store, "SELECT epoch, w FROM run_1 WHERE epoch = 1")  # the template is up now
+        stop_servers(str(store))  # the store's own is not: the first job forks it from the template
+        db = florql.connect(store, progress=False)
+        explained = db.replay_plan(sql)
+        assert db._executor is not None  # made by the plan; its fork server not reached yet
+        replanned = db.replay_plan(sql)
+        assert replanned.est_s == explained.est_s
+        assert db._warm()
+        assert db.sql(sql).plan.est_s == explained.est_s
+    finally:
+        stop_servers(str(store))
