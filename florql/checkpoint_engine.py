@@ -120,9 +120,12 @@ class AdaptivePolicy:
         cpu = _median(self._persist_cpus) if self._persist_cpus else 0.0
         return _median(self._stalls) + (cpu if self.contended else self._extra_s)
 
-    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool, final: bool = False) -> bool:
-        """`final`: the run's last opportunity, so nothing overlaps the persist: the run waits for it
-        at exit, and its whole wall time is a cost."""
+    def should_checkpoint(
+        self, estimated_stall_s: float, persist_in_flight: bool, final: bool = False, overlap_s: float = 0.0
+    ) -> bool:
+        """`final`: the run's last opportunity: the run waits for its persist at exit, so the part of
+        the persist's wall time that the rest of the run (`overlap_s`: what is left of the last
+        iteration after an inner loop's end) does not cover is a cost."""
         self.considered += 1
         self._since_last += 1
         if persist_in_flight:
@@ -130,7 +133,8 @@ class AdaptivePolicy:
             return False
         cost = self.last_cost_s if self.last_cost_s is not None else estimated_stall_s
         if final:
-            cost += _median(self._persist_walls) if self._persist_walls else self._first_wall_s
+            wall = _median(self._persist_walls) if self._persist_walls else self._first_wall_s
+            cost += max(wall - overlap_s, 0.0)
         allowed = self.budget * self.train_s
         if self.stall_s + self.interference_s + cost <= allowed:
             return True
@@ -163,7 +167,9 @@ class EveryOpportunity(AdaptivePolicy):
     alone, never on the machine's load (tests, and runs where fast replays matter more than overhead).
     """
 
-    def should_checkpoint(self, estimated_stall_s: float, persist_in_flight: bool, final: bool = False) -> bool:
+    def should_checkpoint(
+        self, estimated_stall_s: float, persist_in_flight: bool, final: bool = False, overlap_s: float = 0.0
+    ) -> bool:
         self.considered += 1
         self._since_last += 1
         return True

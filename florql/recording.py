@@ -8,6 +8,7 @@ import inspect
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -439,7 +440,10 @@ class RecordSession(TrainingSession):
         self.policy_observe(train_s)
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if self.policy.taken == 0 else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
-        if not self.policy.should_checkpoint(estimate, self.persister.in_flight, final):
+        # After an inner loop's end the iteration's tail (an evaluation, say) still runs: the persist overlaps it.
+        tails = [i - n for i, n in zip(self.manifest.iteration_s, self.manifest.inner_s)] if kind == "inner_end" else []
+        overlap = max(statistics.median(tails), 0.0) if tails else 0.0
+        if not self.policy.should_checkpoint(estimate, self.persister.in_flight, final, overlap):
             self._report_policy()
             return "declined"
         started = self.clock()

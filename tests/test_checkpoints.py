@@ -184,6 +184,20 @@ def test_policy_charges_the_wall_time_of_a_final_persist_the_run_waits_for():
     assert not policy.should_checkpoint(0.01, persist_in_flight=False, final=True)
 
 
+def test_a_final_persist_is_charged_only_for_what_the_iterations_tail_does_not_cover():
+    """The last inner loop's checkpoint persists while the epoch's evaluation runs: the exit waits
+    for the rest only (the mnist layout's last epoch lost its checkpoint to a 10 ms fsync)."""
+    policy = AdaptivePolicy(budget=0.05)
+    policy.observe(10.0)
+    assert policy.should_checkpoint(0.01, persist_in_flight=False)
+    policy.record(0.01)
+    policy.persisted(cpu_s=0.2, wall_s=0.6)
+    assert policy.should_checkpoint(0.01, persist_in_flight=False)
+    policy.record(0.01)
+    assert not policy.should_checkpoint(0.01, persist_in_flight=False, final=True, overlap_s=0.1)
+    assert policy.should_checkpoint(0.01, persist_in_flight=False, final=True, overlap_s=0.5)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to leave one free")
 def test_training_uses_every_core_when_torch_threads_fill_the_cores():
     threads = torch.get_num_threads()
