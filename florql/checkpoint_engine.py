@@ -28,7 +28,7 @@ from florql.storage.checkpoints import CheckpointRecord, ChunkCache, checkpoint_
 from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
-ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate before the first checkpoint is measured
+ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate until a checkpoint after the first is measured
 
 
 @dataclass

@@ -438,7 +438,8 @@ class RecordSession(TrainingSession):
         if not self.checkpointing_active or self.policy is None:
             return "declined"
         self.policy_observe(train_s)
-        estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if self.policy.taken == 0 else 0.0
+        unmeasured = self.policy.last_cost_s is None  # before the second checkpoint: the first is not typical
+        estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if unmeasured else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
         # After an inner loop's end the iteration's tail (an evaluation, say) still runs: the persist overlaps it.
         tails = [i - n for i, n in zip(self.manifest.iteration_s, self.manifest.inner_s)] if kind == "inner_end" else []

@@ -225,7 +225,8 @@ class ReplaySession(TrainingSession):
         assert self.policy is not None
         self.checkpoint_at.discard(self.outer.index)
         self.policy.observe(max(self.clock() - self.unobserved_from, 0.0))
-        estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if self.policy.taken == 0 else 0.0
+        unmeasured = self.policy.last_cost_s is None  # before the second checkpoint: the first is not typical
+        estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if unmeasured else 0.0
         if self.policy.should_checkpoint(estimate, self.persister.in_flight):
             started = self.clock()
             self.persister.wait()  # the staging buffers are reused
