@@ -147,12 +147,12 @@ class Plan:
                 f"{j.mode:<11} {j.est_s:>7.1f}s  {', '.join(j.names)}"
             )
         speedup = self.retrain_s / self.est_s if self.est_s else float("inf")
-        shared = f", x{self.slowdown:.2f} for sharing the cores" if self.slowdown > 1 else ""
+        extras = f", x{self.slowdown:.2f} for sharing the cores" if self.slowdown > 1 else ""
         ingest = self.ingest_s * len(self.jobs)
-        shared += f", {ingest:.1f} s to ingest the values" if ingest >= 0.05 else ""
+        extras += f", {ingest:.1f} s to ingest the values" if ingest >= 0.05 else ""
         lines.append(
             f"total: {len(self.jobs)} job(s), ~{self.est_s:.1f} s on {self.workers} worker(s) "
-            f"({self.serial_s:.1f} s of work{shared}) vs ~{self.retrain_s:.1f} s retraining from scratch ({speedup:.1f}x)"
+            f"({self.serial_s:.1f} s of work{extras}) vs ~{self.retrain_s:.1f} s retraining from scratch ({speedup:.1f}x)"
         )
         if self.slower_than_retraining:
             lines.append("warning: " + self.slower_than_retraining)
