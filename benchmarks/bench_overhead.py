@@ -12,6 +12,7 @@ florql's extra time went (start-up, loop, exit).
     python benchmarks/bench_overhead.py --device cuda          # a CUDA loop (needs a GPU)
     python benchmarks/bench_overhead.py --workload long --side-by-side --epochs 3 --reps 6
     python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --epochs 8 --reps 4
+    python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --budget 0.000001  # no checkpoints
 
 `--side-by-side` starts each pair at the same moment, each process pinned to a core of its own
 (swapped every repetition) with one torch thread: what the shared machine does to one, it does to
@@ -111,7 +112,8 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
     cpu_began, main_cpu_began = time.process_time(), time.thread_time()
     if use_florql:
         epochs = florql.arg("epochs", epochs)  # the run starts here: id, manifest, code version
-        with florql.checkpointing(model=net, optimizer=opt, scheduler=sched):
+        budget = float(os.environ["BENCH_BUDGET"]) if os.environ.get("BENCH_BUDGET") else None  # None: florql's default
+        with florql.checkpointing(budget=budget, model=net, optimizer=opt, scheduler=sched):
             for _ in florql.loop("epoch", range(epochs)):
                 epoch_body(florql.log, lambda it: florql.loop("step", it))
         sync()
@@ -297,6 +299,7 @@ def main() -> int:
         action="store_true",
         help="fix glibc's mmap/trim thresholds in both processes: no page-fault noise from the training itself",
     )
+    parser.add_argument("--budget", type=float, default=0.0, help="checkpoint overhead budget (default: florql's)")
     parser.add_argument("--child", choices=["plain", "florql"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.epochs:
@@ -311,6 +314,9 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("no CUDA device here; run with --device cpu", file=sys.stderr)
             return 2
+    if opts.budget:
+        CHILD_ENV["BENCH_BUDGET"] = str(opts.budget)
+        print(f"checkpoint budget {opts.budget:g}")
     if opts.steady_allocator:
         CHILD_ENV.update(STEADY_ALLOCATOR)
         print(f"both processes with {' '.join(f'{k}={v}' for k, v in STEADY_ALLOCATOR.items())}")
