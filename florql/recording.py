@@ -441,9 +441,7 @@ class RecordSession(TrainingSession):
         unmeasured = self.policy.last_cost_s is None  # before the second checkpoint: the first is not typical
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if unmeasured else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
-        # After an inner loop's end the iteration's tail (an evaluation, say) still runs: the persist overlaps it.
-        tails = [i - n for i, n in zip(self.manifest.iteration_s, self.manifest.inner_s)] if kind == "inner_end" else []
-        overlap = max(statistics.median(tails), 0.0) if tails else 0.0
+        overlap = self._recent_tail_s() if final and kind == "inner_end" else 0.0
         if not self.policy.should_checkpoint(estimate, self.persister.in_flight, final, overlap):
             self._report_policy()
             return "declined"
@@ -487,6 +485,12 @@ class RecordSession(TrainingSession):
         self.writer.flush_soon()
         self._report_policy()
         return "taken"
+
+    def _recent_tail_s(self) -> float:
+        """What recent iterations ran after their inner loop (an evaluation, say): a persist started
+        at an inner loop's end overlaps that much of the iteration."""
+        recent = list(zip(self.manifest.iteration_s, self.manifest.inner_s))[-AdaptivePolicy.SAMPLES :]
+        return max(statistics.median(i - n for i, n in recent), 0.0) if recent else 0.0
 
     def _persist_cost(self, cpu_s: float, wall_s: float) -> None:
         if self.policy is not None:
