@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from process_support import ctrl_c_stops_it
+
 WAIT_S = 180  # the longest a test waits for a state before it fails (never a timing assertion)
 
 
@@ -43,6 +45,7 @@ def start_server(store: Path, *options: str, env: dict[str, str]) -> tuple[subpr
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_stops_it,
     )
 
     def listening() -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from process_support import ctrl_c_stops_it
 
 import florql
 from florql.ui import charts
@@ -194,7 +195,13 @@ def test_florql_ui_command_serves_the_store_and_refuses_an_open_address_without_
     command = [sys.executable, "-m", "florql.cli", "--store", str(recorded.home), "ui"]
     refused = subprocess.run([*command, "--host", "0.0.0.0"], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--password-file" in refused.stderr
-    server = subprocess.Popen([*command, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [*command, "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=ctrl_c_stops_it,
+    )
     try:
         assert server.stdout is not None
         banner = server.stdout.readline()  # florql ui: http://127.0.0.1:PORT/  (Ctrl-C stops it)
