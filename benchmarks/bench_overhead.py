@@ -13,11 +13,18 @@ florql's extra time went (start-up, loop, exit).
     python benchmarks/bench_overhead.py --workload long --side-by-side --epochs 3 --reps 6
     python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --epochs 8 --reps 4
     python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --budget 0.000001  # no checkpoints
+    python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --control  # the noise floor
 
 `--side-by-side` starts each pair at the same moment, each process pinned to a core of its own
 (swapped every repetition) with one torch thread: what the shared machine does to one, it does to
 the other, so the paired ratios no longer carry the ±5–10 % drift between runs minutes apart. It is
 the harsher case for florql: its persist and writer threads share the training's only core.
+
+Even so, each process has a speed of its own: two plain processes side by side differ by up to
+±4 %, the same in every epoch of the pair (where its memory happens to lie, physically and in the
+address space), so one pair says little and four say ±1 %. The report gives the geometric mean of
+the paired ratios with its 95 % confidence interval; `--control` runs the plain script on both
+sides, to show what the harness itself reads when there is nothing to find.
 
 `--steady-allocator` runs both processes with glibc's mmap and trim thresholds fixed high
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`). With glibc's default, dynamic thresholds, the
@@ -39,6 +46,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -155,6 +163,7 @@ def one(workload: str, device: str, use_florql: bool, home: str, threads: int) -
     return together([(workload, device, use_florql, home, threads, None)])[0]
 
 
+CONTROL = False  # `--control`: the plain script on both sides
 STEADY_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 32)}
 CHILD_ENV: dict[str, str] = {}  # set for every benchmark process (`--steady-allocator`)
 
@@ -211,6 +220,20 @@ def durations(p: dict) -> dict[str, float]:
     }
 
 
+T_975 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13]  # by df
+
+
+def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """The geometric mean of paired ratios and its 95 % confidence interval (Student's t on the logs)."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.nan, math.exp(mean), math.nan
+    df = len(logs) - 1
+    half = (T_975[df - 1] if df <= len(T_975) else 2.0) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean - half), math.exp(mean), math.exp(mean + half)
+
+
 def bench(workload: str, device: str, reps: int, threads: int, side_by_side: bool) -> None:
     home = tempfile.mkdtemp(prefix="florql-bench-")
     try:  # every florql run leaves its checkpoints there: gigabytes for the long workload
@@ -220,13 +243,13 @@ def bench(workload: str, device: str, reps: int, threads: int, side_by_side: boo
         for rep in range(reps):
             if side_by_side:  # at once, one core each (swapped every repetition): the machine's noise hits both
                 cores = (0, 1) if rep % 2 == 0 else (1, 0)
-                runs = [(workload, device, use, home, threads, core) for use, core in zip((False, True), cores)]
+                runs = [(workload, device, use, home, threads, core) for use, core in zip((False, not CONTROL), cores)]
                 a, b = together(runs)
                 plain.append(a)
                 recorded.append(b)
                 continue
-            for use in [False, True] if rep % 2 == 0 else [True, False]:  # ABBA...: neither always first
-                (recorded if use else plain).append(one(workload, device, use, home, threads))
+            for second in [False, True] if rep % 2 == 0 else [True, False]:  # ABBA...: neither always first
+                (recorded if second else plain).append(one(workload, device, second and not CONTROL, home, threads))
     finally:
         shutil.rmtree(home, ignore_errors=True)
     a = [durations(p) for p in plain]
@@ -244,7 +267,7 @@ def bench(workload: str, device: str, reps: int, threads: int, side_by_side: boo
         )
     )
     med = {part: (statistics.median(d[part] for d in a), statistics.median(d[part] for d in b)) for part in a[0]}
-    print(f"{'':28}{'without':>10}{'with florql':>13}{'extra':>9}")
+    print(f"{'':28}{'without':>10}{'plain again' if CONTROL else 'with florql':>13}{'extra':>9}")
     for part, label in [
         ("total", "whole process (launch→exit)"),
         ("before", "  launch → loop start"),
@@ -267,13 +290,17 @@ def bench(workload: str, device: str, reps: int, threads: int, side_by_side: boo
         ratios = [y["total"] / x["total"] for x, y in zip(a, b)]
         by_core = {core: [r for k, r in enumerate(ratios) if k % 2 == core] for core in (0, 1)}
         print(
-            "  by the core florql ran on: "
+            f"  by the core {'the second process' if CONTROL else 'florql'} ran on: "
             + "; ".join(f"core {1 - c}: {', '.join(f'{r:.3f}' for r in rs)}" for c, rs in by_core.items() if rs)
         )
         print(f"  geometric mean of the paired ratios (cores balanced): {statistics.geometric_mean(ratios):.3f}")
+    low, mean, high = ratio_interval([y["total"] / x["total"] for x, y in zip(a, b)])
+    print(f"geometric mean of the paired ratios: {mean:.4f}, 95 % confidence interval {low:.4f}–{high:.4f}")
     print(
         f"spread of totals: without {totals_a[0]:.2f}–{totals_a[-1]:.2f} s, with {totals_b[0]:.2f}–{totals_b[-1]:.2f} s"
     )
+    if CONTROL:
+        return
     print(
         f"checkpoints per run: {statistics.median(p['checkpoints'] for p in recorded):.0f} of "
         f"{statistics.median(p['considered'] for p in recorded):.0f} opportunities; florql's own accounting "
@@ -300,6 +327,11 @@ def main() -> int:
         help="fix glibc's mmap/trim thresholds in both processes: no page-fault noise from the training itself",
     )
     parser.add_argument("--budget", type=float, default=0.0, help="checkpoint overhead budget (default: florql's)")
+    parser.add_argument(
+        "--control",
+        action="store_true",
+        help="the plain script on both sides: what the harness reads with nothing to find",
+    )
     parser.add_argument("--child", choices=["plain", "florql"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.epochs:
@@ -314,6 +346,10 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("no CUDA device here; run with --device cpu", file=sys.stderr)
             return 2
+    if opts.control:
+        global CONTROL
+        CONTROL = True
+        print("control: the plain script on both sides")
     if opts.budget:
         CHILD_ENV["BENCH_BUDGET"] = str(opts.budget)
         print(f"checkpoint budget {opts.budget:g}")
