@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from florql import reads
 from florql.errors import FlorqlError, UsageError
+from florql.uptime import process_age_s
 
 
 def _connect(args: argparse.Namespace):
@@ -185,7 +186,14 @@ def _flat_for_csv(table):
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    print(_connect(args).explain(args.sql))
+    plan = _connect(args).replay_plan(args.sql)
+    before_jobs = process_age_s()  # what `florql query` pays too before its jobs: the interpreter, imports, planning
+    print(plan.describe())
+    if plan.jobs and before_jobs is not None:
+        print(
+            f"as a command: ~{before_jobs + plan.est_s:.1f} s (`florql query` first spends ~{before_jobs:.1f} s "
+            "starting and planning, as this command did)"
+        )
     return 0
 
 

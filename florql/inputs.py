@@ -51,7 +51,8 @@ class InputRecorder:
     def collect(self) -> None:
         """Record the files read since the last call: small ones by content now, large ones by
         stat now and by hash in the background."""
-        for path, absolute in list(reads.READ_FILES.items()):
+        # A copy in one step: iterating the dict itself can let another thread (the script's) run and add to it.
+        for path, absolute in reads.READ_FILES.copy().items():
             record = self.records.get(path)
             if record is not None:
                 record.absolute |= absolute

@@ -42,6 +42,8 @@ def _audit(event: str, payload: tuple) -> None:
         return
     if event != "open" or not payload or not isinstance(payload[0], str):
         return
+    if threading.current_thread().name.startswith("florql"):  # florql's own files (a persist's folder fsync)
+        return
     path = payload[0]
     if path.endswith((".py", ".pyc")):
         return

@@ -35,6 +35,7 @@ from florql.storage.errors import WriteFailed
 from florql.storage.layout import locate_store
 from florql.storage.manifest import Env, Manifest
 from florql.storage.segment_writer import SegmentWriter
+from florql.uptime import process_age_s
 
 HEARTBEAT_S = 2.0
 _OWN_PACKAGES = tuple(
@@ -61,18 +62,6 @@ def _project_root(script: str | None) -> str:
         if parent == folder:
             return start
         folder = parent
-
-
-def _since_process_start() -> float | None:
-    """Seconds since this interpreter started (Linux: /proc), None where that cannot be read."""
-    try:
-        with open("/proc/self/stat") as f:
-            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return round(max(time.time() - (boot + started_ticks / os.sysconf("SC_CLK_TCK")), 0.0), 3)
 
 
 def _git_commit(root: str) -> str | None:
@@ -174,7 +163,7 @@ class RecordSession(TrainingSession):
             git_commit=_git_commit(self.root),
             env=environment(),
             started_at=time.time(),
-            launch_s=_since_process_start(),
+            launch_s=process_age_s(),
             heartbeat_at=time.time(),
             status="running",
             checkpoints={"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},
@@ -192,6 +181,7 @@ class RecordSession(TrainingSession):
             on_swap=self._manifest_snapshot,
             on_flush=self._heartbeat,
         )
+        self._writer_cpu_at_loop = 0.0
         say(f"florql: recording run {self.run_id} in {self.files.url}")
 
     # ---- manifest ---------------------------------------------------------------------------
@@ -331,6 +321,7 @@ class RecordSession(TrainingSession):
         self._capture_code_version()  # project modules are imported by now
         self.outer.frame = frame
         self.outer.baseline = baseline_of(frame)
+        self._writer_cpu_at_loop = self.writer.cpu_s  # its warm-up and the set-up's logs are not training's
         index = -1
         completed = False
         try:
@@ -438,6 +429,7 @@ class RecordSession(TrainingSession):
         if not self.checkpointing_active or self.policy is None:
             return "declined"
         self.policy_observe(train_s)
+        self.policy.background_cpu_s = self.writer.cpu_s - self._writer_cpu_at_loop
         unmeasured = self.policy.last_cost_s is None  # before the second checkpoint: the first is not typical
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if unmeasured else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
@@ -472,17 +464,17 @@ class RecordSession(TrainingSession):
             "frames": captured,  # the helper frames' locals when the inner loop ran in a helper
             "args": dict(self.args),
         }
-        stall = self.clock() - started
+        snapshot_s = self.clock() - started
         self.previous_scope = payload["scope"]["plain"] if payload["scope"] else {}
         uncaptured = set((payload["scope"] or {}).get("uncaptured", ())) - set(self.manifest.uncaptured)
         if uncaptured:  # statements reading these are answered by re-execution, never by skipping
             self.update(uncaptured=sorted(uncaptured | set(self.manifest.uncaptured)))
+        coords = {f.name: f.index for f in self.stack[:1]}
+        self.persister.submit(outer_index, kind, coords, payload, snapshot_s, self.stager.pending_event)
+        stall = self.clock() - started  # with the persist thread's start, which waits for it to run
         self.policy.record(stall)
         self.outer.stall_s += stall
-        coords = {f.name: f.index for f in self.stack[:1]}
-        self.persister.submit(outer_index, kind, coords, payload, stall, self.stager.pending_event)
         self.outer.overlapped = True
-        self.writer.flush_soon()
         self._report_policy()
         return "taken"
 

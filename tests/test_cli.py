@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -217,10 +218,18 @@ def test_forbidden_statements_exit_2_and_change_nothing(copied: Store, statement
 # ---- florql explain ------------------------------------------------------------------------------
 def test_explain_of_a_hindsight_query_prints_the_plan_and_replays_nothing(copied: Store) -> None:
     out = ok(florql_cli(copied, "explain", HINDSIGHT, "--workers", "1"))
-    header, *jobs, total = [line for line in out.splitlines() if line.strip()]
+    lines = [line for line in out.splitlines() if line.strip()]
+    header, total, as_command = lines[0], _starting(lines, "total:"), _starting(lines, "as a command:")
+    jobs = lines[1 : lines.index(total)]  # after the total: a warning when slower than retraining
     assert header.split()[:3] == ["job", "run", "range"] and "names" in header
     assert len(jobs) >= 1 and all("grad_norm" in job and job.split()[1] == "1" for job in jobs)
     assert total.startswith(f"total: {len(jobs)} job(s)") and "1 worker(s)" in total
+    # What `florql query` will take as a command: its own start and planning, then the jobs.
+    jobs_s = float(re.search(r"~([\d.]+) s", total).group(1))  # type: ignore[union-attr]
+    command = re.fullmatch(r"as a command: ~([\d.]+) s \(`florql query` first spends ~([\d.]+) s .*\)", as_command)
+    assert command is not None, as_command
+    whole_s, before_jobs_s = map(float, command.groups())
+    assert before_jobs_s > 0 and whole_s == pytest.approx(jobs_s + before_jobs_s, abs=0.11)  # each rounded to 0.1
     # Nothing ran: no job record, no grad_norm value, and the query still has everything to replay.
     assert copied.sql("SELECT count(*) FROM replay_jobs") == [(0,)]
     assert copied.sql("SELECT count(*) FROM logs WHERE name = 'grad_norm'") == [(0,)]
@@ -230,12 +239,29 @@ def test_explain_of_a_hindsight_query_prints_the_plan_and_replays_nothing(copied
     assert _without_estimates(again) == _without_estimates(out)
 
 
+def _starting(lines: list[str], prefix: str) -> str:
+    found = [line for line in lines if line.startswith(prefix)]
+    assert len(found) == 1, lines
+    return found[0]
+
+
 def _without_estimates(plan: str) -> list[str]:
-    return [re.sub(r"\s[\d.]+s\s", " ", line) for line in plan.splitlines() if not line.startswith("total:")]
+    estimates = ("total:", "as a command:", "warning:")  # what the estimates say, which may differ
+    return [re.sub(r"\s[\d.]+s\s", " ", line) for line in plan.splitlines() if not line.startswith(estimates)]
 
 
 def test_explain_of_a_stored_query(recorded: Store) -> None:
-    assert "no replay needed" in ok(florql_cli(recorded, "explain", LOSSES))
+    out = ok(florql_cli(recorded, "explain", LOSSES))
+    assert "no replay needed" in out and "as a command" not in out
+
+
+def test_process_age_counts_from_the_process_start() -> None:
+    """The age `explain` adds and a run's `launch_s` records: from the process's start, to a tick."""
+    code = "import time; time.sleep(0.5); from florql.uptime import process_age_s; print(process_age_s())"
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    elapsed = time.monotonic() - started
+    assert 0.5 <= float(out) <= elapsed + 0.02  # the start is kept in 10 ms ticks
 
 
 def test_explain_refuses_what_query_refuses(recorded: Store) -> None:
