@@ -181,7 +181,6 @@ class RecordSession(TrainingSession):
             on_swap=self._manifest_snapshot,
             on_flush=self._heartbeat,
         )
-        self._writer_cpu_at_loop = 0.0
         say(f"florql: recording run {self.run_id} in {self.files.url}")
 
     # ---- manifest ---------------------------------------------------------------------------
@@ -321,7 +320,6 @@ class RecordSession(TrainingSession):
         self._capture_code_version()  # project modules are imported by now
         self.outer.frame = frame
         self.outer.baseline = baseline_of(frame)
-        self._writer_cpu_at_loop = self.writer.cpu_s  # its warm-up and the set-up's logs are not training's
         index = -1
         completed = False
         try:
@@ -429,7 +427,6 @@ class RecordSession(TrainingSession):
         if not self.checkpointing_active or self.policy is None:
             return "declined"
         self.policy_observe(train_s)
-        self.policy.background_cpu_s = self.writer.cpu_s - self._writer_cpu_at_loop
         unmeasured = self.policy.last_cost_s is None  # before the second checkpoint: the first is not typical
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if unmeasured else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
@@ -464,16 +461,15 @@ class RecordSession(TrainingSession):
             "frames": captured,  # the helper frames' locals when the inner loop ran in a helper
             "args": dict(self.args),
         }
-        snapshot_s = self.clock() - started
+        stall = self.clock() - started
         self.previous_scope = payload["scope"]["plain"] if payload["scope"] else {}
         uncaptured = set((payload["scope"] or {}).get("uncaptured", ())) - set(self.manifest.uncaptured)
         if uncaptured:  # statements reading these are answered by re-execution, never by skipping
             self.update(uncaptured=sorted(uncaptured | set(self.manifest.uncaptured)))
-        coords = {f.name: f.index for f in self.stack[:1]}
-        self.persister.submit(outer_index, kind, coords, payload, snapshot_s, self.stager.pending_event)
-        stall = self.clock() - started  # with the persist thread's start, which waits for it to run
         self.policy.record(stall)
         self.outer.stall_s += stall
+        coords = {f.name: f.index for f in self.stack[:1]}
+        self.persister.submit(outer_index, kind, coords, payload, stall, self.stager.pending_event)
         self.outer.overlapped = True
         self._report_policy()
         return "taken"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -65,7 +64,6 @@ class SegmentWriter:
         self.has_deferred = False
         self.records_written = 0
         self.segments_written = 0
-        self.cpu_s = 0.0  # the writer thread's CPU time so far (its warm-up included), updated after each flush
         self.paths: list[str] = []
         self._segment_seq = 0
         self._pending: tuple[str, bytes, int] | None = None  # a segment encoded but not yet written
@@ -119,7 +117,6 @@ class SegmentWriter:
         # pyarrow's first compute kernels and zstd encoding cost ~0.1 s: pay it now, while
         # the script is still setting up, not in the middle of its first training iterations.
         segments.encode([segments.records_to_batch(0, [("warmup", 0.0, ("",)), ("warmup", 0, ("",))])], {})
-        self.cpu_s = time.thread_time()
         self.warmed.set()
         while not self._stop:
             self._wake.wait(self.interval)
@@ -145,7 +142,6 @@ class SegmentWriter:
                     self.on_flush(state)
                 except Exception:  # the heartbeat is rewritten at the next flush
                     pass
-            self.cpu_s = time.thread_time()
 
     def _say(self, message: str) -> None:
         run = self.metadata.get("run_id")
