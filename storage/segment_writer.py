@@ -93,9 +93,6 @@ class SegmentWriter:
                     "Free some space (or fix the store) and run again."
                 ) from self._error
 
-    def flush_soon(self) -> None:
-        self._wake.set()
-
     def flush(self) -> None:
         """Write everything buffered so far, on the calling thread."""
         self._flush_once()
