@@ -35,7 +35,7 @@ from florql.storage.errors import WriteFailed
 from florql.storage.layout import locate_store
 from florql.storage.manifest import Env, Manifest
 from florql.storage.segment_writer import SegmentWriter
-from florql.uptime import process_age_s
+from florql.uptime import launch_cost_s
 
 HEARTBEAT_S = 2.0
 _OWN_PACKAGES = tuple(
@@ -163,7 +163,7 @@ class RecordSession(TrainingSession):
             git_commit=_git_commit(self.root),
             env=environment(),
             started_at=time.time(),
-            launch_s=process_age_s(),
+            launch_s=launch_cost_s(),
             heartbeat_at=time.time(),
             status="running",
             checkpoints={"taken": 0, "considered": 0, "stall_s": 0.0, "skipped_in_flight": 0},

@@ -264,6 +264,19 @@ def test_process_age_counts_from_the_process_start() -> None:
     assert 0.5 <= float(out) <= elapsed + 0.02  # the start is kept in 10 ms ticks
 
 
+def test_launch_cost_leaves_out_waiting() -> None:
+    """A run's recorded launch is what starting cost, not how long the process waited (for busy
+    cores, here a sleep): a cold replay's estimate must not carry the recording's machine load."""
+    code = (
+        "import time; time.sleep(1.0); from florql.uptime import launch_cost_s, process_age_s; "
+        "print(launch_cost_s(), process_age_s(), time.process_time())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    cost, age, cpu = map(float, out.split())
+    assert age >= 1.0 and cost <= age - 0.9  # the second asleep is not part of it
+    assert cost == pytest.approx(cpu, abs=0.01)
+
+
 def test_explain_refuses_what_query_refuses(recorded: Store) -> None:
     assert "read-only" in refused(florql_cli(recorded, "explain", "DROP TABLE logs"))
     assert "syntax error" in refused(florql_cli(recorded, "explain", "SELEC 1"))
