@@ -77,7 +77,7 @@ class Manifest:
     outer_broke_early: bool = False
     iteration_s: list[float] = field(default_factory=list)  # per completed outer iteration
     setup_s: float | None = None  # from florql's start in the script to its outer loop (the script's set-up)
-    launch_s: float | None = None  # from the interpreter's start to florql's (its CPU time if less): what a cold replay pays first
+    launch_s: float | None = None  # interpreter start → florql's (CPU time if less): a cold replay's first cost
     setup_import_s: float | None = None  # of setup_s, importing what a replay's warm fork has imported already
     inner_s: list[float] = field(default_factory=list)
     checkpoint_budget: float | None = None
