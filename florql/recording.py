@@ -181,6 +181,7 @@ class RecordSession(TrainingSession):
             on_swap=self._manifest_snapshot,
             on_flush=self._heartbeat,
         )
+        self._writer_cpu_at_loop = 0.0
         say(f"florql: recording run {self.run_id} in {self.files.url}")
 
     # ---- manifest ---------------------------------------------------------------------------
@@ -320,6 +321,7 @@ class RecordSession(TrainingSession):
         self._capture_code_version()  # project modules are imported by now
         self.outer.frame = frame
         self.outer.baseline = baseline_of(frame)
+        self._writer_cpu_at_loop = self.writer.cpu_s  # its warm-up and the set-up's logs are not training's
         index = -1
         completed = False
         try:
@@ -427,6 +429,7 @@ class RecordSession(TrainingSession):
         if not self.checkpointing_active or self.policy is None:
             return "declined"
         self.policy_observe(train_s)
+        self.policy.background_cpu_s = max(self.writer.cpu_s - self._writer_cpu_at_loop, 0.0)
         unmeasured = self.policy.last_cost_s is None  # before the second checkpoint: the first is not typical
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if unmeasured else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
@@ -502,6 +505,7 @@ class RecordSession(TrainingSession):
                 "period": p.period if p.gaps else None,
                 "interference_s": round(p.interference_s, 6),
                 "persist_cpu_s": round(p.persist_cpu_s, 6),
+                "writer_cpu_s": round(p.background_cpu_s, 6),
                 "contended": p.contended,
                 "failed": self.persister.failed,
             }

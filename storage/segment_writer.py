@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +77,18 @@ class SegmentWriter:
         self._lock = threading.Lock()  # one flush at a time (thread or an explicit flush())
         self._thread = threading.Thread(target=self._run, name="florql-segment-writer", daemon=True)
         self._thread.start()
+
+    @property
+    def cpu_s(self) -> float:
+        """The writer thread's CPU time so far, its warm-up included (0 once it has stopped, or
+        where the platform has no per-thread clock). Read it from the thread that closes the
+        writer: a stopped thread's clock must not be read."""
+        if not self._thread.is_alive():
+            return 0.0
+        try:
+            return time.clock_gettime(time.pthread_getcpuclockid(self._thread.ident or 0))
+        except (AttributeError, OSError):
+            return 0.0
 
     def pressure(self) -> None:
         """Called by the hot path when the buffer is large: wake the writer, wait when too large."""

@@ -128,6 +128,25 @@ def test_policy_charges_the_persists_cpu_time_where_training_uses_every_core():
     assert periods[False] == 1
 
 
+def test_policy_bounds_the_log_writers_cpu_and_checkpoints_together_where_training_uses_every_core():
+    """A run that logs much checkpoints less: the writer's CPU is training's too, so the budget
+    bounds both. With a core to spare the writer runs beside training and is not charged."""
+    periods = {}
+    for contended in (True, False):
+        policy = AdaptivePolicy(budget=0.05, contended=contended)
+        for _ in range(2000):
+            policy.iteration(0.01, overlapped=False)
+            policy.observe(0.01)
+            policy.background_cpu_s += 0.0002  # the writer: 2 % of each iteration
+            if policy.should_checkpoint(0.0001, persist_in_flight=False):
+                policy.record(0.0001)
+                policy.persisted(cpu_s=0.02, wall_s=0.03)
+        periods[contended] = policy.period
+        assert policy.overhead <= 0.05 + 0.001
+    assert 66 <= periods[True] <= 72  # 0.0201 / ((5 % - 2 %) × 0.01 s) = 67
+    assert periods[False] == 1
+
+
 def _noisy_run(policy: AdaptivePolicy, slower_when_overlapped: float) -> AdaptivePolicy:
     """0.6 s iterations, ±10 % noise, those overlapping a persist `slower_when_overlapped` longer;
     each persist takes 7 ms of CPU over 20 ms."""
@@ -394,6 +413,29 @@ def test_one_slow_iteration_at_the_first_persist_does_not_stop_checkpoints(adapt
     session.finish()
     manifest = json.loads(store.files.get(layout.manifest_path(session.run_id)))
     assert manifest["checkpoints"]["interference_s"] == 0.0  # the noise is not charged as a cost
+
+
+@pytest.mark.parametrize("writer_share", [0.01, 0.03])
+def test_the_log_writers_cpu_counts_against_the_budget_where_training_uses_every_core(
+    adaptive, store, monkeypatch, writer_share
+):
+    """The recording reads the writer thread's CPU clock at each opportunity: a writer that takes
+    1 % of a 2 % budget leaves checkpoints the rest; one that takes 3 % leaves none."""
+    session, clock = adaptive, adaptive.clock
+    monkeypatch.setattr(checkpoint_engine, "training_uses_every_core", lambda: True)
+    writer_cpu = [0.0]
+    monkeypatch.setattr(type(session.writer), "cpu_s", property(lambda _: writer_cpu[0]))
+    with florql.checkpointing(budget=0.02, model=torch.nn.Linear(4, 4)):
+        for _ in florql.loop("epoch", range(40)):
+            clock.advance(0.03)
+            writer_cpu[0] += writer_share * 0.03
+            session.persister.wait()
+    policy = session.policy
+    assert policy.background_cpu_s == pytest.approx(writer_share * 0.03 * 40)  # read at the last opportunity
+    assert (policy.taken > 20) if writer_share < 0.02 else (policy.taken == 0), policy.gaps
+    session.finish()
+    manifest = json.loads(store.files.get(layout.manifest_path(session.run_id)))
+    assert manifest["checkpoints"]["writer_cpu_s"] == pytest.approx(policy.background_cpu_s, abs=1e-6)
 
 
 def test_slow_checkpoints_grow_the_period_and_the_overhead_stays_within_budget(adaptive, store):

@@ -177,6 +177,29 @@ def test_a_failed_write_keeps_its_records_and_retries_them(tmp_path, capfd):
     assert "works again; none was lost" in err
 
 
+def test_the_writer_threads_cpu_time_is_its_own(tmp_path):
+    """What the checkpoint budget charges for logging: the writer thread's CPU clock, which grows
+    with its flushes and not with the caller's work; a closed writer's clock is not read."""
+    writer = _writer(LocalRunFiles(str(tmp_path)), interval=10)
+    writer.warmed.wait(10)
+    before = writer.cpu_s
+    assert before > 0  # the warm-up ran on it
+    spin_until = time.thread_time() + 0.2
+    while time.thread_time() < spin_until:  # the caller's own CPU
+        pass
+    assert writer.cpu_s - before < 0.1
+    session = Session(writer)
+    for i in range(200_000):
+        session.log("x", float(i))
+    flushed = writer.records_written + 200_000
+    writer._wake.set()  # the writer thread flushes now
+    while writer.records_written < flushed:
+        time.sleep(0.01)
+    assert writer.cpu_s > before
+    writer.close()
+    assert writer.cpu_s == 0.0
+
+
 def test_records_that_cannot_be_written_at_the_end_fail_the_close_clearly(tmp_path):
     files = FullDisk(tmp_path)
     writer = _writer(files, interval=10)
