@@ -26,6 +26,10 @@ address space), so one pair says little and four say ±1 %. The report gives the
 the paired ratios with its 95 % confidence interval; `--control` runs the plain script on both
 sides, to show what the harness itself reads when there is nothing to find.
 
+The report also splits the training thread's loop time into running, waiting for its core (to
+florql's threads, to other processes) and blocked (e.g. on the GIL), from `/proc`'s `schedstat`:
+where florql's extra time went, beyond what its accounting charges.
+
 `--steady-allocator` runs both processes with glibc's mmap and trim thresholds fixed high
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`). With glibc's default, dynamic thresholds, the
 long workload's tensors of 12–38 MB are mapped afresh and faulted in page by page on most steps:
@@ -118,6 +122,7 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
     sync()
     phases["loop_started"] = time.time()
     cpu_began, main_cpu_began = time.process_time(), time.thread_time()
+    sched_began = training_thread_schedule()
     if use_florql:
         epochs = florql.arg("epochs", epochs)  # the run starts here: id, manifest, code version
         budget = float(os.environ["BENCH_BUDGET"]) if os.environ.get("BENCH_BUDGET") else None  # None: florql's default
@@ -127,6 +132,7 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
         sync()
         phases["loop_ended"] = time.time()
         phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
+        phases["training_thread"] = [b - a for a, b in zip(sched_began, training_thread_schedule())]
         policy = florql._session.policy
         phases.update(
             checkpoints=policy.taken,
@@ -140,7 +146,19 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
         sync()
         phases["loop_ended"] = time.time()
         phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
+        phases["training_thread"] = [b - a for a, b in zip(sched_began, training_thread_schedule())]
     return phases
+
+
+def training_thread_schedule() -> list[float]:
+    """The calling thread's seconds on a core and waiting for one (`/proc/.../schedstat`); [] where
+    the kernel does not say. With the loop's wall time they split the training thread's time into
+    running, waiting for its core (other threads, other processes) and blocked (e.g. on the GIL)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            return [int(v) / 1e9 for v in f.read().split()[:2]]
+    except OSError:
+        return []
 
 
 def machine(device: str) -> str:
@@ -234,6 +252,14 @@ def ratio_interval(ratios: list[float]) -> tuple[float, float, float]:
     return math.exp(mean - half), math.exp(mean), math.exp(mean + half)
 
 
+def thread_split(durs: list[dict], phases: list[dict]) -> tuple[float, float, float]:
+    """Medians of the training thread's seconds running, waiting for its core, and blocked."""
+    ran = statistics.median(p["training_thread"][0] for p in phases)
+    waited = statistics.median(p["training_thread"][1] for p in phases)
+    blocked = statistics.median(d["loop"] - sum(p["training_thread"]) for d, p in zip(durs, phases))
+    return ran, waited, blocked
+
+
 def bench(workload: str, device: str, reps: int, threads: int, side_by_side: bool) -> None:
     home = tempfile.mkdtemp(prefix="florql-bench-")
     try:  # every florql run leaves its checkpoints there: gigabytes for the long workload
@@ -282,6 +308,12 @@ def bench(workload: str, device: str, reps: int, threads: int, side_by_side: boo
     paired = sorted(y["total"] / x["total"] for x, y in zip(a, b))
     cpu = [statistics.median(p["other_threads_cpu"] for p in group) for group in (plain, recorded)]
     print(f"CPU of threads other than the training thread during the loop: {cpu[0]:.2f} s, {cpu[1]:.2f} s")
+    if all(len(p.get("training_thread", [])) == 2 for p in plain + recorded):
+        split = [thread_split(a, plain), thread_split(b, recorded)]
+        print(
+            "training thread during the loop (ran / waited for its core / blocked): "
+            + ", ".join(f"{x:.2f} / {y:.2f} / {z:.2f} s" for x, y, z in split)
+        )
     print(f"whole-process ratio of medians: {med['total'][1] / med['total'][0]:.3f}")
     print(f"CPU-time ratio of medians: {med['cpu'][1] / med['cpu'][0]:.3f}")
     how = "at the same time" if side_by_side else "back to back"
