@@ -47,10 +47,7 @@ class AdaptivePolicy:
     the budget bounds all of florql's background work, so a run that logs much checkpoints less.
     The threads measure their CPU time exactly, while iteration times, on a machine this busy,
     vary by more than a small persist costs (on a 2-core VM, ±10 % per 0.6 s epoch against 7 ms
-    of persist CPU). The training thread's own CPU clock, steadier than the wall clock, tells
-    what a persist costs it beyond that: iterations a persist overlaps took ~1 % more of its CPU
-    on a small model that checkpoints every other 0.1 s epoch (caches refilled, the GIL handed
-    back and forth), and that is charged too.
+    of persist CPU).
 
     The first checkpoint is charged but does not predict the next: it carries one-time costs (the
     staging buffers' allocation, the chunks of state that never changes, such as a data set). On
@@ -69,8 +66,6 @@ class AdaptivePolicy:
     _since_last: int = 0
     _quiet: list[float] = field(default_factory=list)  # recent iteration times with no persist running
     _extras: list[float] = field(default_factory=list)  # recent (overlapped time − quiet median)
-    _quiet_cpu: list[float] = field(default_factory=list)  # the training thread's CPU in those quiet iterations
-    _cpu_extras: list[float] = field(default_factory=list)  # recent (its CPU when overlapped − quiet median)
     _stalls: list[float] = field(default_factory=list)
     contended: bool = False  # training uses every core: the persist's CPU time is training's
     persist_cpu_s: float = 0.0
@@ -87,19 +82,14 @@ class AdaptivePolicy:
         """Training time between two checkpoint opportunities (stall excluded)."""
         self.train_s += seconds
 
-    def iteration(self, seconds: float, overlapped: bool, cpu_s: float | None = None) -> None:
-        """A whole outer iteration's time, whether a persist ran during it, and the training
-        thread's own CPU time in it (stalls excluded)."""
+    def iteration(self, seconds: float, overlapped: bool) -> None:
+        """A whole outer iteration's time, and whether a persist ran during it."""
         if not overlapped:
             self._quiet = (self._quiet + [seconds])[-self.SAMPLES :]
-            if cpu_s is not None:
-                self._quiet_cpu = (self._quiet_cpu + [cpu_s])[-self.SAMPLES :]
             return
         self.overlapped += 1
         if self._quiet:
             self._extras = (self._extras + [seconds - _median(self._quiet)])[-self.SAMPLES :]
-        if cpu_s is not None and self._quiet_cpu:
-            self._cpu_extras = (self._cpu_extras + [cpu_s - _median(self._quiet_cpu)])[-self.SAMPLES :]
 
     def persisted(self, cpu_s: float, wall_s: float) -> None:
         """A persist finished (called from the persist thread): what it cost in CPU and wall time."""
@@ -123,19 +113,9 @@ class AdaptivePolicy:
         return min(extra, _median(self._persist_walls)) if self._persist_walls else extra
 
     @property
-    def _cpu_extra_s(self) -> float:
-        """How much more CPU the training thread itself spends in an iteration a persist overlaps
-        (its caches refilled after the persist's, the GIL handed back and forth), capped as
-        `_extra_s` is."""
-        if not self._cpu_extras:
-            return 0.0
-        extra = max(0.0, _median(self._cpu_extras))
-        return min(extra, _median(self._persist_walls)) if self._persist_walls else extra
-
-    @property
     def interference_s(self) -> float:
         if self.contended:  # every CPU second of florql's threads is one training did not get
-            return self.persist_cpu_s + self.background_cpu_s + self.overlapped * self._cpu_extra_s
+            return self.persist_cpu_s + self.background_cpu_s
         return self.overlapped * self._extra_s
 
     @property
@@ -143,7 +123,7 @@ class AdaptivePolicy:
         if not self._stalls:
             return None
         cpu = _median(self._persist_cpus) if self._persist_cpus else 0.0
-        return _median(self._stalls) + (cpu + self._cpu_extra_s if self.contended else self._extra_s)
+        return _median(self._stalls) + (cpu if self.contended else self._extra_s)
 
     def should_checkpoint(
         self, estimated_stall_s: float, persist_in_flight: bool, final: bool = False, overlap_s: float = 0.0

@@ -334,7 +334,6 @@ class RecordSession(TrainingSession):
                 self.outer.overlapped = self.persister.in_flight
                 self.enter_iteration(lf, index)
                 self.outer.started = self.clock()
-                self.outer.cpu_started = self.cpu_clock()
                 yield item
                 self._end_outer_iteration(index)
             completed = True
@@ -348,8 +347,7 @@ class RecordSession(TrainingSession):
     def _end_outer_iteration(self, index: int) -> None:
         elapsed = self.clock() - self.outer.started - self.outer.stall_s
         if self.policy is not None:
-            cpu_s = max(self.cpu_clock() - self.outer.cpu_started - self.outer.stall_s, 0.0)
-            self.policy.iteration(elapsed, self.outer.overlapped or self.persister.in_flight, cpu_s)
+            self.policy.iteration(elapsed, self.outer.overlapped or self.persister.in_flight)
         if not self.outer.inner_point_done:  # (a blocked inner point already reported its share)
             self.maybe_checkpoint(index, "iter_end", elapsed - self.outer.observed_s)
         else:

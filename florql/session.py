@@ -40,7 +40,6 @@ class OuterState:
 
     index: int = -1
     started: float = 0.0
-    cpu_started: float = 0.0  # the training thread's CPU clock at the iteration's start
     inner_point_done: bool = False
     inner_seen: bool = False  # a depth-1 loop ran in this iteration: later ones are no checkpoint point
     stall_s: float = 0.0
@@ -65,7 +64,6 @@ class TrainingSession:
         self.args: dict[str, Any] = {}
         # Where iteration, stall and training times come from; tests inject a clock of their own.
         self.clock: Callable[[], float] = now
-        self.cpu_clock: Callable[[], float] = time.thread_time  # the training thread's own CPU time
 
     # ---- logging (the hot path) -------------------------------------------------------------
     def log(self, name: str, value: Any) -> None:
