@@ -22,6 +22,7 @@ lr = florql.arg("lr", 0.1)
 epochs = florql.arg("epochs", 8)
 batch_size = florql.arg("batch_size", 64)
 seed = florql.arg("seed", 0)
+n_samples = florql.arg("samples", 4000)
 
 random.seed(seed)
 np.random.seed(seed)
@@ -29,18 +30,18 @@ torch.manual_seed(seed)
 
 # A 10-class problem: each class is a Gaussian blob around its own centre in 32 dimensions,
 # pushed through a fixed random nonlinearity so a linear model is not enough.
-N_SAMPLES, N_FEATURES, N_CLASSES = 4000, 32, 10
+N_FEATURES, N_CLASSES = 32, 10
 data_rng = np.random.default_rng(seed)
 centres = data_rng.normal(0.0, 1.0, (N_CLASSES, N_FEATURES))
-labels = data_rng.integers(0, N_CLASSES, N_SAMPLES)
-points = centres[labels] + data_rng.normal(0.0, 1.6, (N_SAMPLES, N_FEATURES))
+labels = data_rng.integers(0, N_CLASSES, n_samples)
+points = centres[labels] + data_rng.normal(0.0, 1.6, (n_samples, N_FEATURES))
 mixing = data_rng.normal(0.0, 1.0 / np.sqrt(N_FEATURES), (N_FEATURES, N_FEATURES))
 features = np.tanh(points @ mixing) + 0.1 * points
 
 x_all = torch.tensor(features, dtype=torch.float32)
 y_all = torch.tensor(labels, dtype=torch.int64)
-order = torch.randperm(N_SAMPLES)
-n_val = N_SAMPLES // 5
+order = torch.randperm(n_samples)
+n_val = n_samples // 5
 val_idx, train_idx = order[:n_val], order[n_val:]
 train_set = TensorDataset(x_all[train_idx], y_all[train_idx])
 x_val, y_val = x_all[val_idx], y_all[val_idx]

@@ -342,7 +342,7 @@ def test_the_demo_answers_its_hindsight_query_from_a_warm_replay_server_bit_exac
     import os
 
     import florql
-    from florql.demo import EPOCHS, FIRST
+    from florql.demo import EPOCHS, FIRST, SAMPLES
     from florql.replay.warm import stop_servers
 
     env = {k: v for k, v in os.environ.items() if k not in ("FLORQL_ARGS", "FLORQL_RUNS", "FLORQL_HOME")}
@@ -368,11 +368,12 @@ def test_the_demo_answers_its_hindsight_query_from_a_warm_replay_server_bit_exac
     truth.mkdir()
     shutil.copy(folder / "train.py", truth / "train.py")
     subprocess.run(
-        [sys.executable, "train.py", "--florql-args", f"epochs={EPOCHS}"],
+        [sys.executable, "train.py", "--florql-args", f"epochs={EPOCHS}", f"samples={SAMPLES}"],
         cwd=truth,
         env={**env, "FLORQL_HOME": str(truth / ".florql"), "FLORQL_QUIET": "1"},
         check=True,
         timeout=600,
     )
     expected = florql.connect(str(truth / ".florql"), progress=False).sql(asked).fetchall()
-    assert len(replayed) == (EPOCHS - FIRST) * 50 and replayed == expected
+    steps = -(-(SAMPLES - SAMPLES // 5) // 64)  # the training set (4/5 of the samples) in batches of 64
+    assert len(replayed) == (EPOCHS - FIRST) * steps and replayed == expected
