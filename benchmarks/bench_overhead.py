@@ -129,10 +129,14 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
         with florql.checkpointing(budget=budget, model=net, optimizer=opt, scheduler=sched):
             for _ in florql.loop("epoch", range(epochs)):
                 epoch_body(florql.log, lambda it: florql.loop("step", it))
-        sync()
-        phases["loop_ended"] = time.time()
-        phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
-        phases["training_thread"] = [b - a for a, b in zip(sched_began, training_thread_schedule())]
+    else:
+        for _ in range(epochs):
+            epoch_body(lambda name, value: None, lambda it: it)
+    sync()
+    phases["loop_ended"] = time.time()
+    phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
+    phases["training_thread"] = [b - a for a, b in zip(sched_began, training_thread_schedule())]
+    if use_florql:
         policy = florql._session.policy
         phases.update(
             checkpoints=policy.taken,
@@ -140,13 +144,6 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
             overhead=policy.overhead,
             run_id=florql.run_id(),
         )
-    else:
-        for _ in range(epochs):
-            epoch_body(lambda name, value: None, lambda it: it)
-        sync()
-        phases["loop_ended"] = time.time()
-        phases["other_threads_cpu"] = (time.process_time() - cpu_began) - (time.thread_time() - main_cpu_began)
-        phases["training_thread"] = [b - a for a, b in zip(sched_began, training_thread_schedule())]
     return phases
 
 
