@@ -367,8 +367,10 @@ class RecordSession(TrainingSession):
         started = self.clock()
         finished = False
         try:
+            prefix = self.inner_prefix()
             for index, item in enumerate(iterable):
-                self.enter_iteration(lf, index)
+                lf.index = index
+                self.position = prefix + (index,)
                 yield item
             finished = True
         finally:

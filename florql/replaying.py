@@ -196,8 +196,10 @@ class ReplaySession(TrainingSession):
             self._restore(self.spec.restore_inner[self.outer.index], chain)
             self.restored.append(self.outer.index)
             return
+        prefix = self.inner_prefix()
         for index, item in enumerate(iterable):
-            self.enter_iteration(lf, index)
+            lf.index = index
+            self.position = prefix + (index,)
             self.inner_iterations += 1
             yield item
         if chain is not None:

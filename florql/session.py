@@ -148,6 +148,12 @@ class TrainingSession:
             self.outer.inner_seen = False
         self._reposition()
 
+    def inner_prefix(self) -> tuple:
+        """`position` without the innermost loop's index, for an inner loop as it starts: a step
+        then costs one tuple (`prefix + (index,)`). The enclosing loops' coordinates cannot change
+        while it runs, and a loop nested in it restores `position` as it ends."""
+        return ("/".join(f.name for f in self.stack), *(f.index for f in self.stack[:-1]))
+
     def outer_loop(self, lf: LoopFrame, iterable: Iterable[Any], frame: types.FrameType) -> Iterator[Any]:
         raise NotImplementedError
 

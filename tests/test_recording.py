@@ -209,6 +209,31 @@ def test_values_that_cannot_be_stored_are_refused_and_the_other_records_land(ses
     ]
 
 
+def test_coordinates_follow_three_nested_loops_and_their_ends(session, store):
+    """A step sets only its own index (the enclosing loops' are fixed while it runs): after a
+    nested loop ends, records carry the enclosing loop's coordinates again."""
+    expected = []
+    for epoch in florql.loop("epoch", range(2)):
+        for step in florql.loop("step", range(2)):
+            for micro in florql.loop("micro", range(3)):
+                florql.log("m", 100 * epoch + 10 * step + micro)
+                expected.append(("m", "epoch/step/micro", epoch, step, micro))
+            florql.log("after_micro", step)
+            expected.append(("after_micro", "epoch/step", epoch, step, None))
+        for step in florql.loop("step", range(1)):  # a second inner loop in the same iteration
+            florql.log("again", step)
+            expected.append(("again", "epoch/step", epoch, step, None))
+        florql.log("after_step", epoch)
+        expected.append(("after_step", "epoch", epoch, None, None))
+    florql.log("after_epoch", 0)
+    expected.append(("after_epoch", "", None, None, None))
+    session.finish()
+    assert store.sql("SELECT name, loop_path, epoch, step, micro FROM logs ORDER BY seq") == expected
+    assert store.sql("SELECT value_int FROM logs WHERE name = 'm' ORDER BY seq") == [
+        (100 * e + 10 * s + m,) for e in range(2) for s in range(2) for m in range(3)
+    ]
+
+
 def test_nested_loops_with_one_name_are_refused(session):
     with pytest.raises(UsageError, match="a loop named 'epoch' is already running around this one"):
         for _ in florql.loop("epoch", range(2)):
