@@ -329,7 +329,7 @@ class Persister:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._job is not None)
-                job, self._job = self._job, None
+                job, self._job = self._job or (), None
             try:
                 self._persist(*job)
             finally:
