@@ -119,6 +119,15 @@ def train(workload: str, device: str, use_florql: bool, threads: int) -> dict:
             acc = (net(x[:2048]).argmax(dim=1) == y[:2048]).float().mean().item()
         log("val_acc", acc)
 
+    reference = int(os.environ.get("BENCH_REFERENCE", "0"))
+    if reference:  # this process's own speed on plain epochs (the first third warm up, uncounted)
+        times = []
+        for _ in range(reference):
+            began = time.perf_counter()
+            epoch_body(lambda name, value: None, lambda it: it)
+            sync()
+            times.append(time.perf_counter() - began)
+        phases["reference_epoch"] = statistics.median(times[reference // 3 :])
     sync()
     phases["loop_started"] = time.time()
     cpu_began, main_cpu_began = time.process_time(), time.thread_time()
@@ -328,6 +337,18 @@ def bench(workload: str, device: str, reps: int, threads: int, side_by_side: boo
     print(
         f"spread of totals: without {totals_a[0]:.2f}–{totals_a[-1]:.2f} s, with {totals_b[0]:.2f}–{totals_b[-1]:.2f} s"
     )
+    if all("reference_epoch" in p for p in plain + recorded):
+        # Each process's loop in units of its own plain epochs: what it does beyond the plain script,
+        # without the ±4 % speed a process draws at start (where its memory happens to lie).
+        normalized = [
+            (y["loop"] / q["reference_epoch"]) / (x["loop"] / p["reference_epoch"])
+            for x, y, p, q in zip(a, b, plain, recorded)
+        ]
+        low, mean, high = ratio_interval(normalized)
+        print(
+            f"the loop in each process's own plain epochs, paired: {mean:.4f}, 95 % confidence interval "
+            f"{low:.4f}–{high:.4f}"
+        )
     if CONTROL:
         return
     print(
@@ -361,6 +382,12 @@ def main() -> int:
         action="store_true",
         help="the plain script on both sides: what the harness reads with nothing to find",
     )
+    parser.add_argument(
+        "--reference",
+        type=int,
+        default=0,
+        help="time N plain epochs in each process before its loop, and report the loop in those units",
+    )
     parser.add_argument("--child", choices=["plain", "florql"], help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.epochs:
@@ -382,6 +409,8 @@ def main() -> int:
     if opts.budget:
         CHILD_ENV["BENCH_BUDGET"] = str(opts.budget)
         print(f"checkpoint budget {opts.budget:g}")
+    if opts.reference:
+        CHILD_ENV["BENCH_REFERENCE"] = str(opts.reference)
     if opts.steady_allocator:
         CHILD_ENV.update(STEADY_ALLOCATOR)
         print(f"both processes with {' '.join(f'{k}={v}' for k, v in STEADY_ALLOCATOR.items())}")

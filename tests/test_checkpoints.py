@@ -13,10 +13,16 @@ import torch
 
 import florql
 from florql import checkpoint_engine
-from florql.checkpoint_engine import AdaptivePolicy, Stager
+from florql.checkpoint_engine import AdaptivePolicy, Persister, Stager
 from florql.rng import capture_rng, restore_rng
 from florql.storage import layout
-from florql.storage.checkpoints import CorruptCheckpoint, list_checkpoints, read_checkpoint, write_checkpoint
+from florql.storage.checkpoints import (
+    CorruptCheckpoint,
+    checkpoint_name,
+    list_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
 from florql.storage.runfiles import LocalRunFiles
 
 
@@ -258,6 +264,26 @@ def test_stager_reuses_its_buffers_and_snapshots_are_detached():
     second = stager.stage({"model": net})["model"]["weight"]
     assert second.data_ptr() == first.data_ptr()  # same buffer, refreshed in place
     assert torch.equal(second, net.weight)
+
+
+def test_one_persist_thread_writes_every_checkpoint_and_outlives_a_failure(tmp_path, capsys):
+    files = LocalRunFiles(tmp_path)
+    done: list[str] = []
+    threads: set[int] = set()
+    persister = Persister(
+        files, 1, lambda record: done.append(record.name), lambda cpu, wall: threads.add(threading.get_ident())
+    )
+    net = torch.nn.Linear(4, 4)
+    for index in range(3):
+        persister.submit(index, "iter_end", {"epoch": index}, {"objects": {"model": net.state_dict()}}, 0.0, None)
+    persister.submit(3, "iter_end", {"epoch": 3}, {"objects": {"unpicklable": lambda: None}}, 0.0, None)
+    persister.submit(4, "iter_end", {"epoch": 4}, {"objects": {"model": net.state_dict()}}, 0.0, None)
+    persister.wait()
+    assert not persister.in_flight
+    assert done == [checkpoint_name(i, "iter_end") for i in (0, 1, 2, 4)]
+    assert [r.name for r in list_checkpoints(files, 1)] == done
+    assert persister.failed == 1 and "could not be written" in capsys.readouterr().err
+    assert len(threads) == 1 and threading.get_ident() not in threads  # one thread, not the caller's
 
 
 # ---- files ----------------------------------------------------------------------------------
