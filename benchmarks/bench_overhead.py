@@ -14,6 +14,7 @@ florql's extra time went (start-up, loop, exit).
     python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --epochs 8 --reps 4
     python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --budget 0.000001  # no checkpoints
     python benchmarks/bench_overhead.py --workload long --side-by-side --steady-allocator --control  # the noise floor
+    python benchmarks/bench_overhead.py --workload short --side-by-side --steady-allocator --epochs 200 --reps 16 --reference 30
 
 `--side-by-side` starts each pair at the same moment, each process pinned to a core of its own
 (swapped every repetition) with one torch thread: what the shared machine does to one, it does to
@@ -29,6 +30,10 @@ sides, to show what the harness itself reads when there is nothing to find.
 The report also splits the training thread's loop time into running, waiting for its core (to
 florql's threads, to other processes) and blocked (e.g. on the GIL), from `/proc`'s `schedstat`:
 where florql's extra time went, beyond what its accounting charges.
+
+`--reference N` has each process time N plain epochs before its loop (the first third uncounted)
+and also reports the loop in those units, which takes out the speed a process draws at start; the
+whole-process figures then include those epochs on both sides.
 
 `--steady-allocator` runs both processes with glibc's mmap and trim thresholds fixed high
 (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`). With glibc's default, dynamic thresholds, the
