@@ -311,7 +311,7 @@ class Persister:
         self, outer_index: int, kind: str, coords: dict[str, int], payload: dict[str, Any], stall_s: float, event: Any
     ) -> None:
         """Hand a snapshot to the persist thread. One thread serves every checkpoint: a thread
-        started for each cost the training thread ~0.2 ms of CPU and a few switches apiece."""
+        started for each held training up ~0.75 ms longer and cost ~1.6 ms more CPU (a small MLP)."""
         self.wait()
         with self._cond:
             self._job = (outer_index, kind, coords, payload, stall_s, event)
@@ -329,7 +329,8 @@ class Persister:
         while True:
             with self._cond:
                 self._cond.wait_for(lambda: self._job is not None)
-                job, self._job = self._job or (), None
+                job, self._job = self._job, None
+            assert job is not None
             try:
                 self._persist(*job)
             finally:
