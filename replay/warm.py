@@ -152,20 +152,6 @@ def ping(paths: ServerPaths, timeout: float = 2.0) -> int | None:
     return int(reply[1]) if len(reply) == 2 and reply[0] == "pong" else None
 
 
-def _listening(paths: ServerPaths) -> bool:
-    """Does a process listen on the store's socket? The kernel accepts a connection for a live
-    server however busy it is, so this tells a slow server (a ping timed out) from a dead one."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        conn.settimeout(1.0)
-        conn.connect(paths.socket)
-        return True
-    except OSError:
-        return False
-    finally:
-        conn.close()
-
-
 def server_is_up(store: str) -> bool:
     """Is a fork server for this store and this software serving now? (Starts nothing.)"""
     try:
@@ -220,10 +206,8 @@ def _remove_lock(path: str) -> None:
 def _start_server(paths: ServerPaths, env: dict[str, str]) -> str | None:
     """Start the store's server unless one answers (under the lock). None when it serves, else why not."""
     with _start_lock(paths):
-        if ping(paths) is not None or _listening(paths):
-            # Another process started it while we waited for the lock, or a live server is slow
-            # to answer under load: its socket must not be taken from it (jobs wait a handshake).
-            return None
+        if ping(paths) is not None:
+            return None  # another process started it while we waited for the lock
         with contextlib.suppress(FileNotFoundError):
             os.unlink(paths.socket)  # a dead server's
         if paths.store != TEMPLATE and _fork_from_template(paths, env):

@@ -424,21 +424,3 @@ def test_a_connection_plans_warm_before_its_own_executor_has_reached_the_server(
         assert db.sql(sql).plan.est_s == explained.est_s
     finally:
         stop_servers(str(store))
-
-
-def test_a_live_server_slow_to_answer_keeps_its_socket(tmp_path: Path):
-    """Under load a live server may miss a ping's deadline: a starter must not unlink its socket and
-    start another (the query's job then ran cold). A socket nobody listens on is replaced."""
-    import socket
-
-    paths = ServerPaths(str(tmp_path), "key", str(tmp_path))
-    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    slow.bind(paths.socket)
-    slow.listen(8)  # accepts (the kernel does) but never answers
-    try:
-        assert warm.ping(paths, timeout=0.2) is None
-        assert warm._start_server(paths, base_env()) is None
-        assert os.path.exists(paths.socket) and warm._listening(paths)
-    finally:
-        slow.close()
-    assert not warm._listening(paths)  # the file is left, nobody listens: a dead server's
