@@ -504,6 +504,7 @@ class RecordSession(TrainingSession):
                 "train_s": round(p.train_s, 6),
                 "overhead": round(p.overhead, 6),
                 "skipped_in_flight": p.skipped_in_flight,
+                "skipped_close": p.skipped_close,
                 "period": p.period if p.gaps else None,
                 "interference_s": round(p.interference_s, 6),
                 "persist_cpu_s": round(p.persist_cpu_s, 6),

@@ -13,7 +13,7 @@ import torch
 
 import florql
 from florql import checkpoint_engine
-from florql.checkpoint_engine import AdaptivePolicy, Persister, Stager
+from florql.checkpoint_engine import MIN_SPACING_S, AdaptivePolicy, Persister, Stager
 from florql.rng import capture_rng, restore_rng
 from florql.storage import layout
 from florql.storage.checkpoints import (
@@ -44,6 +44,8 @@ class FakeClock:
 def adaptive(session, monkeypatch):
     """The in-process session with the adaptive policy (the suite forces `every`) on a fake clock."""
     monkeypatch.setenv("FLORQL_CHECKPOINTS", "adaptive")
+    # These runs' fake iterations last 30 ms: the budget decides, not the spacing (tested on its own).
+    monkeypatch.setattr(checkpoint_engine, "MIN_SPACING_S", 0.0)
     session.clock = FakeClock()
     session.persister.cpu_clock = session.persister.wall_clock = FakeClock()  # persists take no time
     return session
@@ -65,8 +67,27 @@ class SlowState:
 
 
 # ---- policy and staging, as units ----------------------------------------------------------
+def policy_of(**options) -> AdaptivePolicy:
+    """The budget rule alone: these iterations last milliseconds, closer than `MIN_SPACING_S`."""
+    return AdaptivePolicy(min_spacing_s=0.0, **options)
+
+
+def test_checkpoints_are_no_closer_than_the_spacing_a_replay_start_is_worth():
+    """0.1 s iterations whose checkpoints fit the budget every time: one in three is taken (0.3 s of
+    training apart, the least above 0.25 s), and the opportunities declined for it are counted."""
+    policy = AdaptivePolicy(budget=0.5)
+    assert policy.min_spacing_s == MIN_SPACING_S == 0.25
+    for _ in range(30):
+        policy.iteration(0.1, overlapped=False)
+        policy.observe(0.1)
+        if policy.should_checkpoint(0.0001, persist_in_flight=False):
+            policy.record(0.0001)
+    assert policy.gaps == [1] + [3] * 9 and policy.skipped_close == 20
+    assert policy.overhead < 0.01  # the budget had room for every iteration: the spacing declined them
+
+
 def test_policy_period_follows_stall_over_budget_times_iteration():
-    policy = AdaptivePolicy(budget=0.05)
+    policy = policy_of(budget=0.05)
     iteration, stall = 0.01, 0.02  # a checkpoint costs two iterations: every ~40th fits 5 %
     for _ in range(2000):
         policy.observe(iteration)
@@ -79,7 +100,7 @@ def test_policy_period_follows_stall_over_budget_times_iteration():
 
 def test_policy_keeps_checkpointing_after_one_noisy_iteration():
     """One slow iteration during the first persist must not stop checkpointing for the rest of the run."""
-    policy = AdaptivePolicy(budget=0.05)
+    policy = policy_of(budget=0.05)
     iteration, stall = 0.03, 0.0005
     overlapped = False
     for index in range(60):
@@ -96,7 +117,7 @@ def test_policy_keeps_checkpointing_after_one_noisy_iteration():
 
 def test_policy_charges_a_real_interference():
     """Persists that slow every overlapped iteration by 40 % are charged: checkpoints space out."""
-    policy = AdaptivePolicy(budget=0.05)
+    policy = policy_of(budget=0.05)
     overlapped = False
     for _ in range(400):
         policy.iteration(0.014 if overlapped else 0.01, overlapped)
@@ -109,7 +130,7 @@ def test_policy_charges_a_real_interference():
 
 
 def test_policy_never_checkpoints_while_a_persist_is_in_flight():
-    policy = AdaptivePolicy(budget=0.5)
+    policy = policy_of(budget=0.5)
     policy.observe(1.0)
     assert not policy.should_checkpoint(0.0, persist_in_flight=True)
     assert policy.skipped_in_flight == 1 and policy.taken == 0
@@ -121,7 +142,7 @@ def test_policy_charges_the_persists_cpu_time_where_training_uses_every_core():
     whether or not the iteration times show it; with a core to spare they are not charged."""
     periods = {}
     for contended in (True, False):
-        policy = AdaptivePolicy(budget=0.05, contended=contended)
+        policy = policy_of(budget=0.05, contended=contended)
         for _ in range(2000):
             policy.iteration(0.01, overlapped=False)  # the interference is invisible in the timings
             policy.observe(0.01)
@@ -139,7 +160,7 @@ def test_policy_bounds_the_log_writers_cpu_and_checkpoints_together_where_traini
     bounds both. With a core to spare the writer runs beside training and is not charged."""
     periods = {}
     for contended in (True, False):
-        policy = AdaptivePolicy(budget=0.05, contended=contended)
+        policy = policy_of(budget=0.05, contended=contended)
         for _ in range(2000):
             policy.iteration(0.01, overlapped=False)
             policy.observe(0.01)
@@ -170,14 +191,14 @@ def _noisy_run(policy: AdaptivePolicy, slower_when_overlapped: float) -> Adaptiv
 
 
 def test_policy_where_torch_fills_the_cores_charges_the_persists_cpu_not_the_timings_noise():
-    policy = _noisy_run(AdaptivePolicy(budget=0.02, contended=True), slower_when_overlapped=0.1)
+    policy = _noisy_run(policy_of(budget=0.02, contended=True), slower_when_overlapped=0.1)
     assert policy.gaps == [1] * 200  # (1.5 ms + 7 ms) / 0.6 s = 1.4 %: every iteration fits 2 %
     assert policy.overhead == pytest.approx((0.0015 + 0.007) / 0.6)
 
 
 def test_policy_caps_a_measured_slowdown_at_the_persists_wall_time():
     """A 20 ms persist cannot cost an iteration 100 ms: the rest is the timings' noise."""
-    policy = _noisy_run(AdaptivePolicy(budget=0.02), slower_when_overlapped=0.1)
+    policy = _noisy_run(policy_of(budget=0.02), slower_when_overlapped=0.1)
     assert 1.5 <= policy.period <= 2.5  # (1.5 ms + 20 ms) / 0.6 s = 3.6 % of 2 %; uncapped, every 9th
     assert policy.overhead <= 0.021
 
@@ -185,7 +206,7 @@ def test_policy_caps_a_measured_slowdown_at_the_persists_wall_time():
 def test_policy_charges_the_first_checkpoints_one_time_costs_without_expecting_them_again():
     """The first checkpoint writes the data set and allocates the staging buffers (16 ms on the
     demo), later ones cost 2 ms: the run still gets checkpoints spread over its 2 %."""
-    policy = AdaptivePolicy(budget=0.02, contended=True)
+    policy = policy_of(budget=0.02, contended=True)
     for _ in range(40):
         policy.iteration(0.04, overlapped=False)
         policy.observe(0.04)
@@ -199,7 +220,7 @@ def test_policy_charges_the_first_checkpoints_one_time_costs_without_expecting_t
 
 
 def test_policy_charges_the_wall_time_of_a_final_persist_the_run_waits_for():
-    policy = AdaptivePolicy(budget=0.05)
+    policy = policy_of(budget=0.05)
     policy.observe(10.0)
     assert policy.should_checkpoint(0.01, persist_in_flight=False)
     policy.record(0.01)
@@ -212,7 +233,7 @@ def test_policy_charges_the_wall_time_of_a_final_persist_the_run_waits_for():
 def test_a_final_persist_is_charged_only_for_what_the_iterations_tail_does_not_cover():
     """The last inner loop's checkpoint persists while the epoch's evaluation runs: the exit waits
     for the rest only (the mnist layout's last epoch lost its checkpoint to a 10 ms fsync)."""
-    policy = AdaptivePolicy(budget=0.05)
+    policy = policy_of(budget=0.05)
     policy.observe(10.0)
     assert policy.should_checkpoint(0.01, persist_in_flight=False)
     policy.record(0.01)
