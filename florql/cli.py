@@ -207,6 +207,52 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove what no checkpoint needs: chunks that lost their record and dead writes' temporary
+    files, in runs that are not recording. Nothing a checkpoint refers to is ever touched."""
+    from florql.storage import layout
+    from florql.storage.checkpoints import CorruptCheckpoint, find_garbage
+    from florql.storage.database import effective_status
+    from florql.storage.manifest import Manifest
+
+    if args.older_than < 0:
+        raise UsageError(f"--older-than {args.older_than:g}: give an age in seconds, 0 or more")
+    files = layout.locate_store(args.store).run_files()
+    verb = "would remove" if args.dry_run else "removed"
+    total_files = total_bytes = 0
+    for run_dir in files.list_dirs("runs"):
+        if not run_dir.isdigit():
+            continue
+        run_id = int(run_dir)
+        try:
+            manifest = Manifest.from_json(files.get(layout.manifest_path(run_id)))
+        except FileNotFoundError:
+            continue  # a run id claimed by a process that never wrote its manifest
+        if effective_status(manifest) == "running":
+            print(f"run {run_id}: recording now, skipped")
+            continue
+        try:
+            garbage = find_garbage(files, run_id, args.older_than)
+        except CorruptCheckpoint as err:
+            print(f"run {run_id}: skipped, a checkpoint record cannot be read ({err})")
+            continue
+        if not args.dry_run:
+            for path in garbage.paths:
+                files.delete(path)
+        if garbage.paths:
+            print(f"run {run_id}: {verb} {len(garbage.paths)} files ({_mb(garbage.bytes)}) no checkpoint refers to")
+        if garbage.young:
+            print(f"run {run_id}: kept {garbage.young} unreferenced files newer than {args.older_than:g} s")
+        total_files += len(garbage.paths)
+        total_bytes += garbage.bytes
+    print(f"{verb} {total_files} files, {_mb(total_bytes)}" if total_files else "nothing to remove")
+    return 0
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.1f} MB"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from florql.check import check_script
 
@@ -305,6 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every store's server of this user, not only this store's")
     p.set_defaults(func=cmd_replay_server)
     sub.add_parser("rebuild", help="recreate the DuckDB file from the run files").set_defaults(func=cmd_rebuild)
+    p = sub.add_parser("gc", help="remove checkpoint chunks no checkpoint refers to (left by killed writes)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.add_argument(
+        "--older-than",
+        type=float,
+        default=3600.0,
+        metavar="SECONDS",
+        help="leave files younger than this (default 3600): a live persist writes chunks before their record",
+    )
+    p.set_defaults(func=cmd_gc)
     p = sub.add_parser("check", help="report patterns in a training script that replay cannot restore")
     p.add_argument("script")
     p.set_defaults(func=cmd_check)

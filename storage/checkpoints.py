@@ -4,8 +4,8 @@ Large tensors and NumPy arrays (≥ `CHUNK_MIN_BYTES`; read-only snapshot arrays
 `SNAPSHOT_CHUNK_MIN_BYTES`) are stored apart, as content-addressed chunks
 (`runs/<id>/chunks/<xx>/xxh3-<hash>`) that every checkpoint holding the same bytes refers to: a data set,
 a frozen layer or an unchanged buffer is stored once per run. A chunk already present is not
-written again; nothing deletes chunks (a chunk that lost its last record, as after a kill -9
-mid-persist, is unused space, never a wrong restore).
+written again. A chunk that lost its last record (a kill -9 mid-persist) is unused space, never a
+wrong restore; `find_garbage` finds such chunks (and dead writes' temporary files) for `florql gc`.
 
 Chunks first, then the payload, then the record: a checkpoint is visible exactly when it is
 complete. The record carries the payload's SHA-256 and the payload each chunk's XXH3-128,
@@ -39,7 +39,9 @@ __all__ = [
     "CheckpointRecord",
     "ChunkCache",
     "CorruptCheckpoint",
+    "Garbage",
     "chunk_digest",
+    "find_garbage",
     "list_checkpoints",
     "read_checkpoint",
     "write_checkpoint",
@@ -411,6 +413,47 @@ def _read_chunk(files: RunFiles, record: CheckpointRecord, ref: _ChunkRef) -> by
         f"checkpoints referring to it: {', '.join(sharing) or record.name}. Delete the .ckpt and .json files of "
         "those checkpoints and the chunk, and run `florql rebuild`: replays then start from another checkpoint"
     )
+
+
+@dataclass(frozen=True)
+class Garbage:
+    """A run's files that no checkpoint needs (`find_garbage`)."""
+
+    paths: tuple[str, ...]  # removable: old enough, and referred to by no checkpoint record
+    bytes: int
+    young: int  # unreferenced too, but newer than the minimum age (or of unknown age): kept
+
+
+def find_garbage(files: RunFiles, run_id: int, min_age_s: float, now: float | None = None) -> Garbage:
+    """Chunks of run `run_id` that no checkpoint record refers to (the run's own and every replay
+    job's), and the temporary files of writes that never finished (a writer killed mid-write).
+
+    A file younger than `min_age_s`, or whose age the backend does not tell, is kept: a persist
+    writes its chunks before the record that refers to them, so a young unreferenced chunk may be
+    one a live writer is about to publish. `CorruptCheckpoint` when a record cannot be read (the
+    chunks it refers to are unknown, so none is garbage)."""
+    folders = [layout.checkpoints_dir(run_id)]
+    folders += [layout.replay_checkpoints_dir(run_id, job) for job in files.list_dirs(layout.replays_dir(run_id))]
+    referenced = {
+        digest
+        for folder in folders
+        for path in files.list(folder)
+        if path.endswith(".json")
+        for digest in read_record(files, path).chunks
+    }
+    candidates = [p for p in files.list(layout.chunks_dir(run_id)) if p.rsplit("/", 1)[-1] not in referenced]
+    candidates += files.list_unfinished(layout.run_dir(run_id))
+    now = time.time() if now is None else now
+    paths: list[str] = []
+    size = young = 0
+    for path in candidates:
+        nbytes, modified = files.file_info(path)
+        if modified is None or now - modified < min_age_s:
+            young += 1
+        else:
+            paths.append(path)
+            size += nbytes or 0
+    return Garbage(tuple(paths), size, young)
 
 
 _REMEDY = "delete its .ckpt and .json files and run `florql rebuild`: replays then start from an earlier checkpoint"

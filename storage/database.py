@@ -251,7 +251,7 @@ def ingest_run(
         manifest = Manifest.from_json(files.get(layout.manifest_path(run_id)))
     except FileNotFoundError:
         return False  # claimed a moment ago; the manifest follows
-    status = _effective_status(manifest)
+    status = effective_status(manifest)
     record = manifest.to_json(indent=None)
     new_manifest = stored != (record, status)
     conn.execute("BEGIN")
@@ -273,7 +273,7 @@ def ingest_run(
     return new_manifest or rows > 0 or checkpoints > 0 or replays
 
 
-def _effective_status(manifest: Manifest) -> str:
+def effective_status(manifest: Manifest) -> str:
     """A run still marked running whose process is gone was killed."""
     if manifest.status != "running":
         return manifest.status

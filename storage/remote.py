@@ -162,6 +162,21 @@ class FsspecRunFiles(RunFiles):
         found = (self._rel(p) for p in self.fs.find(base))
         return sorted(p for p in found if not _in_flight(p))
 
+    def list_unfinished(self, prefix: str) -> builtins.list[str]:  # `list` is a method here
+        base = self._abs(prefix).rstrip("/")
+        self.fs.invalidate_cache(base)
+        found = (self._rel(p) for p in self.fs.find(base))
+        return sorted(p for p in found if posixpath.basename(p).startswith(TMP_PREFIX))
+
+    def file_info(self, path: str) -> tuple[int | None, float | None]:
+        target = self._abs(path)
+        size = self.fs.info(target).get("size")
+        try:
+            modified: float | None = self.fs.modified(target).timestamp()
+        except (NotImplementedError, AttributeError, OSError):  # not every backend keeps it
+            modified = None
+        return size, modified
+
     def list_dirs(self, prefix: str) -> builtins.list[str]:  # `list` is a method here
         base = self._abs(prefix).rstrip("/")
         self.fs.invalidate_cache(base)

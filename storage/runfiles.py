@@ -70,6 +70,14 @@ class RunFiles(ABC):
         """A local filesystem path for `path` when there is one (lets readers mmap)."""
         return None
 
+    def list_unfinished(self, prefix: str) -> builtins.list[str]:  # `list` is a method here
+        """The temporary files of writes in flight (or of writers that died mid-write) below `prefix`."""
+        return []
+
+    def file_info(self, path: str) -> tuple[int | None, float | None]:
+        """(size in bytes, last-modified Unix time) of a file, each None where the backend does not say."""
+        return None, None
+
 
 class LocalRunFiles(RunFiles):
     """Run files in a local (or mounted shared) directory: temp file, fsync, rename."""
@@ -194,6 +202,17 @@ class LocalRunFiles(RunFiles):
 
     def local_path(self, path: str) -> str | None:
         return self._abs(path)
+
+    def list_unfinished(self, prefix: str) -> builtins.list[str]:  # `list` is a method here
+        out: builtins.list[str] = []
+        for folder, _, files in os.walk(self._abs(prefix)):
+            rel = os.path.relpath(folder, self.root).replace(os.sep, "/")
+            out.extend(f"{rel}/{name}" for name in files if name.startswith(TMP_PREFIX))
+        return sorted(out)
+
+    def file_info(self, path: str) -> tuple[int | None, float | None]:
+        info = os.stat(self._abs(path))
+        return info.st_size, info.st_mtime
 
 
 _bounce_lock = threading.Lock()

@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,6 +32,7 @@ from florql.storage.checkpoints import (
     read_checkpoint,
     write_checkpoint,
 )
+from florql.storage.manifest import Manifest
 from florql.storage.runfiles import TMP_PREFIX, LocalRunFiles
 from store_support import Store
 
@@ -241,6 +245,69 @@ def test_kill_9_mid_persist_leaves_no_record_referring_to_a_missing_chunk(store:
         assert np.array_equal(state["scope"]["plain"]["data"], np.ones((2048, 1024), dtype=np.float32))
     assert store.sql("SELECT status FROM runs") == [("killed",)]
     assert re.fullmatch(r"xxh3-[0-9a-f]{32}", next(iter(on_disk)))
+
+    # `florql gc` takes what the kill left (the half-written chunk, any chunk whose record never
+    # came) and nothing a checkpoint refers to: every checkpoint still restores.
+    out = gc(store, "--older-than", "0")
+    assert re.search(r"run 1: removed \d+ files \([\d.]+ MB\) no checkpoint refers to", out), out
+    assert not writing_a_chunk()
+    referenced = {digest for record in records for digest in record.chunks}
+    assert set(chunk_files(store)) == referenced
+    for record in list_checkpoints(store.files, 1):
+        assert torch.all(read_checkpoint(store.files, record)["objects"]["model"]["weight"] == record.outer_index + 1)
+
+
+def gc(store: Store, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "florql", "gc", *args], env=store.env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stdout
+
+
+def plant(store: Store, path: str, nbytes: int, age_s: float) -> Path:
+    """A file at `path` in the store, last modified `age_s` seconds ago."""
+    target = store.home / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(os.urandom(nbytes))
+    then = time.time() - age_s
+    os.utime(target, (then, then))
+    return target
+
+
+def test_gc_removes_only_old_files_no_checkpoint_refers_to_and_never_touches_a_recording_run(store: Store) -> None:
+    store.run(SHARED_STATE)
+    records = list_checkpoints(store.files, 1)
+    referenced = {digest for record in records for digest in record.chunks}
+    assert set(chunk_files(store)) == referenced
+    orphan = plant(store, "runs/1/chunks/ab/xxh3-ab" + "0" * 30, 300_000, age_s=7200)  # its record never came
+    dead_write = plant(store, f"runs/1/chunks/cd/{TMP_PREFIX}0123", 200_000, age_s=7200)  # a killed write
+    young = plant(store, "runs/1/chunks/ef/xxh3-ef" + "0" * 30, 1000, age_s=10)  # a live persist's, maybe
+
+    out = gc(store, "--dry-run")
+    assert "run 1: would remove 2 files (0.5 MB) no checkpoint refers to" in out, out
+    assert "run 1: kept 1 unreferenced files newer than 3600 s" in out
+    assert orphan.exists() and dead_write.exists() and young.exists()
+
+    out = gc(store)
+    assert "run 1: removed 2 files (0.5 MB)" in out and out.rstrip().endswith("removed 2 files, 0.5 MB"), out
+    assert not orphan.exists() and not dead_write.exists() and young.exists()
+    assert set(chunk_files(store)) == referenced | {young.name}
+    data = np.random.default_rng(0).standard_normal((128, 2048)).astype(np.float32)
+    for record in records:  # every checkpoint still restores, its chunks checked
+        assert np.array_equal(read_checkpoint(store.files, record)["scope"]["plain"]["data"], data)
+    assert gc(store, "--older-than", "0").rstrip().endswith("removed 1 files, 0.0 MB")
+    assert set(chunk_files(store)) == referenced
+
+    # A run whose process is alive is never collected, whatever the age of its files.
+    manifest_path = layout.manifest_path(1)
+    manifest = Manifest.from_json(store.files.get(manifest_path))
+    manifest.update(status="running", env=replace(manifest.env, pid=os.getpid(), hostname=socket.gethostname()))
+    store.files.put(manifest_path, manifest.to_json().encode())
+    orphan = plant(store, orphan.relative_to(store.home).as_posix(), 1000, age_s=7200)
+    out = gc(store, "--older-than", "0")
+    assert "run 1: recording now, skipped" in out and out.rstrip().endswith("nothing to remove")
+    assert orphan.exists()
 
 
 def test_arrays_of_every_dtype_round_trip_and_object_arrays_stay_pickled(tmp_path) -> None:
