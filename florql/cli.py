@@ -228,6 +228,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
             manifest = Manifest.from_json(files.get(layout.manifest_path(run_id)))
         except FileNotFoundError:
             continue  # a run id claimed by a process that never wrote its manifest
+        except (ValueError, TypeError) as err:
+            print(f"run {run_id}: skipped, its manifest cannot be read ({err})")
+            continue
         if effective_status(manifest) == "running":
             print(f"run {run_id}: recording now, skipped")
             continue

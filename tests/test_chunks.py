@@ -299,6 +299,12 @@ def test_gc_removes_only_old_files_no_checkpoint_refers_to_and_never_touches_a_r
     assert gc(store, "--older-than", "0").rstrip().endswith("removed 1 files, 0.0 MB")
     assert set(chunk_files(store)) == referenced
 
+    # A run whose manifest cannot be read is left alone, and said so.
+    plant(store, "runs/2/chunks/ab/xxh3-ab" + "1" * 30, 1000, age_s=7200)
+    (store.home / "runs" / "2" / "run.json").write_text("{torn")
+    out = gc(store, "--older-than", "0")
+    assert "run 2: skipped, its manifest cannot be read" in out and (store.home / "runs" / "2" / "chunks").exists()
+
     # A run whose process is alive is never collected, whatever the age of its files.
     manifest_path = layout.manifest_path(1)
     manifest = Manifest.from_json(store.files.get(manifest_path))
