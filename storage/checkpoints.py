@@ -424,7 +424,7 @@ class Garbage:
     young: int  # unreferenced too, but newer than the minimum age (or of unknown age): kept
 
 
-def find_garbage(files: RunFiles, run_id: int, min_age_s: float, now: float | None = None) -> Garbage:
+def find_garbage(files: RunFiles, run_id: int, min_age_s: float) -> Garbage:
     """Chunks of run `run_id` that no checkpoint record refers to (the run's own and every replay
     job's), and the temporary files of writes that never finished (a writer killed mid-write).
 
@@ -443,11 +443,14 @@ def find_garbage(files: RunFiles, run_id: int, min_age_s: float, now: float | No
     }
     candidates = [p for p in files.list(layout.chunks_dir(run_id)) if p.rsplit("/", 1)[-1] not in referenced]
     candidates += files.list_unfinished(layout.run_dir(run_id))
-    now = time.time() if now is None else now
+    now = time.time()
     paths: list[str] = []
     size = young = 0
     for path in candidates:
-        nbytes, modified = files.file_info(path)
+        try:
+            nbytes, modified = files.file_info(path)
+        except FileNotFoundError:  # a temporary file renamed into place since the listing
+            continue
         if modified is None or now - modified < min_age_s:
             young += 1
         else:
