@@ -526,7 +526,7 @@ class RecordSession(TrainingSession):
     def finish(self) -> None:
         """Called at interpreter exit: write what is left. Failures end in one clear line each."""
         self._set_up_imports.stop()  # a script without an outer loop
-        self.persister.wait()
+        self.persister.finish()
         self._report_policy()
         fields: dict[str, Any] = {"ended_at": time.time()}
         try:

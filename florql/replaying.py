@@ -306,7 +306,7 @@ class ReplaySession(TrainingSession):
         """Make the job's rows visible, all together."""
         if self.committed:
             return
-        self.persister.wait()
+        self.persister.finish()
         self.writer.close()
         summary = {
             "job_id": self.spec.job_id,

@@ -60,7 +60,7 @@ CREATE TABLE IF NOT EXISTS segments_ingested (
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id INTEGER, name VARCHAR, outer_index INTEGER, kind VARCHAR, coords VARCHAR, bytes BIGINT,
-    sha256 VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP, code_version VARCHAR,
+    digest VARCHAR, stall_s DOUBLE, persist_s DOUBLE, created_at TIMESTAMP, code_version VARCHAR,
     stored_bytes BIGINT, chunks INTEGER, PRIMARY KEY (run_id, name)
 );
 CREATE TABLE IF NOT EXISTS code_versions (
@@ -147,6 +147,8 @@ def _migrate(conn: duckdb.DuckDBPyConnection) -> None:
     for column in ("recorded_exec_s", "recorded_skip_s"):  # older rows: NULL, not used for calibration
         if ("_replay_costs", column) not in columns:
             conn.execute(f"ALTER TABLE _replay_costs ADD COLUMN {column} DOUBLE")
+    if ("checkpoints", "sha256") in columns:  # payloads are named by XXH3 now; older rows keep their SHA-256
+        conn.execute("ALTER TABLE checkpoints RENAME COLUMN sha256 TO digest")
     if ("checkpoints", "code_version") not in columns:  # NULL: the run's own recorded code
         conn.execute("ALTER TABLE checkpoints ADD COLUMN code_version VARCHAR")
     if ("checkpoints", "stored_bytes") not in columns:  # before chunks, a checkpoint stored all its bytes
@@ -424,7 +426,7 @@ def _insert_checkpoint(
     conn: duckdb.DuckDBPyConnection, rec: CheckpointRecord, stored_name: str, code_version: str | None
 ) -> None:
     conn.execute(
-        "INSERT OR IGNORE INTO checkpoints (run_id, name, outer_index, kind, coords, bytes, sha256, stall_s,"
+        "INSERT OR IGNORE INTO checkpoints (run_id, name, outer_index, kind, coords, bytes, digest, stall_s,"
         " persist_s, created_at, code_version, stored_bytes, chunks)"
         " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, to_timestamp(?)::TIMESTAMP, ?, ?, ?)",
         [
@@ -434,7 +436,7 @@ def _insert_checkpoint(
             rec.kind,
             json.dumps(rec.coords),
             rec.bytes,
-            rec.sha256,
+            rec.digest,
             rec.stall_s,
             rec.persist_s,
             rec.created_at,

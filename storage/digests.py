@@ -22,3 +22,16 @@ def matches(data: bytes | memoryview, digest: str) -> bool:
     if digest.startswith(TAG):
         return xxh3(data) == digest
     return bool(digest) and hashlib.sha256(data).hexdigest().startswith(digest)
+
+
+class Hasher:
+    """`xxh3` over data that arrives in parts (a file written as it is hashed)."""
+
+    def __init__(self) -> None:
+        self._state = xxhash.xxh3_128()
+
+    def update(self, data: bytes | memoryview) -> None:
+        self._state.update(data)
+
+    def hexdigest(self) -> str:
+        return TAG + self._state.hexdigest()

@@ -58,7 +58,7 @@ class FsspecRunFiles(RunFiles):
         return full[len(self.root) + 1 :]
 
     # ---- writes -------------------------------------------------------------------------------
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data: bytes, *, durable_name: bool = True) -> None:
         target = self._abs(path)
         if self.atomic_upload:
             self.fs.pipe_file(target, data)
@@ -67,7 +67,7 @@ class FsspecRunFiles(RunFiles):
             self.fs.pipe_file(tmp, data)
 
     @contextlib.contextmanager
-    def writer(self, path: str) -> Iterator[BinaryIO]:
+    def writer(self, path: str, *, durable_name: bool = True) -> Iterator[BinaryIO]:
         # Streams go to a local temp file and are uploaded whole on a clean exit only, so an
         # aborted or killed writer never leaves a partial object (an interrupted multipart upload
         # is not an object; a bucket lifecycle rule reclaims its parts).

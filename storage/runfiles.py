@@ -31,16 +31,26 @@ class RunFiles(ABC):
     url: str
 
     @abstractmethod
-    def put(self, path: str, data: bytes) -> None:
-        """Write `data` at `path` atomically, replacing any previous file."""
+    def put(self, path: str, data: bytes, *, durable_name: bool = True) -> None:
+        """Write `data` at `path` atomically, replacing any previous file.
+
+        The file's bytes are durable before its name appears. With `durable_name=False` the name
+        itself may not survive a power loss until `sync_folder(folder)`: a writer of several files
+        into one folder saves a flush per file."""
 
     @abstractmethod
     def create(self, path: str, data: bytes) -> bool:
         """Write `data` at `path` only if nothing is there; True when this call created it."""
 
     @abstractmethod
-    def writer(self, path: str) -> contextlib.AbstractContextManager[BinaryIO]:
-        """A file to stream into; it becomes visible at `path` on a clean exit, never otherwise."""
+    def writer(self, path: str, *, durable_name: bool = True) -> contextlib.AbstractContextManager[BinaryIO]:
+        """A file to stream into; it becomes visible at `path` on a clean exit, never otherwise
+        (`durable_name` as for `put`)."""
+
+    def sync_folder(self, folder: str) -> None:
+        """Make the names written into `folder` with `durable_name=False` durable. Here a no-op:
+        where a write is durable once it returns (an object store), there is nothing to sync."""
+        return
 
     def put_uncached(self, path: str, data: memoryview) -> None:
         """`put` for a large buffer written once and read seldom (a checkpoint's chunk): a backend
@@ -90,8 +100,8 @@ class LocalRunFiles(RunFiles):
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, *path.split("/"))
 
-    def put(self, path: str, data: bytes) -> None:
-        with self.writer(path) as f:
+    def put(self, path: str, data: bytes, *, durable_name: bool = True) -> None:
+        with self.writer(path, durable_name=durable_name) as f:
             f.write(data)
 
     def create(self, path: str, data: bytes) -> bool:
@@ -121,7 +131,7 @@ class LocalRunFiles(RunFiles):
         return True
 
     @contextlib.contextmanager
-    def writer(self, path: str) -> Iterator[BinaryIO]:
+    def writer(self, path: str, *, durable_name: bool = True) -> Iterator[BinaryIO]:
         target = self._abs(path)
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
@@ -140,7 +150,11 @@ class LocalRunFiles(RunFiles):
                 os.unlink(tmp)
             raise
         # Visible and complete from here on: reporting a failure now would make a caller write it again.
-        _fsync_dir(folder)
+        if durable_name:
+            _fsync_dir(folder)
+
+    def sync_folder(self, folder: str) -> None:
+        _fsync_dir(self._abs(folder))
 
     def put_uncached(self, path: str, data: memoryview) -> None:
         # Through the page cache, a fresh page costs the kernel far more CPU than the copy itself

@@ -7,6 +7,7 @@ byte for byte, and hindsight answers against a run that logged everything.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -359,3 +360,55 @@ def test_chunks_of_an_older_store_named_by_sha256_still_restore_and_are_checked(
         f.write(b"\xff\xff")
     with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):
         read_checkpoint(files, record)
+
+
+def test_a_record_of_an_older_store_naming_its_payload_by_sha256_still_restores_and_is_checked(tmp_path) -> None:
+    files = LocalRunFiles(tmp_path)
+    weight = torch.randn(16, 16)  # small: in the payload itself
+    payload = {"objects": {"model": {"weight": weight}}, "position": {"outer_index": 0, "kind": "iter_end"}}
+    record = write_checkpoint(files, 1, 0, "iter_end", {"epoch": 0}, payload, 0.0)
+    data_path = tmp_path / layout.checkpoints_dir(1) / f"{record.name}.ckpt"
+    assert record.digest == "xxh3-" + xxhash.xxh3_128_hexdigest(data_path.read_bytes())
+    # How an older florql wrote the record: the payload's SHA-256 under the key `sha256`.
+    fields = json.loads(record.to_json())
+    del fields["digest"]
+    fields["sha256"] = hashlib.sha256(data_path.read_bytes()).hexdigest()
+    record_path = f"{layout.checkpoints_dir(1)}/{record.name}.json"
+    files.put(record_path, json.dumps(fields).encode())
+    [old] = list_checkpoints(files, 1)
+    assert old.digest == fields["sha256"]
+    assert torch.equal(read_checkpoint(files, old)["objects"]["model"]["weight"], weight)
+    raw = bytearray(data_path.read_bytes())
+    raw[-1] ^= 0xFF  # a flipped bit in the tensor's bytes
+    data_path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpoint, match="checksum mismatch"):
+        read_checkpoint(files, old)
+
+
+def test_each_checkpoint_file_is_synced_and_their_folder_once_when_the_writer_finishes(tmp_path, monkeypatch) -> None:
+    """Folder syncs wake the persist thread, which then takes the core back from training: a
+    checkpoint syncs its two files' bytes before their names appear, and the folder once at the end."""
+    from florql.checkpoint_engine import Persister
+    from florql.storage import runfiles
+
+    synced: list[str] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(runfiles, "_fsync_dir", lambda folder: synced.append(f"folder {os.path.basename(folder)}"))
+
+    def fsync(fd: int) -> None:
+        synced.append("file " + os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).split("-")[0])
+        real_fsync(fd)
+
+    monkeypatch.setattr(runfiles.os, "fsync", fsync)
+    files = LocalRunFiles(tmp_path)
+    persister = Persister(files, 1, on_done=lambda record: None)
+    for index in range(3):
+        payload = {"objects": {"w": torch.full((4,), float(index))}, "position": {"outer_index": index}}
+        persister.submit(index, "iter_end", {"epoch": index}, payload, 0.0, None)
+        persister.wait()
+    assert synced == ["file .tmp"] * 6  # each checkpoint: its payload, then its record
+    persister.finish()
+    assert synced[6:] == ["folder checkpoints"]
+    persister.finish()  # nothing written since: nothing to sync
+    assert len(synced) == 7
+    assert [r.outer_index for r in list_checkpoints(files, 1)] == [0, 1, 2]

@@ -9,7 +9,7 @@ import pytest
 
 from florql.storage import layout
 from florql.storage.code_versions import load_code_version
-from florql.storage.database import open_store, rebuild, sync
+from florql.storage.database import open_file, open_store, rebuild, sync
 from store_support import EXAMPLES, Store
 
 SMALL_RUN = """
@@ -70,6 +70,32 @@ def test_sync_twice_changes_nothing(two_runs):
         assert snapshot(conn) == first
     assert len(first["logs"]) == 4 * 21 + 2 * 21
     assert len(first["segments_ingested"]) == len(segment_files(store)) >= 2
+
+
+def test_a_store_whose_checkpoints_carry_sha256_is_brought_up_to_the_digest_column(two_runs, tmp_path):
+    db_path = str(tmp_path / "older.duckdb")
+    conn = open_file(db_path)
+    sync(conn, two_runs.files)
+    rows = conn.execute("SELECT * FROM checkpoints ORDER BY run_id, name").fetchall()
+    assert rows and all(
+        digest.startswith("xxh3-") for (digest,) in conn.execute("SELECT digest FROM checkpoints").fetchall()
+    )
+    conn.execute("ALTER TABLE checkpoints RENAME COLUMN digest TO sha256")  # as an older florql left it
+    conn.close()
+    conn = open_file(db_path)
+    try:
+        assert conn.execute("SELECT * FROM checkpoints ORDER BY run_id, name").fetchall() == rows
+        columns = [
+            c
+            for (c,) in conn.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_name = 'checkpoints'"
+            ).fetchall()
+        ]
+        assert "digest" in columns and "sha256" not in columns
+        sync(conn, two_runs.files)  # and ingests as before
+        assert conn.execute("SELECT * FROM checkpoints ORDER BY run_id, name").fetchall() == rows
+    finally:
+        conn.close()
 
 
 def test_two_processes_syncing_at_once_ingest_each_segment_once(two_runs):
