@@ -218,7 +218,9 @@ class RecordSession(TrainingSession):
 
     def _heartbeat(self, body: bytes | None) -> None:
         if body is not None:
-            self.files.put(layout.manifest_path(self.run_id), body)
+            # It replaces the previous manifest: should a power loss undo the rename, the previous one,
+            # complete, stays. The folder is synced with the final manifest, not at every heartbeat.
+            self.files.put(layout.manifest_path(self.run_id), body, durable_name=False)
             self._last_manifest = time.monotonic()
 
     # ---- code version -----------------------------------------------------------------------

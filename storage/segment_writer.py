@@ -7,6 +7,8 @@ atomic copy under the GIL), writes it as one segment, and only then deletes that
 at any moment is either in the prefix taken or still there for the next flush: none is lost, none
 is written twice, and they land in the order they were logged.
 
+Each segment's bytes are durable before its name appears; the names are made durable together when
+the writer closes (a power loss mid-run can cost the latest segments, never leave a partial one).
 A write that fails (a full disk) keeps its records in memory: the same bytes go to the same path
 at the next attempt, at least every `interval` seconds, so a retried segment never lands twice.
 Past `HARD_LIMIT` buffered records the training thread waits for the writer; while writes keep
@@ -15,6 +17,7 @@ failing it stops with `WriteFailed` instead of waiting forever.
 
 from __future__ import annotations
 
+import posixpath
 import sys
 import threading
 import time
@@ -122,6 +125,8 @@ class SegmentWriter:
             raise WriteFailed(
                 f"could not write the last {len(self.buffer):,} log records to {self.files.url}: {exc}"
             ) from exc
+        if self.paths:
+            self.files.sync_folder(posixpath.dirname(self.paths[-1]))
 
     def _run(self) -> None:
         # pyarrow's first compute kernels and zstd encoding cost ~0.1 s: pay it now, while
@@ -179,7 +184,9 @@ class SegmentWriter:
     def _write_pending(self) -> None:
         assert self._pending is not None
         path, data, n = self._pending
-        self.files.put(path, data)  # atomic; raises (the records kept) when it cannot be written
+        # Atomic; raises (the records kept) when it cannot be written. The folder is synced once, at
+        # `close`: a sync a second woke this thread to take the core and the GIL back from training.
+        self.files.put(path, data, durable_name=False)
         self._pending = None
         del self.buffer[:n]
         self.records_written += n

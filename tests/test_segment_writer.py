@@ -73,8 +73,11 @@ class MemoryRunFiles(LocalRunFiles):
         self.url = "memory://"
         self.data: dict[str, bytes] = {}
 
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data: bytes, *, durable_name: bool = True) -> None:
         self.data[path] = bytes(data)
+
+    def sync_folder(self, folder: str) -> None:
+        pass
 
     def get(self, path: str) -> bytes:
         return self.data[path]
@@ -143,11 +146,11 @@ class FullDisk(LocalRunFiles):
         self.full = threading.Event()
         self.refused = 0
 
-    def put(self, path: str, data: bytes) -> None:
+    def put(self, path: str, data: bytes, *, durable_name: bool = True) -> None:
         if self.full.is_set():
             self.refused += 1
             raise OSError(errno.ENOSPC, "No space left on device", path)
-        super().put(path, data)
+        super().put(path, data, durable_name=durable_name)
 
 
 def test_a_failed_write_keeps_its_records_and_retries_them(tmp_path, capfd):
@@ -314,3 +317,28 @@ def test_segments_are_named_by_their_xxh3_and_older_sha256_names_are_still_check
         files.put(name, bytes(damaged))
         with pytest.raises(segments.CorruptSegment, match="do not match the checksum in its name"):
             segments.read_segment(files, name)
+
+
+def test_each_segment_is_synced_and_their_folder_once_when_the_writer_closes(tmp_path, monkeypatch) -> None:
+    from florql.storage import runfiles
+
+    folder_syncs: list[str] = []
+    monkeypatch.setattr(runfiles, "_fsync_dir", lambda folder: folder_syncs.append(folder))
+    file_syncs = 0
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        nonlocal file_syncs
+        file_syncs += 1
+        real_fsync(fd)
+
+    monkeypatch.setattr(runfiles.os, "fsync", fsync)
+    files = LocalRunFiles(tmp_path)
+    writer = _writer(files, interval=3600)  # flushed by hand below
+    for k in range(3):
+        writer.buffer.append(("step", k, ("",)))
+        writer.flush()
+    assert writer.segments_written == 3 and file_syncs == 3 and folder_syncs == []
+    writer.close()
+    assert folder_syncs == [str(tmp_path / "runs" / "1" / "segments" / "main")]
+    assert _landed(files) == [(0, 0), (1, 1), (2, 2)]
