@@ -30,12 +30,10 @@ from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
 ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate until a checkpoint after the first is measured
-# A replay starts from the nearest checkpoint at or before what a query asks for: checkpoints S
-# seconds of training apart leave it S/2 to re-execute on average. A warm replay job pays ~0.1-0.4 s
-# before its first iteration (fork, the script's own set-up, the restore), so at S = 0.5 s the
-# re-execution is about one job start, and closer checkpoints spend the recording's budget on
-# little: on 0.1 s epochs, S = 0.25 s was charged 0.3 % more of training for a query's ~0.12 s.
-MIN_SPACING_S = 0.5
+# A replay starts from the nearest checkpoint, and a warm replay job pays ~0.1-0.4 s before its
+# first iteration (fork, the script's own set-up, the restore). Checkpoints closer than that
+# save a query less than its job's start costs, yet spend the budget: none is taken closer.
+MIN_SPACING_S = 0.25
 
 
 @dataclass

@@ -73,16 +73,16 @@ def policy_of(**options) -> AdaptivePolicy:
 
 
 def test_checkpoints_are_no_closer_than_the_spacing_a_replay_start_is_worth():
-    """0.15 s iterations whose checkpoints fit the budget every time: one in four is taken (0.6 s of
-    training apart, the least above 0.5 s), and the opportunities declined for it are counted."""
+    """0.1 s iterations whose checkpoints fit the budget every time: one in three is taken (0.3 s of
+    training apart, the least above 0.25 s), and the opportunities declined for it are counted."""
     policy = AdaptivePolicy(budget=0.5)
-    assert policy.min_spacing_s == MIN_SPACING_S == 0.5
+    assert policy.min_spacing_s == MIN_SPACING_S == 0.25
     for _ in range(30):
-        policy.iteration(0.15, overlapped=False)
-        policy.observe(0.15)
+        policy.iteration(0.1, overlapped=False)
+        policy.observe(0.1)
         if policy.should_checkpoint(0.0001, persist_in_flight=False):
             policy.record(0.0001)
-    assert policy.gaps == [1] + [4] * 7 and policy.skipped_close == 22
+    assert policy.gaps == [1] + [3] * 9 and policy.skipped_close == 20
     assert policy.overhead < 0.01  # the budget had room for every iteration: the spacing declined them
 
 
