@@ -34,7 +34,7 @@ ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate until a checkpoint after the 
 # first iteration (fork, the script's own set-up, the restore). Checkpoints closer than that
 # save a query less than its job's start costs, yet spend the budget: none is taken closer.
 # No wider: a replay for an epoch-level name skips the inner loop only of the epochs that have a
-# checkpoint and re-executes the others (at 0.5 s, half of the mnist layout's 0.45 s epochs had
+# checkpoint and re-executes the others (at 0.5 s, half of the mnist layout's ~0.5 s epochs had
 # none, and its query ran 128 training batches instead of 0, 0.32x of retraining instead of 0.07x).
 MIN_SPACING_S = 0.25
 
