@@ -246,8 +246,9 @@ def write_checkpoint(
     header = pickle.dumps(skeleton, protocol=pickle.HIGHEST_PROTOCOL)
     digest = digests.Hasher()
     size = 0
-    # Neither name is synced here (`sync_folder` at the writer's end does it once): each folder
-    # sync wakes the persist thread, which takes the core and the GIL back from training. A power
+    # Neither name is synced here: the caller syncs the folder once, when it has written its last
+    # checkpoint (`RunFiles.sync_folder`). Each folder sync woke the persist thread, which took the
+    # core and the GIL back from training. A power
     # loss can then cost the latest checkpoints, never a wrong one: each file's bytes are durable
     # before its name appears, and the record's rename follows the payload's in the same folder.
     with files.writer(data_path, durable_name=False) as f:
