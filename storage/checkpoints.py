@@ -248,9 +248,9 @@ def write_checkpoint(
     size = 0
     # Neither name is synced here: the caller syncs the folder once, when it has written its last
     # checkpoint (`RunFiles.sync_folder`). Each folder sync woke the persist thread, which took the
-    # core and the GIL back from training. A power
-    # loss can then cost the latest checkpoints, never a wrong one: each file's bytes are durable
-    # before its name appears, and the record's rename follows the payload's in the same folder.
+    # core and the GIL back from training. A power loss can then cost the latest checkpoints, never
+    # a wrong one: each file's bytes are durable before its name appears, and the record's rename
+    # follows the payload's in the same folder.
     with files.writer(data_path, durable_name=False) as f:
         parts: tuple[builtins.bytes | memoryview, ...] = (
             MAGIC,
