@@ -37,7 +37,7 @@ import psycopg
 import pyarrow as pa
 
 import florql
-from florql.storage import layout, segments
+from florql.storage import layout, segment_codec
 from florql.storage.layout import locate_store
 from florql.storage.manifest import Manifest
 from florql.storage.runfiles import RunFiles
@@ -65,37 +65,20 @@ LISTINGS = {
 }
 
 
-def epoch_batch(epoch: int, steps: int, first_seq: int, rng: np.random.Generator) -> tuple[pa.RecordBatch, dict]:
-    """One epoch's records in the order a training loop logs them (per step, the five names)."""
+def epoch_records(epoch: int, steps: int, rng: np.random.Generator) -> tuple[list[tuple], dict]:
+    """One epoch's records in the order a training loop logs them (per step, the five names, one
+    position tuple per step as `florql.log` shares it)."""
     n = steps * len(NAMES)
-    step = np.repeat(np.arange(steps, dtype=np.int64), len(NAMES))
-    name_index = np.tile(np.arange(len(NAMES)), steps)
     floats = rng.random(n)
-    is_tok = name_index == NAMES.index("tok")
     ints = rng.integers(0, 50_000, n)
-    coords = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, 2 * n + 1, 2, dtype=np.int32)),
-        pa.array(np.column_stack([np.full(n, epoch, np.int64), step]).ravel()),
-    )
-    names = pa.DictionaryArray.from_arrays(pa.array(name_index.astype(np.int32)), pa.array(NAMES)).cast(pa.string())
-    batch = pa.RecordBatch.from_arrays(
-        [
-            pa.array(np.arange(first_seq, first_seq + n, dtype=np.int64)),
-            names,
-            pa.array(["epoch/step"] * n, pa.string()),
-            coords,
-            pa.array(np.where(is_tok, "int", "float").tolist(), pa.string()),
-            pa.array(floats, mask=is_tok),
-            pa.array(ints, mask=~is_tok),
-            pa.nulls(n, pa.bool_()),
-            pa.nulls(n, pa.string()),
-        ],
-        schema=segments.SCHEMA,
-    )
+    tok = NAMES.index("tok")
+    positions = [("epoch/step", epoch, step) for step in range(steps)]
+    values = [int(ints[i]) if i % len(NAMES) == tok else float(floats[i]) for i in range(n)]
+    records = [(NAMES[i % len(NAMES)], values[i], positions[i // len(NAMES)]) for i in range(n)]
     wide = {"epoch": np.full(steps, epoch, np.int64), "step": np.arange(steps, dtype=np.int64)}
     for k, name in enumerate(NAMES):
         wide[name] = (ints if name == "tok" else floats)[k :: len(NAMES)]
-    return batch, wide
+    return records, wide
 
 
 def write_run(files: RunFiles, run_id: int, epochs: int, steps: int, rng: np.random.Generator) -> pa.Table:
@@ -105,8 +88,9 @@ def write_run(files: RunFiles, run_id: int, epochs: int, steps: int, rng: np.ran
     manifest.update(outer_loop="epoch", outer_planned=epochs, outer_completed=epochs, iteration_s=[1.0] * epochs)
     wides = []
     for epoch in range(epochs):
-        batch, wide = epoch_batch(epoch, steps, epoch * steps * len(NAMES), rng)
-        segments.write_segment(files, layout.segment_path(run_id, layout.MAIN_WRITER, epoch), batch, {})
+        records, wide = epoch_records(epoch, steps, rng)
+        path = layout.segment_path(run_id, layout.MAIN_WRITER, epoch)
+        segment_codec.write_segment(files, path, epoch * steps * len(NAMES), records, {})
         wides.append(pa.table({"run_id": pa.array(np.full(steps, run_id, np.int32)), **wide}))
     files.put(layout.manifest_path(run_id), manifest.to_json().encode())
     return pa.concat_tables(wides)

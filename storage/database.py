@@ -374,7 +374,7 @@ def _ingest_segments(conn: duckdb.DuckDBPyConnection, files: RunFiles, run_id: i
     """Land the run's new segments in `logs` and merge them into its wide tables, in order."""
     prefix = f"{layout.segments_dir(run_id)}/{layout.MAIN_WRITER}"
     done = {r[0] for r in conn.execute("SELECT path FROM segments_ingested WHERE run_id = ?", [run_id]).fetchall()}
-    new = [p for p in files.list(prefix) if p not in done and p.endswith(".arrow")]
+    new = [p for p in files.list(prefix) if p not in done and layout.is_segment(p)]
     rows = 0
     pending: list[tuple[str, pa.Table]] = []
     for k, path in enumerate(new):

@@ -51,8 +51,15 @@ def claim_path(run_id: int) -> str:
     return f"runs/{run_id}/claim"
 
 
+SEGMENT_SUFFIX = ".seg"  # `segment_codec`'s format; segments of florql versions before it end ".arrow"
+
+
+def is_segment(path: str) -> bool:
+    return path.endswith((SEGMENT_SUFFIX, ".arrow"))
+
+
 def segment_path(run_id: int, writer: str, seq: int) -> str:
-    return f"runs/{run_id}/segments/{writer}/{seq:08d}.arrow"
+    return f"runs/{run_id}/segments/{writer}/{seq:08d}{SEGMENT_SUFFIX}"
 
 
 def segments_dir(run_id: int) -> str:
@@ -77,7 +84,7 @@ def replay_dir(run_id: int, job_id: str) -> str:
 
 def replay_segment_path(run_id: int, job_id: str, seq: int, attempt: str = "a") -> str:
     # Each attempt of a job writes its own files: a retried job never mixes with a dead attempt's.
-    return f"runs/{run_id}/replays/{job_id}/segments/{attempt}-{seq:08d}.arrow"
+    return f"runs/{run_id}/replays/{job_id}/segments/{attempt}-{seq:08d}{SEGMENT_SUFFIX}"
 
 
 # The files of a replay job's folder.

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from florql.storage import segments
+from florql.storage import segment_codec
 from florql.storage.errors import WriteFailed
 from florql.storage.runfiles import RunFiles
 
@@ -73,7 +73,6 @@ class SegmentWriter:
         self._pending: tuple[str, bytes, int] | None = None  # a segment encoded but not yet written
         self._wake = threading.Event()
         self._closing = threading.Event()
-        self.warmed = threading.Event()  # set once pyarrow's one-time costs are paid
         self._drained = threading.Condition()
         self._stop = False
         self._error: BaseException | None = None  # the last write failure, until a write succeeds
@@ -129,10 +128,6 @@ class SegmentWriter:
             self.files.sync_folder(posixpath.dirname(self.paths[-1]))
 
     def _run(self) -> None:
-        # pyarrow's first compute kernels and zstd encoding cost ~0.1 s: pay it now, while
-        # the script is still setting up, not in the middle of its first training iterations.
-        segments.encode([segments.records_to_batch(0, [("warmup", 0.0, ("",)), ("warmup", 0, ("",))])], {})
-        self.warmed.set()
         while not self._stop:
             self._wake.wait(self.interval)
             self._wake.clear()
@@ -173,9 +168,8 @@ class SegmentWriter:
                 records = buffer[:n]  # the prefix: appends after this point stay for the next flush
                 if self.has_deferred:
                     records = [_resolved(r) for r in records]
-                batch = segments.records_to_batch(self.records_written, records)
-                data = segments.encode([batch], self.metadata)
-                self._pending = (segments.checked_path(self.path_for(self._segment_seq), data), data, n)
+                data = segment_codec.encode(self.records_written, records, self.metadata)
+                self._pending = (segment_codec.checked_path(self.path_for(self._segment_seq), data), data, n)
                 self._write_pending()
             with self._drained:
                 self._drained.notify_all()

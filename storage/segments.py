@@ -1,26 +1,29 @@
-"""Append-only log segments: Arrow IPC files (zstd-compressed), each written whole and atomically.
+"""Append-only log segments, read into Arrow tables; the Arrow IPC files florql writes on the query side.
 
 A segment holds the records one writer (a trainer or a replay job) buffered since its last flush.
 Records are `(seq, name, loop_path, coords, typed value)`; `coords` are the iteration indices of
 the enclosing loops, outermost first, named by `loop_path` ("epoch/step").
 
-A segment's name carries the XXH3-128 of its bytes (`00000003.xxh3-<32 hex digits>.arrow`): the
-file stays a plain Arrow IPC file, and every read checks it, so a truncated or bit-flipped segment
-is reported by name and never answered from. Segments of older florql versions carry the first 32
-hex digits of their SHA-256 (`00000003.<32 hex digits>.arrow`), or no checksum.
+Writers write `segment_codec`'s format (`.seg`: NumPy buffers, no pyarrow in a training process).
+Segments of florql versions before it, and the recorded values a replay job audits against, are
+Arrow IPC files (`.arrow`, zstd-compressed); both read the same way.
+
+A segment's name carries the XXH3-128 of its bytes (`00000003.xxh3-<32 hex digits>.seg`), and
+every read checks it, so a truncated or bit-flipped segment is reported by name and never answered
+from. Segments of older florql versions carry the first 32 hex digits of their SHA-256
+(`00000003.<32 hex digits>.arrow`), or no checksum.
 """
 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from florql.storage import digests
+from florql.storage import digests, segment_codec
 from florql.storage.errors import CorruptSegment
 from florql.storage.runfiles import RunFiles
 
@@ -38,117 +41,9 @@ SCHEMA = pa.schema(
     ]
 )
 
-VALUE_TYPES = {float: "float", int: "int", bool: "bool", str: "str"}
+VALUE_TYPES = segment_codec.VALUE_TYPES
 
-
-def records_to_batch(first_seq: int, records: Sequence[tuple[str, Any, tuple]]) -> pa.RecordBatch:
-    """Columns from `(name, value, position)` records; `position` is `(loop_path, *coords)`.
-
-    Values are already plain Python float/int/bool/str (the hot path converted or rejected the rest).
-    Records of one loop iteration share their position tuple, so coordinates are built once per
-    run of records and gathered with `take`. Arrays are built from NumPy buffers, never with
-    `pa.array`: its first call makes pyarrow import pandas, ~0.3 s of CPU holding the GIL that a
-    training process would pay in its writer thread, against the training loop.
-    """
-    n = len(records)
-    positions: list[tuple] = []
-    index = [0] * n
-    previous: tuple | None = None
-    for i, r in enumerate(records):
-        if r[2] is not previous:  # consecutive records of one iteration share the tuple
-            previous = r[2]
-            positions.append(previous)
-        index[i] = len(positions) - 1
-    take = _numbers(index, np.int32, pa.int32())
-    paths = _repeated_strings([p[0] for p in positions]).take(take)
-    offsets = [0] * (len(positions) + 1)
-    flat: list[int] = []
-    for k, p in enumerate(positions):
-        flat.extend(p[1:])
-        offsets[k + 1] = len(flat)
-    coords = pa.ListArray.from_arrays(
-        _numbers(offsets, np.int32, pa.int32()), _numbers(flat, np.int64, pa.int64())
-    ).take(take)
-    vtypes, typed = _typed_columns([r[1] for r in records])
-    arrays = [
-        _from_numpy(np.arange(first_seq, first_seq + n, dtype=np.int64), pa.int64()),
-        _repeated_strings([r[0] for r in records]),
-        paths,
-        coords,
-        vtypes,
-        *typed,
-    ]
-    return pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
-
-
-def _typed_columns(values: list[Any]) -> tuple[pa.Array, list[pa.Array]]:
-    n = len(values)
-    kinds = {type(v) for v in values}
-    if kinds == {float}:  # the common case: one vectorised conversion
-        nulls = [pa.nulls(n, t) for t in (pa.int64(), pa.bool_(), pa.string())]
-        return _repeated_strings(["float"] * n), [_numbers(values, np.float64, pa.float64()), *nulls]
-    columns: dict[str, list[Any]] = {k: [None] * n for k in ("float", "int", "bool", "str")}
-    vtypes: list[str] = [""] * n
-    for i, value in enumerate(values):
-        vtype = VALUE_TYPES[type(value)]
-        vtypes[i] = vtype
-        columns[vtype][i] = value
-    return _repeated_strings(vtypes), [
-        _optional(columns["float"], np.float64, pa.float64()),
-        _optional(columns["int"], np.int64, pa.int64()),
-        _optional(columns["bool"], np.bool_, pa.bool_()),
-        _strings(columns["str"]),
-    ]
-
-
-def _from_numpy(array: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
-    """A fixed-width numeric array over `array`'s memory (not bool: Arrow packs those into bits)."""
-    return pa.Array.from_buffers(arrow_type, len(array), [None, pa.py_buffer(array)])
-
-
-def _numbers(values: Sequence[Any], np_type: type, arrow_type: pa.DataType) -> pa.Array:
-    return _from_numpy(np.fromiter(values, np_type, len(values)), arrow_type)
-
-
-def _optional(values: list[Any], np_type: type, arrow_type: pa.DataType) -> pa.Array:
-    """`values` with None for null."""
-    n = len(values)
-    present = np.fromiter((v is not None for v in values), np.bool_, n)
-    if not present.any():
-        return pa.nulls(n, arrow_type)
-    dense: np.ndarray = np.fromiter((v if v is not None else 0 for v in values), np_type, n)
-    data = pa.py_buffer(np.packbits(dense, bitorder="little") if arrow_type == pa.bool_() else dense)
-    return pa.Array.from_buffers(arrow_type, n, [_validity(present), data])
-
-
-def _validity(present: np.ndarray) -> pa.Buffer | None:
-    return None if present.all() else pa.py_buffer(np.packbits(present, bitorder="little"))
-
-
-def _strings(items: list[str | None]) -> pa.Array:
-    """A string array, None for null."""
-    n = len(items)
-    encoded = [b"" if s is None else s.encode() for s in items]
-    offsets = np.zeros(n + 1, np.int32)
-    np.cumsum(np.fromiter(map(len, encoded), np.int64, n), out=offsets[1:], dtype=np.int32)
-    present = np.fromiter((s is not None for s in items), np.bool_, n)
-    if n and not present.any():
-        return pa.nulls(n, pa.string())
-    buffers = [_validity(present), pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
-    return pa.Array.from_buffers(pa.string(), n, buffers)
-
-
-def _repeated_strings(items: list[str]) -> pa.Array:
-    """A string array of few distinct values (names, loop paths, types): each encoded once."""
-    codes: dict[str, int] = {}
-    index = [codes.setdefault(s, len(codes)) for s in items]
-    dictionary = pa.DictionaryArray.from_arrays(_numbers(index, np.int32, pa.int32()), _strings(list(codes)))
-    return dictionary.cast(pa.string())
-
-
-# On disk the repetitive strings are dictionary-encoded and buffers zstd-compressed (Arrow IPC's own
-# encodings: every Arrow reader opens them); readers get SCHEMA back. Segments written before,
-# plain and uncompressed, read the same way.
+# The repetitive strings are dictionary-encoded (as stored in both formats); readers get SCHEMA back.
 _DICTIONARY = ("name", "loop_path", "value_type")
 STORED_SCHEMA = pa.schema(
     [pa.field(f.name, pa.dictionary(pa.int32(), f.type)) if f.name in _DICTIONARY else f for f in SCHEMA]
@@ -156,7 +51,82 @@ STORED_SCHEMA = pa.schema(
 WRITE_OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
+def records_table(first_seq: int, records: Sequence[tuple[str, Any, tuple]]) -> pa.Table:
+    """Records as a reader gets them back from a segment (SCHEMA)."""
+    return _table(segment_codec.decode(segment_codec.encode(first_seq, records, {}))).cast(SCHEMA)
+
+
+def _table(columns: segment_codec.Columns) -> pa.Table:
+    """A decoded segment as an Arrow table of STORED_SCHEMA (its header's metadata attached)."""
+    header, arrays = columns.header, columns.arrays
+    n = columns.rows
+    position = arrays["position"]
+    depth = arrays["depth"].astype(np.int32)
+    position_offsets = np.zeros(len(depth) + 1, np.int32)
+    np.cumsum(depth, out=position_offsets[1:])
+    coords = pa.ListArray.from_arrays(_numeric(position_offsets), _numeric(arrays["coords"]))
+    types = header["types"]
+    type_codes = arrays["value_type"] if "value_type" in arrays else np.zeros(n, np.int32)
+    values = [_typed(arrays, type_codes, types.index(t) if t in types else -1, t) for t in VALUE_TYPES.values()]
+    table = pa.table(
+        [
+            _numeric(np.arange(header["first_seq"], header["first_seq"] + n, dtype=np.int64)),
+            _dictionary(arrays["name"], header["names"]),
+            _dictionary(arrays["path"][position], header["paths"]),
+            coords.take(_numeric(position)),
+            _dictionary(type_codes, types),
+            *values,
+        ],
+        schema=STORED_SCHEMA,
+    )
+    return table.replace_schema_metadata(header["metadata"])
+
+
+def _numeric(array: np.ndarray) -> pa.Array:
+    """A fixed-width numeric array over `array`'s memory (not bool: Arrow packs those into bits)."""
+    array = np.ascontiguousarray(array)
+    return pa.Array.from_buffers(pa.from_numpy_dtype(array.dtype), len(array), [None, pa.py_buffer(array)])
+
+
+def _dictionary(codes: np.ndarray, dictionary: list[str]) -> pa.DictionaryArray:
+    return pa.DictionaryArray.from_arrays(_numeric(codes.astype(np.int32, copy=False)), _strings(dictionary))
+
+
+def _strings(items: list[str]) -> pa.Array:
+    """A string array built from buffers (`pa.array` would import pandas)."""
+    encoded = [s.encode() for s in items]
+    offsets = np.zeros(len(encoded) + 1, np.int32)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:], dtype=np.int32)
+    return pa.Array.from_buffers(
+        pa.string(), len(items), [None, pa.py_buffer(offsets), pa.py_buffer(b"".join(encoded))]
+    )
+
+
+def _typed(arrays: dict[str, np.ndarray], type_codes: np.ndarray, code: int, kind: str) -> pa.Array:
+    """The value column of type `kind`: the rows of that type hold their values, the others null."""
+    n = len(type_codes)
+    arrow_type = SCHEMA.field(f"value_{kind}").type
+    if code < 0:
+        return pa.nulls(n, arrow_type)
+    present = type_codes == code
+    validity = None if present.all() else pa.py_buffer(np.packbits(present, bitorder="little"))
+    if kind == "str":
+        lengths = np.zeros(n, np.int64)
+        lengths[present] = np.diff(arrays["str_offsets"])
+        offsets = np.zeros(n + 1, np.int32)
+        np.cumsum(lengths, out=offsets[1:], dtype=np.int32)
+        data = pa.py_buffer(arrays["str_data"])
+        return pa.Array.from_buffers(arrow_type, n, [validity, pa.py_buffer(offsets), data])
+    dense = arrays[kind]
+    full = dense if validity is None else np.zeros(n, dense.dtype)
+    if validity is not None:
+        full[present] = dense
+    data = pa.py_buffer(np.packbits(full, bitorder="little") if kind == "bool" else full)
+    return pa.Array.from_buffers(arrow_type, n, [validity, data])
+
+
 def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes:
+    """An Arrow IPC file of `batches` (SCHEMA), stored dictionary-encoded and zstd-compressed."""
     sink = io.BytesIO()
     schema = STORED_SCHEMA.with_metadata(metadata)
     with pa.ipc.new_file(sink, schema, options=WRITE_OPTIONS) as writer:
@@ -165,23 +135,10 @@ def encode(batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> bytes
     return sink.getvalue()
 
 
-_CHECKED = re.compile(r"\.((?:xxh3-)?[0-9a-f]{32})\.arrow$")
-
-
-def checked_path(path: str, data: bytes) -> str:
-    """`…/00000003.arrow` → `…/00000003.xxh3-<the XXH3-128 of data>.arrow`."""
-    assert path.endswith(".arrow") and not _CHECKED.search(path), path
-    return f"{path.removesuffix('.arrow')}.{digests.xxh3(data)}.arrow"
-
-
-def write_segment(files: RunFiles, path: str, batch: pa.RecordBatch, metadata: dict[str, str]) -> str:
-    """Write one batch as a segment; returns its path, `path` with the checksum in the name."""
-    return write_table(files, path, [batch], metadata)
-
-
 def write_table(files: RunFiles, path: str, batches: Iterable[pa.RecordBatch], metadata: dict[str, str]) -> str:
+    """Write `batches` as an Arrow IPC file at `path` (`….arrow`) with its checksum in the name."""
     data = encode(batches, metadata)
-    final = checked_path(path, data)
+    final = segment_codec.checked_path(path, data)
     files.put(final, data)
     return final
 
@@ -207,23 +164,34 @@ def read_segment(files: RunFiles, path: str, decoded: bool = True) -> pa.Table:
         raise
     except OSError as err:
         raise CorruptSegment(f"log segment {path} cannot be read: {err}") from err
-    checked = _CHECKED.search(path)
-    if checked and not digests.matches(buffer, checked.group(1)):
+    checksum = segment_codec.checksum_in_name(path)
+    if checksum and not digests.matches(buffer, checksum):
         raise CorruptSegment(
             f"log segment {path} is corrupt: its {buffer.size} bytes do not match the checksum in its name "
             f"(truncated or altered since it was written). {_REMEDY}"
         )
-    try:
-        options = pa.ipc.IpcReadOptions(use_threads=buffer.size >= _THREADED_MIN_BYTES)
-        with pa.ipc.open_file(buffer, options=options, memory_pool=_DECODE_POOL) as reader:
-            table = reader.read_all()
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
-        raise CorruptSegment(f"log segment {path} is not a readable Arrow file ({err}). {_REMEDY}") from err
+    table = _read_arrow(path, buffer) if path.endswith(".arrow") else _read_codec(path, buffer)
     if table.schema.equals(STORED_SCHEMA, check_metadata=False):
         return table.cast(SCHEMA.with_metadata(table.schema.metadata)) if decoded else table
     if not table.schema.equals(SCHEMA, check_metadata=False):
         raise CorruptSegment(f"log segment {path} does not hold florql log records (schema {table.schema}). {_REMEDY}")
     return table
+
+
+def _read_codec(path: str, buffer: pa.Buffer) -> pa.Table:
+    try:
+        return _table(segment_codec.decode(memoryview(buffer)))
+    except (segment_codec.MalformedSegment, KeyError, IndexError, TypeError, ValueError, pa.ArrowException) as err:
+        raise CorruptSegment(f"log segment {path} is not a readable florql segment ({err}). {_REMEDY}") from err
+
+
+def _read_arrow(path: str, buffer: pa.Buffer) -> pa.Table:
+    try:
+        options = pa.ipc.IpcReadOptions(use_threads=buffer.size >= _THREADED_MIN_BYTES)
+        with pa.ipc.open_file(buffer, options=options, memory_pool=_DECODE_POOL) as reader:
+            return reader.read_all()
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
+        raise CorruptSegment(f"log segment {path} is not a readable Arrow file ({err}). {_REMEDY}") from err
 
 
 _REMEDY = (

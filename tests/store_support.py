@@ -137,7 +137,7 @@ def write_synthetic_run(
     import random
     import socket
 
-    from florql.storage import layout, segments
+    from florql.storage import layout, segment_codec
     from florql.storage.manifest import Env, Manifest
 
     rng = random.Random(seed * 100_003 + run_id)
@@ -154,9 +154,7 @@ def write_synthetic_run(
         records.append(("acc", rng.random(), ("epoch", epoch)))
         for name, value, _ in records:
             logged[name].append(value)
-        segments.write_segment(
-            files, layout.segment_path(run_id, layout.MAIN_WRITER, epoch), segments.records_to_batch(seq, records), {}
-        )
+        segment_codec.write_segment(files, layout.segment_path(run_id, layout.MAIN_WRITER, epoch), seq, records, {})
         seq += len(records)
     files.put(layout.manifest_path(run_id), manifest.to_json().encode())
     return logged

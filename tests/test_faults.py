@@ -342,7 +342,7 @@ def test_kill_9_of_a_replay_worker_between_its_segments_and_its_commit(replayabl
     assert killer.killed
     for spec in killer.killed:
         folder = store.home / layout.replay_dir(spec.run_id, spec.job_id)
-        assert list((folder / "segments").glob("*.arrow")), "the kill landed before the segments were written"
+        assert list((folder / "segments").glob("*.seg")), "the kill landed before the segments were written"
         assert not (folder / layout.REPLAY_COMMITTED).exists()
     assert store.sql("SELECT count(*) FROM logs WHERE source = 'replayed'") == [(0,)]
     assert store.sql("SELECT count(*) FROM replay_jobs") == [(0,)]

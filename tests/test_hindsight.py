@@ -406,7 +406,7 @@ def test_replay_killed_midway_leaves_nothing_then_completes(store: Path):
     db = connect(store, executor=killer)
     with pytest.raises(ReplayFailed):
         db.sql(query.format(run=RUN))
-    assert killer.partial and all(list((p / "segments").glob("*.arrow")) for p in killer.partial)
+    assert killer.partial and all(list((p / "segments").glob("*.seg")) for p in killer.partial)
     db = connect(store)
     assert db.sql("SELECT count(*) FROM logs WHERE source = 'replayed'").fetchall() == [(0,)]
     assert db.sql("SELECT count(*) FROM replay_jobs").fetchall() == [(0,)]

@@ -341,7 +341,7 @@ for epoch in florql.loop("epoch", range(100000)):
 
 def _rows_on_disk(store, run_id: int) -> int:
     """Records in the run's complete segment files (the writer renames each into place whole)."""
-    paths = [p for p in store.files.list(layout.segments_dir(run_id)) if p.endswith(".arrow")]
+    paths = [p for p in store.files.list(layout.segments_dir(run_id)) if layout.is_segment(p)]
     return sum(segments.read_segment(store.files, p).num_rows for p in paths)
 
 
@@ -410,7 +410,7 @@ def test_the_manifest_a_flush_writes_never_runs_ahead_of_its_segment(tmp_path):
             flushed.append((state, names))
 
     writer = SegmentWriter(
-        files, lambda seq: f"seg/{seq:08d}.arrow", {}, interval=0.05, on_flush=on_flush, on_swap=on_swap
+        files, lambda seq: f"seg/{seq:08d}.seg", {}, interval=0.05, on_flush=on_flush, on_swap=on_swap
     )
     writer.buffer.append(("logged_before", 0.0, ("",)))
     deadline = time.monotonic() + 30

@@ -14,7 +14,7 @@ import pytest
 
 import florql
 from florql.runinfo import load_runs
-from florql.storage import layout, segments
+from florql.storage import layout, segment_codec, segments
 from florql.storage.database import open_store
 from florql.storage.manifest import Manifest
 from florql.storage.views import grain_for, wide_select
@@ -37,8 +37,7 @@ def write_run(store: Store, run_id: int, batches: list[list[tuple[str, Any, tupl
     manifest.update(outer_completed=3, outer_planned=3)
     seq = 0
     for k, records in enumerate(batches):
-        batch = segments.records_to_batch(seq, records)
-        segments.write_segment(files, layout.segment_path(run_id, layout.MAIN_WRITER, k), batch, {})
+        segment_codec.write_segment(files, layout.segment_path(run_id, layout.MAIN_WRITER, k), seq, records, {})
         seq += len(records)
     files.put(layout.manifest_path(run_id), manifest.to_json().encode())
 
@@ -77,8 +76,9 @@ def test_wide_tables_equal_the_long_form_with_segments_ingested_one_by_one_or_at
     write_run(store, 2, [], status="running")  # run 2 receives the same segments one sync at a time
     db = florql.connect(store.home, replay="never")
     for k, records in enumerate(batches):
-        batch = segments.records_to_batch(sum(map(len, batches[:k])), records)
-        segments.write_segment(store.files, layout.segment_path(2, layout.MAIN_WRITER, k), batch, {})
+        segment_codec.write_segment(
+            store.files, layout.segment_path(2, layout.MAIN_WRITER, k), sum(map(len, batches[:k])), records, {}
+        )
         db.sync()
     with open_store(store.location.db_path) as conn:
         for grain in [("epoch",), ("epoch", "step"), ("epoch", "eval")]:
@@ -270,8 +270,9 @@ def test_regular_batches_pivoted_by_reshaping_equal_the_long_form(
     write_run(store, 2, [], status="running")  # one segment a sync: iterations cut across syncs
     db = florql.connect(store.home, replay="never")
     for k, records in enumerate(batches):
-        batch = segments.records_to_batch(sum(map(len, batches[:k])), records)
-        segments.write_segment(store.files, layout.segment_path(2, layout.MAIN_WRITER, k), batch, {})
+        segment_codec.write_segment(
+            store.files, layout.segment_path(2, layout.MAIN_WRITER, k), sum(map(len, batches[:k])), records, {}
+        )
         db.sync()
     assert any(p is not None for p in reshaped) and any(p is None for p in reshaped)
     with open_store(store.location.db_path) as conn:
@@ -338,8 +339,9 @@ def test_logs_shows_every_record_written_exactly_once(store: Store, seed: int):
     write_run(store, 2, [], status="running")
     db = florql.connect(store.home, replay="never")
     for k, records in enumerate(batches):
-        batch = segments.records_to_batch(sum(map(len, batches[:k])), records)
-        segments.write_segment(store.files, layout.segment_path(2, layout.MAIN_WRITER, k), batch, {})
+        segment_codec.write_segment(
+            store.files, layout.segment_path(2, layout.MAIN_WRITER, k), sum(map(len, batches[:k])), records, {}
+        )
         db.sync()
         assert shown_records(store, 2) == written_records(store, 2)
     assert shown_records(store, 1) == written_records(store, 1)
