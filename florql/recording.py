@@ -330,7 +330,7 @@ class RecordSession(TrainingSession):
         self._capture_code_version()  # project modules are imported by now
         self.outer.frame = frame
         self.outer.baseline = baseline_of(frame)
-        self._writer_cpu_at_loop = self.writer.cpu_s  # its warm-up and the set-up's logs are not training's
+        self._writer_cpu_at_loop = self.writer.cpu_s  # the set-up's logs are not training's
         index = -1
         completed = False
         try:
