@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from florql.storage import digests
+from florql.storage import digests, layout
 from florql.storage.runfiles import RunFiles
 
 MAGIC = b"FLORQL-SEGMENT-1\n"
@@ -74,7 +74,7 @@ def encode(first_seq: int, records: Sequence[tuple[str, Any, tuple]], metadata: 
         "name": _codes(name_codes, len(names)),
         "position": np.fromiter(position_index, np.int32, n),
         "path": _codes(path_codes, len(paths)),
-        "depth": _codes([len(p) - 1 for p in positions], 256),
+        "depth": np.fromiter((len(p) - 1 for p in positions), np.uint8, len(positions)),  # loops nest < 256 deep
         "coords": np.fromiter(flat, np.int64, len(flat)),
     }
     values = [r[1] for r in records]
@@ -159,8 +159,8 @@ def checksum_in_name(path: str) -> str | None:
 
 def checked_path(path: str, data: bytes) -> str:
     """`…/00000003.seg` → `…/00000003.xxh3-<the XXH3-128 of data>.seg` (likewise `.arrow`)."""
-    stem, dot, suffix = path.rpartition(".")
-    assert dot and suffix in ("seg", "arrow") and checksum_in_name(path) is None, path
+    assert layout.is_segment(path) and checksum_in_name(path) is None, path
+    stem, _, suffix = path.rpartition(".")
     return f"{stem}.{digests.xxh3(data)}.{suffix}"
 
 
