@@ -30,13 +30,23 @@ from florql.storage.runfiles import RunFiles
 from florql.storage.trees import tree_map
 
 ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate until a checkpoint after the first is measured
-# A replay starts from the nearest checkpoint, and a warm replay job pays ~0.1-0.4 s before its
-# first iteration (fork, the script's own set-up, the restore). Checkpoints closer than that
-# save a query less than its job's start costs, yet spend the budget: none is taken closer.
-# No wider: a replay for an epoch-level name skips the inner loop only of the epochs that have a
-# checkpoint and re-executes the others (at 0.5 s, half of the mnist layout's ~0.5 s epochs had
-# none, and its query ran 128 training batches instead of 0, 0.32x of retraining instead of 0.07x).
+# A replay starts from the nearest checkpoint before what a query asks for, so checkpoints T seconds
+# of training apart cost a query up to T of re-execution beyond it. They are no closer than a warm
+# replay job's start (~0.1-0.4 s: fork, the script's own set-up, the restore), which a closer one
+# saves less than, nor than 1 % of the run's expected training: a query then re-executes at most
+# 1 % of retraining beyond its range. (At 0.25 s alone, the short workload's 0.1 s epochs took 223
+# checkpoints in a 60 s run, ~1.5 % of its training; at 1 %, 93.)
 MIN_SPACING_S = 0.25
+SPACING_SHARE = 0.01
+# Nor further apart than this: a run cut short (early stopping in `range(10**6)`) would otherwise
+# space them by its planned length; at 10 s, even a ~40 ms checkpoint costs 0.4 %.
+MAX_SPACING_S = 10.0
+# But an iteration at least this long may always have one: a replay for an epoch-level name skips
+# the inner loop only of the iterations that have a checkpoint and re-executes the others (with
+# checkpoints 0.5 s apart, half of the mnist layout's ~0.5 s epochs had none, and its query ran 128
+# training batches instead of 0: 0.32x of retraining instead of 0.07x). A shorter iteration costs
+# such a query less to re-execute than a replay job's start.
+LONG_ITERATION_S = 0.25
 
 
 @dataclass
@@ -62,8 +72,11 @@ class AdaptivePolicy:
     the demo its 16 ms against 2 ms for each later one once left room for no other checkpoint in
     the run's 2 %. Until a later one is measured, the next is estimated as the first one was.
 
-    Checkpoints are at least `min_spacing_s` of training apart (`MIN_SPACING_S`): on a workload of
-    0.1 s epochs the budget alone bought one every other epoch, each saving a replay 0.1 s.
+    Checkpoints are at least `spacing_s` of training apart (`spacing_share` of the run's expected
+    training, `planned` opportunities at the pace so far, between `min_spacing_s` and
+    `max_spacing_s`), unless the opportunity
+    ends an iteration of at least `long_iteration_s`: on a workload of 0.1 s epochs the budget
+    alone bought one every other epoch, each saving a replay 0.1 s.
     """
 
     budget: float = 0.02
@@ -74,10 +87,15 @@ class AdaptivePolicy:
     skipped_in_flight: int = 0
     skipped_close: int = 0  # opportunities declined as closer than `min_spacing_s` to the last checkpoint
     min_spacing_s: float = MIN_SPACING_S
+    spacing_share: float = SPACING_SHARE
+    max_spacing_s: float = MAX_SPACING_S
+    long_iteration_s: float = LONG_ITERATION_S
+    planned: int | None = None  # opportunities the run will have (its outer loop's length), if known
     gaps: list[int] = field(default_factory=list)
     overlapped: int = 0  # iterations that ran while a persist was in flight
     _since_last: int = 0
     _train_at_last: float = 0.0  # `train_s` when the last checkpoint was taken
+    _train_at_opportunity: float = 0.0  # `train_s` at the previous opportunity
     _quiet: list[float] = field(default_factory=list)  # recent iteration times with no persist running
     _extras: list[float] = field(default_factory=list)  # recent (overlapped time − quiet median)
     _stalls: list[float] = field(default_factory=list)
@@ -147,10 +165,11 @@ class AdaptivePolicy:
         iteration after an inner loop's end) does not cover is a cost."""
         self.considered += 1
         self._since_last += 1
+        iteration_s, self._train_at_opportunity = self.train_s - self._train_at_opportunity, self.train_s
         if persist_in_flight:
             self.skipped_in_flight += 1
             return False
-        if self.taken and self.train_s - self._train_at_last < self.min_spacing_s:
+        if self._too_close(iteration_s):
             self.skipped_close += 1
             return False
         cost = self.last_cost_s if self.last_cost_s is not None else estimated_stall_s
@@ -163,6 +182,22 @@ class AdaptivePolicy:
         # Blocked only by an interference estimate resting on one or two samples: measure again.
         stalls_fit = self.stall_s + (_median(self._stalls) if self._stalls else estimated_stall_s) <= allowed
         return 0 < len(self._extras) < 3 and stalls_fit and self._since_last > self.REPROBE_AFTER
+
+    @property
+    def spacing_s(self) -> float:
+        """The least training between two checkpoints: `spacing_share` of the run's expected training
+        (of the training so far, where the run's length is not known), within `min_spacing_s` and
+        `max_spacing_s`."""
+        expected = self.train_s
+        if self.planned and self.considered:
+            expected = max(expected, self.train_s / self.considered * self.planned)
+        return max(self.min_spacing_s, min(self.spacing_share * expected, self.max_spacing_s))
+
+    def _too_close(self, iteration_s: float) -> bool:
+        """Closer than `spacing_s` to the last checkpoint, after an iteration shorter than `long_iteration_s`."""
+        if not self.taken or iteration_s >= self.long_iteration_s:
+            return False
+        return self.train_s - self._train_at_last < self.spacing_s
 
     def record(self, stall_s: float) -> None:
         self.stall_s += stall_s
@@ -207,7 +242,14 @@ def make_policy(budget: float) -> AdaptivePolicy:
     name = os.environ.get(POLICY_ENV, "").strip().lower() or "adaptive"
     if name not in POLICIES:
         raise UsageError(f"{POLICY_ENV}={name!r}: use 'adaptive' (the default) or 'every'")
-    return POLICIES[name](budget=budget, contended=training_uses_every_core(), min_spacing_s=MIN_SPACING_S)
+    return POLICIES[name](
+        budget=budget,
+        contended=training_uses_every_core(),
+        min_spacing_s=MIN_SPACING_S,
+        spacing_share=SPACING_SHARE,
+        max_spacing_s=MAX_SPACING_S,
+        long_iteration_s=LONG_ITERATION_S,
+    )
 
 
 def training_uses_every_core() -> bool:

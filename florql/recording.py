@@ -441,6 +441,7 @@ class RecordSession(TrainingSession):
         unmeasured = self.policy.last_cost_s is None  # before the second checkpoint: the first is not typical
         estimate = self.stager.nbytes(self.objects) / ASSUMED_COPY_BYTES_PER_S if unmeasured else 0.0
         final = outer_index + 1 == self.manifest.outer_planned  # the run waits for this persist at exit
+        self.policy.planned = self.manifest.outer_planned
         overlap = self._recent_tail_s() if final and kind == "inner_end" else 0.0
         if not self.policy.should_checkpoint(estimate, self.persister.in_flight, final, overlap):
             self._report_policy()
@@ -511,6 +512,7 @@ class RecordSession(TrainingSession):
                 "overhead": round(p.overhead, 6),
                 "skipped_in_flight": p.skipped_in_flight,
                 "skipped_close": p.skipped_close,
+                "spacing_s": round(p.spacing_s, 6),
                 "period": p.period if p.gaps else None,
                 "interference_s": round(p.interference_s, 6),
                 "persist_cpu_s": round(p.persist_cpu_s, 6),

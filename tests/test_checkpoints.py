@@ -13,7 +13,15 @@ import torch
 
 import florql
 from florql import checkpoint_engine
-from florql.checkpoint_engine import MIN_SPACING_S, AdaptivePolicy, Persister, Stager
+from florql.checkpoint_engine import (
+    LONG_ITERATION_S,
+    MAX_SPACING_S,
+    MIN_SPACING_S,
+    SPACING_SHARE,
+    AdaptivePolicy,
+    Persister,
+    Stager,
+)
 from florql.rng import capture_rng, restore_rng
 from florql.storage import layout
 from florql.storage.checkpoints import (
@@ -46,6 +54,7 @@ def adaptive(session, monkeypatch):
     monkeypatch.setenv("FLORQL_CHECKPOINTS", "adaptive")
     # These runs' fake iterations last 30 ms: the budget decides, not the spacing (tested on its own).
     monkeypatch.setattr(checkpoint_engine, "MIN_SPACING_S", 0.0)
+    monkeypatch.setattr(checkpoint_engine, "SPACING_SHARE", 0.0)
     session.clock = FakeClock()
     session.persister.cpu_clock = session.persister.wall_clock = FakeClock()  # persists take no time
     return session
@@ -69,13 +78,13 @@ class SlowState:
 # ---- policy and staging, as units ----------------------------------------------------------
 def policy_of(**options) -> AdaptivePolicy:
     """The budget rule alone: these iterations last milliseconds, closer than `MIN_SPACING_S`."""
-    return AdaptivePolicy(min_spacing_s=0.0, **options)
+    return AdaptivePolicy(min_spacing_s=0.0, spacing_share=0.0, **options)
 
 
 def test_checkpoints_are_no_closer_than_the_spacing_a_replay_start_is_worth():
     """0.1 s iterations whose checkpoints fit the budget every time: one in three is taken (0.3 s of
     training apart, the least above 0.25 s), and the opportunities declined for it are counted."""
-    policy = AdaptivePolicy(budget=0.5)
+    policy = AdaptivePolicy(budget=0.5, planned=30)
     assert policy.min_spacing_s == MIN_SPACING_S == 0.25
     for _ in range(30):
         policy.iteration(0.1, overlapped=False)
@@ -84,6 +93,50 @@ def test_checkpoints_are_no_closer_than_the_spacing_a_replay_start_is_worth():
             policy.record(0.0001)
     assert policy.gaps == [1] + [3] * 9 and policy.skipped_close == 20
     assert policy.overhead < 0.01  # the budget had room for every iteration: the spacing declined them
+
+
+def test_a_long_run_spaces_its_checkpoints_by_a_share_of_its_expected_training():
+    """800 iterations of 0.125 s (100 s of training): checkpoints 1 % of it apart, every 8th, from
+    the start. A run of unknown length spaces them by 1 % of its training so far: 0.25 s for the
+    first 25 s, then wider."""
+    planned = AdaptivePolicy(budget=0.5, planned=800)
+    unknown = AdaptivePolicy(budget=0.5)
+    assert planned.spacing_share == SPACING_SHARE == 0.01
+    for policy in (planned, unknown):
+        for _ in range(800):
+            policy.observe(0.125)
+            if policy.should_checkpoint(0.0001, persist_in_flight=False):
+                policy.record(0.0001)
+    assert planned.gaps == [1] + [8] * 99
+    assert unknown.gaps[1:100] == [2] * 99 and unknown.gaps[-1] == 8 and unknown.gaps == sorted(unknown.gaps)
+
+
+def test_checkpoints_are_never_further_apart_than_the_longest_spacing():
+    """`range(10**7)` cut short by early stopping: 1 % of its expected training would leave
+    hours between checkpoints; they stay `MAX_SPACING_S` (10 s) apart."""
+    policy = AdaptivePolicy(budget=0.5, planned=10**7)
+    assert policy.max_spacing_s == MAX_SPACING_S == 10.0
+    for _ in range(200):
+        policy.observe(0.125)
+        if policy.should_checkpoint(0.0001, persist_in_flight=False):
+            policy.record(0.0001)
+    assert policy.gaps == [1, 80, 80]
+
+
+@pytest.mark.parametrize("iteration_s", [0.25, 0.3, 0.45])
+def test_an_iteration_longer_than_a_replay_start_may_always_have_a_checkpoint(iteration_s):
+    """An epoch-level query skips the inner loop only of checkpointed iterations: where one lasts
+    `LONG_ITERATION_S` or more, every one is worth a checkpoint, however close to the last (here
+    1 % of a long run is 30 s or more); shorter ones keep the spacing."""
+    policy = AdaptivePolicy(budget=0.5, planned=10_000)
+    shorter = AdaptivePolicy(budget=0.5, planned=10_000)
+    assert policy.long_iteration_s == LONG_ITERATION_S == 0.25
+    for _ in range(13):
+        for p, seconds in ((policy, iteration_s), (shorter, 0.2)):
+            p.observe(seconds)
+            if p.should_checkpoint(0.0001, persist_in_flight=False):
+                p.record(0.0001)
+    assert policy.gaps == [1] * 13 and shorter.gaps == [1] and shorter.skipped_close == 12
 
 
 def test_policy_period_follows_stall_over_budget_times_iteration():
@@ -483,6 +536,22 @@ def test_the_log_writers_cpu_counts_against_the_budget_where_training_uses_every
     session.finish()
     manifest = json.loads(store.files.get(layout.manifest_path(session.run_id)))
     assert manifest["checkpoints"]["writer_cpu_s"] == pytest.approx(policy.background_cpu_s, abs=1e-6)
+
+
+def test_a_recorded_run_spaces_checkpoints_by_its_planned_length(adaptive, store, monkeypatch):
+    """400 planned iterations of 0.05 s: 1 % of the expected 20 s is 0.2 s, every 4th iteration, from
+    the first checkpoint on (not only once the run has trained that long); the manifest says so."""
+    monkeypatch.setattr(checkpoint_engine, "SPACING_SHARE", 0.01)
+    session, clock = adaptive, adaptive.clock
+    with florql.checkpointing(budget=0.5, state=SlowState(delay=0.0, clock=clock)):
+        for epoch in florql.loop("epoch", range(400)):
+            clock.advance(0.05)
+            session.persister.wait()
+    assert session.policy.gaps == [1] + [4] * 99
+    session.finish()
+    manifest = json.loads(store.files.get(layout.manifest_path(session.run_id)))
+    assert manifest["checkpoints"]["spacing_s"] == pytest.approx(0.2)
+    assert manifest["checkpoints"]["skipped_close"] == 300
 
 
 def test_slow_checkpoints_grow_the_period_and_the_overhead_stays_within_budget(adaptive, store):
