@@ -74,9 +74,9 @@ class AdaptivePolicy:
 
     Checkpoints are at least `spacing_s` of training apart (`spacing_share` of the run's expected
     training, `planned` opportunities at the pace so far, between `min_spacing_s` and
-    `max_spacing_s`), unless the opportunity
-    ends an iteration of at least `long_iteration_s`: on a workload of 0.1 s epochs the budget
-    alone bought one every other epoch, each saving a replay 0.1 s.
+    `max_spacing_s`), unless the opportunity ends an iteration of at least `long_iteration_s`: on
+    a workload of 0.1 s epochs the budget alone bought one every other epoch, each saving a replay
+    0.1 s.
     """
 
     budget: float = 0.02
@@ -85,7 +85,7 @@ class AdaptivePolicy:
     taken: int = 0
     considered: int = 0
     skipped_in_flight: int = 0
-    skipped_close: int = 0  # opportunities declined as closer than `min_spacing_s` to the last checkpoint
+    skipped_close: int = 0  # opportunities declined as closer than `spacing_s` to the last checkpoint
     min_spacing_s: float = MIN_SPACING_S
     spacing_share: float = SPACING_SHARE
     max_spacing_s: float = MAX_SPACING_S
