@@ -38,8 +38,11 @@ ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate until a checkpoint after the 
 # checkpoints in a 60 s run, ~1.5 % of its training; at 1 %, 93.)
 MIN_SPACING_S = 0.25
 SPACING_SHARE = 0.01
-# Nor further apart than this: a run cut short (early stopping in `range(10**6)`) would otherwise
-# space them by its planned length; at 10 s, even a ~40 ms checkpoint costs 0.4 %.
+# A run's planned length is trusted up to this many times the training so far: one cut short by
+# early stopping (`range(10**5)`, stopped after 4 s) would otherwise have its checkpoints spaced by
+# a length it never reaches. So no spacing exceeds 10 % of what the run has trained.
+TRUSTED_HORIZON = 10.0
+# Nor are they further apart than this: at 10 s, even a ~40 ms checkpoint costs 0.4 %.
 MAX_SPACING_S = 10.0
 # But an iteration at least this long may always have one: a replay for an epoch-level name skips
 # the inner loop only of the iterations that have a checkpoint and re-executes the others (with
@@ -186,11 +189,12 @@ class AdaptivePolicy:
     @property
     def spacing_s(self) -> float:
         """The least training between two checkpoints: `spacing_share` of the run's expected training
-        (of the training so far, where the run's length is not known), within `min_spacing_s` and
-        `max_spacing_s`."""
+        (of the training so far where the run's length is not known; at most `TRUSTED_HORIZON`
+        times it where it is), within `min_spacing_s` and `max_spacing_s`."""
         expected = self.train_s
         if self.planned and self.considered:
-            expected = max(expected, self.train_s / self.considered * self.planned)
+            planned_s = self.train_s / self.considered * self.planned
+            expected = max(expected, min(planned_s, TRUSTED_HORIZON * self.train_s))
         return max(self.min_spacing_s, min(self.spacing_share * expected, self.max_spacing_s))
 
     def _too_close(self, iteration_s: float) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -96,9 +97,10 @@ def test_checkpoints_are_no_closer_than_the_spacing_a_replay_start_is_worth():
 
 
 def test_a_long_run_spaces_its_checkpoints_by_a_share_of_its_expected_training():
-    """800 iterations of 0.125 s (100 s of training): checkpoints 1 % of it apart, every 8th, from
-    the start. A run of unknown length spaces them by 1 % of its training so far: 0.25 s for the
-    first 25 s, then wider."""
+    """800 iterations of 0.125 s (100 s of training): checkpoints 1 % of it apart, every 8th, once
+    the run has trained a tenth of that (the planned length is trusted up to 10x the training so
+    far). A run of unknown length spaces them by 1 % of its training so far: 0.25 s for the first
+    25 s, then wider."""
     planned = AdaptivePolicy(budget=0.5, planned=800)
     unknown = AdaptivePolicy(budget=0.5)
     assert planned.spacing_share == SPACING_SHARE == 0.01
@@ -107,27 +109,34 @@ def test_a_long_run_spaces_its_checkpoints_by_a_share_of_its_expected_training()
             policy.observe(0.125)
             if policy.should_checkpoint(0.0001, persist_in_flight=False):
                 policy.record(0.0001)
-    assert planned.gaps == [1] + [8] * 99
+    taken_at = list(itertools.accumulate(planned.gaps))
+    assert planned.gaps[1] == 2 and planned.gaps == sorted(planned.gaps)
+    assert {gap for at, gap in zip(taken_at, planned.gaps) if at - gap >= 80} == {8}  # from 10 s of training on
+    assert 100 < len(planned.gaps) < 115  # 100 at 8 apart throughout
     assert unknown.gaps[1:100] == [2] * 99 and unknown.gaps[-1] == 8 and unknown.gaps == sorted(unknown.gaps)
 
 
-def test_checkpoints_are_never_further_apart_than_the_longest_spacing():
-    """`range(10**7)` cut short by early stopping: 1 % of its expected training would leave
-    hours between checkpoints; they stay `MAX_SPACING_S` (10 s) apart."""
+def test_an_early_stopped_run_is_not_spaced_by_the_length_it_never_reaches():
+    """`range(10**7)` left by early stopping: checkpoints are at most 10 % of the training so far
+    apart (1 % of ten times it), and never more than `MAX_SPACING_S` (10 s)."""
     policy = AdaptivePolicy(budget=0.5, planned=10**7)
     assert policy.max_spacing_s == MAX_SPACING_S == 10.0
-    for _ in range(200):
-        policy.observe(0.125)
+    for _ in range(2000):
+        policy.observe(0.25 - 2**-10)  # shorter than a long iteration
         if policy.should_checkpoint(0.0001, persist_in_flight=False):
             policy.record(0.0001)
-    assert policy.gaps == [1, 80, 80]
+    seconds = 0.25 - 2**-10
+    taken_at = list(itertools.accumulate(policy.gaps))
+    for at, gap in zip(taken_at[1:], policy.gaps[1:]):
+        assert gap * seconds < max(0.1 * at * seconds, 0.25) + seconds  # 10 % of what it has trained
+    assert policy.gaps[-3:] == [41] * 3  # 10 s at last
 
 
 @pytest.mark.parametrize("iteration_s", [0.25, 0.3, 0.45])
 def test_an_iteration_longer_than_a_replay_start_may_always_have_a_checkpoint(iteration_s):
     """An epoch-level query skips the inner loop only of checkpointed iterations: where one lasts
     `LONG_ITERATION_S` or more, every one is worth a checkpoint, however close to the last (here
-    1 % of a long run is 30 s or more); shorter ones keep the spacing."""
+    1 % of a long run is seconds); shorter ones keep the spacing."""
     policy = AdaptivePolicy(budget=0.5, planned=10_000)
     shorter = AdaptivePolicy(budget=0.5, planned=10_000)
     assert policy.long_iteration_s == LONG_ITERATION_S == 0.25
@@ -136,7 +145,8 @@ def test_an_iteration_longer_than_a_replay_start_may_always_have_a_checkpoint(it
             p.observe(seconds)
             if p.should_checkpoint(0.0001, persist_in_flight=False):
                 p.record(0.0001)
-    assert policy.gaps == [1] * 13 and shorter.gaps == [1] and shorter.skipped_close == 12
+    assert policy.gaps == [1] * 13 and policy.skipped_close == 0
+    assert len(shorter.gaps) > 1 and min(shorter.gaps[1:]) >= 2 and shorter.skipped_close > 0
 
 
 def test_policy_period_follows_stall_over_budget_times_iteration():
@@ -539,19 +549,23 @@ def test_the_log_writers_cpu_counts_against_the_budget_where_training_uses_every
 
 
 def test_a_recorded_run_spaces_checkpoints_by_its_planned_length(adaptive, store, monkeypatch):
-    """400 planned iterations of 0.05 s: 1 % of the expected 20 s is 0.2 s, every 4th iteration, from
-    the first checkpoint on (not only once the run has trained that long); the manifest says so."""
+    """320 planned iterations of 0.125 s: 1 % of the expected 40 s is 0.4 s, every 4th iteration once
+    the run has trained 4 s (a tenth of it), 0.25 s apart before; the manifest says so."""
+    monkeypatch.setattr(checkpoint_engine, "MIN_SPACING_S", 0.25)
     monkeypatch.setattr(checkpoint_engine, "SPACING_SHARE", 0.01)
     session, clock = adaptive, adaptive.clock
     with florql.checkpointing(budget=0.5, state=SlowState(delay=0.0, clock=clock)):
-        for epoch in florql.loop("epoch", range(400)):
-            clock.advance(0.05)
+        for epoch in florql.loop("epoch", range(320)):
+            clock.advance(0.125)
             session.persister.wait()
-    assert session.policy.gaps == [1] + [4] * 99
+    gaps = session.policy.gaps
+    taken_at = list(itertools.accumulate(gaps))
+    assert gaps[1] == 2 and gaps == sorted(gaps)
+    assert {gap for at, gap in zip(taken_at, gaps) if at - gap >= 32} == {4}
     session.finish()
     manifest = json.loads(store.files.get(layout.manifest_path(session.run_id)))
-    assert manifest["checkpoints"]["spacing_s"] == pytest.approx(0.2)
-    assert manifest["checkpoints"]["skipped_close"] == 300
+    assert manifest["checkpoints"]["spacing_s"] == pytest.approx(0.4)
+    assert manifest["checkpoints"]["skipped_close"] == 320 - len(gaps)
 
 
 def test_slow_checkpoints_grow_the_period_and_the_overhead_stays_within_budget(adaptive, store):
