@@ -35,7 +35,7 @@ ASSUMED_COPY_BYTES_PER_S = 1.0e9  # stall estimate until a checkpoint after the 
 # replay job's start (~0.1-0.4 s: fork, the script's own set-up, the restore), which a closer one
 # saves less than, nor than 1 % of the run's expected training: a query then re-executes at most
 # 1 % of retraining beyond its range. (At 0.25 s alone, the short workload's 0.1 s epochs took 223
-# checkpoints in a 60 s run, ~1.5 % of its training; at 1 %, 93.)
+# checkpoints in a 60 s run, ~1.5 % of its training; at 1 %, 92-99.)
 MIN_SPACING_S = 0.25
 SPACING_SHARE = 0.01
 # A run's planned length is trusted up to this many times the training so far: one cut short by
